@@ -1,0 +1,121 @@
+"""The desired-state data model shared by every metaleg process.
+
+The watcher computes a :class:`NodeDesiredState` for its node with a pure
+function and publishes it; the firewall and routing workers render it into
+kernel state. Everything here is plain, immutable data: msgspec Structs with
+sorted tuples, so that two snapshots compare equal exactly when they would
+produce the same kernel state and so that they encode identically.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Family(enum.IntEnum):
+    """IP address family, by version number (what ``ipaddress`` calls ``version``)."""
+
+    IPV4 = 4
+    IPV6 = 6
+
+
+class Action(enum.StrEnum):
+    """What the firewall does with traffic from a Service's source IPs in one family."""
+
+    SNAT = "snat"
+    """This node is the gateway: SNAT to the Service's LoadBalancer IP."""
+    MARK = "mark"
+    """Another node is the gateway: set ``fwmark`` so policy routing sends it there."""
+    REJECT = "reject"
+    """No usable gateway: reject forwarded traffic (fail closed)."""
+
+
+class Role(enum.StrEnum):
+    """This node's role for one Service, as shown by ``metaleg-supervisor status``."""
+
+    GATEWAY = "gateway"
+    FORWARDER = "forwarder"
+    REJECT = "reject"
+    NONE = "none"
+
+
+class FamilyEgress(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The egress treatment of one Service's sources in one address family."""
+
+    family: Family
+    action: Action
+    source_ips: tuple[str, ...]
+    """Sorted, de-duplicated, canonical (``ipaddress``-formatted) pod IPs."""
+    snat_ip: str | None = None
+    """The LoadBalancer IP (set for ``SNAT``)."""
+    fwmark: int | None = None
+    """The gateway node's firewall mark, already shifted into FIREWALL_MASK (set for ``MARK``)."""
+    reason: str = ""
+    """Why the traffic is rejected (set for ``REJECT``), for logs and status."""
+
+
+class ServiceEgress(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything this node does for one labelled Service."""
+
+    namespace: str
+    name: str
+    role: Role
+    gateway_node: str | None
+    lb_ips: tuple[str, ...]
+    """The SNAT addresses: the first IPv4 and the first IPv6 ingress IP, in that order."""
+    families: tuple[FamilyEgress, ...]
+    """At most one entry per family, IPv4 first; empty when the node has nothing to do."""
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``: the Service's identity in logs, status and kernel names."""
+        return f"{self.namespace}/{self.name}"
+
+
+class GatewayRoute(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Policy routing towards one gateway node: a table with a default route via it."""
+
+    node: str
+    slot: int
+    """1-based allocation slot; ``fwmark`` and ``table`` derive from it."""
+    fwmark: int
+    table: int
+    next_hop_ipv4: str | None
+    next_hop_ipv6: str | None
+
+
+class NodeDesiredState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The complete desired egress state of one node.
+
+    ``services`` holds only labelled Services with something to do on this node
+    (sorted by namespace/name); ``routes`` holds one entry per gateway node that
+    some Service on this node forwards to (sorted by slot).
+    """
+
+    node: str
+    fwmask: int
+    exclude_dst_ipv4: tuple[str, ...]
+    exclude_dst_ipv6: tuple[str, ...]
+    services: tuple[ServiceEgress, ...] = ()
+    routes: tuple[GatewayRoute, ...] = ()
+
+    def egress(self, family: Family, action: Action) -> list[tuple[ServiceEgress, FamilyEgress]]:
+        """All (service, family egress) pairs with the given family and action, in order."""
+        return [
+            (service, entry)
+            for service in self.services
+            for entry in service.families
+            if entry.family == family and entry.action == action
+        ]
+
+
+def fwmask_shift(fwmask: int) -> int:
+    """The bit position of the lowest set bit of a (non-zero) mask."""
+    return (fwmask & -fwmask).bit_length() - 1
+
+
+def fwmask_capacity(fwmask: int) -> int:
+    """How many gateway nodes the mask can address (mark value 0 is never used)."""
+    return (fwmask >> fwmask_shift(fwmask)) if fwmask else 0
