@@ -59,7 +59,7 @@ class ConfigError(ValueError):
         self.variable = variable
         self.value = value
         self.problem = problem
-        shown = "unset" if value is None else f"{variable}={value!r}"
+        shown = f"{variable} is unset" if value is None else f"{variable}={value!r}"
         super().__init__(f"invalid configuration: {shown}: {problem}")
 
 
@@ -98,14 +98,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
-    "µs": 1e-6,  # noqa: RUF001 - Go accepts both micro signs
-    "μs": 1e-6,  # noqa: RUF001
+    "µs": 1e-6,
+    "μs": 1e-6,
     "ms": 1e-3,
     "s": 1.0,
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")  # noqa: RUF001
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 def parse_go_duration(text: str) -> float:
@@ -131,7 +131,9 @@ def parse_go_duration(text: str) -> float:
         match = _DURATION_PART.match(rest, position)
         if match is None:
             if rest[position].isdigit() or rest[position] == ".":
-                raise ValueError(f"missing unit after {rest[position:]!r} (use ns, us, ms, s, m, h)")
+                raise ValueError(
+                    f"missing unit after {rest[position:]!r} (use ns, us, ms, s, m, h)"
+                )
             raise ValueError(f"unexpected {rest[position:]!r} (expected a number and a unit)")
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         position = match.end()
@@ -241,7 +243,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         default = ENVIRONMENT[name]
         raw = environ.get(name, default)
         if raw is None:
-            raise ConfigError(name, None, "required")
+            raise ConfigError(name, None, "required (set it from the downward API: spec.nodeName)")
         try:
             return parse(raw.strip() if name != "NODE_NAME" else raw)
         except ValueError as error:
@@ -267,8 +269,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
     firewall_mask = get("FIREWALL_MASK", parse_mask)
     offset = get("ROUTE_TABLE_ID_OFFSET", _table_offset)
     capacity = fwmask_capacity(firewall_mask)
-    used = {offset + slot for slot in range(1, capacity + 1)}
-    if used & _RESERVED_TABLE_IDS or offset + capacity > _MAX_TABLE_ID:
+    clashes = [table for table in _RESERVED_TABLE_IDS if offset < table <= offset + capacity]
+    if clashes or offset + capacity > _MAX_TABLE_ID:
         raise ConfigError(
             "ROUTE_TABLE_ID_OFFSET",
             environ.get("ROUTE_TABLE_ID_OFFSET", ENVIRONMENT["ROUTE_TABLE_ID_OFFSET"]),

@@ -89,8 +89,9 @@ class GatewayRoute(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class NodeDesiredState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The complete desired egress state of one node.
 
-    ``services`` holds only labelled Services with something to do on this node
-    (sorted by namespace/name); ``routes`` holds one entry per gateway node that
+    ``services`` holds every labelled Service (sorted by namespace/name); those
+    with nothing to do on this node have role ``NONE`` and no ``families``, so
+    that status can show them. ``routes`` holds one entry per gateway node that
     some Service on this node forwards to (sorted by slot).
     """
 

@@ -1,0 +1,255 @@
+"""Typed views of the cluster objects metaleg reads, parsed leniently from raw JSON.
+
+The API server hands us dictionaries; anything in them may be missing or
+malformed (a hand-edited object, an older MetalLB, a bug elsewhere). Parsing
+never raises for a bad *field*: the field is skipped and a :class:`Problem`
+names the object and the field. Only an object without a usable identity
+(no ``metadata.name``) is rejected as a whole, with :class:`ObjectError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from metaleg.model import Family
+
+REWRITE_LABEL = "metaleg.de/rewriteSrcIP"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+L2_SERVICE_NAME_LABEL = "metallb.io/service-name"
+L2_SERVICE_NAMESPACE_LABEL = "metallb.io/service-namespace"
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """Something wrong in a cluster object that metaleg worked around (logged, not fatal)."""
+
+    kind: str
+    object: str
+    """``namespace/name`` or ``name``."""
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.object}: {self.field}: {self.message}"
+
+
+class ObjectError(ValueError):
+    """An object is unusable as a whole (for example it has no name)."""
+
+
+class ServiceInfo(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    labelled: bool
+    """The opt-in label has exactly the value "true"."""
+    lb_ipv4: str | None
+    """First IPv4 address in ``status.loadBalancer.ingress[].ip``."""
+    lb_ipv6: str | None
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    ip: str
+    family: Family
+    node_name: str | None
+
+
+class SliceInfo(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    service_name: str | None
+    endpoints: tuple[Endpoint, ...]
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    name: str
+    ipv4: str | None
+    """First IPv4 InternalIP: the next hop towards this node."""
+    ipv6: str | None
+
+
+class L2StatusInfo(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    service_namespace: str | None
+    service_name: str | None
+    node: str | None
+    """``status.node``: the node that announces the Service's IP."""
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _identity(obj: Mapping[str, Any], kind: str, namespaced: bool) -> tuple[str, str]:
+    metadata = _mapping(obj.get("metadata"))
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise ObjectError(f"{kind} without metadata.name")
+    if not namespaced:
+        return "", name
+    namespace = metadata.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        raise ObjectError(f"{kind} {name} without metadata.namespace")
+    return namespace, name
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _mapping(_mapping(obj.get("metadata")).get("labels"))
+
+
+def canonical_ip(text: Any) -> tuple[str, Family] | None:
+    """The canonical form and family of an IP address string, or None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return str(address), Family(address.version)
+
+
+def parse_service(obj: Mapping[str, Any], problems: list[Problem]) -> ServiceInfo:
+    """Parse a ``v1 Service``; invalid ingress IPs are skipped and reported."""
+    namespace, name = _identity(obj, "Service", namespaced=True)
+    labelled = _labels(obj).get(REWRITE_LABEL) == "true"
+    lb_ipv4: str | None = None
+    lb_ipv6: str | None = None
+    ingress = _list(_mapping(_mapping(obj.get("status")).get("loadBalancer")).get("ingress"))
+    for index, entry in enumerate(ingress):
+        raw_ip = _mapping(entry).get("ip")
+        if raw_ip is None:
+            continue  # hostname-only ingress: not an address we can SNAT to
+        parsed = canonical_ip(raw_ip)
+        if parsed is None:
+            problems.append(
+                Problem(
+                    "Service",
+                    f"{namespace}/{name}",
+                    f"status.loadBalancer.ingress[{index}].ip",
+                    f"{raw_ip!r} is not an IP address; skipped",
+                )
+            )
+            continue
+        address, family = parsed
+        if family == Family.IPV4 and lb_ipv4 is None:
+            lb_ipv4 = address
+        elif family == Family.IPV6 and lb_ipv6 is None:
+            lb_ipv6 = address
+    return ServiceInfo(namespace, name, labelled, lb_ipv4, lb_ipv6)
+
+
+def parse_endpoint_slice(obj: Mapping[str, Any], problems: list[Problem]) -> SliceInfo:
+    """Parse a ``discovery.k8s.io/v1 EndpointSlice``; every endpoint counts, ready or not."""
+    namespace, name = _identity(obj, "EndpointSlice", namespaced=True)
+    service_name = _labels(obj).get(SERVICE_NAME_LABEL)
+    address_type = obj.get("addressType")
+    expected = {"IPv4": Family.IPV4, "IPv6": Family.IPV6}.get(
+        address_type if isinstance(address_type, str) else ""
+    )
+    endpoints: list[Endpoint] = []
+    if expected is None:
+        # FQDN slices (or garbage) carry no pod IPs we could match on.
+        if address_type != "FQDN":
+            problems.append(
+                Problem(
+                    "EndpointSlice",
+                    f"{namespace}/{name}",
+                    "addressType",
+                    f"{address_type!r} is not IPv4 or IPv6; slice ignored",
+                )
+            )
+        return SliceInfo(
+            namespace, name, service_name if isinstance(service_name, str) else None, ()
+        )
+    for index, endpoint in enumerate(_list(obj.get("endpoints"))):
+        endpoint = _mapping(endpoint)
+        node_name = endpoint.get("nodeName")
+        node = node_name if isinstance(node_name, str) and node_name else None
+        for position, raw_ip in enumerate(_list(endpoint.get("addresses"))):
+            parsed = canonical_ip(raw_ip)
+            if parsed is None or parsed[1] != expected:
+                problems.append(
+                    Problem(
+                        "EndpointSlice",
+                        f"{namespace}/{name}",
+                        f"endpoints[{index}].addresses[{position}]",
+                        f"{raw_ip!r} is not an {address_type} address; skipped",
+                    )
+                )
+                continue
+            endpoints.append(Endpoint(parsed[0], parsed[1], node))
+    return SliceInfo(
+        namespace,
+        name,
+        service_name if isinstance(service_name, str) else None,
+        tuple(endpoints),
+    )
+
+
+def parse_node(obj: Mapping[str, Any], problems: list[Problem]) -> NodeInfo:
+    """Parse a ``v1 Node``: the first InternalIP of each family."""
+    _, name = _identity(obj, "Node", namespaced=False)
+    ipv4: str | None = None
+    ipv6: str | None = None
+    for index, address in enumerate(_list(_mapping(obj.get("status")).get("addresses"))):
+        address = _mapping(address)
+        if address.get("type") != "InternalIP":
+            continue
+        parsed = canonical_ip(address.get("address"))
+        if parsed is None:
+            problems.append(
+                Problem(
+                    "Node",
+                    name,
+                    f"status.addresses[{index}].address",
+                    f"{address.get('address')!r} is not an IP address; skipped",
+                )
+            )
+            continue
+        if parsed[1] == Family.IPV4 and ipv4 is None:
+            ipv4 = parsed[0]
+        elif parsed[1] == Family.IPV6 and ipv6 is None:
+            ipv6 = parsed[0]
+    return NodeInfo(name, ipv4, ipv6)
+
+
+def parse_l2_status(obj: Mapping[str, Any], problems: list[Problem]) -> L2StatusInfo:
+    """Parse a ``metallb.io/v1beta1 ServiceL2Status``."""
+    namespace, name = _identity(obj, "ServiceL2Status", namespaced=True)
+    labels = _labels(obj)
+    service_namespace = labels.get(L2_SERVICE_NAMESPACE_LABEL)
+    service_name = labels.get(L2_SERVICE_NAME_LABEL)
+    node = _mapping(obj.get("status")).get("node")
+    if node is not None and (not isinstance(node, str) or not node):
+        problems.append(
+            Problem(
+                "ServiceL2Status",
+                f"{namespace}/{name}",
+                "status.node",
+                f"{node!r} is not a node name",
+            )
+        )
+        node = None
+    return L2StatusInfo(
+        namespace,
+        name,
+        service_namespace if isinstance(service_namespace, str) else None,
+        service_name if isinstance(service_name, str) else None,
+        node,
+    )
+
+
+class ClusterState(msgspec.Struct):
+    """The parsed objects the watcher holds, keyed by ``namespace/name`` (or ``name`` for nodes)."""
+
+    services: dict[str, ServiceInfo] = msgspec.field(default_factory=dict)
+    slices: dict[str, SliceInfo] = msgspec.field(default_factory=dict)
+    nodes: dict[str, NodeInfo] = msgspec.field(default_factory=dict)
+    l2_statuses: dict[str, L2StatusInfo] = msgspec.field(default_factory=dict)
