@@ -1,0 +1,64 @@
+"""Structured logging for every metaleg process (LOG_FORMAT json or text, LOG_LEVEL).
+
+Context goes in ``extra`` under the names of :data:`CONTEXT_FIELDS`, e.g.
+``log.info("gateway changed", extra={"service": "mail/relay", "node": "node-b"})``;
+JSON lines carry them as fields, text lines append them as ``key=value``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+CONTEXT_FIELDS = ("service", "node", "generation", "backend", "resource", "error", "pid")
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "process": self.process,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for field in CONTEXT_FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, process: str) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s " + process + ": %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [
+            f"{field}={record.__dict__[field]}"
+            for field in CONTEXT_FIELDS
+            if record.__dict__.get(field) is not None
+        ]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+def setup_logging(process: str, level: str = "info", log_format: str = "json") -> None:
+    """Send this process's logs to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(process) if log_format == "json" else TextFormatter(process))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The kubernetes client and urllib3 are chatty at info level.
+    for noisy in ("urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,240 @@
+"""List + watch of one Kubernetes resource with the ``kubernetes`` client, client-go style.
+
+Each :class:`Informer` runs in its own thread of the watcher process (the
+client is blocking) and feeds :class:`Event` values into one queue that the
+watcher's main thread consumes. It lists (paginated), then watches from the
+list's resourceVersion with bookmarks; a watch that ends is resumed from the
+last resourceVersion seen; ``410 Gone`` (history expired) makes it relist; any
+other failure (API server down or restarting, timeouts) is retried with
+exponential back-off. The last good objects stay in the watcher meanwhile: an
+outage never empties the desired state.
+
+Objects are handled as raw JSON (``_preload_content=False``): the client's
+model deserialisation is slow and would hide malformed fields we want to
+report rather than crash on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+log = logging.getLogger(__name__)
+
+LIST_PAGE_SIZE = 500
+WATCH_TIMEOUT_SECONDS = (240, 480)  # randomised per watch, like client-go, to spread reconnects
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 30.0
+
+
+class Gone(Exception):
+    """The API server no longer has the history we asked for (410): relist."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What an informer reports to the watcher's main thread.
+
+    ``kind`` is ``replace`` (a complete list: ``objects``), ``upsert``/``delete``
+    (one ``object``), ``error`` (``message``; the informer keeps retrying) or
+    ``synced`` is implied by ``replace``.
+    """
+
+    resource: str
+    kind: str
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    object: dict[str, Any] | None = None
+    message: str = ""
+
+
+ListCall = Callable[..., Any]
+"""A generated ``list_*`` method of the kubernetes client, bound to its arguments."""
+
+
+@dataclass
+class ResourceSpec:
+    """What to list and watch, and how to name it in logs and metrics."""
+
+    name: str
+    list_call: ListCall
+    missing_hint: str = ""
+    """Shown when the API answers 404 (e.g. a CRD that is not installed)."""
+
+
+class Informer(threading.Thread):
+    """Lists and watches one resource forever, reporting :class:`Event` values to ``events``."""
+
+    def __init__(self, spec: ResourceSpec, events: queue.Queue[Event]) -> None:
+        super().__init__(name=f"informer-{spec.name}", daemon=True)
+        self.spec = spec
+        self.events = events
+        self.stopping = threading.Event()
+        self.resource_version = ""
+        self.relists = 0
+        self.watch_events = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        delay = BACKOFF_INITIAL
+        need_list = True
+        while not self.stopping.is_set():
+            try:
+                if need_list:
+                    self._list()
+                    need_list = False
+                self._watch()
+                delay = BACKOFF_INITIAL  # a watch that ended normally: resume at once
+            except Gone:
+                log.info(
+                    "watch history expired (410 Gone); relisting",
+                    extra={"resource": self.spec.name},
+                )
+                need_list = True
+            except ApiException as error:
+                message = self._describe(error)
+                self.events.put(Event(self.spec.name, "error", message=message))
+                log.warning(
+                    "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
+                )
+                need_list = True
+                delay = self._sleep(delay)
+            except Exception as error:  # connection refused/reset, timeouts, bad JSON
+                message = f"cannot reach the API server: {type(error).__name__}: {error}"
+                self.events.put(Event(self.spec.name, "error", message=message))
+                log.warning(
+                    "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
+                )
+                delay = self._sleep(delay)
+
+    def _sleep(self, delay: float) -> float:
+        self.stopping.wait(delay * random.uniform(0.8, 1.2))
+        return min(delay * 2, BACKOFF_MAX)
+
+    def _describe(self, error: ApiException) -> str:
+        if error.status == 404 and self.spec.missing_hint:
+            return f"{self.spec.name}: not found (404): {self.spec.missing_hint}"
+        return f"{self.spec.name}: API error {error.status} {error.reason}"
+
+    def _list(self) -> None:
+        objects: list[dict[str, Any]] = []
+        continue_token = ""
+        while True:
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE, "_preload_content": False}
+            if continue_token:
+                kwargs["_continue"] = continue_token
+            response = self.spec.list_call(**kwargs)
+            try:
+                body = json.loads(response.data)
+            finally:
+                response.release_conn()
+            objects.extend(item for item in body.get("items") or [] if isinstance(item, dict))
+            metadata = body.get("metadata") or {}
+            continue_token = metadata.get("continue") or ""
+            if not continue_token:
+                self.resource_version = str(metadata.get("resourceVersion") or "")
+                break
+        self.relists += 1
+        self.events.put(Event(self.spec.name, "replace", objects=objects))
+
+    def _watch(self) -> None:
+        timeout = random.randint(*WATCH_TIMEOUT_SECONDS)
+        response = self.spec.list_call(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            _preload_content=False,
+            # Bookmarks arrive about once a minute; a silent connection longer than the
+            # server-side timeout plus a margin is dead.
+            _request_timeout=(10, timeout + 30),
+        )
+        try:
+            for event in self._events_of(response):
+                if self.stopping.is_set():
+                    return
+                self._handle(event)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def _events_of(self, response: Any) -> Iterator[dict[str, Any]]:
+        for line in iter_resp_lines(response):
+            if not line or line.isspace():
+                continue
+            event = json.loads(line)
+            if isinstance(event, dict):
+                yield event
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            return
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone()
+            raise ApiException(
+                status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}"
+            )
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if isinstance(version, str) and version:
+            self.resource_version = version
+        if kind == "BOOKMARK":
+            return
+        self.watch_events += 1
+        if kind in ("ADDED", "MODIFIED"):
+            self.events.put(Event(self.spec.name, "upsert", object=obj))
+        elif kind == "DELETED":
+            self.events.put(Event(self.spec.name, "delete", object=obj))
+
+
+def resource_specs(api: Any, metallb_namespace: str) -> list[ResourceSpec]:
+    """The four resources metaleg watches, bound to an ``ApiClient``."""
+    from metaleg.watcher.cluster import REWRITE_LABEL, SERVICE_NAME_LABEL
+
+    core = client.CoreV1Api(api)
+    discovery = client.DiscoveryV1Api(api)
+    custom = client.CustomObjectsApi(api)
+
+    def services(**kwargs: Any) -> Any:
+        # Server-side filtering: a Service that loses the label arrives as DELETED.
+        return core.list_service_for_all_namespaces(
+            label_selector=f"{REWRITE_LABEL}=true", **kwargs
+        )
+
+    def endpoint_slices(**kwargs: Any) -> Any:
+        return discovery.list_endpoint_slice_for_all_namespaces(
+            label_selector=SERVICE_NAME_LABEL, **kwargs
+        )
+
+    def nodes(**kwargs: Any) -> Any:
+        return core.list_node(**kwargs)
+
+    def l2_statuses(**kwargs: Any) -> Any:
+        return custom.list_namespaced_custom_object(
+            "metallb.io", "v1beta1", metallb_namespace, "servicel2statuses", **kwargs
+        )
+
+    return [
+        ResourceSpec("services", services),
+        ResourceSpec("endpointslices", endpoint_slices),
+        ResourceSpec("nodes", nodes),
+        ResourceSpec(
+            "servicel2statuses",
+            l2_statuses,
+            missing_hint="the ServiceL2Status CRD (metallb.io/v1beta1) is missing; MetalLB >= 0.14 is "
+            "required. Keeping the current kernel state and retrying",
+        ),
+    ]

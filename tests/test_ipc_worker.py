@@ -1,0 +1,217 @@
+"""IPC messages and the data-plane worker loop, over real ZeroMQ sockets between real processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from metaleg.backend import BackendError
+from metaleg.config import Config
+from metaleg.ipc import (
+    Applied,
+    Hello,
+    MessageError,
+    Publish,
+    Snapshot,
+    bind_supervisor,
+    decode,
+    encode,
+)
+from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
+
+
+def state(*sources: str) -> NodeDesiredState:
+    return NodeDesiredState(
+        node="node-a",
+        fwmask=0xF00000,
+        exclude_dst_ipv4=("10.0.0.0/8",),
+        exclude_dst_ipv6=(),
+        services=(
+            ServiceEgress(
+                "mail",
+                "relay",
+                Role.GATEWAY,
+                "node-a",
+                ("198.51.100.200",),
+                (FamilyEgress(Family.IPV4, Action.SNAT, tuple(sources), snat_ip="198.51.100.200"),),
+            ),
+        ),
+    )
+
+
+def test_messages_round_trip() -> None:
+    for message in (
+        Hello("firewall", 42, 3),
+        Publish(state("10.244.1.10"), ("problem",)),
+        Snapshot(7, state("10.244.1.10", "10.244.1.11")),
+        Applied("routing", 7, "", 0.01),
+    ):
+        assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xff\x00garbage",
+        msgspec.msgpack.encode({"type": "launch-missiles"}),
+        msgspec.msgpack.encode({"type": "hello", "process": "firewall", "pid": "not-a-number"}),
+        msgspec.msgpack.encode({"type": "hello", "process": "firewall", "pid": 1, "extra": 1}),
+        msgspec.msgpack.encode({"type": "snapshot", "generation": 1, "state": {"node": "x"}}),
+    ],
+)
+def test_malformed_frames_raise_a_specific_error(frame: bytes) -> None:
+    with pytest.raises(MessageError, match="invalid message"):
+        decode(frame)
+
+
+# --- the worker loop in a real child process ------------------------------------------------------
+
+
+class RecordingBackend:
+    """A backend that records calls to a file and fails while ``fail_file`` exists."""
+
+    name = "recording"
+
+    def __init__(self, log_path: str, fail_path: str) -> None:
+        self.log_path = log_path
+        self.fail_path = fail_path
+
+    def _record(self, call: str, state: NodeDesiredState) -> None:
+        if os.path.exists(self.fail_path):
+            raise BackendError("told to fail")
+        sources = state.services[0].families[0].source_ips if state.services else ()
+        with open(self.log_path, "a") as file:
+            file.write(f"{call} {','.join(sources)}\n")
+
+    def apply(self, state: NodeDesiredState) -> None:
+        self._record("apply", state)
+
+    def resync(self, state: NodeDesiredState) -> None:
+        self._record("resync", state)
+
+    def cleanup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _run_worker(run_dir: str, log_path: str, fail_path: str, interval: float) -> None:
+    from metaleg.worker import DataplaneWorker
+
+    config = Config(node_name="node-a", run_dir=run_dir, reconciliation_interval=interval)
+    raise SystemExit(
+        DataplaneWorker("firewall", RecordingBackend(log_path, fail_path), config).run()
+    )
+
+
+class Hub:
+    """The supervisor's side of the bus, driven by the test."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.socket = bind_supervisor(self.context, run_dir)
+
+    def receive(self, timeout: float = 5.0) -> Any:
+        if not self.socket.poll(int(timeout * 1000)):
+            raise TimeoutError("no message from the worker")
+        identity, frame = self.socket.recv_multipart()
+        assert identity == b"firewall"
+        return decode(frame)
+
+    def receive_until(self, predicate: Any, timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.receive(max(0.01, deadline - time.monotonic()))
+            if predicate(message):
+                return message
+
+    def send(self, payload: bytes) -> None:
+        self.socket.send_multipart([b"firewall", payload])
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def worker_env() -> Iterator[tuple[Hub, str, str, multiprocessing.process.BaseProcess]]:
+    with tempfile.TemporaryDirectory(prefix="mlw") as run_dir:
+        hub = Hub(run_dir)
+        log_path = os.path.join(run_dir, "calls")
+        fail_path = os.path.join(run_dir, "fail")
+        process = multiprocessing.get_context("spawn").Process(
+            target=_run_worker, args=(run_dir, log_path, fail_path, 3600.0)
+        )
+        process.start()
+        try:
+            yield hub, log_path, fail_path, process
+        finally:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join(5)
+            hub.close()
+
+
+def calls(path: str) -> list[str]:
+    try:
+        with open(path) as file:
+            return file.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def test_worker_says_hello_resyncs_first_then_applies_and_reports(worker_env: Any) -> None:
+    hub, log_path, _, process = worker_env
+    hello = hub.receive()
+    assert isinstance(hello, Hello) and hello.process == "firewall" and hello.pid == process.pid
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    assert hub.receive_until(lambda m: isinstance(m, Applied)) == Applied(
+        "firewall", 1, "", pytest.approx(0, abs=5)
+    )  # type: ignore[arg-type]
+    hub.send(encode(Snapshot(2, state("10.244.1.10", "10.244.1.11"))))
+    applied = hub.receive_until(lambda m: isinstance(m, Applied))
+    assert (applied.generation, applied.error) == (2, "")
+    assert calls(log_path) == ["resync 10.244.1.10", "apply 10.244.1.10,10.244.1.11"]
+
+
+def test_worker_drops_malformed_messages_and_keeps_going(worker_env: Any) -> None:
+    hub, log_path, _, process = worker_env
+    hub.receive()  # hello
+    hub.send(b"\x00garbage")
+    hub.send(encode(Applied("x", 1)))  # valid message, wrong direction
+    hub.send(encode(Snapshot(5, state("10.244.1.12"))))
+    applied = hub.receive_until(lambda m: isinstance(m, Applied))
+    assert applied.generation == 5 and process.is_alive()
+    assert calls(log_path) == ["resync 10.244.1.12"]
+
+
+def test_worker_retries_a_failed_apply_with_backoff_until_it_succeeds(worker_env: Any) -> None:
+    hub, log_path, fail_path, _ = worker_env
+    hub.receive()
+    open(fail_path, "w").close()
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    failed = [hub.receive_until(lambda m: isinstance(m, Applied)) for _ in range(2)]
+    assert all(m.error == "told to fail" and m.generation == 1 for m in failed)
+    os.unlink(fail_path)
+    applied = hub.receive_until(lambda m: isinstance(m, Applied) and not m.error, timeout=10)
+    assert applied.generation == 1
+    assert calls(log_path) == ["resync 10.244.1.10"]
+
+
+def test_worker_stops_on_sigterm(worker_env: Any) -> None:
+    hub, _, _, process = worker_env
+    hub.receive()
+    os.kill(process.pid, signal.SIGTERM)
+    process.join(5)
+    assert process.exitcode == 0
