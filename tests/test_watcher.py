@@ -1,0 +1,285 @@
+"""The watcher process over real HTTP: the unmodified kubernetes client against the API emulator.
+
+A real ``python -m metaleg.watcher`` process talks to the emulator on
+loopback and publishes to a hub socket that stands in for the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from metaleg.config import Config
+from metaleg.ipc import Publish, WatcherStatus, bind_supervisor, decode
+from metaleg.lifecycle import CONFIG_ENVIRONMENT
+from metaleg.model import Action, NodeDesiredState, Role
+from tests.kube import ClusterDriver
+from tests.kubeapi import KubeApiServer, write_kubeconfig
+
+LB = ("198.51.100.200", "2001:db8:1::200")
+
+
+class WatcherUnderTest:
+    """A watcher process, its hub socket and the messages it sent."""
+
+    def __init__(self, api: KubeApiServer, run_dir: str) -> None:
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.socket = bind_supervisor(self.context, run_dir)
+        kubeconfig = os.path.join(run_dir, "kubeconfig")
+        write_kubeconfig(kubeconfig, api.url)
+        config = Config(
+            node_name="node-a",
+            run_dir=run_dir,
+            kubeconfig=kubeconfig,
+            log_format="text",
+            log_level="debug",
+        )
+        env = {**os.environ, CONFIG_ENVIRONMENT: msgspec.json.encode(config).decode()}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "metaleg.watcher"],
+            env=env,
+            stderr=open(os.path.join(run_dir, "watcher.log"), "w"),
+        )
+        self.log_path = os.path.join(run_dir, "watcher.log")
+        self.published: list[Publish] = []
+        self.statuses: list[WatcherStatus] = []
+
+    def pump(self, timeout: float) -> None:
+        if self.socket.poll(int(timeout * 1000)):
+            while True:
+                try:
+                    identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                assert identity == b"watcher"
+                message = decode(frame)
+                if isinstance(message, Publish):
+                    self.published.append(message)
+                elif isinstance(message, WatcherStatus):
+                    self.statuses.append(message)
+
+    def wait_for(
+        self, predicate: Callable[[NodeDesiredState], bool], timeout: float = 10.0
+    ) -> NodeDesiredState:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.published and predicate(self.published[-1].state):
+                return self.published[-1].state
+            self.pump(min(0.2, max(0.0, deadline - time.monotonic())))
+        last = self.published[-1].state if self.published else None
+        raise AssertionError(
+            f"condition not met within {timeout}s; last state: {last}\nlog:\n{self.log()}"
+        )
+
+    def wait_for_status(
+        self, predicate: Callable[[WatcherStatus], bool], timeout: float = 10.0
+    ) -> WatcherStatus:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for status in self.statuses:
+                if predicate(status):
+                    return status
+            self.pump(0.2)
+        raise AssertionError(
+            f"no such watcher status within {timeout}s: {self.statuses}\n{self.log()}"
+        )
+
+    def log(self) -> str:
+        with open(self.log_path) as file:
+            return file.read()[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.socket.close(0)
+        self.context.term()
+
+
+def relay(state: NodeDesiredState) -> Any:
+    return next((s for s in state.services if s.key == "mail/relay"), None)
+
+
+@pytest.fixture
+def api() -> Iterator[KubeApiServer]:
+    with KubeApiServer(bookmark_interval=1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(api: KubeApiServer) -> ClusterDriver:
+    driver = ClusterDriver(api.api_client())
+    driver.node("node-a", "198.51.100.11", "2001:db8:1::11")
+    driver.node("node-b", "198.51.100.12", "2001:db8:1::12")
+    return driver
+
+
+@pytest.fixture
+def watcher(api: KubeApiServer, cluster: ClusterDriver) -> Iterator[WatcherUnderTest]:
+    with tempfile.TemporaryDirectory(prefix="mlwt") as run_dir:
+        process = WatcherUnderTest(api, run_dir)
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
+def add_relay(cluster: ClusterDriver, gateway: str | None = "node-b") -> None:
+    cluster.service("mail", "relay", LB)
+    cluster.endpoints(
+        "mail", "relay", "IPv4", [("10.244.1.10", "node-a"), ("10.244.2.10", "node-b")]
+    )
+    cluster.endpoints("mail", "relay", "IPv6", [("fd00:10:244:1::10", "node-a")])
+    cluster.gateway("mail", "relay", gateway)
+
+
+def test_publishes_the_desired_state_and_follows_changes(
+    watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    initial = watcher.wait_for(lambda s: True)
+    assert initial.services == ()  # synced, nothing labelled yet
+    add_relay(cluster)
+    state = watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+    service = relay(state)
+    assert [f.source_ips for f in service.families] == [("10.244.1.10",), ("fd00:10:244:1::10",)]
+    assert state.routes[0].node == "node-b" and state.routes[0].next_hop_ipv4 == "198.51.100.12"
+
+    cluster.gateway("mail", "relay", "node-a")
+    state = watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY)
+    assert relay(state).families[0].source_ips == ("10.244.1.10", "10.244.2.10")
+    assert state.routes == ()
+
+    cluster.gateway("mail", "relay", None)
+    state = watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.REJECT)
+    assert {f.action for f in relay(state).families} == {Action.REJECT}
+
+    cluster.label_service("mail", "relay", "false")  # leaves the label selector: a DELETED event
+    watcher.wait_for(lambda s: relay(s) is None)
+    cluster.label_service("mail", "relay", True)
+    watcher.wait_for(lambda s: relay(s) is not None)
+    cluster.delete_service("mail", "relay")
+    watcher.wait_for(lambda s: relay(s) is None)
+
+
+def test_relists_after_410_gone_and_sees_what_changed_meanwhile(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+    api.set_latency(0.0)
+    # Cut the watches and compact the history while changes happen: resuming from the old
+    # resourceVersion then answers 410 Gone and only a relist can see the change.
+    api.stop()
+    api.store.patch(
+        "servicel2statuses",
+        "l2-mail-relay",
+        {"status": {"node": "node-a"}},
+        namespace="metallb-system",
+        subresource="status",
+    )
+    api.store.compact()
+    api.start()
+    state = watcher.wait_for(
+        lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY, timeout=20
+    )
+    assert relay(state).gateway_node == "node-a"
+    assert "410" in watcher.log() or "relisting" in watcher.log()
+
+
+def test_api_outage_keeps_publishing_the_last_good_state(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    good = watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+    api.stop()
+    watcher.wait_for_status(lambda st: "cannot reach the API server" in st.error, timeout=15)
+    count = len(watcher.published)
+    watcher.pump(1.0)
+    assert all(p.state == good for p in watcher.published[count:])  # never an emptied state
+    api.start(keep_history=True)
+    cluster.endpoints(
+        "mail", "relay", "IPv4", [("10.244.1.10", "node-a"), ("10.244.1.11", "node-a")]
+    )
+    state = watcher.wait_for(
+        lambda s: relay(s) is not None and "10.244.1.11" in relay(s).families[0].source_ips,
+        timeout=30,
+    )
+    assert relay(state).role == Role.FORWARDER
+    watcher.wait_for_status(lambda st: st.synced and not st.error, timeout=10)
+
+
+def test_missing_servicel2status_crd_is_reported_and_nothing_is_published_until_it_appears(
+    api: KubeApiServer, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    api.set_group_available("metallb.io", False)
+    with tempfile.TemporaryDirectory(prefix="mlwt") as run_dir:
+        watcher = WatcherUnderTest(api, run_dir)
+        try:
+            watcher.wait_for_status(
+                lambda st: "ServiceL2Status CRD" in st.error and "MetalLB >= 0.14" in st.error,
+                timeout=15,
+            )
+            assert watcher.published == []  # a half-synced view would tear down working rules
+            api.set_group_available("metallb.io", True)
+            state = watcher.wait_for(lambda s: relay(s) is not None, timeout=40)
+            assert relay(state).role == Role.FORWARDER
+        finally:
+            watcher.stop()
+
+
+def test_bursts_are_coalesced(
+    watcher: WatcherUnderTest, cluster: ClusterDriver, api: KubeApiServer
+) -> None:
+    add_relay(cluster, gateway="node-a")
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY)
+    before = len(watcher.published)
+    # A burst as the API server delivers it (e.g. a Deployment scaled up): 40 slice updates
+    # within a few milliseconds.
+    for index in range(40):
+        endpoints = [
+            {"addresses": [f"10.244.1.{10 + i}"], "nodeName": "node-a"} for i in range(index + 1)
+        ]
+        api.store.patch("endpointslices", "relay-v4", {"endpoints": endpoints}, namespace="mail")
+    state = watcher.wait_for(
+        lambda s: relay(s) is not None and len(relay(s).families[0].source_ips) == 40, timeout=20
+    )
+    assert relay(state).families[0].source_ips[-1] == "10.244.1.49"
+    assert len(watcher.published) - before <= 5
+
+
+def test_invalid_objects_are_reported_not_fatal(
+    watcher: WatcherUnderTest, cluster: ClusterDriver, api: KubeApiServer
+) -> None:
+    add_relay(cluster, gateway="node-a")
+    api.store.patch(
+        "endpointslices",
+        "relay-v4",
+        {
+            "endpoints": [
+                {"addresses": ["10.244.1.999"], "nodeName": "node-a"},
+                {"addresses": ["10.244.1.12"], "nodeName": "node-a"},
+            ]
+        },
+        namespace="mail",
+    )
+    state = watcher.wait_for(
+        lambda s: relay(s) is not None and relay(s).families[0].source_ips == ("10.244.1.12",)
+    )
+    assert any("10.244.1.999" in p for p in watcher.published[-1].problems)
+    assert watcher.process.poll() is None
+    assert relay(state).role == Role.GATEWAY
