@@ -1,0 +1,203 @@
+"""The lab as a cluster: a Kubernetes API emulator on the LAN and one metaleg agent per node.
+
+:class:`EgressLab` wraps a running :class:`~tests.lab.topology.Lab`: it serves
+the API emulator inside the lab's ``api`` namespace (so the agents reach it
+over the lab network, like a real control plane), registers the three nodes,
+and starts a real ``metaleg-supervisor run`` inside each node namespace with
+its own METALEG_RUN_DIR. Tests, the demo and benchmarks drive the cluster
+through :attr:`EgressLab.cluster` (the unmodified kubernetes client over HTTP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.kube import ClusterDriver
+from tests.kubeapi import KubeApiServer, write_kubeconfig
+from tests.lab.topology import Lab, Pod
+from tests.lab.traffic import ProbeResult, wait_until
+
+API_PORT = 6443
+SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
+
+
+@dataclass
+class Agent:
+    """One node's running ``metaleg-supervisor run``."""
+
+    node: str
+    run_dir: str
+    log_path: str
+    process: subprocess.Popen[Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def worker_pid(self, worker: str) -> int | None:
+        """The pid of the supervisor's child running ``python -m metaleg.<worker>``."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat_file:
+                    parent = int(stat_file.read().rsplit(")", 1)[1].split()[1])
+                if parent != self.process.pid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline_file:
+                    argv = cmdline_file.read().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if f"metaleg.{worker}".encode() in argv:
+                return int(entry)
+        return None
+
+    def log(self, tail: int = 6000) -> str:
+        try:
+            with open(self.log_path, errors="replace") as file:
+                return file.read()[-tail:]
+        except FileNotFoundError:
+            return ""
+
+
+class EgressLab:
+    """A lab with the API emulator and metaleg agents; a context manager."""
+
+    def __init__(self, lab: Lab, **agent_env: str) -> None:
+        self.lab = lab
+        self.agent_env = agent_env
+        self.api = KubeApiServer(bookmark_interval=5.0)
+        self.agents: dict[str, Agent] = {}
+        self.kubeconfig = os.path.join(lab.workdir, "kubeconfig")
+        self.cluster: ClusterDriver
+
+    def __enter__(self) -> EgressLab:
+        self.api.start()
+        try:
+            self.api.add_listener(self.lab.api.ipv4, API_PORT, netns=self.lab.api.netns)
+            write_kubeconfig(self.kubeconfig, f"http://{self.lab.api.ipv4}:{API_PORT}")
+            self.cluster = ClusterDriver(self.api.api_client())
+            for node in self.lab.nodes.values():
+                self.cluster.node(node.name, node.ipv4, node.ipv6)
+        except BaseException:
+            self.api.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for node in list(self.agents):
+            self.stop_agent(node)
+        self.api.stop()
+
+    # --- agents ----------------------------------------------------------------------------------
+
+    def start_agent(self, node: str, **env: str) -> Agent:
+        """Start ``metaleg-supervisor run`` in the node's namespace."""
+        if node in self.agents and self.agents[node].process.poll() is None:
+            raise RuntimeError(f"the agent on {node} runs already")
+        run_dir = os.path.join(self.lab.workdir, f"run-{node}")
+        log_path = os.path.join(self.lab.workdir, f"agent-{node}.log")
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "NODE_NAME": node,
+            "KUBECONFIG": self.kubeconfig,
+            "METALEG_RUN_DIR": run_dir,
+            "LOG_FORMAT": "text",
+            "LOG_LEVEL": "info",
+            "RECONCILIATION_INTERVAL": "30s",
+            **self.agent_env,
+            **env,
+        }
+        log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child, closed with it below
+        try:
+            process = self.lab.spawn(
+                node,
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in environment.items()),
+                SUPERVISOR,
+                "run",
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log_file.close()
+        agent = Agent(node, run_dir, log_path, process, environment)
+        self.agents[node] = agent
+        return agent
+
+    def stop_agent(self, node: str, timeout: float = 15.0) -> int | None:
+        """SIGTERM the supervisor (it stops its workers) and wait; returns its exit status."""
+        agent = self.agents.pop(node, None)
+        if agent is None:
+            return None
+        process = agent.process
+        if process.poll() is None:
+            # `ip netns exec` execs the command, so the pid is the supervisor's own.
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def wait_for_workers(self, node: str, timeout: float = 15.0) -> dict[str, int]:
+        """Wait until all three workers of the node's agent run; return their pids."""
+        agent = self.agents[node]
+        pids: dict[str, int] = {}
+
+        def ready() -> bool:
+            if agent.process.poll() is not None:
+                raise AssertionError(f"the agent on {node} exited: {agent.log()}")
+            for worker in ("watcher", "firewall", "routing"):
+                pid = agent.worker_pid(worker)
+                if pid is None:
+                    return False
+                pids[worker] = pid
+            return True
+
+        wait_until(ready, timeout=timeout, message=f"workers of {node}")
+        return pids
+
+    # --- traffic ---------------------------------------------------------------------------------
+
+    def wait_for_probe(
+        self,
+        pod: Pod,
+        family: int,
+        *,
+        source: str | None = None,
+        outcome: str = "ok",
+        proto: str = "udp",
+        timeout: float = 20.0,
+    ) -> ProbeResult:
+        """Probe the internet host from ``pod`` until the result has ``outcome`` (and ``source``)."""
+        last: list[ProbeResult] = []
+
+        def matches() -> bool:
+            result = self.lab.probe(pod, family=family, proto=proto, timeout=1.0)  # type: ignore[arg-type]
+            last[:] = [result]
+            return result.outcome == outcome and (source is None or result.source == source)
+
+        try:
+            wait_until(matches, timeout=timeout, interval=0.1, message=f"probe from {pod.name}")
+        except Exception as error:
+            logs = "\n".join(f"--- {n}\n{a.log(3000)}" for n, a in self.agents.items())
+            raise AssertionError(
+                f"{pod.name} IPv{family}/{proto}: wanted {outcome} {source or ''}, last {last}: {error}\n{logs}"
+            ) from None
+        return last[0]
+
+
+def read_json(path: str) -> Any:
+    with open(path) as file:
+        return json.load(file)
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start
