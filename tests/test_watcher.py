@@ -45,12 +45,11 @@ class WatcherUnderTest:
             log_level="debug",
         )
         env = {**os.environ, CONFIG_ENVIRONMENT: msgspec.json.encode(config).decode()}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "metaleg.watcher"],
-            env=env,
-            stderr=open(os.path.join(run_dir, "watcher.log"), "w"),
-        )
         self.log_path = os.path.join(run_dir, "watcher.log")
+        with open(self.log_path, "w") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "metaleg.watcher"], env=env, stderr=log_file
+            )
         self.published: list[Publish] = []
         self.statuses: list[WatcherStatus] = []
 
