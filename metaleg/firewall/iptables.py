@@ -1,0 +1,525 @@
+"""The ``iptables`` firewall backend: legacy iptables/ip6tables rules plus ipsets.
+
+Kernel layout (the Go original's, with the same names, so that an upgrade finds
+and cleans up its leftovers), per address family:
+
+* ipsets ``METALEG-EXCLUDE-DST-<4|6>`` (``hash:net``, the excluded destinations)
+  and per Service ``METALEG-SRC-<4|6>-<12 hex>`` (``hash:ip``, its source IPs);
+* mangle ``PREROUTING -j METALEG-RT-MARK``: exclude RETURN, then per MARK
+  Service ``-m set --match-set <src> src -j MARK --set-xmark <mark>/<mask>``;
+* nat ``POSTROUTING``: ``-m mark ! --mark 0x0/<mask> -j RETURN`` (marked packets
+  skip the node's masquerade), then ``-j METALEG-SNAT``: exclude RETURN, then per
+  SNAT Service ``... -j SNAT --to-source <LB IP>``;
+* filter ``FORWARD -j METALEG-REJECT``: exclude RETURN, then per REJECT Service
+  ``... -j REJECT --reject-with icmp(6)-port-unreachable``.
+
+How it works: :func:`render` turns a :class:`~metaleg.model.NodeDesiredState`
+into plain data (sets and per-table specs, pure and unit-testable); the backend
+compares that with what it applied last and changes only what differs. Rules
+are written with python-iptables, one commit per table, by one helper process
+per family (see :mod:`metaleg.firewall.xtables_child` for why); sets are edited
+over netlink (:mod:`metaleg.firewall.ipsets`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgspec
+
+from metaleg.backend import BackendError
+from metaleg.firewall.ipsets import HASH_IP, HASH_NET, IpsetClient, SetPlan, SetSpec, plan_sets
+from metaleg.firewall.xtables_child import (
+    Match,
+    Mode,
+    Option,
+    Rule,
+    SyncReply,
+    SyncRequest,
+    TableSpec,
+)
+from metaleg.model import Action, Family, NodeDesiredState
+
+MARK_CHAIN = "METALEG-RT-MARK"
+SNAT_CHAIN = "METALEG-SNAT"
+REJECT_CHAIN = "METALEG-REJECT"
+TABLES = ("mangle", "nat", "filter")
+"""The tables metaleg uses, in the order they are committed within one phase."""
+FAMILIES = (Family.IPV4, Family.IPV6)
+
+_REJECT_WITH = {Family.IPV4: "icmp-port-unreachable", Family.IPV6: "icmp6-port-unreachable"}
+_TOOL = {Family.IPV4: "iptables", Family.IPV6: "ip6tables"}
+
+
+# --------------------------------------------------------------------------
+# Rendering (pure)
+# --------------------------------------------------------------------------
+
+
+class DesiredFirewall(msgspec.Struct, frozen=True):
+    """Everything the backend puts into the kernel for one state: sets and tables."""
+
+    sets: dict[str, SetSpec]
+    tables: dict[Family, dict[str, TableSpec]]
+    """Per family, per table name (``mangle``, ``nat``, ``filter``)."""
+
+
+def exclude_set_name(family: Family) -> str:
+    """The ``hash:net`` set of destinations that are never marked, SNATed or rejected."""
+    return f"METALEG-EXCLUDE-DST-{int(family)}"
+
+
+def source_set_name(family: Family, namespace: str, name: str) -> str:
+    """The ``hash:ip`` set of one Service's source IPs in one family.
+
+    Derived from family and ``namespace/name`` only (not the action), so a
+    Service changing between SNAT, MARK and REJECT keeps its set; a hash keeps
+    it within ipset's 31 characters whatever the names' length.
+    """
+    digest = hashlib.sha256(f"{int(family)}/{namespace}/{name}".encode()).hexdigest()
+    return f"METALEG-SRC-{int(family)}-{digest[:12]}"
+
+
+def exclude_networks(cidrs: tuple[str, ...], family: Family) -> frozenset[str]:
+    """The canonical members of the exclude set for one family.
+
+    ``hash:net`` cannot hold a /0, so "everything" is stored as its two halves.
+    """
+    networks: set[str] = set()
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError as error:
+            raise BackendError(
+                f"ipset {exclude_set_name(family)}: invalid CIDR {cidr!r}: {error}"
+            ) from error
+        if network.version != family:
+            raise BackendError(
+                f"ipset {exclude_set_name(family)}: {cidr} is not an IPv{int(family)} network"
+            )
+        if network.prefixlen == 0:
+            networks.update(str(half) for half in network.subnets(prefixlen_diff=1))
+        else:
+            networks.add(str(network))
+    return frozenset(networks)
+
+
+def _set_match(set_name: str, direction: str) -> Match:
+    return Match("set", (Option("match-set", (set_name, direction)),))
+
+
+def exclude_rule(family: Family) -> Rule:
+    """``-m set --match-set METALEG-EXCLUDE-DST-<f> dst -j RETURN``."""
+    return Rule("RETURN", (_set_match(exclude_set_name(family), "dst"),))
+
+
+def mark_skip_rule(fwmask: int) -> Rule:
+    """``-m mark ! --mark 0x0/<mask> -j RETURN``: marked packets skip the node's masquerade."""
+    return Rule("RETURN", (Match("mark", (Option("mark", (f"0x0/{fwmask:#x}",), invert=True),)),))
+
+
+def jump_rule(chain: str) -> Rule:
+    """``-j <chain>``."""
+    return Rule(chain)
+
+
+def mark_rule(set_name: str, fwmark: int, fwmask: int) -> Rule:
+    """``-m set --match-set <src> src -j MARK --set-xmark <mark>/<mask>``."""
+    return Rule(
+        "MARK",
+        (_set_match(set_name, "src"),),
+        (Option("set-xmark", (f"{fwmark:#x}/{fwmask:#x}",)),),
+    )
+
+
+def snat_rule(set_name: str, snat_ip: str) -> Rule:
+    """``-m set --match-set <src> src -j SNAT --to-source <ip>``."""
+    return Rule("SNAT", (_set_match(set_name, "src"),), (Option("to-source", (snat_ip,)),))
+
+
+def reject_rule(set_name: str, family: Family) -> Rule:
+    """``-m set --match-set <src> src -j REJECT --reject-with icmp(6)-port-unreachable``."""
+    return Rule(
+        "REJECT", (_set_match(set_name, "src"),), (Option("reject-with", (_REJECT_WITH[family],)),)
+    )
+
+
+def render(state: NodeDesiredState) -> DesiredFirewall:
+    """The complete kernel state for ``state``: every set and every table of both families.
+
+    Raises :class:`BackendError` for data the kernel objects cannot express
+    (e.g. SNAT without an address), before anything is touched.
+    """
+    if not 0 < state.fwmask <= 0xFFFFFFFF:
+        raise BackendError(f"firewall mask {state.fwmask:#x} is not a non-zero 32-bit mask")
+    sets: dict[str, SetSpec] = {}
+    tables: dict[Family, dict[str, TableSpec]] = {}
+    for family in FAMILIES:
+        cidrs = state.exclude_dst_ipv4 if family is Family.IPV4 else state.exclude_dst_ipv6
+        excluded = exclude_networks(cidrs, family)
+        head: tuple[Rule, ...] = ()
+        if excluded:
+            sets[exclude_set_name(family)] = SetSpec(
+                exclude_set_name(family), HASH_NET, family, excluded
+            )
+            head = (exclude_rule(family),)
+        chains: dict[str, list[Rule]] = {
+            MARK_CHAIN: list(head),
+            SNAT_CHAIN: list(head),
+            REJECT_CHAIN: list(head),
+        }
+        for service in state.services:
+            seen = False
+            for entry in service.families:
+                if entry.family != family:
+                    continue
+                context = f"service {service.key} IPv{int(family)}"
+                if seen:
+                    raise BackendError(f"{context}: more than one entry for the family")
+                seen = True
+                if not entry.source_ips:
+                    continue  # nothing to match: no rule and no (empty) set
+                set_name = source_set_name(family, service.namespace, service.name)
+                sets[set_name] = SetSpec(
+                    set_name, HASH_IP, family, _source_members(context, family, entry.source_ips)
+                )
+                if entry.action is Action.SNAT:
+                    chains[SNAT_CHAIN].append(
+                        snat_rule(set_name, _snat_address(context, family, entry.snat_ip))
+                    )
+                elif entry.action is Action.MARK:
+                    chains[MARK_CHAIN].append(
+                        mark_rule(
+                            set_name, _fwmark(context, entry.fwmark, state.fwmask), state.fwmask
+                        )
+                    )
+                else:  # Action.REJECT, and anything unknown: fail closed
+                    chains[REJECT_CHAIN].append(reject_rule(set_name, family))
+        tables[family] = {
+            "mangle": TableSpec(
+                name="mangle",
+                chains={MARK_CHAIN: tuple(chains[MARK_CHAIN])},
+                heads={"PREROUTING": (jump_rule(MARK_CHAIN),)},
+            ),
+            "nat": TableSpec(
+                name="nat",
+                chains={SNAT_CHAIN: tuple(chains[SNAT_CHAIN])},
+                heads={"POSTROUTING": (mark_skip_rule(state.fwmask), jump_rule(SNAT_CHAIN))},
+            ),
+            "filter": TableSpec(
+                name="filter",
+                chains={REJECT_CHAIN: tuple(chains[REJECT_CHAIN])},
+                heads={"FORWARD": (jump_rule(REJECT_CHAIN),)},
+            ),
+        }
+    return DesiredFirewall(sets=sets, tables=tables)
+
+
+def changed_tables(
+    before: DesiredFirewall | None, after: DesiredFirewall
+) -> dict[Family, tuple[TableSpec, ...]]:
+    """Per family, the table specs of ``after`` that differ from ``before`` (all if unknown)."""
+    return {
+        family: tuple(
+            spec
+            for name, spec in after.tables[family].items()
+            if before is None or before.tables[family].get(name) != spec
+        )
+        for family in FAMILIES
+    }
+
+
+def _source_members(context: str, family: Family, addresses: tuple[str, ...]) -> frozenset[str]:
+    members: set[str] = set()
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError as error:
+            raise BackendError(f"{context}: invalid source IP {text!r}") from error
+        if address.version != family:
+            raise BackendError(f"{context}: source IP {text} is not IPv{int(family)}")
+        members.add(str(address))
+    return frozenset(members)
+
+
+def _snat_address(context: str, family: Family, snat_ip: str | None) -> str:
+    if snat_ip is None:
+        raise BackendError(f"{context}: action snat without snat_ip")
+    try:
+        address = ipaddress.ip_address(snat_ip)
+    except ValueError as error:
+        raise BackendError(f"{context}: invalid snat_ip {snat_ip!r}") from error
+    if address.version != family:
+        raise BackendError(f"{context}: snat_ip {snat_ip} is not IPv{int(family)}")
+    return str(address)
+
+
+def _fwmark(context: str, fwmark: int | None, fwmask: int) -> int:
+    if fwmark is None or fwmark == 0 or fwmark & ~fwmask:
+        shown = "none" if fwmark is None else f"{fwmark:#x}"
+        raise BackendError(f"{context}: fwmark {shown} is not a non-zero mark within {fwmask:#x}")
+    return fwmark
+
+
+# --------------------------------------------------------------------------
+# The helper process of one family
+# --------------------------------------------------------------------------
+
+
+class XtablesHelper:
+    """One long-lived ``metaleg.firewall.xtables_child`` process for one address family.
+
+    Started on first use and again on the next call after it died; a request
+    that fails (helper error, death, timeout) raises :class:`BackendError`.
+    """
+
+    def __init__(self, family: Family, timeout: float) -> None:
+        self.family = family
+        self.label = _TOOL[family]
+        self._timeout = timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._connection: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id while it runs."""
+        return (
+            self._process.pid
+            if self._process is not None and self._process.poll() is None
+            else None
+        )
+
+    def request(self, request: SyncRequest) -> SyncReply:
+        """Send one request and wait for the answer."""
+        if self._process is None or self._process.poll() is not None:
+            self.stop()
+            self._start()
+        assert self._process is not None and self._connection is not None
+        try:
+            self._connection.send_bytes(msgspec.msgpack.encode(request))
+            if not self._connection.poll(self._timeout):
+                self.stop()
+                raise BackendError(
+                    f"{self.label}: helper gave no answer within {self._timeout:.0f}s; stopped it"
+                )
+            data = self._connection.recv_bytes()
+        except (EOFError, OSError) as error:
+            status = self._process.poll()
+            self.stop()
+            raise BackendError(
+                f"{self.label}: helper process died (exit status {status}): {error!r}"
+            ) from error
+        reply = msgspec.msgpack.decode(data, type=SyncReply)
+        if reply.error:
+            raise BackendError(f"{self.label}: {reply.error}")
+        return reply
+
+    def _start(self) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        environment = dict(os.environ)
+        # Make sure the helper imports this very metaleg, installed or not.
+        root = str(Path(__file__).resolve().parents[2])
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, (root, environment.get("PYTHONPATH")))
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "metaleg.firewall.xtables_child",
+            str(int(self.family)),
+            str(child_end.fileno()),
+            str(os.getpid()),
+        ]
+        try:
+            self._process = subprocess.Popen(
+                command,
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # python-iptables borrows fd 1 to read extension output
+                env=environment,
+            )
+        except OSError as error:
+            parent_end.close()
+            raise BackendError(f"{self.label}: cannot start helper process: {error}") from error
+        finally:
+            child_end.close()
+        self._connection = Connection(parent_end.detach())
+
+    def stop(self) -> None:
+        """Stop the helper: closing the pipe makes it exit; kill it if it does not."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+# --------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------
+
+
+class IptablesBackend:
+    """Renders a :class:`~metaleg.model.NodeDesiredState` into legacy iptables rules and ipsets
+    in the network namespace of the current process (see the module docstring for the layout).
+
+    Not thread-safe: one caller at a time. ``last_changes`` lists, after each
+    call, what was changed (empty when nothing was), for logs and tests.
+    """
+
+    name = "iptables"
+
+    def __init__(self, *, timeout: float = 120.0) -> None:
+        self._ipsets = IpsetClient()
+        self._helpers = {family: XtablesHelper(family, timeout) for family in FAMILIES}
+        self._applied: DesiredFirewall | None = None
+        """What the kernel holds after the last successful call; None when unknown."""
+        self.last_changes: tuple[str, ...] = ()
+
+    def helper_pids(self) -> dict[Family, int | None]:
+        """The process ids of the running helper processes (for health checks and tests)."""
+        return {family: helper.pid for family, helper in self._helpers.items()}
+
+    def apply(self, state: NodeDesiredState) -> None:
+        """Change what differs from the last applied state; an unchanged state touches nothing.
+
+        Without a known last state (first call, or after a failure) this is a
+        :meth:`resync`, since only the kernel can tell what is there.
+        """
+        desired = render(state)
+        if self._applied is None:
+            self._reconcile(desired)
+            return
+        plan = plan_sets(self._applied.sets, desired.sets)
+        tables = changed_tables(self._applied, desired)
+        if plan.empty and not any(tables.values()):
+            self.last_changes = ()
+            return
+        self._execute(plan, tables, collect_garbage=False)
+        self._applied = desired
+
+    def resync(self, state: NodeDesiredState) -> None:
+        """Compare with the kernel, repair every difference and delete stale metaleg objects."""
+        self._reconcile(render(state))
+
+    def cleanup(self) -> None:
+        """Remove every metaleg jump, rule, chain and set of both families. Idempotent."""
+        self._applied = None
+        errors: list[str] = []
+        changes: list[str] = []
+        for family in FAMILIES:
+            try:
+                reply = self._helpers[family].request(SyncRequest(tables=(), collect_garbage=True))
+                changes += self._describe(family, reply)
+            except BackendError as error:
+                errors.append(str(error))
+        try:
+            for name in sorted(self._ipsets.list_sets()):
+                try:
+                    self._ipsets.destroy(name)
+                    changes.append(f"ipset {name}: destroy")
+                except BackendError as error:
+                    errors.append(str(error))
+        except BackendError as error:
+            errors.append(str(error))
+        self.last_changes = tuple(changes)
+        if errors:
+            raise BackendError("cleanup incomplete: " + "; ".join(errors))
+
+    def close(self) -> None:
+        """Stop the helper processes and close the netlink socket."""
+        for helper in self._helpers.values():
+            helper.stop()
+        self._ipsets.close()
+
+    # -- internals ----------------------------------------------------------
+
+    def _reconcile(self, desired: DesiredFirewall) -> None:
+        current = self._ipsets.list_sets()
+        plan = plan_sets(current, desired.sets)
+        self._execute(plan, changed_tables(None, desired), collect_garbage=True)
+        self._applied = desired
+
+    def _execute(
+        self, plan: SetPlan, tables: dict[Family, tuple[TableSpec, ...]], *, collect_garbage: bool
+    ) -> None:
+        """Carry out one change, make-before-break, so that traffic stays covered.
+
+        A source that is protected before and after the change (rejected, marked
+        or SNATed) must never be neither in between, e.g. when a Service goes
+        from REJECT to MARK (filter loses a rule, mangle gains one) or a pod IP
+        moves from one Service's set to another's. Commits of different tables
+        are not atomic together, so:
+
+        1. create sets and add members (new rules need them; extra members only
+           widen the coverage of existing rules);
+        2. commit each changed table with the new rules added and the old ones
+           kept (MERGE), so every table covers old and new;
+        3. commit the final rules where step 2 kept something (EXACT; skipped
+           for tables that only gained rules);
+        4. remove members and destroy sets no rule uses any more.
+
+        Any failure stops here with the kernel covering at least the old state,
+        and makes the next apply a full resync.
+        """
+        self._applied = None
+        self.last_changes = ()
+        changes = plan.describe_make()
+        for spec in plan.recreate:
+            self._ipsets.destroy(spec.name)
+            self._ipsets.create(spec)
+        for spec in plan.create:
+            self._ipsets.create(spec)
+        for spec, members in plan.add:
+            self._ipsets.add(spec, members)
+        pending: dict[Family, tuple[TableSpec, ...]] = {}
+        for family in FAMILIES:
+            specs = tables[family]
+            if not specs:
+                pending[family] = ()
+                continue
+            reply = self._helpers[family].request(SyncRequest(tables=specs, mode=Mode.MERGE))
+            changes += self._describe(family, reply)
+            pending[family] = tuple(
+                spec for spec, result in zip(specs, reply.results, strict=True) if not result.exact
+            )
+        for family in FAMILIES:
+            # Garbage collection looks at every table (stale chains, other tables),
+            # so it gets all specs even where step 2 already reached them.
+            specs = tables[family] if collect_garbage else pending[family]
+            if specs or collect_garbage:
+                reply = self._helpers[family].request(
+                    SyncRequest(tables=specs, mode=Mode.EXACT, collect_garbage=collect_garbage)
+                )
+                changes += self._describe(family, reply)
+        for spec, members in plan.remove:
+            self._ipsets.remove(spec, members)
+        errors: list[str] = []
+        for name in plan.destroy:
+            try:
+                self._ipsets.destroy(name)
+            except BackendError as error:
+                errors.append(str(error))
+        changes += plan.describe_break()
+        self.last_changes = tuple(changes)
+        if errors:
+            raise BackendError("; ".join(errors))
+
+    def _describe(self, family: Family, reply: SyncReply) -> list[str]:
+        return [
+            f"{_TOOL[family]} table {result.name}: commit"
+            for result in reply.results
+            if result.committed
+        ]

@@ -1,0 +1,620 @@
+"""The xtables helper process: makes iptables tables look like a plain-data description.
+
+python-iptables (``iptc``) can serve only one address family per process: the
+SNAT target (libxt_NAT) loads for the first family used and then fails for the
+other one, and loading it again aborts the process. So the iptables backend
+runs one long-lived helper per family (``python -m metaleg.firewall.xtables_child
+4 <fd>``) and talks to it over a socket pair with msgspec-encoded messages:
+
+* the parent sends a :class:`SyncRequest` ("make these tables look like this");
+* the helper edits each table in one libiptc handle and commits it once (only
+  if something differs) and answers with a :class:`SyncReply`.
+
+This module holds both the message types (imported by the parent, so ``iptc``
+is imported lazily, only inside the helper) and the helper's main loop. The
+helper exits when the pipe reaches EOF or its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import difflib
+import enum
+import errno
+import fcntl
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgspec
+
+CHAIN_PREFIX = "METALEG-"
+"""Every chain (and ipset) metaleg owns starts with this; garbage collection relies on it."""
+
+VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
+"""Targets that are verdicts of the standard target rather than extensions."""
+
+_SKIP_CHAIN = ("nat", "POSTROUTING")
+"""Where the mark skip rule lives (the only RETURN among metaleg's head rules)."""
+
+DEFAULT_LOCK_PATH = "/run/xtables.lock"
+"""The lock the iptables binaries take (``XTABLES_LOCKFILE`` overrides it)."""
+
+
+# --------------------------------------------------------------------------
+# Messages (plain data, shared with the parent)
+# --------------------------------------------------------------------------
+
+
+class Option(msgspec.Struct, frozen=True, array_like=True):
+    """One ``[!] --name value...`` option of a match or target."""
+
+    name: str
+    values: tuple[str, ...] = ()
+    invert: bool = False
+
+    def __str__(self) -> str:
+        text = " ".join((f"--{self.name}", *self.values))
+        return f"! {text}" if self.invert else text
+
+
+class Match(msgspec.Struct, frozen=True, array_like=True):
+    """A match extension (``-m name options``)."""
+
+    name: str
+    options: tuple[Option, ...] = ()
+
+    def __str__(self) -> str:
+        return " ".join((f"-m {self.name}", *(str(option) for option in self.options)))
+
+
+class Rule(msgspec.Struct, frozen=True, array_like=True):
+    """One iptables rule without addresses or interfaces: matches and a target.
+
+    ``target`` is an extension (``MARK``, ``SNAT``, ``REJECT``), a verdict
+    (``RETURN``) or the name of a chain to jump to. ``str(rule)`` is the rule in
+    ``iptables-save`` syntax (without ``-A <chain>``).
+    """
+
+    target: str
+    matches: tuple[Match, ...] = ()
+    target_options: tuple[Option, ...] = ()
+
+    def __str__(self) -> str:
+        parts = [str(match) for match in self.matches]
+        parts.append(f"-j {self.target}")
+        parts.extend(str(option) for option in self.target_options)
+        return " ".join(parts)
+
+
+class TableSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The desired metaleg part of one table.
+
+    ``chains`` are metaleg's own chains with their complete contents. ``heads``
+    are metaleg's rules at the top of built-in chains; built-in chains not listed
+    must hold none of metaleg's rules. A head rule must be one the helper can
+    recognise as metaleg's in the kernel: a jump to a ``METALEG-*`` chain or, in
+    nat POSTROUTING, the mark skip ``-m mark ! --mark 0x0/<mask> -j RETURN``.
+    """
+
+    name: str
+    chains: dict[str, tuple[Rule, ...]] = {}
+    heads: dict[str, tuple[Rule, ...]] = {}
+
+
+class Mode(enum.StrEnum):
+    """How a table is brought towards its :class:`TableSpec`."""
+
+    MERGE = "merge"
+    """Add what is missing, keep metaleg rules that are no longer wanted (make-before-break)."""
+    EXACT = "exact"
+    """Make metaleg's part of the table exactly as described."""
+
+
+class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Bring ``tables`` to their specs; with ``collect_garbage`` (EXACT only) also delete
+    ``METALEG-*`` chains the specs do not name, and clean every other existing table."""
+
+    tables: tuple[TableSpec, ...]
+    mode: Mode = Mode.EXACT
+    collect_garbage: bool = False
+
+
+class TableResult(msgspec.Struct, frozen=True):
+    """What happened to one table: committed at all, and whether it now equals its spec."""
+
+    name: str
+    committed: bool
+    exact: bool
+
+
+class SyncReply(msgspec.Struct, frozen=True):
+    """The helper's answer; ``error`` is empty on success and names the failing object."""
+
+    results: tuple[TableResult, ...] = ()
+    error: str = ""
+
+
+# --------------------------------------------------------------------------
+# The helper (runs in its own process; imports iptc lazily)
+# --------------------------------------------------------------------------
+
+
+class XtablesError(Exception):
+    """A libiptc/libxtables operation failed; the message names table, chain and rule."""
+
+
+def plain_error(error: BaseException) -> str:
+    """An exception as one readable line (python-iptables puts ``b'...'`` in its messages)."""
+    text = str(error) or type(error).__name__
+    return re.sub(r"""b(['"])(.*?)\1""", r"\2", text)
+
+
+def present_tables(family: int) -> set[str]:
+    """The legacy tables that exist in this network namespace (without creating any)."""
+    path = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(path) as names:
+            return set(names.read().split())
+    except FileNotFoundError:
+        # The ip(6)_tables module is not loaded, so no legacy table exists.
+        return set()
+
+
+@contextlib.contextmanager
+def xtables_lock(path: str, timeout: float) -> Iterator[None]:
+    """Hold the lock the iptables binaries use, so that our commit and theirs
+    (kube-router, kube-proxy) do not overwrite each other's table."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        # No writable /run (e.g. a read-only container root without the hostPath
+        # mount): nobody else can take the lock either, so proceed without it.
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise XtablesError(
+                        f"xtables lock {path}: still held by another process after {timeout:.0f}s"
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(descriptor)  # also releases the lock
+
+
+RuleKey = tuple[Any, ...]
+
+
+class XtablesServer:
+    """Edits the legacy tables of one address family with python-iptables."""
+
+    def __init__(self, family: int, lock_path: str, lock_timeout: float = 30.0) -> None:
+        import iptc
+
+        self.family = family
+        self._iptc = iptc
+        self._table_class: Any = iptc.Table if family == 4 else iptc.Table6
+        self._rule_class: Any = iptc.Rule if family == 4 else iptc.Rule6
+        self._lock_path = lock_path
+        self._lock_timeout = lock_timeout
+        # python-iptables decides whether a target names a chain by opening every
+        # table it believes available, which would create the raw and security
+        # tables in the namespace. Our rules never need that lookup (jumps are
+        # built as standard targets), so mark every table as unavailable for it.
+        for name in self._table_class.ALL:
+            self._table_class.existing_table_names[name] = False
+        blank = self._rule_class()
+        self._blank_fields = self._entry_fields(blank)
+        self._match_base = ctypes.sizeof(iptc.xtables.xt_entry_match)
+        self._target_base = ctypes.sizeof(iptc.xtables.xt_entry_target)
+
+    # -- requests ---------------------------------------------------------
+
+    def sync(self, request: SyncRequest) -> SyncReply:
+        """Apply one request; raises :class:`XtablesError` naming the failing object."""
+        if request.collect_garbage and request.mode is not Mode.EXACT:
+            raise XtablesError("garbage collection needs mode exact")
+        results = [
+            self._sync_table(spec, request.mode, request.collect_garbage) for spec in request.tables
+        ]
+        if request.collect_garbage:
+            named = {spec.name for spec in request.tables}
+            for name in sorted(present_tables(self.family) - named):
+                results.append(self._sync_table(TableSpec(name=name), Mode.EXACT, True))
+        return SyncReply(results=tuple(results))
+
+    # -- one table --------------------------------------------------------
+
+    def _sync_table(self, spec: TableSpec, mode: Mode, collect_garbage: bool) -> TableResult:
+        with xtables_lock(self._lock_path, self._lock_timeout):
+            table = self._open(spec.name)
+            try:
+                changed, exact = self._edit_table(table, spec, mode, collect_garbage)
+                if changed:
+                    try:
+                        table.commit()
+                    except Exception as error:
+                        raise XtablesError(
+                            f"table {spec.name}: commit failed: {plain_error(error)}"
+                        ) from error
+            finally:
+                # Drop the handle (uncommitted edits included) so that the next
+                # request starts from the kernel's current table.
+                with contextlib.suppress(Exception):
+                    table.close()
+        return TableResult(name=spec.name, committed=changed, exact=exact)
+
+    def _open(self, name: str) -> Any:
+        try:
+            table = self._table_class(name, autocommit=False)
+            table.autocommit = False
+            table.refresh()
+        except Exception as error:
+            raise XtablesError(f"table {name}: cannot open: {plain_error(error)}") from error
+        return table
+
+    def _edit_table(
+        self, table: Any, spec: TableSpec, mode: Mode, collect_garbage: bool
+    ) -> tuple[bool, bool]:
+        changed = False
+        exact = True
+        existing = [chain.name for chain in table.chains]
+        builtin = [name for name in existing if table.builtin_chain(name)]
+        for chain_name, rules in spec.chains.items():
+            context = f"table {spec.name} chain {chain_name}"
+            if chain_name not in existing:
+                try:
+                    table.create_chain(chain_name)
+                except Exception as error:
+                    raise XtablesError(f"{context}: cannot create: {plain_error(error)}") from error
+                changed = True
+            chain_changed, chain_exact = self._sync_chain(table, context, chain_name, rules, mode)
+            changed |= chain_changed
+            exact &= chain_exact
+        for chain_name in builtin:
+            context = f"table {spec.name} chain {chain_name}"
+            head = spec.heads.get(chain_name, ())
+            head_changed, head_exact = self._sync_head(table, context, chain_name, head, mode)
+            changed |= head_changed
+            exact &= head_exact
+        unknown = set(spec.heads) - set(builtin)
+        if unknown:
+            raise XtablesError(f"table {spec.name}: no built-in chain {', '.join(sorted(unknown))}")
+        stale = [
+            name
+            for name in existing
+            if name.startswith(CHAIN_PREFIX) and name not in spec.chains and name not in builtin
+        ]
+        if stale and collect_garbage:
+            # Built-in chains lose their jumps to stale chains above (they are
+            # metaleg rules without a place in the heads) and metaleg's own chains
+            # were just rewritten; only other components' chains are left to check.
+            foreign = [
+                name
+                for name in existing
+                if name not in stale and name not in builtin and name not in spec.chains
+            ]
+            self._delete_chains(table, spec.name, stale, foreign)
+            changed = True
+        elif stale:
+            exact = False
+        return changed, exact
+
+    def _sync_chain(
+        self, table: Any, context: str, chain_name: str, rules: Sequence[Rule], mode: Mode
+    ) -> tuple[bool, bool]:
+        """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had)."""
+        desired = [self._build(context, rule) for rule in rules]
+        desired_keys = [self._key(rule) for rule in desired]
+        try:
+            actual = self._iptc.Chain(table, chain_name).rules if table.is_chain(chain_name) else []
+            actual_keys = [self._key(rule) for rule in actual]
+        except Exception as error:
+            raise XtablesError(f"{context}: cannot read rules: {plain_error(error)}") from error
+        target_rules: list[Any] = list(desired)
+        target_keys = list(desired_keys)
+        exact = True
+        if mode is Mode.MERGE:
+            wanted = set(desired_keys)
+            for rule, key in zip(actual, actual_keys, strict=True):
+                if key not in wanted:
+                    # Keep rules that are going away until the final commit, so
+                    # that traffic stays covered while other tables change.
+                    target_rules.append(rule)
+                    target_keys.append(key)
+                    exact = False
+        if actual_keys == target_keys:
+            return False, exact
+        self._rewrite(table, context, chain_name, actual, actual_keys, target_rules, target_keys)
+        return True, exact
+
+    def _rewrite(
+        self,
+        table: Any,
+        context: str,
+        chain_name: str,
+        actual: list[Any],
+        actual_keys: list[RuleKey],
+        target: list[Any],
+        target_keys: list[RuleKey],
+    ) -> None:
+        """Edit a chain from ``actual`` to ``target`` inside the (uncommitted) handle.
+
+        Unchanged rules stay in place (keeping their counters): the difference is
+        applied as deletes and inserts, last position first so earlier positions
+        stay valid. Rule buffers are copied before the first edit because rules
+        read from the handle point into memory that editing frees.
+        """
+        actual_buffers = [(rule.rule, rule.mask) for rule in actual]
+        target_buffers = [rule.rule for rule in target]
+        try:
+            if len(set(actual_keys)) != len(actual_keys):
+                # Duplicates: delete-by-content could remove the wrong copy; rebuild.
+                table.flush_entries(chain_name)
+                for buffer in target_buffers:
+                    table.append_entry(chain_name, buffer)
+                return
+            matcher = difflib.SequenceMatcher(None, actual_keys, target_keys, autojunk=False)
+            for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
+                if tag == "equal":
+                    continue
+                for entry, mask in actual_buffers[i1:i2]:
+                    table.delete_entry(chain_name, entry, mask)
+                for offset, buffer in enumerate(target_buffers[j1:j2]):
+                    table.insert_entry(chain_name, buffer, i1 + offset)
+        except Exception as error:
+            raise XtablesError(f"{context}: cannot update rules: {plain_error(error)}") from error
+
+    def _sync_head(
+        self, table: Any, context: str, chain_name: str, head: Sequence[Rule], mode: Mode
+    ) -> tuple[bool, bool]:
+        """Put metaleg's ``head`` rules first in a built-in chain, and (EXACT) nowhere else."""
+        desired = [self._build(context, rule) for rule in head]
+        for spec, rule in zip(head, desired, strict=True):
+            if not self._is_ours(table.name, chain_name, spec.target, rule):
+                # It would never be found again and be inserted on every call.
+                raise XtablesError(
+                    f"{context}: rule '{spec}' cannot be one of metaleg's head rules"
+                )
+        desired_keys = [self._key(rule) for rule in desired]
+        try:
+            positions, ours = self._our_rules(table, chain_name)
+            our_keys = [self._key(rule) for rule in ours]
+        except Exception as error:
+            raise XtablesError(f"{context}: cannot read rules: {plain_error(error)}") from error
+        count = len(desired)
+        in_place = positions[:count] == list(range(count)) and our_keys[:count] == desired_keys
+        if in_place and len(ours) == count:
+            return False, True
+        if mode is Mode.MERGE and in_place:
+            return False, False  # only extra rules of ours remain; EXACT removes them
+        buffers = [(rule.rule, rule.mask) for rule in ours] if mode is Mode.EXACT else []
+        try:
+            for entry, mask in buffers:
+                table.delete_entry(chain_name, entry, mask)
+            for index, rule in enumerate(desired):
+                table.insert_entry(chain_name, rule.rule, index)
+        except Exception as error:
+            raise XtablesError(
+                f"{context}: cannot update metaleg rules: {plain_error(error)}"
+            ) from error
+        return True, mode is Mode.EXACT or not ours
+
+    def _our_rules(self, table: Any, chain_name: str) -> tuple[list[int], list[Any]]:
+        """Positions and rules of metaleg's rules in a built-in chain.
+
+        Ours are jumps to ``METALEG-*`` chains and, in nat POSTROUTING, the mark
+        skip ``-m mark ! --mark 0x0/<any mask> -j RETURN`` (any mask, so that the
+        rule of a former FIREWALL_MASK is found too). Only these entries are
+        decoded; other components' rules are just walked past.
+        """
+        positions: list[int] = []
+        ours: list[Any] = []
+        chain = self._iptc.Chain(table, chain_name)
+        entry = table.first_rule(chain_name)
+        index = 0
+        while entry:
+            target = table.get_target(entry)
+            name = target.decode() if isinstance(target, bytes) else str(target or "")
+            if name.startswith(CHAIN_PREFIX) or (
+                name == "RETURN" and (table.name, chain_name) == _SKIP_CHAIN
+            ):
+                rule = table.create_rule(entry, chain)
+                if self._is_ours(table.name, chain_name, name, rule):
+                    positions.append(index)
+                    ours.append(rule)
+            entry = table.next_rule(entry)
+            index += 1
+        return positions, ours
+
+    def _is_ours(self, table_name: str, chain_name: str, target: str, rule: Any) -> bool:
+        """Whether a rule in a built-in chain is metaleg's (see :meth:`_our_rules`)."""
+        if target.startswith(CHAIN_PREFIX):
+            return True
+        return (
+            target == "RETURN"
+            and (table_name, chain_name) == _SKIP_CHAIN
+            and self._is_mark_skip(rule)
+        )
+
+    def _is_mark_skip(self, rule: Any) -> bool:
+        if self._entry_fields(rule) != self._blank_fields:
+            return False
+        matches = rule.matches
+        if len(matches) != 1 or matches[0].name != "mark":
+            return False
+        values = matches[0].get_all_parameters().get("mark", [])
+        return len(values) == 2 and values[0] == "!" and values[1].startswith("0x0/")
+
+    def _delete_chains(
+        self, table: Any, table_name: str, stale: list[str], others: list[str]
+    ) -> None:
+        """Delete leftover ``METALEG-*`` chains and every rule that still jumps to them."""
+        for name in stale:
+            try:
+                table.flush_entries(name)
+            except Exception as error:
+                raise XtablesError(
+                    f"table {table_name} chain {name}: cannot flush: {plain_error(error)}"
+                ) from error
+        doomed = set(stale)
+        for name in others:
+            chain = self._iptc.Chain(table, name)
+            try:
+                # Walk entries by target name; decode (and copy) only the jumps to delete.
+                references = []
+                entry = table.first_rule(name)
+                while entry:
+                    target = table.get_target(entry)
+                    if isinstance(target, bytes) and target.decode() in doomed:
+                        rule = table.create_rule(entry, chain)
+                        references.append((rule.rule, rule.mask))
+                    entry = table.next_rule(entry)
+                for buffer, mask in references:
+                    table.delete_entry(name, buffer, mask)
+            except Exception as error:
+                raise XtablesError(
+                    f"table {table_name} chain {name}: cannot delete jumps to stale chains: "
+                    f"{plain_error(error)}"
+                ) from error
+        for name in stale:
+            try:
+                table.delete_chain(name)
+            except Exception as error:
+                raise XtablesError(
+                    f"table {table_name} chain {name}: cannot delete: {plain_error(error)}"
+                ) from error
+
+    # -- rules ------------------------------------------------------------
+
+    def _build(self, context: str, spec: Rule) -> Any:
+        """A python-iptables rule for ``spec``, checked like iptables would before appending."""
+        try:
+            rule = self._rule_class()
+            for match_spec in spec.matches:
+                match = rule.create_match(match_spec.name)
+                for option in match_spec.options:
+                    match.set_parameter(option.name, self._values(option))
+            if spec.target in VERDICTS or spec.target.startswith(CHAIN_PREFIX):
+                # Build jumps as the standard target named after the chain: the
+                # name lookup of python-iptables would scan (and create) tables.
+                target = rule.create_target("")
+                target.standard_target = spec.target
+            else:
+                target = rule.create_target(spec.target)
+                for option in spec.target_options:
+                    target.set_parameter(option.name, self._values(option))
+            rule.final_check()
+        except Exception as error:
+            raise XtablesError(f"{context}: invalid rule '{spec}': {plain_error(error)}") from error
+        return rule
+
+    @staticmethod
+    def _values(option: Option) -> list[str]:
+        return ["!", *option.values] if option.invert else list(option.values)
+
+    def _entry_fields(self, rule: Any) -> tuple[Any, ...]:
+        """Addresses, protocol and interfaces of a rule (metaleg's rules leave them unset)."""
+        fields = (rule.src, rule.dst, rule.protocol, rule.in_interface, rule.out_interface)
+        # Only the IPv4 entry has a fragment flag (python-iptables' Rule6 lacks it).
+        return (*fields, rule.fragment) if self.family == 4 else fields
+
+    def _key(self, rule: Any) -> RuleKey:
+        """A hashable identity of a rule: what iptables compares, not counters or offsets.
+
+        Mirrors ``iptc.Rule.__eq__`` (entry fields, each match's user data, the
+        target's user data or, for standard targets, the verdict/chain name), but
+        hashable so that whole chains compare and diff in linear time.
+        """
+        matches = tuple(
+            (
+                match.name,
+                int(match.match.u.user.revision),
+                bytes(match.match_buf[self._match_base : match.usersize]),
+            )
+            for match in rule.matches
+        )
+        target = rule.target
+        # python-iptables keeps the libxtables module as a private attribute; the
+        # standard target (verdicts and jumps) is the one named "standard". Its
+        # data is a kernel offset, so it is compared by the verdict/chain name.
+        if target._module.name == b"standard":
+            target_key: tuple[Any, ...] = (target.name, bool(target.goto))
+        else:
+            raw = ctypes.string_at(ctypes.addressof(target.target), target.usersize)
+            target_key = (target.name, int(target.target.u.user.revision), raw[self._target_base :])
+        return (self._entry_fields(rule), matches, target_key)
+
+
+def serve(connection: Connection, server: XtablesServer, parent: int) -> None:
+    """Answer requests until EOF on the pipe or until the parent process is gone."""
+    while True:
+        if not connection.poll(1.0):
+            if os.getppid() != parent:
+                return  # re-parented: the backend process died without closing the pipe
+            continue
+        try:
+            data = connection.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            request = msgspec.msgpack.decode(data, type=SyncRequest)
+            reply = server.sync(request)
+        except Exception as error:  # reported to the parent, which raises BackendError
+            reply = SyncReply(error=plain_error(error))
+        try:
+            connection.send_bytes(msgspec.msgpack.encode(reply))
+        except OSError as error:
+            if error.errno in (errno.EPIPE, errno.ECONNRESET):
+                return
+            raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m metaleg.firewall.xtables_child <4|6> <fd> <parent pid>``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3 or args[0] not in ("4", "6"):
+        print(
+            "usage: python -m metaleg.firewall.xtables_child <4|6> <fd> <parent pid>",
+            file=sys.stderr,
+        )
+        return 2
+    family, descriptor, parent = int(args[0]), int(args[1]), int(args[2])
+    # Ctrl-C in a terminal reaches the whole process group; the backend decides
+    # when this helper ends (by closing the pipe), never the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    connection = Connection(descriptor)
+    if os.getppid() != parent:
+        return 1  # the backend died before we even started
+    lock_path = os.environ.get("XTABLES_LOCKFILE", DEFAULT_LOCK_PATH)
+    try:
+        server = XtablesServer(family, lock_path)
+    except Exception as error:
+        # Answer the first request with the reason, so the backend can report it.
+        with contextlib.suppress(Exception):
+            connection.recv_bytes()
+            connection.send_bytes(
+                msgspec.msgpack.encode(
+                    SyncReply(error=f"cannot load python-iptables: {plain_error(error)}")
+                )
+            )
+        return 1
+    serve(connection, server, parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1025 @@
+"""The iptables firewall backend: pure rendering/planning, and the real kernel in namespaces.
+
+Pure tests check what :func:`render` and :func:`plan_sets` produce and, with
+fake helpers, the make-before-break order of one change. Kernel tests run the
+backend in a forked child inside a fresh network namespace (its xtables helper
+processes inherit the namespace) and inspect the result from inside with
+``iptables-legacy-save``, ``ip6tables-legacy-save`` and ``ipset save``. The
+packet test wires pod, node and server namespaces with veth pairs and pings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from metaleg.backend import Backend, BackendError
+from metaleg.firewall.ipsets import HASH_IP, HASH_NET, SetSpec, plan_sets
+from metaleg.firewall.iptables import (
+    DesiredFirewall,
+    IptablesBackend,
+    changed_tables,
+    exclude_networks,
+    jump_rule,
+    mark_skip_rule,
+    render,
+    snat_rule,
+    source_set_name,
+)
+from metaleg.firewall.xtables_child import (
+    Mode,
+    SyncReply,
+    SyncRequest,
+    TableResult,
+    TableSpec,
+    XtablesServer,
+)
+from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
+from tests.netns import namespace, run_in_netns, sh
+
+MASK = 0xF00000
+MARK1 = 0x100000
+MARK2 = 0x200000
+
+
+# --------------------------------------------------------------------------
+# States
+# --------------------------------------------------------------------------
+
+
+def service(namespace_: str, name: str, *entries: FamilyEgress) -> ServiceEgress:
+    return ServiceEgress(
+        namespace=namespace_,
+        name=name,
+        role=Role.GATEWAY,
+        gateway_node=None,
+        lb_ips=(),
+        families=entries,
+    )
+
+
+def snat(family: Family, ips: tuple[str, ...], snat_ip: str) -> FamilyEgress:
+    return FamilyEgress(family=family, action=Action.SNAT, source_ips=ips, snat_ip=snat_ip)
+
+
+def mark(family: Family, ips: tuple[str, ...], fwmark: int = MARK1) -> FamilyEgress:
+    return FamilyEgress(family=family, action=Action.MARK, source_ips=ips, fwmark=fwmark)
+
+
+def reject(family: Family, ips: tuple[str, ...]) -> FamilyEgress:
+    return FamilyEgress(
+        family=family, action=Action.REJECT, source_ips=ips, reason="gateway unknown"
+    )
+
+
+def node_state(
+    *services: ServiceEgress,
+    exclude4: tuple[str, ...] = ("10.96.0.0/12", "192.168.0.0/16"),
+    exclude6: tuple[str, ...] = ("fc00::/7",),
+    fwmask: int = MASK,
+) -> NodeDesiredState:
+    return NodeDesiredState(
+        node="node-1",
+        fwmask=fwmask,
+        exclude_dst_ipv4=exclude4,
+        exclude_dst_ipv6=exclude6,
+        services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
+    )
+
+
+MAIL = service(
+    "default",
+    "mail",
+    snat(Family.IPV4, ("10.244.1.5",), "192.0.2.10"),
+    snat(Family.IPV6, ("fd00:244::5",), "2001:db8::10"),
+)
+WEB = service(
+    "default",
+    "web",
+    mark(Family.IPV4, ("10.244.1.6", "10.244.1.7")),
+    mark(Family.IPV6, ("fd00:244::6",)),
+)
+LOST = service(
+    "shop",
+    "lost",
+    reject(Family.IPV4, ("10.244.1.8",)),
+    reject(Family.IPV6, ("fd00:244::8",)),
+)
+DUAL_STACK = node_state(MAIL, WEB, LOST)
+
+S4 = {svc.name: source_set_name(Family.IPV4, svc.namespace, svc.name) for svc in (MAIL, WEB, LOST)}
+S6 = {svc.name: source_set_name(Family.IPV6, svc.namespace, svc.name) for svc in (MAIL, WEB, LOST)}
+
+# The Go original's layout, spelled out as iptables-save prints it: chain -> rules.
+EXPECTED_V4 = {
+    "mangle": {
+        "PREROUTING": ["-j METALEG-RT-MARK"],
+        "METALEG-RT-MARK": [
+            "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+            f"-m set --match-set {S4['web']} src -j MARK --set-xmark 0x100000/0xf00000",
+        ],
+    },
+    "nat": {
+        "POSTROUTING": ["-m mark ! --mark 0x0/0xf00000 -j RETURN", "-j METALEG-SNAT"],
+        "METALEG-SNAT": [
+            "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+            f"-m set --match-set {S4['mail']} src -j SNAT --to-source 192.0.2.10",
+        ],
+    },
+    "filter": {
+        "FORWARD": ["-j METALEG-REJECT"],
+        "METALEG-REJECT": [
+            "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+            f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
+        ],
+    },
+}
+EXPECTED_V6 = {
+    "mangle": {
+        "PREROUTING": ["-j METALEG-RT-MARK"],
+        "METALEG-RT-MARK": [
+            "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
+            f"-m set --match-set {S6['web']} src -j MARK --set-xmark 0x100000/0xf00000",
+        ],
+    },
+    "nat": {
+        "POSTROUTING": ["-m mark ! --mark 0x0/0xf00000 -j RETURN", "-j METALEG-SNAT"],
+        "METALEG-SNAT": [
+            "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
+            f"-m set --match-set {S6['mail']} src -j SNAT --to-source 2001:db8::10",
+        ],
+    },
+    "filter": {
+        "FORWARD": ["-j METALEG-REJECT"],
+        "METALEG-REJECT": [
+            "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
+            f"-m set --match-set {S6['lost']} src -j REJECT --reject-with icmp6-port-unreachable",
+        ],
+    },
+}
+EXPECTED_SETS = {
+    "METALEG-EXCLUDE-DST-4": ("hash:net", "inet", {"10.96.0.0/12", "192.168.0.0/16"}),
+    "METALEG-EXCLUDE-DST-6": ("hash:net", "inet6", {"fc00::/7"}),
+    S4["mail"]: ("hash:ip", "inet", {"10.244.1.5"}),
+    S4["web"]: ("hash:ip", "inet", {"10.244.1.6", "10.244.1.7"}),
+    S4["lost"]: ("hash:ip", "inet", {"10.244.1.8"}),
+    S6["mail"]: ("hash:ip", "inet6", {"fd00:244::5"}),
+    S6["web"]: ("hash:ip", "inet6", {"fd00:244::6"}),
+    S6["lost"]: ("hash:ip", "inet6", {"fd00:244::8"}),
+}
+
+
+def rules_by_chain(desired: DesiredFirewall, family: Family) -> dict[str, dict[str, list[str]]]:
+    """What render() asks for, in the shape of :func:`dump_tables` (for kernel comparisons)."""
+    result: dict[str, dict[str, list[str]]] = {}
+    for name, spec in desired.tables[family].items():
+        chains = {chain: [str(rule) for rule in rules] for chain, rules in spec.heads.items()}
+        chains.update(
+            {chain: [str(rule) for rule in rules] for chain, rules in spec.chains.items()}
+        )
+        result[name] = chains
+    return result
+
+
+# --------------------------------------------------------------------------
+# Pure: rendering and planning
+# --------------------------------------------------------------------------
+
+
+def test_backend_implements_the_protocol() -> None:
+    backend: Backend = IptablesBackend()  # mypy checks the structure; nothing starts yet
+    assert backend.name == "iptables"
+    backend.close()
+
+
+def test_source_set_name_is_stable_short_and_distinct() -> None:
+    name = source_set_name(Family.IPV4, "default", "mail")
+    assert name == source_set_name(Family.IPV4, "default", "mail")
+    assert name.startswith("METALEG-SRC-4-") and len(name) == len("METALEG-SRC-4-") + 12
+    long = source_set_name(Family.IPV6, "n" * 63, "s" * 63)
+    assert long.startswith("METALEG-SRC-6-") and len(long) <= 31
+    names = {
+        source_set_name(Family.IPV4, "default", "mail"),
+        source_set_name(Family.IPV6, "default", "mail"),
+        source_set_name(Family.IPV4, "default", "web"),
+        source_set_name(Family.IPV4, "other", "mail"),
+    }
+    assert len(names) == 4
+
+
+def test_render_dual_stack_layout() -> None:
+    desired = render(DUAL_STACK)
+    assert rules_by_chain(desired, Family.IPV4) == EXPECTED_V4
+    assert rules_by_chain(desired, Family.IPV6) == EXPECTED_V6
+    assert {
+        name: (spec.kind, "inet" if spec.family is Family.IPV4 else "inet6", set(spec.members))
+        for name, spec in desired.sets.items()
+    } == EXPECTED_SETS
+
+
+def test_render_without_excludes_or_sources_creates_no_sets() -> None:
+    empty_sources = service("default", "idle", snat(Family.IPV4, (), "192.0.2.10"))
+    v6_only = service("default", "six", reject(Family.IPV6, ("fd00::1",)))
+    desired = render(node_state(empty_sources, v6_only, exclude4=(), exclude6=()))
+    assert set(desired.sets) == {source_set_name(Family.IPV6, "default", "six")}
+    v4 = rules_by_chain(desired, Family.IPV4)
+    # Chains and jumps exist even when empty, so that later changes only edit chains.
+    assert v4["nat"] == {
+        "POSTROUTING": ["-m mark ! --mark 0x0/0xf00000 -j RETURN", "-j METALEG-SNAT"],
+        "METALEG-SNAT": [],
+    }
+    assert v4["filter"]["METALEG-REJECT"] == []
+    assert rules_by_chain(desired, Family.IPV6)["filter"]["METALEG-REJECT"] == [
+        f"-m set --match-set {source_set_name(Family.IPV6, 'default', 'six')} src "
+        "-j REJECT --reject-with icmp6-port-unreachable"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            FamilyEgress(family=Family.IPV4, action=Action.SNAT, source_ips=("10.0.0.1",)),
+            "without snat_ip",
+        ),
+        (snat(Family.IPV4, ("10.0.0.1",), "2001:db8::1"), "is not IPv4"),
+        (mark(Family.IPV4, ("10.0.0.1",), fwmark=0x1), "not a non-zero mark within 0xf00000"),
+        (
+            FamilyEgress(family=Family.IPV4, action=Action.MARK, source_ips=("10.0.0.1",)),
+            "fwmark none",
+        ),
+        (reject(Family.IPV4, ("fd00::1",)), "source IP fd00::1 is not IPv4"),
+        (reject(Family.IPV4, ("not-an-ip",)), "invalid source IP"),
+    ],
+)
+def test_render_rejects_invalid_entries(entry: FamilyEgress, message: str) -> None:
+    with pytest.raises(BackendError, match=message) as raised:
+        render(node_state(service("ns", "bad", entry)))
+    assert "service ns/bad IPv4" in str(raised.value)
+
+
+def test_render_rejects_zero_mask() -> None:
+    with pytest.raises(BackendError, match="firewall mask"):
+        render(node_state(fwmask=0))
+
+
+def test_exclude_networks_are_canonical_and_zero_prefix_is_split() -> None:
+    assert exclude_networks(("10.1.2.3/8", "192.0.2.1"), Family.IPV4) == {
+        "10.0.0.0/8",
+        "192.0.2.1/32",
+    }
+    assert exclude_networks(("0.0.0.0/0",), Family.IPV4) == {"0.0.0.0/1", "128.0.0.0/1"}
+    with pytest.raises(BackendError, match=r"METALEG-EXCLUDE-DST-6: 10\.0\.0\.0/8 is not an IPv6"):
+        exclude_networks(("10.0.0.0/8",), Family.IPV6)
+
+
+def test_plan_sets_changes_members_by_difference() -> None:
+    current = {
+        "METALEG-A": SetSpec(
+            "METALEG-A", HASH_IP, Family.IPV4, frozenset({"10.0.0.1", "10.0.0.2"})
+        ),
+        "METALEG-GONE": SetSpec("METALEG-GONE", HASH_IP, Family.IPV4, frozenset({"10.0.0.9"})),
+        "METALEG-TYPE": SetSpec("METALEG-TYPE", HASH_IP, Family.IPV6, frozenset()),
+        "METALEG-SAME": SetSpec("METALEG-SAME", HASH_NET, Family.IPV4, frozenset({"10.0.0.0/8"})),
+    }
+    desired = {
+        "METALEG-A": SetSpec(
+            "METALEG-A", HASH_IP, Family.IPV4, frozenset({"10.0.0.2", "10.0.0.3"})
+        ),
+        "METALEG-NEW": SetSpec("METALEG-NEW", HASH_IP, Family.IPV6, frozenset({"fd00::1"})),
+        "METALEG-TYPE": SetSpec("METALEG-TYPE", HASH_NET, Family.IPV6, frozenset({"fd00::/8"})),
+        "METALEG-SAME": current["METALEG-SAME"],
+    }
+    plan = plan_sets(current, desired)
+    assert [spec.name for spec in plan.create] == ["METALEG-NEW"]
+    assert [(spec.name, spec.kind) for spec in plan.recreate] == [("METALEG-TYPE", HASH_NET)]
+    assert {(spec.name, members) for spec, members in plan.add} == {
+        ("METALEG-A", frozenset({"10.0.0.3"})),
+        ("METALEG-NEW", frozenset({"fd00::1"})),
+        ("METALEG-TYPE", frozenset({"fd00::/8"})),
+    }
+    assert [(spec.name, members) for spec, members in plan.remove] == [
+        ("METALEG-A", frozenset({"10.0.0.1"}))
+    ]
+    assert plan.destroy == ("METALEG-GONE",)
+    assert plan_sets(desired, desired).empty
+
+
+def test_changed_tables_lists_only_differences() -> None:
+    before = render(DUAL_STACK)
+    after = render(
+        node_state(MAIL, WEB, service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",))))
+    )
+    changed = changed_tables(before, after)
+    # LOST went REJECT -> MARK in IPv4 and disappeared in IPv6: filter and mangle change.
+    assert [spec.name for spec in changed[Family.IPV4]] == ["mangle", "filter"]
+    assert [spec.name for spec in changed[Family.IPV6]] == ["filter"]
+    assert changed_tables(before, before) == {Family.IPV4: (), Family.IPV6: ()}
+    assert [spec.name for spec in changed_tables(None, before)[Family.IPV4]] == [
+        "mangle",
+        "nat",
+        "filter",
+    ]
+
+
+# --------------------------------------------------------------------------
+# Pure: make-before-break order, with fake helpers and a fake ipset client
+# --------------------------------------------------------------------------
+
+
+class FakeIpsets:
+    def __init__(self, log: list[tuple[Any, ...]]) -> None:
+        self.log = log
+
+    def list_sets(self) -> dict[str, SetSpec]:
+        return {}
+
+    def create(self, spec: SetSpec) -> None:
+        self.log.append(("ipset-create", spec.name))
+
+    def add(self, spec: SetSpec, members: Any) -> None:
+        self.log.append(("ipset-add", spec.name, frozenset(members)))
+
+    def remove(self, spec: SetSpec, members: Any) -> None:
+        self.log.append(("ipset-remove", spec.name, frozenset(members)))
+
+    def destroy(self, name: str) -> None:
+        self.log.append(("ipset-destroy", name))
+
+    def close(self) -> None:
+        pass
+
+
+class FakeHelper:
+    """Answers like the real helper: MERGE is exact unless the table loses a rule."""
+
+    def __init__(self, family: Family, log: list[tuple[Any, ...]]) -> None:
+        self.family = family
+        self.log = log
+        self.kernel: dict[str, TableSpec] = {}
+
+    def request(self, request: SyncRequest) -> SyncReply:
+        results = []
+        for spec in request.tables:
+            self.log.append((request.mode.value, int(self.family), spec.name))
+            old = self.kernel.get(spec.name, TableSpec(name=spec.name))
+            old_rules = {rule for rules in old.chains.values() for rule in rules}
+            new_rules = {rule for rules in spec.chains.values() for rule in rules}
+            exact = request.mode is Mode.EXACT or old_rules <= new_rules
+            if exact:
+                self.kernel[spec.name] = spec
+            results.append(TableResult(name=spec.name, committed=old != spec, exact=exact))
+        return SyncReply(results=tuple(results))
+
+    def stop(self) -> None:
+        pass
+
+
+def fake_backend() -> tuple[IptablesBackend, list[tuple[Any, ...]]]:
+    log: list[tuple[Any, ...]] = []
+    backend = IptablesBackend()
+    backend._ipsets = FakeIpsets(log)  # type: ignore[assignment]
+    backend._helpers = {family: FakeHelper(family, log) for family in (Family.IPV4, Family.IPV6)}  # type: ignore[misc]
+    return backend, log
+
+
+def test_change_is_make_before_break() -> None:
+    backend, log = fake_backend()
+    backend.apply(DUAL_STACK)
+    log.clear()
+    # LOST: REJECT -> MARK (IPv4); its pod 10.244.1.8 also moves into WEB; WEB loses 10.244.1.7.
+    web = service(
+        "default",
+        "web",
+        mark(Family.IPV4, ("10.244.1.6", "10.244.1.8")),
+        mark(Family.IPV6, ("fd00:244::6",)),
+    )
+    lost = service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",), fwmark=MARK2))
+    backend.apply(node_state(MAIL, web, lost))
+    kinds = [entry[0] for entry in log]
+    assert kinds == [
+        "ipset-add",  # WEB gains 10.244.1.8 before anything else
+        "merge",  # IPv4 mangle: MARK rule for LOST added
+        "merge",  # IPv4 filter: REJECT of LOST kept while mangle changes
+        "merge",  # IPv6 filter: LOST's REJECT kept
+        "exact",  # IPv4 filter: now the REJECT goes
+        "exact",  # IPv6 filter
+        "ipset-remove",  # WEB loses 10.244.1.7 only after all rules are final
+        "ipset-destroy",  # LOST's IPv6 set, unused now
+    ]
+    assert log[0] == ("ipset-add", S4["web"], frozenset({"10.244.1.8"}))
+    assert log[1:6] == [
+        ("merge", 4, "mangle"),
+        ("merge", 4, "filter"),
+        ("merge", 6, "filter"),
+        ("exact", 4, "filter"),
+        ("exact", 6, "filter"),
+    ]
+    assert log[6] == ("ipset-remove", S4["web"], frozenset({"10.244.1.7"}))
+    assert log[7] == ("ipset-destroy", S6["lost"])
+
+
+def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing() -> None:
+    backend, log = fake_backend()
+    backend.apply(node_state(MAIL))
+    log.clear()
+    backend.apply(node_state(MAIL, WEB))
+    assert [entry[0] for entry in log if entry[0] in ("merge", "exact")] == ["merge", "merge"]
+    assert ("merge", 4, "mangle") in log and ("merge", 6, "mangle") in log
+    log.clear()
+    backend.apply(node_state(MAIL, WEB))
+    assert log == []
+    assert backend.last_changes == ()
+
+
+# --------------------------------------------------------------------------
+# Kernel helpers (run inside the namespace, in the forked child)
+# --------------------------------------------------------------------------
+
+
+def dump_tables(family: int) -> dict[str, dict[str, list[str]]]:
+    """table -> chain -> rules, for metaleg's chains and the built-in chains it uses.
+
+    Built-in chains are listed whole (foreign rules included) so that positions
+    can be checked; other chains only if they are metaleg's.
+    """
+    command = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+    text = subprocess.run([command], capture_output=True, text=True, check=True).stdout
+    tables: dict[str, dict[str, list[str]]] = {}
+    table: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":METALEG-"):
+            table.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            _, chain, rest = line.split(" ", 2)
+            if chain.startswith("METALEG-") or chain in ("PREROUTING", "POSTROUTING", "FORWARD"):
+                table.setdefault(chain, []).append(rest)
+    return {name: chains for name, chains in tables.items() if chains}
+
+
+def dump_sets() -> dict[str, tuple[str, str, set[str], str]]:
+    """name -> (type, family, members, initval) of every set, from ``ipset save``."""
+    text = subprocess.run(["ipset", "save"], capture_output=True, text=True, check=True).stdout
+    sets: dict[str, tuple[str, str, set[str], str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["create"]:
+            header = dict(zip(words[3::2], words[4::2], strict=False))
+            sets[words[1]] = (words[2], header["family"], set(), header.get("initval", ""))
+        elif words[:1] == ["add"]:
+            sets[words[1]][2].add(words[2])
+    return sets
+
+
+def kernel_view(
+    sets: dict[str, tuple[str, str, set[str], str]],
+) -> dict[str, tuple[str, str, set[str]]]:
+    return {name: (kind, family, members) for name, (kind, family, members, _) in sets.items()}
+
+
+Step = tuple[str, NodeDesiredState | None]
+
+
+def run_steps(steps: list[Step]) -> list[dict[str, Any]]:
+    """In the namespace: run backend calls in one backend; after each, record the kernel."""
+    backend = IptablesBackend()
+    records = []
+    try:
+        for action, state in steps:
+            error = ""
+            try:
+                if action == "apply":
+                    assert state is not None
+                    backend.apply(state)
+                elif action == "resync":
+                    assert state is not None
+                    backend.resync(state)
+                elif action == "cleanup":
+                    backend.cleanup()
+                elif action == "shell":
+                    continue
+            except BackendError as raised:
+                error = str(raised)
+            records.append(
+                {
+                    "changes": backend.last_changes,
+                    "error": error,
+                    "v4": dump_tables(4),
+                    "v6": dump_tables(6),
+                    "sets": dump_sets(),
+                }
+            )
+    finally:
+        backend.close()
+    return records
+
+
+def run(ns: str, *steps: Step) -> list[dict[str, Any]]:
+    return run_in_netns(ns, run_steps, list(steps), timeout=60)
+
+
+def expected_tables(state: NodeDesiredState, family: Family) -> dict[str, dict[str, list[str]]]:
+    return rules_by_chain(render(state), family)
+
+
+def expected_sets(state: NodeDesiredState) -> dict[str, tuple[str, str, set[str]]]:
+    return {
+        name: (spec.kind, "inet" if spec.family is Family.IPV4 else "inet6", set(spec.members))
+        for name, spec in render(state).sets.items()
+    }
+
+
+# --------------------------------------------------------------------------
+# Kernel: apply, change, resync, cleanup
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_apply_dual_stack_then_again_is_a_no_op() -> None:
+    with namespace("mlfw") as ns:
+        first, second, third = run(
+            ns, ("apply", DUAL_STACK), ("apply", DUAL_STACK), ("resync", DUAL_STACK)
+        )
+        assert first["error"] == ""
+        assert first["v4"] == EXPECTED_V4
+        assert first["v6"] == EXPECTED_V6
+        assert kernel_view(first["sets"]) == EXPECTED_SETS
+        assert second["changes"] == ()
+        # A resync against an unchanged kernel finds nothing to commit either.
+        assert third["changes"] == ()
+        assert first["sets"] == second["sets"] == third["sets"]  # initval equal: nothing recreated
+        assert first["v4"] == third["v4"] and first["v6"] == third["v6"]
+
+
+@pytest.mark.netns
+def test_incremental_change_touches_only_what_differs() -> None:
+    # One IP added to WEB, MAIL removed, LOST REJECT -> MARK (other mark), IPv6 only.
+    web = service(
+        "default",
+        "web",
+        mark(Family.IPV4, ("10.244.1.6", "10.244.1.7", "10.244.1.9")),
+        mark(Family.IPV6, ("fd00:244::6",)),
+    )
+    lost = service(
+        "shop",
+        "lost",
+        reject(Family.IPV4, ("10.244.1.8",)),
+        mark(Family.IPV6, ("fd00:244::8",), MARK2),
+    )
+    changed = node_state(web, lost)
+    with namespace("mlfw") as ns:
+        before, after = run(ns, ("apply", DUAL_STACK), ("apply", changed))
+        assert after["error"] == ""
+        assert after["v4"] == expected_tables(changed, Family.IPV4)
+        assert after["v6"] == expected_tables(changed, Family.IPV6)
+        assert kernel_view(after["sets"]) == expected_sets(changed)
+        assert S4["mail"] not in after["sets"] and S6["mail"] not in after["sets"]
+        # Untouched sets were not recreated (same hash seed), the changed one edited in place.
+        for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
+            assert after["sets"][name][3] == before["sets"][name][3]
+        # IPv4 filter and mangle are untouched; IPv6 mangle gains LOST's MARK first
+        # (merge), then the tables that lose rules are committed (exact).
+        assert after["changes"] == (
+            f"ipset {S4['web']}: +1",
+            "ip6tables table mangle: commit",
+            "iptables table nat: commit",
+            "ip6tables table nat: commit",
+            "ip6tables table filter: commit",
+            f"ipset {S4['mail']}: destroy",
+            f"ipset {S6['mail']}: destroy",
+        )
+
+
+def merge_then_exact(steps: list[tuple[str, TableSpec]]) -> list[dict[str, Any]]:
+    """In the namespace: drive the xtables helper code directly, dumping nat after each step."""
+    subprocess.run(["ipset", "create", "METALEG-T-A", "hash:ip"], check=True)
+    subprocess.run(["ipset", "create", "METALEG-T-B", "hash:ip"], check=True)
+    server = XtablesServer(4, "/run/xtables.lock")
+    dumps: list[dict[str, Any]] = []
+    for mode, spec in steps:
+        reply = server.sync(SyncRequest(tables=(spec,), mode=Mode(mode)))
+        dumps.append(
+            {"results": [str(result) for result in reply.results], **dump_tables(4)["nat"]}
+        )
+    return dumps
+
+
+@pytest.mark.netns
+def test_merge_keeps_old_rules_until_exact() -> None:
+    old = TableSpec(
+        name="nat",
+        chains={"METALEG-SNAT": (snat_rule("METALEG-T-A", "192.0.2.1"),)},
+        heads={"POSTROUTING": (jump_rule("METALEG-SNAT"),)},
+    )
+    new = TableSpec(
+        name="nat",
+        chains={"METALEG-SNAT": (snat_rule("METALEG-T-B", "192.0.2.2"),)},
+        heads={"POSTROUTING": (mark_skip_rule(MASK), jump_rule("METALEG-SNAT"))},
+    )
+    with namespace("mlfw") as ns:
+        dumps = run_in_netns(
+            ns, merge_then_exact, [("exact", old), ("merge", new), ("exact", new), ("exact", new)]
+        )
+    a = "-m set --match-set METALEG-T-A src -j SNAT --to-source 192.0.2.1"
+    b = "-m set --match-set METALEG-T-B src -j SNAT --to-source 192.0.2.2"
+    skip, jump = "-m mark ! --mark 0x0/0xf00000 -j RETURN", "-j METALEG-SNAT"
+    assert dumps[0]["METALEG-SNAT"] == [a]
+    assert dumps[0]["POSTROUTING"] == [jump]
+    # Merge: new rules added (in place, at the top for built-in chains), old ones kept.
+    assert dumps[1]["METALEG-SNAT"] == [b, a]
+    assert dumps[1]["POSTROUTING"] == [skip, jump, jump]
+    assert dumps[1]["results"] == ["TableResult(name='nat', committed=True, exact=False)"]
+    assert dumps[2]["METALEG-SNAT"] == [b]
+    assert dumps[2]["POSTROUTING"] == [skip, jump]
+    assert dumps[2]["results"] == ["TableResult(name='nat', committed=True, exact=True)"]
+    assert dumps[3]["results"] == ["TableResult(name='nat', committed=False, exact=True)"]
+
+
+def tamper(ns: str) -> None:
+    """What drift looks like: deleted rules, displaced and duplicated jumps, leftovers."""
+    for command in [
+        "iptables-legacy -t nat -D METALEG-SNAT 2",
+        "iptables-legacy -t filter -I FORWARD 1 -s 10.1.0.0/16 -j ACCEPT",  # like kube-router
+        "iptables-legacy -t mangle -A PREROUTING -j METALEG-RT-MARK",  # duplicate, not first
+        "iptables-legacy -t nat -I POSTROUTING 3 -m mark ! --mark 0x0/0xf0000 -j RETURN",  # old mask
+        "iptables-legacy -t nat -A POSTROUTING -s 10.244.0.0/16 -j MASQUERADE",  # foreign
+        "iptables-legacy -t nat -N METALEG-OLD",
+        "iptables-legacy -t nat -A METALEG-OLD -j RETURN",
+        "iptables-legacy -t nat -A POSTROUTING -j METALEG-OLD",
+        "ip6tables-legacy -t mangle -F METALEG-RT-MARK",
+        "ip6tables-legacy -t filter -D FORWARD -j METALEG-REJECT",
+        "iptables-legacy -t raw -N METALEG-RAW",
+        "iptables-legacy -t raw -A PREROUTING -j METALEG-RAW",
+        "ipset create METALEG-OLD hash:ip",
+        "ipset create inet6:METALEG-SRC-0123 hash:ip family inet6",
+        "ipset create KEEP-ME hash:ip",
+        f"ipset del {S4['web']} 10.244.1.7",
+        f"ipset add {S4['web']} 10.244.1.99",
+    ]:
+        sh(*command.split(), netns=ns)
+
+
+@pytest.mark.netns
+def test_resync_repairs_drift_and_collects_garbage() -> None:
+    with namespace("mlfw") as ns:
+        run(ns, ("apply", DUAL_STACK))
+        tamper(ns)
+        (repaired,) = run(ns, ("resync", DUAL_STACK))
+        assert repaired["error"] == ""
+        v4 = repaired["v4"]
+        assert v4["filter"]["FORWARD"] == ["-j METALEG-REJECT", "-s 10.1.0.0/16 -j ACCEPT"]
+        assert v4["nat"]["POSTROUTING"] == [
+            *EXPECTED_V4["nat"]["POSTROUTING"],
+            "-s 10.244.0.0/16 -j MASQUERADE",
+        ]
+        assert v4["nat"]["METALEG-SNAT"] == EXPECTED_V4["nat"]["METALEG-SNAT"]
+        assert "METALEG-OLD" not in v4["nat"]
+        assert v4["mangle"] == EXPECTED_V4["mangle"]
+        assert "raw" not in v4  # its METALEG-RAW chain and the jump to it are gone
+        assert "METALEG-RAW" not in sh("iptables-legacy-save", "-t", "raw", netns=ns)
+        assert repaired["v6"] == EXPECTED_V6
+        sets = kernel_view(repaired["sets"])
+        assert sets.pop("KEEP-ME") == ("hash:ip", "inet", set())  # not ours: left alone
+        assert sets == EXPECTED_SETS
+
+
+GO_ORIGINAL_V4 = """*mangle
+:METALEG-RT-MARK - [0:0]
+-A PREROUTING -s 192.0.2.99/32 -j ACCEPT
+-A PREROUTING -j METALEG-RT-MARK
+-A METALEG-RT-MARK -m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN
+-A METALEG-RT-MARK -m set --match-set METALEG-SRC-0a1b2c src -j MARK --set-xmark 0x100000/0xf00000
+COMMIT
+*nat
+:METALEG-SNAT - [0:0]
+-A POSTROUTING -m mark ! --mark 0x0/0xf00000 -j RETURN
+-A POSTROUTING -j METALEG-SNAT
+-A METALEG-SNAT -m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN
+COMMIT
+*filter
+:METALEG-REJECT - [0:0]
+-A FORWARD -j METALEG-REJECT
+COMMIT
+"""
+
+
+@pytest.mark.netns
+def test_first_apply_takes_over_the_go_originals_layout() -> None:
+    with namespace("mlfw") as ns:
+        # What MetalEG v0.2.1 leaves: sets made by the ipset binary with "timeout 0",
+        # IPv6 sets named "inet6:...", its jump appended after another rule.
+        for command in [
+            "ipset create METALEG-EXCLUDE-DST-4 hash:net family inet timeout 0",
+            "ipset add METALEG-EXCLUDE-DST-4 10.0.0.0/8",
+            "ipset add METALEG-EXCLUDE-DST-4 192.168.0.0/16",
+            "ipset create METALEG-SRC-0a1b2c hash:ip family inet timeout 0",
+            "ipset add METALEG-SRC-0a1b2c 10.244.1.6",
+            "ipset create inet6:METALEG-SRC-0a1b2c hash:ip family inet6 timeout 0",
+        ]:
+            sh(*command.split(), netns=ns)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "iptables-legacy-restore"],
+            input=GO_ORIGINAL_V4,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        (record,) = run(ns, ("apply", DUAL_STACK))
+        assert record["error"] == ""
+        assert record["v4"]["mangle"]["PREROUTING"] == [
+            "-j METALEG-RT-MARK",
+            "-s 192.0.2.99/32 -j ACCEPT",
+        ]
+        assert record["v4"]["mangle"]["METALEG-RT-MARK"] == EXPECTED_V4["mangle"]["METALEG-RT-MARK"]
+        assert {name: chains for name, chains in record["v4"].items() if name != "mangle"} == {
+            name: chains for name, chains in EXPECTED_V4.items() if name != "mangle"
+        }
+        assert record["v6"] == EXPECTED_V6
+        # The exclude set is kept (same type) and corrected; the Go source sets are gone.
+        assert kernel_view(record["sets"]) == EXPECTED_SETS
+
+
+@pytest.mark.netns
+def test_cleanup_removes_everything_and_is_idempotent() -> None:
+    with namespace("mlfw") as ns:
+        run(ns, ("apply", DUAL_STACK))
+        sh(
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "-j",
+            "MASQUERADE",
+            netns=ns,
+        )
+        sh("iptables-legacy", "-t", "raw", "-N", "METALEG-RAW", netns=ns)
+        sh("ipset", "create", "KEEP-ME", "hash:ip", netns=ns)
+        cleaned, again = run(ns, ("cleanup", None), ("cleanup", None))
+        assert cleaned["error"] == "" and again["error"] == ""
+        for family in (4, 6):
+            save = sh("iptables-legacy-save" if family == 4 else "ip6tables-legacy-save", netns=ns)
+            assert "METALEG" not in save
+        assert cleaned["v4"] == {"nat": {"POSTROUTING": ["-s 10.244.0.0/16 -j MASQUERADE"]}}
+        assert set(cleaned["sets"]) == {"KEEP-ME"}
+        assert again["changes"] == ()
+        assert any("destroy" in change for change in cleaned["changes"])
+
+
+@pytest.mark.netns
+def test_cleanup_in_untouched_namespace_creates_nothing() -> None:
+    with namespace("mlfw") as ns:
+        (record,) = run(ns, ("cleanup", None))
+        assert record["error"] == "" and record["changes"] == ()
+        # No legacy table was instantiated just to look for leftovers.
+        assert (
+            sh("cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names", netns=ns).split()
+            == []
+        )
+
+
+@pytest.mark.netns
+def test_errors_name_the_object() -> None:
+    with namespace("mlfw") as ns:
+        run(ns, ("apply", DUAL_STACK))
+        # A rule outside metaleg's chains keeps LOST's set busy.
+        sh(
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-m",
+            "set",
+            "--match-set",
+            S4["lost"],
+            "src",
+            "-j",
+            "ACCEPT",
+            netns=ns,
+        )
+        without_lost = node_state(MAIL, WEB)
+        gone, retried, cleaned = run(
+            ns, ("apply", without_lost), ("apply", without_lost), ("cleanup", None)
+        )
+        assert (
+            f"ipset {S4['lost']}: cannot destroy, a rule outside metaleg's chains still uses it"
+            in gone["error"]
+        )
+        # Everything else was done; the next apply is a full resync and says the same.
+        assert gone["v4"]["filter"]["METALEG-REJECT"] == EXPECTED_V4["filter"]["METALEG-REJECT"][:1]
+        assert S6["lost"] not in gone["sets"]
+        assert f"ipset {S4['lost']}" in retried["error"]
+        assert (
+            cleaned["error"].startswith("cleanup incomplete: ") and S4["lost"] in cleaned["error"]
+        )
+
+
+def helper_error() -> str:
+    from metaleg.firewall.iptables import XtablesHelper
+
+    helper = XtablesHelper(Family.IPV4, timeout=30)
+    spec = TableSpec(
+        name="nat", chains={"METALEG-SNAT": (snat_rule("METALEG-NO-SUCH-SET", "192.0.2.1"),)}
+    )
+    try:
+        helper.request(SyncRequest(tables=(spec,)))
+    except BackendError as error:
+        return str(error)
+    finally:
+        helper.stop()
+    return "no error"
+
+
+@pytest.mark.netns
+def test_helper_errors_become_backend_errors_naming_table_chain_and_rule() -> None:
+    with namespace("mlfw") as ns:
+        message = run_in_netns(ns, helper_error)
+    assert message.startswith("iptables: table nat chain METALEG-SNAT: invalid rule ")
+    assert "--match-set METALEG-NO-SUCH-SET src -j SNAT --to-source 192.0.2.1" in message
+
+
+def restart_after_kill() -> tuple[
+    dict[Family, int | None], dict[Family, int | None], str, tuple[str, ...]
+]:
+    backend = IptablesBackend()
+    backend.apply(node_state(MAIL))
+    first = backend.helper_pids()
+    for pid in first.values():
+        assert pid is not None
+        os.kill(pid, 9)
+    time.sleep(0.2)
+    backend.apply(node_state(MAIL, WEB))  # restarts both helpers on the way
+    second = backend.helper_pids()
+    rules = subprocess.run(
+        ["iptables-legacy-save", "-t", "mangle"], capture_output=True, text=True
+    ).stdout
+    changes = backend.last_changes
+    # Leave without close(): the helpers must notice that we are gone.
+    return first, second, rules, changes
+
+
+def close_stops_helpers() -> tuple[list[int], list[bool]]:
+    backend = IptablesBackend()
+    backend.apply(node_state(MAIL))
+    pids = [pid for pid in backend.helper_pids().values() if pid is not None]
+    backend.close()
+    return pids, [process_alive(pid) for pid in pids] + [
+        pid is not None for pid in backend.helper_pids().values()
+    ]
+
+
+@pytest.mark.netns
+def test_close_stops_the_helpers() -> None:
+    with namespace("mlfw") as ns:
+        pids, alive = run_in_netns(ns, close_stops_helpers)
+    assert len(pids) == 2
+    assert alive == [False, False, False, False]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.netns
+def test_helpers_restart_after_death_and_exit_with_their_parent() -> None:
+    with namespace("mlfw") as ns:
+        first, second, rules, changes = run_in_netns(ns, restart_after_kill)
+        assert set(first) == set(second) == {Family.IPV4, Family.IPV6}
+        for family in first:
+            assert second[family] is not None and second[family] != first[family]
+        assert f"-A METALEG-RT-MARK -m set --match-set {S4['web']} src -j MARK" in rules
+        assert "iptables table mangle: commit" in changes
+        survivors = [pid for pid in second.values() if pid is not None]
+        assert wait_until(lambda: not any(process_alive(pid) for pid in survivors), timeout=10)
+
+
+# --------------------------------------------------------------------------
+# Kernel: packets
+# --------------------------------------------------------------------------
+
+
+def apply_state(state: NodeDesiredState) -> tuple[str, ...]:
+    backend = IptablesBackend()
+    try:
+        backend.apply(state)
+        return backend.last_changes
+    finally:
+        backend.close()
+
+
+def ping(pod: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", pod, "ping", "-n", "-c", "1", "-W", "1", "198.51.100.2"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+
+
+@pytest.mark.netns
+def test_packets_are_rejected_snated_and_marked() -> None:
+    """pod 10.244.1.5 -- node (forwarding, the backend) -- server 198.51.100.2."""
+    with namespace("mlfw") as node, namespace("mlfw") as pod, namespace("mlfw") as server:
+        sh(
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            "to-pod",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod,
+        )
+        sh(
+            "ip",
+            "-n",
+            node,
+            "link",
+            "add",
+            "to-srv",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            server,
+        )
+        for ns, device, address in [
+            (node, "to-pod", "10.244.1.1/24"),
+            (node, "to-srv", "198.51.100.1/24"),
+            (pod, "eth0", "10.244.1.5/24"),
+            (server, "eth0", "198.51.100.2/24"),
+        ]:
+            sh("ip", "-n", ns, "addr", "add", address, "dev", device)
+            sh("ip", "-n", ns, "link", "set", device, "up")
+        sh("ip", "-n", pod, "route", "add", "default", "via", "10.244.1.1")
+        sh("ip", "-n", server, "route", "add", "192.0.2.10/32", "via", "198.51.100.1")
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node)
+        ips = ("10.244.1.5",)
+
+        # The server knows no route to the pod network: only SNAT to 192.0.2.10 gets a reply.
+        run_in_netns(node, apply_state, node_state())
+        assert ping(pod).returncode != 0
+        run_in_netns(
+            node, apply_state, node_state(service("d", "s", snat(Family.IPV4, ips, "192.0.2.10")))
+        )
+        assert ping(pod).returncode == 0
+
+        # REJECT answers at once with ICMP port unreachable.
+        run_in_netns(node, apply_state, node_state(service("d", "s", reject(Family.IPV4, ips))))
+        rejected = ping(pod)
+        assert rejected.returncode != 0 and "Port Unreachable" in rejected.stdout
+
+        # MARK: marked packets follow the fwmark rule into a table that blackholes them.
+        sh("ip", "-n", server, "route", "add", "10.244.1.0/24", "via", "198.51.100.1")
+        sh(
+            "ip",
+            "-n",
+            node,
+            "rule",
+            "add",
+            "fwmark",
+            "0x100000/0xf00000",
+            "lookup",
+            "100",
+            "priority",
+            "100",
+        )
+        sh("ip", "-n", node, "route", "add", "blackhole", "default", "table", "100")
+        run_in_netns(node, apply_state, node_state())
+        assert ping(pod).returncode == 0
+        run_in_netns(node, apply_state, node_state(service("d", "s", mark(Family.IPV4, ips))))
+        assert ping(pod).returncode != 0
+        # An excluded destination is never marked.
+        excluded = node_state(
+            service("d", "s", mark(Family.IPV4, ips)), exclude4=("198.51.100.0/24",)
+        )
+        run_in_netns(node, apply_state, excluded)
+        assert ping(pod).returncode == 0
