@@ -32,7 +32,9 @@ def sh(*args: str, check: bool = True, netns: str | None = None, timeout: float 
     command = ["ip", "netns", "exec", netns, *args] if netns else list(args)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}"
+        )
     return result.stdout
 
 
@@ -43,7 +45,9 @@ def create_namespace(name: str) -> None:
 
 def delete_namespace(name: str) -> None:
     """Delete a namespace, killing whatever still runs in it first."""
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True
+    ).stdout.split()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
@@ -67,7 +71,7 @@ def _child(conn: Any, name: str, function: Callable[..., Any], args: tuple[Any, 
 
         pyroute2_netns.setns(name)
         conn.send(("ok", function(*args)))
-    except BaseException as error:  # noqa: BLE001 - reported to the parent
+    except BaseException as error:
         conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     finally:
         conn.close()
@@ -86,7 +90,9 @@ def run_in_netns(name: str, function: Callable[..., T], *args: Any, timeout: flo
     child_conn.close()
     try:
         if not parent_conn.poll(timeout):
-            raise TimeoutError(f"{getattr(function, '__name__', function)} in {name} took over {timeout}s")
+            raise TimeoutError(
+                f"{getattr(function, '__name__', function)} in {name} took over {timeout}s"
+            )
         status, value = parent_conn.recv()
     finally:
         process.join(5)

@@ -142,7 +142,7 @@ def test_label_must_be_exactly_true() -> None:
 
 
 def test_status_in_another_namespace_is_ignored() -> None:
-    objects = mail_service(None) + [k.l2_status("other", "l2-x", "mail", "relay", "node-a")]
+    objects = [*mail_service(None), k.l2_status("other", "l2-x", "mail", "relay", "node-a")]
     (service,) = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state.services
     assert service.role == Role.REJECT
 
@@ -166,7 +166,8 @@ def test_filter_disabled_takes_every_endpoint_on_forwarders() -> None:
 
 
 def test_shared_source_goes_to_the_first_service_and_is_reported() -> None:
-    objects = mail_service("node-a") + [
+    objects = [
+        *mail_service("node-a"),
         k.service("a-first", "svc", ("198.51.100.201",)),
         k.endpoint_slice("a-first", "svc-1", "svc", "IPv4", [("10.244.1.10", "node-a")]),
         k.l2_status("metallb-system", "l2-first", "a-first", "svc", "node-a"),
