@@ -1,0 +1,382 @@
+"""Conntrack scoping: delete exactly the connection-tracking entries a firewall change outdates.
+
+NAT is decided once per connection, on its first packet; the conntrack entry
+then carries the binding for the connection's lifetime. When metaleg changes
+how a pod IP's traffic is treated (its Service gets labelled while the pod has
+long-running flows, the gateway moves, the LoadBalancer IP changes, ...), the
+existing entries keep their old binding and bypass the new rules: a flow that
+was masqueraded with the node IP keeps the node IP, a flow SNATed to the old LB
+IP keeps it, a flow that got the null binding of a marked packet keeps the pod
+IP even after the mark rule is gone (and then leaks the private address).
+Deleting such an entry makes the flow's next packet create a new one that goes
+through the current rules (TCP is picked up mid-stream, ``nf_conntrack_tcp_loose``).
+
+Which entries (decisions, applied per flow ``(source, destination)``):
+
+- A flow's *treatment* is the treatment of its original source (``Action``,
+  ``snat_ip``, ``fwmark``), or none when the destination is excluded
+  (``FIREWALL_EXCLUDE_DST_CIDRS``: metaleg never marks or NATs those) or the
+  source is not metaleg's. An entry is deleted exactly when its flow's
+  treatment differs between the old and the new state.
+- So sources that *appear* are flushed (their flows were masqueraded by the
+  node), and so are sources that *disappear* after being SNATed or marked
+  (their SNAT to the LB IP, or their null binding, would otherwise outlive the
+  rule). Any change of action, SNAT IP or mark counts, even mark to mark (the
+  null binding would survive, but the brief of the project is "changed ->
+  flushed", and a deleted entry costs the flow nothing).
+- Transitions between no treatment and REJECT count as changes too, although
+  REJECT is enforced per packet in the forward hook and a rejected flow never
+  gets a confirmed entry: flushing them is harmless and keeps the rule simple.
+- Flows to excluded destinations (pod-to-pod, pod-to-service traffic) are left
+  alone unless the exclusion itself changed for them: metaleg never touched
+  them, and deleting entries of in-cluster flows (often DNATed by kube-proxy)
+  would only disturb them.
+- Entries are matched on the ORIGINAL direction's source only: that is the pod
+  for every flow metaleg treats. Flows that a remote host opened towards a pod
+  (original source = remote host) are never touched.
+
+Only the current network namespace is touched, over netlink (pyroute2's
+``Conntrack``); the ``conntrack`` binary is not needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from metaleg.model import Action, Family, NodeDesiredState
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Up to this many sources per family, the kernel filters the dump by source
+# address (CTA_FILTER, Linux >= 5.8): one cheap dump per source (~15 ms with 20k
+# entries, where decoding a full dump in Python takes over a second). Above it,
+# one full dump filtered here is cheaper than many kernel table walks.
+PER_SOURCE_DUMP_LIMIT = 64
+
+_SOCKET_FAMILY = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
+
+
+class Treatment(NamedTuple):
+    """How metaleg treats one source IP's egress in one family."""
+
+    action: Action
+    snat_ip: str | None = None
+    fwmark: int | None = None
+
+
+Treatments = dict[Family, dict[str, Treatment]]
+
+
+class TreatmentError(ValueError):
+    """A desired state that cannot be rendered; the message names the Service and field."""
+
+
+def canonical_ip(value: object, family: Family) -> str | None:
+    """``value`` in the kernel's canonical text form (``inet_ntop``), or None if it is not an
+    address of ``family``.
+
+    The C functions are ~50 times faster than ``ipaddress`` (this runs for every
+    source of every snapshot), and their output is what nft's JSON listing and
+    the conntrack dump print, so strings from all three compare directly.
+    """
+    if not isinstance(value, str):
+        return None
+    af = _SOCKET_FAMILY[family]
+    try:
+        return socket.inet_ntop(af, socket.inet_pton(af, value))
+    except (OSError, ValueError):
+        return None
+
+
+def _canonical_ip(value: str, family: Family, what: str) -> str:
+    canonical = canonical_ip(value, family)
+    if canonical is None:
+        raise TreatmentError(f"{what}: {value!r} is not an IPv{int(family)} address")
+    return canonical
+
+
+def source_treatments(state: NodeDesiredState) -> Treatments:
+    """The effective treatment of every source IP, per family (validated, canonical).
+
+    The watcher already gives each source IP to one Service only (the first by
+    namespace/name, see ``metaleg.watcher.desired``); should a state still
+    hold one twice, the same rule applies here (the kernel can do only one
+    thing with it). The firewall backend and the conntrack scoping use this
+    one resolution.
+
+    Raises :class:`TreatmentError` naming the Service when an entry is
+    inconsistent (SNAT without an IP of its family, MARK without a mark inside
+    ``fwmask``, a source or SNAT IP that is not an address of the family).
+    """
+    result: Treatments = {Family.IPV4: {}, Family.IPV6: {}}
+    for service in state.services:
+        for entry in service.families:
+            what = f"service {service.key} ({entry.action} IPv{int(entry.family)})"
+            snat_ip: str | None = None
+            fwmark: int | None = None
+            if entry.action == Action.SNAT:
+                if entry.snat_ip is None:
+                    raise TreatmentError(f"{what}: SNAT without snat_ip")
+                snat_ip = _canonical_ip(entry.snat_ip, entry.family, f"{what} snat_ip")
+            elif entry.action == Action.MARK:
+                if entry.fwmark is None:
+                    raise TreatmentError(f"{what}: MARK without fwmark")
+                if entry.fwmark & ~state.fwmask or not entry.fwmark & state.fwmask:
+                    raise TreatmentError(
+                        f"{what}: fwmark {entry.fwmark:#x} is not a non-zero value "
+                        f"inside FIREWALL_MASK {state.fwmask:#x}"
+                    )
+                fwmark = entry.fwmark
+            treatment = Treatment(entry.action, snat_ip, fwmark)
+            table = result[entry.family]
+            for raw in entry.source_ips:
+                source = _canonical_ip(raw, entry.family, f"{what} source")
+                table.setdefault(source, treatment)
+    return result
+
+
+def collapse_cidrs(cidrs: Iterable[str], family: Family) -> tuple[IPNetwork, ...]:
+    networks: list[Any] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.version == family:
+            networks.append(network)
+    return tuple(ipaddress.collapse_addresses(networks))
+
+
+@dataclass(frozen=True)
+class EgressView:
+    """What conntrack scoping needs of one state: treatments and excluded destinations."""
+
+    treatments: Treatments = field(default_factory=lambda: {Family.IPV4: {}, Family.IPV6: {}})
+    exclude: Mapping[Family, tuple[IPNetwork, ...]] = field(
+        default_factory=lambda: {Family.IPV4: (), Family.IPV6: ()}
+    )
+
+    @classmethod
+    def of(cls, state: NodeDesiredState | None) -> EgressView:
+        """The view of a desired state; ``None`` (nothing installed) treats nothing."""
+        if state is None:
+            return cls()
+        return cls(
+            source_treatments(state),
+            {
+                Family.IPV4: collapse_cidrs(state.exclude_dst_ipv4, Family.IPV4),
+                Family.IPV6: collapse_cidrs(state.exclude_dst_ipv6, Family.IPV6),
+            },
+        )
+
+    def flow_treatment(self, family: Family, source: str, destination: str) -> Treatment | None:
+        """The treatment of a flow (``None``: metaleg leaves it alone)."""
+        treatment = self.treatments.get(family, {}).get(source)
+        if treatment is None:
+            return None
+        address = ipaddress.ip_address(destination)
+        if any(address in network for network in self.exclude.get(family, ())):
+            return None
+        return treatment
+
+
+def changed_sources(old: EgressView, new: EgressView) -> dict[Family, set[str]]:
+    """Sources some of whose flows change treatment between ``old`` and ``new``.
+
+    A source qualifies when its own treatment changed, or, if the excluded
+    destinations of its family changed, when it is treated in either state.
+    """
+    result: dict[Family, set[str]] = {}
+    for family in Family:
+        before = old.treatments.get(family, {})
+        after = new.treatments.get(family, {})
+        if old.exclude.get(family, ()) != new.exclude.get(family, ()):
+            sources = set(before) | set(after)
+        else:
+            sources = {s for s in before.keys() | after.keys() if before.get(s) != after.get(s)}
+        result[family] = sources
+    return result
+
+
+def affected_sources(old: NodeDesiredState | None, new: NodeDesiredState) -> dict[Family, set[str]]:
+    """Sources whose conntrack entries may be outdated by going from ``old`` to ``new``.
+
+    ``old`` is ``None`` when nothing was installed before (every treated source
+    of ``new`` is then affected). Backends that start over an existing kernel
+    state should rather build ``old`` from what the kernel holds, so that an
+    agent restart does not disturb flows (see :func:`changed_sources`).
+    """
+    return changed_sources(EgressView.of(old), EgressView.of(new))
+
+
+@dataclass
+class FlushPlan:
+    """Sources to look at and the two views that decide, per entry, whether it goes."""
+
+    sources: dict[Family, set[str]]
+    old: EgressView
+    new: EgressView
+
+    @classmethod
+    def between(cls, old: EgressView, new: EgressView) -> FlushPlan:
+        return cls(changed_sources(old, new), old, new)
+
+    def __bool__(self) -> bool:
+        return any(self.sources.values())
+
+    def wants(self, family: Family, source: str, destination: str) -> bool:
+        """Whether an entry ``source -> destination`` (ORIGINAL direction) must be deleted."""
+        if source not in self.sources.get(family, ()):
+            return False
+        return self.old.flow_treatment(family, source, destination) != self.new.flow_treatment(
+            family, source, destination
+        )
+
+    def merged(self, later: FlushPlan) -> FlushPlan:
+        """One plan covering a pending (failed) flush and a newer one.
+
+        The pending plan's views are from before; the later one's end state is
+        what the kernel now holds. Going from ``self.old`` straight to
+        ``later.new`` is not enough (a change and its undo would cancel out
+        while entries created in between keep the intermediate binding), so
+        every source of both plans is looked at, and an entry goes if either
+        step changes its flow's treatment.
+        """
+        sources = {
+            family: self.sources.get(family, set()) | later.sources.get(family, set())
+            for family in Family
+        }
+        return _MergedPlan(sources, self.old, later.new, (self, later))
+
+
+@dataclass
+class _MergedPlan(FlushPlan):
+    steps: tuple[FlushPlan, ...] = ()
+
+    def wants(self, family: Family, source: str, destination: str) -> bool:
+        return any(step.wants(family, source, destination) for step in self.steps)
+
+
+def _canonical(address: str, family: Family) -> str:
+    return canonical_ip(address, family) or address
+
+
+# Sources no packet can have (limited broadcast, multicast): a dump filtered on
+# one of them must come back empty, or the kernel's filter cannot be trusted.
+_PROBE_SOURCE = {Family.IPV4: "255.255.255.255", Family.IPV6: "ff00::"}
+_SOURCE_ATTR = {Family.IPV4: "CTA_IP_V4_SRC", Family.IPV6: "CTA_IP_V6_SRC"}
+
+
+def _kernel_filter_works(ct: Any, family: Family) -> bool:
+    """Whether the kernel honours a source filter on dumps (CTA_FILTER) in this family.
+
+    Measured on Linux 6.18: IPv4 filters work, IPv6 filters match the opposite
+    (every entry *except* the given source). Filters are absent before 5.8.
+    A filter on an impossible source must return nothing; if it returns
+    entries, the filter is broken or ignored and we walk the whole table. If
+    the table holds no entries of the family the probe cannot tell, but then
+    there is nothing to delete either.
+    """
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    af = _SOCKET_FAMILY[family]
+    probe = NFCTAttrTuple(family=af, saddr=_PROBE_SOURCE[family])
+    # Raw messages (not dump_entries, which re-filters on our side and would hide the answer).
+    return not any(True for _ in ct.dump(tuple_orig=probe))
+
+
+def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
+    """ORIGINAL tuples (pyroute2 ``NFCTAttrTuple``) of the entries whose source is in ``sources``."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    af = _SOCKET_FAMILY[family]
+    tuples: list[Any] = []
+
+    def keep(message: Any) -> None:
+        orig = message.get_attr("CTA_TUPLE_ORIG")
+        source = orig.get_attr("CTA_TUPLE_IP").get_attr(_SOURCE_ATTR[family])
+        if _canonical(source, family) in sources:
+            tuples.append(NFCTAttrTuple.from_netlink(af, orig))
+
+    # Each dump is read to the end before anything is deleted: deleting on a
+    # socket that is still streaming a dump would interleave the replies.
+    with Conntrack(nfgen_family=af) as ct:
+        if len(sources) <= PER_SOURCE_DUMP_LIMIT and _kernel_filter_works(ct, family):
+            for source in sorted(sources):
+                for message in ct.dump(tuple_orig=NFCTAttrTuple(family=af, saddr=source)):
+                    keep(message)  # checked here too: the filter is the kernel's
+        else:
+            # Raw messages: decoding only the tuple is several times faster than
+            # building pyroute2 ConntrackEntry objects for the whole table.
+            for message in ct.dump():
+                keep(message)
+    return tuples
+
+
+def flush_plan(plan: FlushPlan) -> int:
+    """Delete the entries ``plan`` wants deleted in the current namespace; return how many.
+
+    Entries that vanish meanwhile (expired, deleted by someone else) are
+    skipped, and so are entries in a non-default conntrack zone (not pod
+    traffic; deleting them would need the zone). Raises ``OSError`` (pyroute2's
+    ``NetlinkError``) when the conntrack interface fails otherwise; nothing
+    outside the plan is ever deleted.
+    """
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    deleted = 0
+    for family in Family:
+        sources = {_canonical(s, family) for s in plan.sources.get(family, ())}
+        if not sources:
+            continue
+        doomed = [
+            orig
+            for orig in _matching_tuples(family, sources)
+            if plan.wants(family, _canonical(orig.saddr, family), _canonical(orig.daddr, family))
+        ]
+        if not doomed:
+            continue
+        with Conntrack(nfgen_family=_SOCKET_FAMILY[family]) as ct:
+            for orig in doomed:
+                try:
+                    ct.delete(orig)
+                except NetlinkError as error:
+                    if error.code != errno.ENOENT:  # already gone
+                        raise
+                    continue
+                deleted += 1
+    if deleted:
+        log.info("deleted conntrack entries of changed sources", extra={"entries": deleted})
+    return deleted
+
+
+def flush_sources(
+    sources: Mapping[Family, Iterable[str]],
+    old: EgressView | None = None,
+    new: EgressView | None = None,
+) -> int:
+    """Delete conntrack entries whose ORIGINAL source is one of ``sources``; return how many.
+
+    With the ``old`` and ``new`` views, only entries whose flow changes
+    treatment go (flows to destinations excluded in both stay); without them,
+    every entry of those sources goes.
+    """
+    selected = {
+        family: {_canonical(s, family) for s in sources.get(family, ())} for family in Family
+    }
+    if old is None or new is None:
+        return flush_plan(_AllOf(selected, EgressView(), EgressView()))
+    return flush_plan(FlushPlan(selected, old, new))
+
+
+@dataclass
+class _AllOf(FlushPlan):
+    def wants(self, family: Family, source: str, destination: str) -> bool:
+        return source in self.sources.get(family, ())

@@ -1,0 +1,785 @@
+"""The nftables firewall backend: one private table, a few static rules, dynamic sets and maps.
+
+Layout (``table inet metaleg``; IPv4 and IPv6 in one table), in the style of
+kube-proxy's nftables mode: the rules never change with the Services, only the
+elements of the sets and maps they look up do, so N Services cost O(1) rules
+(plus one tiny chain per gateway node)::
+
+    set exclude4/exclude6  (interval)   FIREWALL_EXCLUDE_DST_CIDRS
+    map snat4/snat6        source -> LoadBalancer IP        (this node is the gateway)
+    map mark4/mark6        source -> jump fwmark_<mark>     (another node is the gateway)
+    set reject4/reject6    sources                          (gateway unknown: fail closed)
+
+    chain fwmark_<mark>    meta mark set meta mark & ~fwmask | <mark>   (one per gateway slot)
+    chain prerouting   filter/prerouting  priority mangle - 10:
+        daddr @exclude return; saddr vmap @mark
+    chain postrouting  nat/postrouting    priority srcnat - 10:
+        daddr @exclude return;
+        meta mark & fwmask != 0 snat to saddr      (null binding, see below)
+        snat to saddr map @snat
+    chain forward      filter/forward     priority filter - 10:
+        daddr @exclude return; saddr @reject reject with icmpx admin-prohibited
+
+Why these priorities: each base chain runs just before the hook's iptables
+chains (legacy or nft: mangle -150, srcnat 100, filter 0). NAT is decided by the
+first NAT chain at the hook that creates a binding, across tables and across
+legacy/nft; an ``accept``/``return`` does not stop later tables. So a marked
+packet gets a *null binding* here (SNAT to its own source address): it keeps the
+pod IP, and the node's masquerade (kube-router/kube-proxy, either mode) no longer
+applies to it; on the gateway node the SNAT map binds the LB IP first.
+
+The mark is set through a verdict map jumping to one chain per mark because
+nft 1.0.6 cannot combine a map lookup with ``meta mark & ~mask |`` (the right
+hand side of ``|`` must be constant), and overwriting the whole mark would
+clobber bits outside FIREWALL_MASK that other components use.
+
+Transactions: every :meth:`NftablesBackend.apply` is ONE nft transaction
+(libnftables sends a script as one netlink batch; the kernel commits all or
+nothing): element deletions/additions and new/removed per-mark chains. A full
+re-sync recreates the whole table in one transaction (``add table; delete
+table; add table ...``), so packets see either the old or the new table, never
+an empty one. Only ``table inet metaleg`` is ever touched.
+
+Every rule carries a comment ``metaleg:<hash of chain and rule text>`` so that
+a re-sync can tell our rules (in order) from edited, removed or foreign ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from metaleg.backend import BackendError
+from metaleg.firewall import conntrack
+from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
+from metaleg.firewall.libnftables import Nft, NftError
+from metaleg.model import Action, Family, NodeDesiredState
+
+log = logging.getLogger(__name__)
+
+FAMILY = "inet"
+TABLE = "metaleg"
+QUALIFIED = f"{FAMILY} {TABLE}"
+
+REJECT_WITH = (
+    "icmpx admin-prohibited",
+    "icmpx port-unreachable",
+    "icmpx host-unreachable",
+    "icmpx no-route",
+)
+"""Allowed ``reject with`` arguments (icmpx works for both families in an inet table)."""
+
+_SUFFIX = {Family.IPV4: "4", Family.IPV6: "6"}
+_IP = {Family.IPV4: "ip", Family.IPV6: "ip6"}
+_ADDR = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
+_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
+
+
+class SetSpec(NamedTuple):
+    """A set or map of the table as nft lists it."""
+
+    kind: str  # "set" or "map"
+    type: str
+    map: str | None
+    flags: tuple[str, ...]
+
+    def declaration(self, name: str) -> str:
+        type_ = f"{self.type} : {self.map}" if self.map else self.type
+        flags = f" flags {', '.join(self.flags)};" if self.flags else ""
+        return f"add {self.kind} {QUALIFIED} {name} {{ type {type_};{flags} }}"
+
+
+SETS: dict[str, SetSpec] = {}
+for _family in Family:
+    _s, _a = _SUFFIX[_family], _ADDR[_family]
+    SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
+    SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
+    SETS[f"mark{_s}"] = SetSpec("map", _a, "verdict", ())
+    SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
+
+
+class ChainSpec(NamedTuple):
+    """A chain of the table: a base chain (with hook) or a regular one, and its rules."""
+
+    name: str
+    type: str | None
+    hook: str | None
+    priority: str | None
+    """The priority as written (nft syntax)."""
+    prio: int | None
+    """The priority as nft lists it (numeric)."""
+    rules: tuple[str, ...]
+
+    def declaration(self) -> str:
+        if self.hook is None:
+            return f"add chain {QUALIFIED} {self.name}"
+        return (
+            f"add chain {QUALIFIED} {self.name} {{ type {self.type} hook {self.hook} "
+            f"priority {self.priority}; policy accept; }}"
+        )
+
+    def rule_commands(self) -> list[str]:
+        return [
+            f'add rule {QUALIFIED} {self.name} {rule} comment "{rule_comment(self.name, rule)}"'
+            for rule in self.rules
+        ]
+
+    def comments(self) -> list[str]:
+        return [rule_comment(self.name, rule) for rule in self.rules]
+
+
+def rule_comment(chain: str, rule: str) -> str:
+    """The tag of a rule: changes whenever the rule's text (or its chain) does."""
+    digest = hashlib.sha256(f"{chain}\n{rule}".encode()).hexdigest()[:16]
+    return f"metaleg:{digest}"
+
+
+def mark_chain_name(fwmark: int) -> str:
+    """``fwmark_00100000``: one regular chain per gateway mark ("mark" is an nft keyword)."""
+    return f"fwmark_{fwmark:08x}"
+
+
+def mark_chain(fwmark: int, fwmask: int) -> ChainSpec:
+    keep = ~fwmask & 0xFFFFFFFF
+    rule = f"meta mark set meta mark & {keep:#010x} | {fwmark:#010x}"
+    return ChainSpec(mark_chain_name(fwmark), None, None, None, None, (rule,))
+
+
+def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
+    """The three static base chains; their rules depend only on the mask and reject type."""
+    mask = f"{fwmask:#010x}"
+    excludes = tuple(f"{_IP[f]} daddr @exclude{_SUFFIX[f]} return" for f in Family)
+    return (
+        ChainSpec(
+            "prerouting",
+            "filter",
+            "prerouting",
+            "mangle - 10",
+            -160,
+            (*excludes, *(f"{_IP[f]} saddr vmap @mark{_SUFFIX[f]}" for f in Family)),
+        ),
+        ChainSpec(
+            "postrouting",
+            "nat",
+            "postrouting",
+            "srcnat - 10",
+            90,
+            (
+                *excludes,
+                # The null binding: marked packets keep their source, and no later
+                # NAT chain (the node's masquerade) gets to bind them.
+                *(
+                    f"meta nfproto ipv{int(f)} meta mark & {mask} != 0 "
+                    f"snat {_IP[f]} to {_IP[f]} saddr"
+                    for f in Family
+                ),
+                *(f"snat {_IP[f]} to {_IP[f]} saddr map @snat{_SUFFIX[f]}" for f in Family),
+            ),
+        ),
+        ChainSpec(
+            "forward",
+            "filter",
+            "forward",
+            "filter - 10",
+            -10,
+            (
+                *excludes,
+                *(f"{_IP[f]} saddr @reject{_SUFFIX[f]} reject with {reject_with}" for f in Family),
+            ),
+        ),
+    )
+
+
+def canonical_cidrs(cidrs: Iterable[str], family: Family) -> frozenset[str]:
+    """Non-overlapping, merged prefixes covering ``cidrs`` (of ``family``).
+
+    Interval sets reject overlapping elements and list adjacent ones merged or
+    not depending on how they were added; going through merged ranges and back
+    to prefixes gives one canonical form for what we add and what we read.
+    """
+    ranges: list[tuple[int, int]] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.version == family:
+            ranges.append((int(network.network_address), int(network.broadcast_address)))
+    return _ranges_to_cidrs(ranges, family)
+
+
+def _ranges_to_cidrs(ranges: list[tuple[int, int]], family: Family) -> frozenset[str]:
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    address: Any = ipaddress.IPv4Address if family == Family.IPV4 else ipaddress.IPv6Address
+    result: set[str] = set()
+    for start, end in merged:
+        result.update(
+            str(n) for n in ipaddress.summarize_address_range(address(start), address(end))
+        )
+    return frozenset(result)
+
+
+def _empty_sets() -> dict[Family, frozenset[str]]:
+    return {f: frozenset() for f in Family}
+
+
+def _empty_maps() -> dict[Family, dict[str, str]]:
+    return {f: {} for f in Family}
+
+
+@dataclass(frozen=True)
+class TableContent:
+    """The dynamic part of the table: what the sets and maps hold."""
+
+    exclude: dict[Family, frozenset[str]] = field(default_factory=_empty_sets)
+    snat: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
+    """source -> LoadBalancer IP"""
+    mark: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
+    """source -> name of the chain that sets its mark"""
+    reject: dict[Family, frozenset[str]] = field(default_factory=_empty_sets)
+
+    @classmethod
+    def of(cls, state: NodeDesiredState) -> TableContent:
+        """Render a desired state (raises :class:`BackendError` naming a bad Service)."""
+        try:
+            treatments = conntrack.source_treatments(state)
+        except TreatmentError as error:
+            raise BackendError(f"nftables: {error}") from error
+        content = cls(
+            exclude={
+                Family.IPV4: canonical_cidrs(state.exclude_dst_ipv4, Family.IPV4),
+                Family.IPV6: canonical_cidrs(state.exclude_dst_ipv6, Family.IPV6),
+            }
+        )
+        for family, table in treatments.items():
+            reject: set[str] = set()
+            for source, treatment in table.items():
+                if treatment.action == Action.SNAT:
+                    assert treatment.snat_ip is not None  # validated by source_treatments
+                    content.snat[family][source] = treatment.snat_ip
+                elif treatment.action == Action.MARK:
+                    assert treatment.fwmark is not None
+                    content.mark[family][source] = mark_chain_name(treatment.fwmark)
+                else:
+                    reject.add(source)
+            content.reject[family] = frozenset(reject)
+        return content
+
+    def mark_chains(self) -> dict[str, int]:
+        """The per-mark chains the mark maps jump to (name -> mark)."""
+        names = {name for table in self.mark.values() for name in table.values()}
+        result = {}
+        for name in names:
+            match = _MARK_CHAIN.match(name)
+            if match:
+                result[name] = int(match.group(1), 16)
+        return result
+
+    @functools.cached_property
+    def view(self) -> EgressView:
+        """The conntrack scoping view of this content (computed once per content)."""
+        treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
+        for family in Family:
+            table = treatments[family]
+            for source, lb_ip in self.snat[family].items():
+                table[source] = Treatment(Action.SNAT, snat_ip=lb_ip)
+            for source, chain in self.mark[family].items():
+                match = _MARK_CHAIN.match(chain)
+                table[source] = Treatment(
+                    Action.MARK, fwmark=int(match.group(1), 16) if match else None
+                )
+            for source in self.reject[family]:
+                table[source] = Treatment(Action.REJECT)
+        return EgressView(
+            treatments,
+            {family: conntrack.collapse_cidrs(self.exclude[family], family) for family in Family},
+        )
+
+    def element_sets(self) -> dict[str, frozenset[str]]:
+        """Every set/map as nft element strings, keyed by set name (for diffs)."""
+        result: dict[str, frozenset[str]] = {}
+        for family in Family:
+            s = _SUFFIX[family]
+            result[f"exclude{s}"] = self.exclude[family]
+            result[f"reject{s}"] = self.reject[family]
+        return result
+
+    def element_maps(self) -> dict[str, dict[str, str]]:
+        result: dict[str, dict[str, str]] = {}
+        for family in Family:
+            s = _SUFFIX[family]
+            result[f"snat{s}"] = self.snat[family]
+            result[f"mark{s}"] = {k: f"jump {v}" for k, v in self.mark[family].items()}
+        return result
+
+    def counts(self) -> dict[str, int]:
+        sizes = {name: len(v) for name, v in self.element_sets().items()}
+        sizes.update({name: len(v) for name, v in self.element_maps().items()})
+        return sizes
+
+
+def _elements(items: Iterable[str]) -> str:
+    return ", ".join(items)
+
+
+def _add_elements(name: str, items: Iterable[str]) -> list[str]:
+    listed = sorted(items)
+    return [f"add element {QUALIFIED} {name} {{ {_elements(listed)} }}"] if listed else []
+
+
+def _delete_elements(name: str, items: Iterable[str]) -> list[str]:
+    listed = sorted(items)
+    return [f"delete element {QUALIFIED} {name} {{ {_elements(listed)} }}"] if listed else []
+
+
+def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
+    """One transaction that replaces the whole table with ``content``.
+
+    ``add table`` first makes ``delete table`` succeed whether or not the table
+    exists; both run in the same batch as the new definition, so the kernel
+    swaps old for new atomically.
+    """
+    commands = [f"add table {QUALIFIED}", f"delete table {QUALIFIED}", f"add table {QUALIFIED}"]
+    commands += [spec.declaration(name) for name, spec in SETS.items()]
+    for fwmark in sorted(content.mark_chains().values()):
+        chain = mark_chain(fwmark, fwmask)
+        commands += [chain.declaration(), *chain.rule_commands()]
+    for name, members in content.element_sets().items():
+        commands += _add_elements(name, members)
+    for name, mapping in content.element_maps().items():
+        commands += _add_elements(name, (f"{k} : {v}" for k, v in mapping.items()))
+    # Base chains last: they reference the sets and maps above.
+    for chain in base_chains(fwmask, reject_with):
+        commands += [chain.declaration(), *chain.rule_commands()]
+    return "\n".join(commands) + "\n"
+
+
+def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
+    """One transaction that turns ``old`` into ``new`` (empty string: nothing to do).
+
+    Order inside the batch: new mark chains (the map elements jump to them),
+    element deletions (removed keys and keys whose value changes), element
+    additions, then removal of mark chains no longer referenced.
+    """
+    commands: list[str] = []
+    old_chains, new_chains = old.mark_chains(), new.mark_chains()
+    for name in sorted(new_chains.keys() - old_chains.keys()):
+        chain = mark_chain(new_chains[name], fwmask)
+        commands += [chain.declaration(), *chain.rule_commands()]
+    old_sets, new_sets = old.element_sets(), new.element_sets()
+    old_maps, new_maps = old.element_maps(), new.element_maps()
+    for name in old_sets:
+        commands += _delete_elements(name, old_sets[name] - new_sets[name])
+    for name in old_maps:
+        before, after = old_maps[name], new_maps[name]
+        commands += _delete_elements(
+            name, (k for k, v in before.items() if k not in after or after[k] != v)
+        )
+    for name in new_sets:
+        commands += _add_elements(name, new_sets[name] - old_sets[name])
+    for name in new_maps:
+        before, after = old_maps[name], new_maps[name]
+        commands += _add_elements(
+            name, (f"{k} : {v}" for k, v in after.items() if before.get(k) != v)
+        )
+    for name in sorted(old_chains.keys() - new_chains.keys()):
+        commands += [f"flush chain {QUALIFIED} {name}", f"delete chain {QUALIFIED} {name}"]
+    return "\n".join(commands) + "\n" if commands else ""
+
+
+# --- reading the table back -------------------------------------------------------------
+
+
+@dataclass
+class ActualTable:
+    """The table as listed by ``nft -j list table inet metaleg``."""
+
+    flags: list[str] = field(default_factory=list)
+    sets: dict[str, SetSpec] = field(default_factory=dict)
+    elements: dict[str, list[Any]] = field(default_factory=dict)
+    chains: dict[str, tuple[str | None, str | None, int | None, str | None]] = field(
+        default_factory=dict
+    )
+    rules: dict[str, list[tuple[str | None, str]]] = field(default_factory=dict)
+    """chain -> [(comment, expression as canonical JSON)] in order"""
+
+    @classmethod
+    def parse(cls, document: Mapping[str, Any]) -> ActualTable:
+        table = cls()
+        for item in document.get("nftables", []):
+            if not isinstance(item, dict):
+                continue
+            if "table" in item:
+                flags = item["table"].get("flags", [])
+                table.flags = [flags] if isinstance(flags, str) else list(flags)
+            for kind in ("set", "map"):
+                if kind in item:
+                    obj = item[kind]
+                    flags = obj.get("flags", [])
+                    table.sets[obj["name"]] = SetSpec(
+                        kind,
+                        str(obj.get("type")),
+                        obj.get("map"),
+                        tuple([flags] if isinstance(flags, str) else flags),
+                    )
+                    table.elements[obj["name"]] = list(obj.get("elem", []))
+            if "chain" in item:
+                obj = item["chain"]
+                table.chains[obj["name"]] = (
+                    obj.get("type"),
+                    obj.get("hook"),
+                    obj.get("prio"),
+                    obj.get("policy"),
+                )
+                table.rules.setdefault(obj["name"], [])
+            if "rule" in item:
+                obj = item["rule"]
+                table.rules.setdefault(obj["chain"], []).append(
+                    (obj.get("comment"), json.dumps(obj.get("expr"), sort_keys=True))
+                )
+        return table
+
+    def content(self) -> TableContent:
+        """The set and map elements, canonical (unparseable elements are skipped)."""
+        content = TableContent()
+        for family in Family:
+            s = _SUFFIX[family]
+            content.exclude[family] = _ranges_to_cidrs(
+                [r for e in self.elements.get(f"exclude{s}", []) if (r := _range(e, family))],
+                family,
+            )
+            content.reject[family] = frozenset(
+                a for e in self.elements.get(f"reject{s}", []) if (a := _address(e, family))
+            )
+            for key, value in _pairs(self.elements.get(f"snat{s}", [])):
+                source, lb_ip = _address(key, family), _address(value, family)
+                if source and lb_ip:
+                    content.snat[family][source] = lb_ip
+            for key, value in _pairs(self.elements.get(f"mark{s}", [])):
+                source = _address(key, family)
+                target = value.get("jump", {}).get("target") if isinstance(value, dict) else None
+                if source and isinstance(target, str):
+                    content.mark[family][source] = target
+        return content
+
+
+def _unwrap(element: Any) -> Any:
+    # Elements with attributes (timeout, counter, comment) are listed as {"elem": {"val": ...}}.
+    if isinstance(element, dict) and "elem" in element:
+        return element["elem"].get("val")
+    return element
+
+
+def _address(value: Any, family: Family) -> str | None:
+    return conntrack.canonical_ip(_unwrap(value), family)
+
+
+def _range(element: Any, family: Family) -> tuple[int, int] | None:
+    element = _unwrap(element)
+    try:
+        if isinstance(element, dict) and "prefix" in element:
+            prefix = element["prefix"]
+            network = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}")
+            if network.version != family:
+                return None
+            return int(network.network_address), int(network.broadcast_address)
+        if isinstance(element, dict) and "range" in element:
+            start, end = (ipaddress.ip_address(a) for a in element["range"])
+            if start.version != family or end.version != family:
+                return None
+            return int(start), int(end)
+        address = ipaddress.ip_address(element)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (int(address), int(address)) if address.version == family else None
+
+
+def _pairs(elements: list[Any]) -> list[tuple[Any, Any]]:
+    pairs = []
+    for element in elements:
+        element = _unwrap(element)
+        if isinstance(element, list) and len(element) == 2:
+            pairs.append((element[0], element[1]))
+    return pairs
+
+
+def differences(
+    actual: ActualTable,
+    desired: TableContent,
+    fwmask: int,
+    reject_with: str,
+    baseline: Mapping[str, str],
+) -> list[str]:
+    """What differs between the listed table and the desired one (empty: nothing).
+
+    Rules are compared by their comment tags, in order, and, where a tag's
+    expression was recorded right after we wrote it (``baseline``), by
+    expression too, which catches a rule edited in place.
+    """
+    problems: list[str] = []
+    if actual.flags:
+        problems.append(f"table has flags {actual.flags}")
+    for name, spec in SETS.items():
+        if name not in actual.sets:
+            problems.append(f"{spec.kind} {name} is missing")
+        elif actual.sets[name] != spec:
+            problems.append(f"{spec.kind} {name} is {actual.sets[name]}, want {spec}")
+    problems += [f"unexpected set {name}" for name in actual.sets.keys() - SETS.keys()]
+    chains = {c.name: c for c in base_chains(fwmask, reject_with)}
+    chains.update({n: mark_chain(m, fwmask) for n, m in desired.mark_chains().items()})
+    for name, chain in chains.items():
+        if name not in actual.chains:
+            problems.append(f"chain {name} is missing")
+            continue
+        want = (chain.type, chain.hook, chain.prio, "accept" if chain.hook else None)
+        if actual.chains[name] != want:
+            problems.append(f"chain {name} is {actual.chains[name]}, want {want}")
+        rules = actual.rules.get(name, [])
+        if [comment for comment, _ in rules] != chain.comments():
+            problems.append(f"chain {name} holds other rules than ours")
+            continue
+        for comment, expression in rules:
+            if comment is not None and comment in baseline and baseline[comment] != expression:
+                problems.append(f"rule {comment} in chain {name} was modified")
+    problems += [f"unexpected chain {name}" for name in actual.chains.keys() - chains.keys()]
+    # A count that differs from the parsed elements means elements we could not
+    # parse (or duplicates after canonicalisation): not ours, so recreate.
+    content = actual.content()
+    have_sets, have_maps = content.element_sets(), content.element_maps()
+    for name, members in desired.element_sets().items():
+        have = have_sets[name]
+        if have != members or len(actual.elements.get(name, [])) != len(have):
+            problems.append(f"set {name}: {len(have ^ members)} elements differ")
+    for name, mapping in desired.element_maps().items():
+        have_map = have_maps[name]
+        if have_map != mapping or len(actual.elements.get(name, [])) != len(have_map):
+            changed = {
+                k for k in have_map.keys() | mapping.keys() if have_map.get(k) != mapping.get(k)
+            }
+            problems.append(f"map {name}: {len(changed)} elements differ")
+    return problems
+
+
+# --- the backend ------------------------------------------------------------------------
+
+
+class NftablesBackend:
+    """Renders :class:`NodeDesiredState` into ``table inet metaleg`` (see the module doc).
+
+    Knobs: ``reject_with`` (one of :data:`REJECT_WITH`), ``flush_conntrack``
+    (delete the conntrack entries a change outdates, see
+    :mod:`metaleg.firewall.conntrack`; on by default).
+    """
+
+    name = "nftables"
+
+    def __init__(
+        self,
+        *,
+        reject_with: str = "icmpx admin-prohibited",
+        flush_conntrack: bool = True,
+    ) -> None:
+        if reject_with not in REJECT_WITH:
+            raise ValueError(f"nftables: reject_with {reject_with!r} is not one of {REJECT_WITH}")
+        self.reject_with = reject_with
+        self.flush_conntrack = flush_conntrack
+        self._nft: Nft | None = None
+        self._applied: TableContent | None = None
+        """What we last committed (None: unknown, the next apply recreates the table)."""
+        self._fwmask: int | None = None
+        self._baseline: dict[str, str] = {}
+        """rule comment -> expression, as the kernel listed it right after we wrote it."""
+        self._pending_flush: FlushPlan | None = None
+        self.last_duration = 0.0
+        """Seconds the last nft transaction took (for metrics and tests)."""
+        self.transactions = 0
+        """nft transactions committed by this backend (for metrics and tests)."""
+
+    # The context is opened lazily so that a backend built before entering a
+    # namespace (or before a fork) acts where it is used.
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            try:
+                self._nft = Nft()
+            except NftError as error:
+                raise BackendError(f"nftables: {error}") from error
+        return self._nft
+
+    def apply(self, state: NodeDesiredState) -> None:
+        desired = TableContent.of(state)
+        previous = self._applied
+        if previous is None or self._fwmask != state.fwmask:
+            self._recreate(desired, state.fwmask, self._kernel_content(), "first apply")
+            return
+        script = diff_script(previous, desired, state.fwmask)
+        if script:
+            try:
+                self._run(script)
+            except BackendError as error:
+                # Our idea of the table was wrong (someone changed it); a full
+                # recreate is one atomic transaction too, so just do that.
+                log.warning(
+                    "incremental nftables update failed; recreating the table",
+                    extra={"error": str(error)},
+                )
+                self._applied = None
+                self._recreate(desired, state.fwmask, self._kernel_content(), "repair")
+                return
+            self._applied = desired
+            if desired.mark_chains().keys() - previous.mark_chains().keys():
+                self._record_baseline(merge=True)
+            log.debug("nftables updated", extra={"elements": desired.counts()})
+        self._flush(previous, desired)
+
+    def resync(self, state: NodeDesiredState) -> None:
+        desired = TableContent.of(state)
+        document = self._list()
+        actual = ActualTable.parse(document) if document is not None else None
+        if document is None:
+            reason = "table missing"
+        elif self._applied is None or self._fwmask != state.fwmask or not self._baseline:
+            # A fresh process cannot vouch for rules it did not write: recreate
+            # once (atomic, cheap) and record what the kernel made of them.
+            reason = "first re-sync of this process"
+        else:
+            assert actual is not None
+            problems = differences(actual, desired, state.fwmask, self.reject_with, self._baseline)
+            if not problems:
+                self._applied = desired
+                self._flush(None, desired)  # retry a pending flush, if any
+                return
+            reason = "; ".join(problems[:10])
+            log.warning("nftables table differs; recreating it", extra={"problems": problems})
+        self._recreate(desired, state.fwmask, actual.content() if actual else None, reason)
+
+    def cleanup(self) -> None:
+        document = self._list()
+        old = ActualTable.parse(document).content() if document is not None else None
+        try:
+            # "add" first so that "delete" cannot fail on a missing table.
+            self._run(f"add table {QUALIFIED}\ndelete table {QUALIFIED}\n")
+        finally:
+            self._applied = None
+            self._baseline = {}
+        if old is not None:
+            # Flows we SNATed or null-bound would keep that binding after the
+            # rules are gone; let them re-enter through the node's own rules.
+            self._flush_views(old.view, EgressView(exclude=old.view.exclude))
+
+    def close(self) -> None:
+        if self._nft is not None:
+            self._nft.close()
+            self._nft = None
+
+    # --- internals ---
+
+    def _run(self, script: str) -> str:
+        started = time.monotonic()
+        try:
+            output = self.nft.run(script)
+        except NftError as error:
+            raise BackendError(f"nftables: table {QUALIFIED}: {error}") from error
+        finally:
+            self.last_duration = time.monotonic() - started
+        self.transactions += 1
+        return output
+
+    def _list(self) -> dict[str, Any] | None:
+        """The table as JSON, or None if it does not exist or cannot be listed."""
+        try:
+            tables = self.nft.run(f"list tables {FAMILY}")
+        except NftError as error:
+            raise BackendError(f"nftables: cannot list tables: {error}") from error
+        if f"table {QUALIFIED}" not in tables.splitlines():
+            return None
+        try:
+            return self.nft.json(f"list table {QUALIFIED}")
+        except NftError as error:
+            # nft 1.0.6 writes broken JSON for some states (e.g. a dormant table);
+            # an unreadable table is recreated like a missing one.
+            log.warning("cannot read table %s: %s", QUALIFIED, error)
+            return None
+
+    def _kernel_content(self) -> TableContent | None:
+        document = self._list()
+        return ActualTable.parse(document).content() if document is not None else None
+
+    def _recreate(
+        self, desired: TableContent, fwmask: int, old: TableContent | None, reason: str
+    ) -> None:
+        self._run(full_script(desired, fwmask, self.reject_with))
+        log.info(
+            "nftables table recreated",
+            extra={
+                "reason": reason,
+                "seconds": round(self.last_duration, 4),
+                "elements": desired.counts(),
+            },
+        )
+        self._applied = desired
+        self._fwmask = fwmask
+        self._record_baseline()
+        # Old treatments as the kernel held them: a restart over an intact
+        # table then flushes nothing. With no table at all, every flow of a
+        # treated source was the node's (masqueraded) and must be re-tracked.
+        self._flush(old if old is not None else TableContent(exclude=desired.exclude), desired)
+
+    def _record_baseline(self, merge: bool = False) -> None:
+        """Record the expressions of our rules as the kernel lists them (terse: no elements).
+
+        ``merge`` (after an incremental change that added mark chains) records
+        only tags not yet known, so that a rule edited since the last full
+        recreate is not accepted as the new normal.
+        """
+        try:
+            document = self.nft.json(f"list table {QUALIFIED}", terse=True)
+        except NftError as error:
+            log.warning("cannot read back table %s: %s", QUALIFIED, error)
+            if not merge:
+                self._baseline = {}
+            return
+        listed = {
+            comment: expression
+            for rules in ActualTable.parse(document).rules.values()
+            for comment, expression in rules
+            if comment is not None
+        }
+        self._baseline = {**listed, **self._baseline} if merge else listed
+
+    def _flush(self, old: TableContent | None, new: TableContent) -> None:
+        if old is None:
+            self._flush_views(None, None)
+        else:
+            self._flush_views(old.view, new.view)
+
+    def _flush_views(self, old: EgressView | None, new: EgressView | None) -> None:
+        if not self.flush_conntrack:
+            return
+        plan = self._pending_flush
+        if old is not None and new is not None:
+            step = FlushPlan.between(old, new)
+            plan = plan.merged(step) if plan is not None else step
+        if plan is None or not plan:
+            self._pending_flush = None
+            return
+        try:
+            conntrack.flush_plan(plan)
+        except OSError as error:
+            # The rules are in place; the flush is retried with the next apply.
+            self._pending_flush = plan
+            raise BackendError(
+                f"nftables: table {QUALIFIED} applied, but deleting outdated conntrack "
+                f"entries failed: {error}"
+            ) from error
+        self._pending_flush = None

@@ -1,0 +1,308 @@
+"""Conntrack scoping: which sources a change affects (pure), and deleting only their entries."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from metaleg.firewall import conntrack
+from metaleg.firewall.conntrack import (
+    EgressView,
+    FlushPlan,
+    Treatment,
+    TreatmentError,
+    affected_sources,
+    changed_sources,
+    flush_sources,
+    source_treatments,
+)
+from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
+from tests.netns import namespace, run_in_netns, sh
+
+MASK = 0x00F00000
+
+
+def egress(
+    family: Family, action: Action, *sources: str, snat: str | None = None, mark: int | None = None
+) -> FamilyEgress:
+    return FamilyEgress(family, action, tuple(sorted(sources)), snat_ip=snat, fwmark=mark)
+
+
+def state(
+    *services: tuple[str, tuple[FamilyEgress, ...]],
+    exclude4: tuple[str, ...] = ("10.0.0.0/8",),
+    exclude6: tuple[str, ...] = ("fc00::/7",),
+) -> NodeDesiredState:
+    return NodeDesiredState(
+        "node-a",
+        MASK,
+        exclude4,
+        exclude6,
+        tuple(
+            ServiceEgress("ns", name, Role.GATEWAY, "node-a", (), families)
+            for name, families in sorted(services)
+        ),
+    )
+
+
+SNAT = ("snat", (egress(Family.IPV4, Action.SNAT, "10.244.1.10", "10.244.1.11", snat="192.0.2.1"),))
+MARK = ("mark", (egress(Family.IPV4, Action.MARK, "10.244.1.20", mark=0x100000),))
+REJECT = ("reject", (egress(Family.IPV6, Action.REJECT, "fd00::30"),))
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def test_treatments_are_canonical_and_resolved() -> None:
+    treatments = source_treatments(
+        state(
+            ("a", (egress(Family.IPV6, Action.REJECT, "FD00:0::1"),)),
+            ("b", (egress(Family.IPV6, Action.SNAT, "fd00::1", "fd00::2", snat="2001:DB8::1"),)),
+            MARK,
+        )
+    )
+    assert treatments == {
+        Family.IPV4: {"10.244.1.20": Treatment(Action.MARK, fwmark=0x100000)},
+        Family.IPV6: {
+            "fd00::1": Treatment(Action.REJECT),
+            "fd00::2": Treatment(Action.SNAT, snat_ip="2001:db8::1"),
+        },
+    }
+
+
+def test_bad_state_names_the_service() -> None:
+    bad = ("bad", (egress(Family.IPV4, Action.MARK, "10.1.0.1", mark=0x1000000),))
+    with pytest.raises(TreatmentError, match=r"service ns/bad .*0x1000000"):
+        source_treatments(state(bad))
+
+
+def test_first_state_affects_every_treated_source() -> None:
+    assert affected_sources(None, state(SNAT, MARK, REJECT)) == {
+        Family.IPV4: {"10.244.1.10", "10.244.1.11", "10.244.1.20"},
+        Family.IPV6: {"fd00::30"},
+    }
+
+
+def test_unchanged_state_affects_nothing() -> None:
+    assert affected_sources(state(SNAT, MARK), state(MARK, SNAT)) == {
+        Family.IPV4: set(),
+        Family.IPV6: set(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("new", "affected"),
+    [
+        # The LB IP changes: both SNAT sources.
+        (
+            (("snat", (egress(Family.IPV4, Action.SNAT, "10.244.1.10", "10.244.1.11", snat="192.0.2.2"),)), MARK),
+            {"10.244.1.10", "10.244.1.11"},
+        ),
+        # The gateway moves away (SNAT -> MARK) for one source; the other disappears.
+        (
+            (("snat", (egress(Family.IPV4, Action.MARK, "10.244.1.10", mark=0x200000),)), MARK),
+            {"10.244.1.10", "10.244.1.11"},
+        ),
+        # Another gateway slot for the marked source.
+        ((SNAT, ("mark", (egress(Family.IPV4, Action.MARK, "10.244.1.20", mark=0x200000),))), {"10.244.1.20"}),
+        # Gateway lost: MARK -> REJECT.
+        ((SNAT, ("mark", (egress(Family.IPV4, Action.REJECT, "10.244.1.20"),))), {"10.244.1.20"}),
+        # A new pod appears in a labelled Service.
+        ((SNAT, ("mark", (egress(Family.IPV4, Action.MARK, "10.244.1.20", "10.244.1.21", mark=0x100000),))), {"10.244.1.21"}),
+        # The Service loses its label: its flows must not keep the LB IP.
+        ((MARK,), {"10.244.1.10", "10.244.1.11"}),
+    ],
+)  # fmt: skip
+def test_changes_affect_exactly_the_changed_sources(
+    new: tuple[tuple[str, tuple[FamilyEgress, ...]], ...], affected: set[str]
+) -> None:
+    assert affected_sources(state(SNAT, MARK), state(*new)) == {
+        Family.IPV4: affected,
+        Family.IPV6: set(),
+    }
+
+
+def test_changed_exclusions_affect_every_treated_source_of_that_family() -> None:
+    old, new = state(SNAT, MARK, REJECT), state(SNAT, MARK, REJECT, exclude4=("10.0.0.0/9",))
+    assert affected_sources(old, new) == {
+        Family.IPV4: {"10.244.1.10", "10.244.1.11", "10.244.1.20"},
+        Family.IPV6: set(),
+    }
+    plan = FlushPlan.between(EgressView.of(old), EgressView.of(new))
+    # Excluded before and after: left alone. Excluded only before: now NATed, so flushed.
+    assert not plan.wants(Family.IPV4, "10.244.1.10", "10.1.2.3")
+    assert plan.wants(Family.IPV4, "10.244.1.10", "10.200.0.1")
+    assert not plan.wants(Family.IPV4, "10.244.1.10", "8.8.8.8")  # treatment unchanged
+
+
+def test_flows_to_excluded_destinations_are_kept() -> None:
+    plan = FlushPlan.between(EgressView.of(None), EgressView.of(state(SNAT, REJECT)))
+    assert plan.wants(Family.IPV4, "10.244.1.10", "8.8.8.8")
+    assert not plan.wants(Family.IPV4, "10.244.1.10", "10.96.0.1")
+    assert not plan.wants(Family.IPV4, "10.244.1.99", "8.8.8.8")  # not ours
+    assert plan.wants(Family.IPV6, "fd00::30", "2001:db8::1")
+    assert not plan.wants(Family.IPV6, "fd00::30", "fd00::1")
+
+
+def test_a_merged_plan_keeps_an_undone_change() -> None:
+    """SNAT IP A -> B (flush failed) -> A: entries made meanwhile hold B and must go."""
+    a = EgressView.of(state(SNAT))
+    b_state = (
+        "snat",
+        (egress(Family.IPV4, Action.SNAT, "10.244.1.10", "10.244.1.11", snat="192.0.2.9"),),
+    )
+    b = EgressView.of(state(b_state))
+    merged = FlushPlan.between(a, b).merged(FlushPlan.between(b, a))
+    assert merged
+    assert merged.wants(Family.IPV4, "10.244.1.10", "8.8.8.8")
+    assert not merged.wants(Family.IPV4, "10.244.1.10", "10.1.1.1")
+
+
+addresses = st.sampled_from([f"10.244.0.{i}" for i in range(1, 9)])
+treatment_entries = st.one_of(
+    st.builds(
+        lambda s, ip: egress(Family.IPV4, Action.SNAT, *s, snat=ip),
+        st.sets(addresses, min_size=1, max_size=4),
+        st.sampled_from(["192.0.2.1", "192.0.2.2"]),
+    ),
+    st.builds(
+        lambda s, m: egress(Family.IPV4, Action.MARK, *s, mark=m << 20),
+        st.sets(addresses, min_size=1, max_size=4),
+        st.integers(1, 3),
+    ),
+    st.builds(
+        lambda s: egress(Family.IPV4, Action.REJECT, *s), st.sets(addresses, min_size=1, max_size=4)
+    ),
+)
+states = st.lists(treatment_entries, max_size=5).map(
+    lambda entries: state(*((f"s{i}", (e,)) for i, e in enumerate(entries)))
+)
+
+
+@given(states, states)
+def test_affected_is_exactly_the_sources_whose_treatment_differs(
+    old: NodeDesiredState, new: NodeDesiredState
+) -> None:
+    before, after = source_treatments(old)[Family.IPV4], source_treatments(new)[Family.IPV4]
+    affected = affected_sources(old, new)
+    assert affected[Family.IPV4] == {
+        s for s in before.keys() | after.keys() if before.get(s) != after.get(s)
+    }
+    assert affected == affected_sources(new, old)
+    assert affected_sources(new, new) == {Family.IPV4: set(), Family.IPV6: set()}
+    plan = FlushPlan.between(EgressView.of(old), EgressView.of(new))
+    for source in affected[Family.IPV4]:
+        assert plan.wants(Family.IPV4, source, "198.51.100.1")
+        assert not plan.wants(Family.IPV4, source, "10.1.1.1")  # excluded in both
+
+
+@given(states, states, states)
+def test_changed_sources_of_two_steps_cover_the_direct_change(
+    a: NodeDesiredState, b: NodeDesiredState, c: NodeDesiredState
+) -> None:
+    va, vb, vc = EgressView.of(a), EgressView.of(b), EgressView.of(c)
+    direct = changed_sources(va, vc)[Family.IPV4]
+    steps = changed_sources(va, vb)[Family.IPV4] | changed_sources(vb, vc)[Family.IPV4]
+    assert direct <= steps
+
+
+# --- kernel -------------------------------------------------------------------------------
+
+FLOWS = [
+    # (source, destination, protocol, sport, dport)
+    ("10.244.1.10", "8.8.8.8", "udp", 1000, 53),
+    ("10.244.1.10", "1.1.1.1", "tcp", 1001, 443),
+    ("10.244.1.10", "10.96.0.10", "udp", 1002, 53),  # to an excluded destination
+    ("10.244.1.11", "8.8.8.8", "udp", 1003, 53),
+    ("10.244.1.20", "8.8.8.8", "udp", 1004, 53),
+    ("8.8.8.8", "10.244.1.10", "udp", 53, 1005),  # opened towards the pod: not its flow
+    ("fd00::10", "2001:db8::1", "udp", 1006, 53),
+    ("fd00::10", "fd00::99", "udp", 1007, 53),  # excluded
+    ("fd00::11", "2001:db8::1", "tcp", 1008, 443),
+]
+
+
+def insert_flows(ns: str, flows: list[tuple[str, str, str, int, int]]) -> None:
+    for source, destination, protocol, sport, dport in flows:
+        extra = ["--state", "ESTABLISHED"] if protocol == "tcp" else []
+        sh(
+            "conntrack", "-I", "-s", source, "-d", destination, "-p", protocol,
+            "--sport", str(sport), "--dport", str(dport), *extra, "-t", "300",
+            netns=ns,
+        )  # fmt: skip
+
+
+def flows_in(ns: str) -> set[tuple[str, str, int]]:
+    """(source, destination, sport) of every entry, read by the conntrack binary."""
+    output = subprocess.run(
+        ["ip", "netns", "exec", ns, "conntrack", "-L"], capture_output=True, text=True, check=True
+    ).stdout
+    result = set()
+    for line in output.splitlines():
+        fields: dict[str, str] = {}
+        for word in line.split():
+            key, _, value = word.partition("=")
+            # The first src/dst/sport of a line are the ORIGINAL direction's.
+            fields.setdefault(key, value)
+        result.add((fields["src"], fields["dst"], int(fields["sport"])))
+    return result
+
+
+def all_flows() -> set[tuple[str, str, int]]:
+    return {(s, d, sport) for s, d, _, sport, _ in FLOWS}
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    with namespace("mlnf") as name:
+        insert_flows(name, FLOWS)
+        assert flows_in(name) == all_flows()
+        yield name
+
+
+@pytest.mark.netns
+def test_flush_sources_deletes_only_their_entries(ns: str) -> None:
+    deleted = run_in_netns(
+        ns, flush_sources, {Family.IPV4: ["10.244.1.10"], Family.IPV6: ["fd00:0::11"]}
+    )
+    assert deleted == 4
+    gone = {("10.244.1.10", "8.8.8.8", 1000), ("10.244.1.10", "1.1.1.1", 1001)}
+    gone |= {("10.244.1.10", "10.96.0.10", 1002), ("fd00::11", "2001:db8::1", 1008)}
+    assert flows_in(ns) == all_flows() - gone
+    # Nothing left to delete: idempotent.
+    assert run_in_netns(ns, flush_sources, {Family.IPV4: ["10.244.1.10"]}) == 0
+
+
+@pytest.mark.netns
+def test_flush_with_views_keeps_flows_to_excluded_destinations(ns: str) -> None:
+    old = EgressView.of(None)
+    new = EgressView.of(
+        state(
+            SNAT,
+            ("v6", (egress(Family.IPV6, Action.SNAT, "fd00::10", snat="2001:db8::100"),)),
+        )
+    )
+    sources = changed_sources(old, new)
+    assert run_in_netns(ns, flush_sources, sources, old, new) == 4
+    assert flows_in(ns) == all_flows() - {
+        ("10.244.1.10", "8.8.8.8", 1000),
+        ("10.244.1.10", "1.1.1.1", 1001),
+        ("10.244.1.11", "8.8.8.8", 1003),
+        ("fd00::10", "2001:db8::1", 1006),
+    }
+
+
+def _flush_with_full_dump(sources: dict[Family, list[str]]) -> int:
+    conntrack.PER_SOURCE_DUMP_LIMIT = 0  # in the child process only
+    return flush_sources(sources)
+
+
+@pytest.mark.netns
+def test_many_sources_use_one_filtered_dump(ns: str) -> None:
+    many = [f"10.244.2.{i}" for i in range(100)] + ["10.244.1.11"]
+    assert run_in_netns(ns, _flush_with_full_dump, {Family.IPV4: many}) == 1
+    assert flows_in(ns) == all_flows() - {("10.244.1.11", "8.8.8.8", 1003)}
