@@ -28,6 +28,8 @@ import zmq
 from metaleg.model import NodeDesiredState
 
 BUS_SOCKET = "bus.sock"
+CONTROL_SOCKET = "control.sock"
+"""A REP socket of the supervisor: ``status`` requests from ``metaleg-supervisor status``."""
 
 
 class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
@@ -36,6 +38,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     process: str
     pid: int
     applied_generation: int = 0
+    backend: str = ""
 
 
 class Publish(msgspec.Struct, tag="publish", frozen=True, forbid_unknown_fields=True):
@@ -60,6 +63,7 @@ class Applied(msgspec.Struct, tag="applied", frozen=True, forbid_unknown_fields=
     generation: int
     error: str = ""
     duration_seconds: float = 0.0
+    backend: str = ""
 
 
 class WatcherStatus(msgspec.Struct, tag="watcher-status", frozen=True, forbid_unknown_fields=True):
@@ -91,12 +95,21 @@ def decode(frame: bytes) -> Message:
         raise MessageError(f"invalid message ({len(frame)} bytes): {error}") from None
 
 
-def bus_endpoint(run_dir: str) -> str:
-    """The supervisor's endpoint; a Unix socket path, which must stay under 107 bytes."""
-    path = os.path.join(run_dir, BUS_SOCKET)
+def _endpoint(run_dir: str, name: str) -> str:
+    path = os.path.join(run_dir, name)
     if len(path.encode()) > 107:
         raise ValueError(f"METALEG_RUN_DIR {run_dir!r} is too long for a Unix socket path")
     return f"ipc://{path}"
+
+
+def bus_endpoint(run_dir: str) -> str:
+    """The supervisor's message bus; a Unix socket path, which must stay under 107 bytes."""
+    return _endpoint(run_dir, BUS_SOCKET)
+
+
+def control_endpoint(run_dir: str) -> str:
+    """The supervisor's control socket (status requests)."""
+    return _endpoint(run_dir, CONTROL_SOCKET)
 
 
 def prepare_run_dir(run_dir: str) -> None:
@@ -122,9 +135,20 @@ def bind_supervisor(context: zmq.Context[Any], run_dir: str) -> zmq.Socket[Any]:
     socket: zmq.Socket[Any] = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
     socket.setsockopt(zmq.LINGER, 0)
-    endpoint = bus_endpoint(run_dir)
+    _bind_fresh(socket, bus_endpoint(run_dir))
+    return socket
+
+
+def bind_control(context: zmq.Context[Any], run_dir: str) -> zmq.Socket[Any]:
+    """The supervisor's REP socket for ``metaleg-supervisor status``."""
+    socket: zmq.Socket[Any] = context.socket(zmq.REP)
+    socket.setsockopt(zmq.LINGER, 0)
+    _bind_fresh(socket, control_endpoint(run_dir))
+    return socket
+
+
+def _bind_fresh(socket: zmq.Socket[Any], endpoint: str) -> None:
     path = endpoint.removeprefix("ipc://")
     if os.path.exists(path):
         os.unlink(path)  # left by a supervisor that was killed; only we bind here
     socket.bind(endpoint)
-    return socket

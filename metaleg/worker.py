@@ -22,6 +22,7 @@ from metaleg.backend import Backend, BackendError
 from metaleg.config import Config
 from metaleg.ipc import Applied, Hello, MessageError, Snapshot, connect_worker, decode, encode
 from metaleg.lifecycle import SignalWakeup
+from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,16 @@ class DataplaneWorker:
             while True:
                 now = time.monotonic()
                 if self.latest is None and now >= next_hello:
-                    socket.send(encode(Hello(self.process, os.getpid(), self.applied_generation)))
+                    socket.send(
+                        encode(
+                            Hello(
+                                self.process,
+                                os.getpid(),
+                                self.applied_generation,
+                                self.backend.name,
+                            )
+                        )
+                    )
                     next_hello = now + HELLO_INTERVAL
                 deadlines = [next_hello] if self.latest is None else []
                 if self.latest is not None:
@@ -91,10 +101,12 @@ class DataplaneWorker:
                 message = decode(frame)
             except MessageError as error:
                 self.dropped_messages += 1
+                IPC_DROPPED.labels(self.process).inc()
                 log.warning("dropped a message", extra={"error": str(error)})
                 continue
             if not isinstance(message, Snapshot):
                 self.dropped_messages += 1
+                IPC_DROPPED.labels(self.process).inc()
                 log.warning("dropped an unexpected %s message", type(message).__name__)
                 continue
             if self.latest is None or message.generation != self.latest.generation:
@@ -130,7 +142,10 @@ class DataplaneWorker:
             log.exception("unexpected error while applying")
             error = f"{type(failure).__name__}: {failure}"
         duration = time.monotonic() - started
+        kind = "resync" if full else "apply"
+        APPLY_DURATION.labels(self.process, self.backend.name, kind).observe(duration)
         if error:
+            ERRORS.labels(self.process, kind).inc()
             self.next_attempt = time.monotonic() + self.retry_delay
             log.error(
                 "apply failed; retrying in %.1fs",
@@ -149,4 +164,6 @@ class DataplaneWorker:
             self.applied_generation = latest.generation
             self.retry_delay = RETRY_INITIAL
             self.next_attempt = 0.0
-        socket.send(encode(Applied(self.process, latest.generation, error, duration)))
+        socket.send(
+            encode(Applied(self.process, latest.generation, error, duration, self.backend.name))
+        )

@@ -2,6 +2,8 @@
 
 - ``run``: start the watcher, firewall and routing workers and supervise them.
 - ``cleanup``: remove every kernel object metaleg owns (idempotent, exit 0).
+- ``status [--json]``: ask the running supervisor; exit 1 when none runs, 3 when
+  it is unhealthy or not ready.
 
 Configuration comes from environment variables (see :mod:`metaleg.config`);
 an invalid value ends the command with one line on stderr and exit status 2.
@@ -19,6 +21,9 @@ from metaleg.config import Config, ConfigError, load_config
 from metaleg.logs import setup_logging
 
 EXIT_CONFIG = 2
+EXIT_NOT_RUNNING = 1
+EXIT_UNHEALTHY = 3
+STATUS_TIMEOUT = 3.0
 
 
 def _config(require_node: bool = True) -> Config:
@@ -35,23 +40,86 @@ def _config(require_node: bool = True) -> Config:
 def command_run(arguments: argparse.Namespace) -> int:
     config = _config()
     setup_logging("supervisor", config.log_level, config.log_format)
-    from metaleg.supervisor.supervisor import Supervisor
+    from metaleg.ipc import prepare_run_dir
 
-    return Supervisor(config).run()
+    try:
+        prepare_run_dir(config.run_dir)
+    except OSError as error:
+        sys.stderr.write(
+            f"metaleg-supervisor: cannot create METALEG_RUN_DIR {config.run_dir}: {error}\n"
+        )
+        return EXIT_CONFIG
+    # Before anything imports prometheus-client: it picks its storage at import time.
+    from metaleg.supervisor.supervisor import prepare_metrics_directory
+
+    prepare_metrics_directory(config.run_dir)
+    from metaleg.supervisor.supervisor import AlreadyRunning, Supervisor
+
+    try:
+        return Supervisor(config).run()
+    except AlreadyRunning as error:
+        sys.stderr.write(f"metaleg-supervisor: {error}\n")
+        return EXIT_NOT_RUNNING
+
+
+def command_status(arguments: argparse.Namespace) -> int:
+    config = _config(require_node=False)
+    import msgspec
+    import zmq
+
+    from metaleg.ipc import control_endpoint
+    from metaleg.supervisor.status import StatusReport, render_table
+
+    endpoint = control_endpoint(config.run_dir)
+    path = endpoint.removeprefix("ipc://")
+    if not os.path.exists(path):
+        sys.stderr.write(
+            f"metaleg-supervisor: no supervisor is running (no control socket at {path})\n"
+        )
+        return EXIT_NOT_RUNNING
+    context = zmq.Context()
+    request = context.socket(zmq.REQ)
+    request.setsockopt(zmq.LINGER, 0)
+    try:
+        request.connect(endpoint)
+        request.send(b"status")
+        if not request.poll(int(STATUS_TIMEOUT * 1000)):
+            sys.stderr.write(
+                f"metaleg-supervisor: no supervisor is running (no answer on {path} within {STATUS_TIMEOUT:.0f}s)\n"
+            )
+            return EXIT_NOT_RUNNING
+        reply = request.recv()
+    finally:
+        request.close(0)
+        context.term()
+    try:
+        report = msgspec.json.decode(reply, type=StatusReport)
+    except msgspec.DecodeError as error:
+        sys.stderr.write(f"metaleg-supervisor: unreadable status from the supervisor: {error}\n")
+        return EXIT_NOT_RUNNING
+    if arguments.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode() + "\n")
+    else:
+        sys.stdout.write(render_table(report) + "\n")
+    return 0 if report.healthy and report.ready else EXIT_UNHEALTHY
 
 
 def command_cleanup(arguments: argparse.Namespace) -> int:
     config = _config(require_node=False)
     setup_logging("cleanup", config.log_level, config.log_format)
     log = logging.getLogger("metaleg.cleanup")
-    from metaleg.firewall.iptables import IptablesBackend
+    from metaleg.backend import Backend
+    from metaleg.firewall.selection import APPLIED_STATE_FILE, new_backend
     from metaleg.routing.netlink import NetlinkRoutingBackend
 
     failures = 0
-    for backend in (
-        IptablesBackend(),
+    # Both firewall backends, whichever ran: a node may have switched, or run the Go original.
+    backends: list[Backend] = [
+        new_backend("iptables"),
+        new_backend("nftables"),
         NetlinkRoutingBackend(config.route_table_id_offset, config.firewall_mask),
-    ):
+    ]
+    for backend in backends:
         try:
             backend.cleanup()
             log.info("removed metaleg's kernel objects", extra={"backend": backend.name})
@@ -60,8 +128,9 @@ def command_cleanup(arguments: argparse.Namespace) -> int:
             log.error("cleanup failed: %s", error, extra={"backend": backend.name})
         finally:
             backend.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(config.run_dir, "allocation.json"))
+    for leftover in ("allocation.json", APPLIED_STATE_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(config.run_dir, leftover))
     return 1 if failures else 0
 
 
@@ -75,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
     cleanup = commands.add_parser("cleanup", help="remove every kernel object metaleg owns")
     cleanup.set_defaults(handler=command_cleanup)
+    status = commands.add_parser("status", help="show the running agent's processes and Services")
+    status.add_argument("--json", action="store_true", help="stable JSON instead of a table")
+    status.set_defaults(handler=command_status)
     return parser
 
 

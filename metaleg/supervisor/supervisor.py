@@ -2,16 +2,20 @@
 
 It outlives every worker, so it holds the current desired state: a restarted
 firewall or routing worker gets it at once, even while the watcher itself is
-restarting. It numbers each distinct state it receives (the generation) and
-records what every worker reports. On SIGTERM it stops the workers and exits;
-kernel state stays in place (the next start re-syncs it), as the original did.
+restarting. It numbers each distinct state it receives (the generation),
+records what every worker reports, answers ``metaleg-supervisor status`` on its
+control socket and serves the metrics and probe endpoints. On SIGTERM it stops
+the workers and exits; kernel state stays in place (the next start re-syncs
+it), as the original did.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from typing import Any
 
 import msgspec
 import zmq
+from prometheus_client import multiprocess
 
 from metaleg.config import Config
 from metaleg.ipc import (
@@ -30,12 +35,26 @@ from metaleg.ipc import (
     Publish,
     Snapshot,
     WatcherStatus,
+    bind_control,
     bind_supervisor,
+    control_endpoint,
     decode,
     encode,
     prepare_run_dir,
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, SignalWakeup
+from metaleg.metrics import IPC_DROPPED
+from metaleg.model import Action, NodeDesiredState
+from metaleg.supervisor import http
+from metaleg.supervisor.metrics import build_registry
+from metaleg.supervisor.status import (
+    CRASH_LOOP_CRASHES,
+    CRASH_LOOP_WINDOW,
+    ProcessStatus,
+    ServiceStatus,
+    StatusReport,
+    evaluate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +71,13 @@ RESTART_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
 """...until a worker has stayed up this long."""
 STOP_GRACE = 10.0
+LOOP_TICK = 1.0
+"""The loop wakes at least this often, so /healthz can tell a stuck loop from an idle one."""
+METRICS_DIRECTORY = "metrics"
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor answers on this run directory's control socket."""
 
 
 @dataclass
@@ -67,8 +93,8 @@ class Worker:
     next_start: float = 0.0
     applied_generation: int = 0
     last_error: str = ""
-    last_exit: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = ""
+    crashes: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10))
 
     @property
     def pid(self) -> int | None:
@@ -78,6 +104,11 @@ class Worker:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def crash_looping(self, now: float) -> bool:
+        recent = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW]
+        stable = self.running and now - self.started_at > RESTART_RESET_AFTER
+        return len(recent) >= CRASH_LOOP_CRASHES and not stable
+
 
 class Supervisor:
     def __init__(self, config: Config, workers: dict[str, str] | None = None) -> None:
@@ -86,9 +117,11 @@ class Supervisor:
         self.snapshot: Snapshot | None = None
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
-        self.dropped_messages = 0
         self.stopping = False
+        self.started_at = time.monotonic()
+        self.loop_tick = time.monotonic()
         self.socket: zmq.Socket[Any] | None = None
+        self.metrics_dir = os.path.join(config.run_dir, METRICS_DIRECTORY)
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -105,19 +138,23 @@ class Supervisor:
             if worker.process is None or worker.process.poll() is None:
                 continue
             code = worker.process.returncode
-            worker.last_exit = f"signal {-code}" if code < 0 else f"exit status {code}"
+            exit_text = f"signal {-code}" if code < 0 else f"exit status {code}"
+            with contextlib.suppress(OSError):
+                multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             worker.process = None
             if self.stopping:
                 continue
+            worker.crashes.append(now)
+            worker.last_error = f"died ({exit_text})"
             if now - worker.started_at > RESTART_RESET_AFTER:
                 worker.restart_delay = RESTART_INITIAL
             worker.next_start = now + worker.restart_delay
             log.error(
                 "%s died (%s); restarting in %.1fs",
                 worker.name,
-                worker.last_exit,
+                exit_text,
                 worker.restart_delay,
-                extra={"error": worker.last_exit},
+                extra={"error": exit_text},
             )
             worker.restart_delay = min(worker.restart_delay * 2, RESTART_MAX)
 
@@ -153,6 +190,10 @@ class Supervisor:
         with contextlib.suppress(zmq.Again):
             self.socket.send_multipart([worker.encode(), encode(message)], zmq.NOBLOCK)
 
+    def _drop(self, text: str, *args: object) -> None:
+        IPC_DROPPED.labels("supervisor").inc()
+        log.warning(text, *args)
+
     def _receive_all(self) -> None:
         assert self.socket is not None
         while True:
@@ -162,14 +203,12 @@ class Supervisor:
                 return
             identity = frames[0].decode(errors="replace")
             if len(frames) != 2 or identity not in self.workers:
-                self.dropped_messages += 1
-                log.warning("dropped a message from unexpected peer %r", identity)
+                self._drop("dropped a message from unexpected peer %r", identity)
                 continue
             try:
                 message = decode(frames[1])
             except MessageError as error:
-                self.dropped_messages += 1
-                log.warning("dropped a message from %s: %s", identity, error)
+                self._drop("dropped a message from %s: %s", identity, error)
                 continue
             self._handle(identity, message)
 
@@ -186,30 +225,160 @@ class Supervisor:
             if message.error != self.watcher_status.error and message.error:
                 log.warning("watcher: %s", message.error)
             self.watcher_status = message
+            self.workers["watcher"].last_error = message.error
         elif isinstance(message, Hello) and sender in DATAPLANE_WORKERS:
+            self.workers[sender].backend = message.backend
             if self.snapshot is not None:
                 self._send(sender, self.snapshot)
         elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
             worker = self.workers[sender]
+            worker.backend = message.backend or worker.backend
             if message.error:
                 worker.last_error = message.error
             else:
                 worker.applied_generation = message.generation
                 worker.last_error = ""
         else:
-            self.dropped_messages += 1
-            log.warning("dropped an unexpected %s from %s", type(message).__name__, sender)
+            self._drop("dropped an unexpected %s from %s", type(message).__name__, sender)
+
+    # --- status, probes, metrics -------------------------------------------------------------
+
+    def status(self) -> StatusReport:
+        now = time.monotonic()
+        processes = [
+            ProcessStatus(
+                name="supervisor",
+                pid=os.getpid(),
+                state="running",
+                restarts=0,
+                uptime_seconds=now - self.started_at,
+                applied_generation=None,
+                last_error="",
+            )
+        ]
+        for worker in self.workers.values():
+            if worker.running:
+                state = "running"
+            elif self.stopping:
+                state = "stopped"
+            else:
+                state = "restarting"
+            processes.append(
+                ProcessStatus(
+                    name=worker.name,
+                    pid=worker.pid,
+                    state=state,
+                    restarts=worker.restarts,
+                    uptime_seconds=now - worker.started_at if worker.running else 0.0,
+                    applied_generation=worker.applied_generation
+                    if worker.name in DATAPLANE_WORKERS
+                    else None,
+                    last_error=worker.last_error,
+                    crash_looping=worker.crash_looping(now),
+                )
+            )
+        generation = self.snapshot.generation if self.snapshot else 0
+        loop_age = now - self.loop_tick
+        healthy, ready, reasons = evaluate(
+            tuple(processes), generation, self.watcher_status.synced, loop_age
+        )
+        return StatusReport(
+            node=self.config.node_name,
+            generation=generation,
+            firewall_backend=self.firewall_backend_name(),
+            route_backend=self.workers["routing"].backend or self.config.route_backend
+            if "routing" in self.workers
+            else self.config.route_backend,
+            watcher_synced=self.watcher_status.synced,
+            watcher_error=self.watcher_status.error,
+            processes=tuple(processes),
+            services=tuple(_service_statuses(self.snapshot.state if self.snapshot else None)),
+            problems=self.problems,
+            healthy=healthy,
+            ready=ready,
+            reasons=reasons,
+            loop_age_seconds=loop_age,
+        )
+
+    def healthz(self) -> http.ProbeResult:
+        report = self.status()
+        return report.healthy, report.reasons
+
+    def readyz(self) -> http.ProbeResult:
+        report = self.status()
+        return report.ready, report.reasons
+
+    def process_views(self) -> list[Any]:
+        return list(self.workers.values())
+
+    def current_state(self) -> tuple[int, NodeDesiredState | None]:
+        snapshot = self.snapshot
+        return (snapshot.generation, snapshot.state) if snapshot else (0, None)
+
+    def applied_generations(self) -> dict[str, int]:
+        return {
+            name: worker.applied_generation
+            for name, worker in self.workers.items()
+            if name in DATAPLANE_WORKERS
+        }
+
+    def firewall_backend_name(self) -> str:
+        worker = self.workers.get("firewall")
+        return (worker.backend if worker and worker.backend else "") or self.config.firewall_backend
+
+    def _answer_control(self, control: zmq.Socket[Any]) -> None:
+        with contextlib.suppress(zmq.Again):
+            request = control.recv(zmq.NOBLOCK)
+            if request == b"status":
+                control.send(msgspec.json.encode(self.status()))
+            else:
+                self._drop("dropped an unknown control request %r", request[:40])
+                control.send(b'{"error": "unknown request; send status"}')
 
     # --- main loop ---------------------------------------------------------------------------
+
+    def _check_not_running(self, context: zmq.Context[Any]) -> None:
+        if not os.path.exists(control_endpoint(self.config.run_dir).removeprefix("ipc://")):
+            return
+        probe: zmq.Socket[Any] = context.socket(zmq.REQ)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.connect(control_endpoint(self.config.run_dir))
+            probe.send(b"status")
+            if probe.poll(500):
+                raise AlreadyRunning(
+                    f"another supervisor runs with METALEG_RUN_DIR={self.config.run_dir}"
+                )
+        finally:
+            probe.close(0)
+
+    def _start_servers(self) -> list[Any]:
+        servers = []
+        if self.config.metrics_bind_address is not None:
+            registry = build_registry(self, self.metrics_dir)
+            servers.append(http.serve_metrics(self.config.metrics_bind_address, registry))
+            log.info("metrics on http://%s/metrics", self.config.metrics_bind_address)
+        if self.config.health_probe_bind_address is not None:
+            servers.append(
+                http.serve_probes(self.config.health_probe_bind_address, self.healthz, self.readyz)
+            )
+            log.info(
+                "probes on http://%s/healthz and /readyz", self.config.health_probe_bind_address
+            )
+        return servers
 
     def run(self) -> int:
         prepare_run_dir(self.config.run_dir)
         context: zmq.Context[Any] = zmq.Context()
+        self._check_not_running(context)
         self.socket = bind_supervisor(context, self.config.run_dir)
+        control = bind_control(context, self.config.run_dir)
         wakeup = SignalWakeup(signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
         poller.register(wakeup.fileno(), zmq.POLLIN)
+        servers = self._start_servers()
         log.info(
             "supervisor started",
             extra={"node": self.config.node_name, "backend": self.config.firewall_backend},
@@ -217,11 +386,12 @@ class Supervisor:
         try:
             self._restart_due()
             while True:
+                self.loop_tick = time.monotonic()
                 pending = [w.next_start for w in self.workers.values() if w.process is None]
-                timeout = None
+                timeout = LOOP_TICK
                 if pending:
-                    timeout = max(0, int((min(pending) - time.monotonic()) * 1000))
-                events = dict(poller.poll(timeout))
+                    timeout = min(timeout, max(0.0, min(pending) - time.monotonic()))
+                events = dict(poller.poll(int(timeout * 1000)))
                 if wakeup.fileno() in events:
                     received = wakeup.drain()
                     if signal.SIGTERM in received or signal.SIGINT in received:
@@ -231,6 +401,8 @@ class Supervisor:
                 self._reap()
                 if self.socket in events:
                     self._receive_all()
+                if control in events:
+                    self._answer_control(control)
                 self._restart_due()
         finally:
             self.stopping = True
@@ -238,5 +410,50 @@ class Supervisor:
                 if worker.running:
                     assert worker.process is not None
                     worker.process.kill()
+            for server in servers:
+                server.shutdown()
+                server.server_close()
             self.socket.close(0)
+            control.close(0)
             context.term()
+
+
+def _service_statuses(state: NodeDesiredState | None) -> list[ServiceStatus]:
+    if state is None:
+        return []
+    statuses = []
+    for service in state.services:
+        details = []
+        for entry in service.families:
+            family = f"IPv{int(entry.family)}"
+            if entry.action == Action.REJECT:
+                details.append(f"{family} reject: {entry.reason}")
+            elif entry.action == Action.SNAT:
+                details.append(f"{family} snat to {entry.snat_ip}")
+            else:
+                details.append(f"{family} mark {entry.fwmark:#x}" if entry.fwmark else family)
+        statuses.append(
+            ServiceStatus(
+                namespace=service.namespace,
+                name=service.name,
+                lb_ips=service.lb_ips,
+                gateway_node=service.gateway_node,
+                role=str(service.role),
+                source_ips=sum(len(entry.source_ips) for entry in service.families),
+                detail="; ".join(details) or "no endpoints on this node",
+            )
+        )
+    return statuses
+
+
+def prepare_metrics_directory(run_dir: str) -> str:
+    """A fresh directory for prometheus-client's multiprocess files; returns its path.
+
+    Must run before prometheus-client is imported anywhere in this process: the
+    library picks its storage (memory or files) at import time.
+    """
+    path = os.path.join(run_dir, METRICS_DIRECTORY)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path

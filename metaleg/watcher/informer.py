@@ -29,6 +29,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from metaleg.metrics import ERRORS, RELISTS, WATCH_EVENTS
+
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 500
@@ -103,6 +105,7 @@ class Informer(threading.Thread):
                 )
                 need_list = True
             except ApiException as error:
+                ERRORS.labels("watcher", "watch").inc()
                 message = self._describe(error)
                 self.events.put(Event(self.spec.name, "error", message=message))
                 log.warning(
@@ -111,6 +114,7 @@ class Informer(threading.Thread):
                 need_list = True
                 delay = self._sleep(delay)
             except Exception as error:  # connection refused/reset, timeouts, bad JSON
+                ERRORS.labels("watcher", "watch").inc()
                 message = f"cannot reach the API server: {type(error).__name__}: {error}"
                 self.events.put(Event(self.spec.name, "error", message=message))
                 log.warning(
@@ -146,6 +150,7 @@ class Informer(threading.Thread):
                 self.resource_version = str(metadata.get("resourceVersion") or "")
                 break
         self.relists += 1
+        RELISTS.labels("watcher", self.spec.name).inc()
         self.events.put(Event(self.spec.name, "replace", objects=objects))
 
     def _watch(self) -> None:
@@ -194,6 +199,7 @@ class Informer(threading.Thread):
         if kind == "BOOKMARK":
             return
         self.watch_events += 1
+        WATCH_EVENTS.labels("watcher", self.spec.name, str(kind)).inc()
         if kind in ("ADDED", "MODIFIED"):
             self.events.put(Event(self.spec.name, "upsert", object=obj))
         elif kind == "DELETED":

@@ -26,6 +26,7 @@ from kubernetes import config as kube_config
 from metaleg.config import Config
 from metaleg.ipc import Publish, WatcherStatus, connect_worker, encode
 from metaleg.lifecycle import start_worker
+from metaleg.metrics import ERRORS, PUBLISHED
 from metaleg.model import NodeDesiredState, ServiceEgress
 from metaleg.watcher.cluster import (
     ClusterState,
@@ -227,10 +228,16 @@ def run(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     watcher = Watcher(config)
-    informers = [
-        Informer(spec, events)
-        for spec in resource_specs(_api_client(config), config.metallb_namespace)
-    ]
+    try:
+        api = _api_client(config)
+    except Exception as error:  # a missing or broken kubeconfig, no in-cluster service account
+        ERRORS.labels("watcher", "kubeconfig").inc()
+        source = (
+            f"KUBECONFIG={config.kubeconfig}" if config.kubeconfig else "in-cluster configuration"
+        )
+        log.error("cannot load the Kubernetes client configuration (%s): %s", source, error)
+        return 1
+    informers = [Informer(spec, events) for spec in resource_specs(api, config.metallb_namespace)]
     context: zmq.Context[Any] = zmq.Context()
     socket = connect_worker(context, config.run_dir, "watcher")
     for informer in informers:
@@ -270,6 +277,8 @@ def run(config: Config) -> int:
             publish = watcher.compute()
             now = time.monotonic()
             if publish.state != watcher.published or now - last_sent >= REPUBLISH_INTERVAL:
+                if publish.state != watcher.published:
+                    PUBLISHED.labels("watcher").inc()
                 socket.send(encode(publish))
                 watcher.published = publish.state
                 last_sent = now

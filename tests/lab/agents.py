@@ -164,6 +164,47 @@ class EgressLab:
         wait_until(ready, timeout=timeout, message=f"workers of {node}")
         return pids
 
+    def status(self, node: str, *, json_output: bool = True) -> tuple[int, Any]:
+        """``metaleg-supervisor status [--json]`` run in the node's namespace: (exit status, output).
+
+        With ``json_output`` the output is the decoded report (None when there is none).
+        """
+        agent = self.agents[node]
+        argv = [SUPERVISOR, "status", *(["--json"] if json_output else [])]
+        result = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.node(node).netns,
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in agent.env.items()),
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if not json_output:
+            return result.returncode, result.stdout + result.stderr
+        return result.returncode, json.loads(result.stdout) if result.stdout.strip() else None
+
+    def wait_ready(self, node: str, timeout: float = 30.0) -> Any:
+        """Wait until the node's agent reports healthy and ready; return its status report."""
+        last: list[Any] = [None]
+
+        def ready() -> bool:
+            code, report = self.status(node)
+            last[0] = report
+            return code == 0
+
+        try:
+            wait_until(ready, timeout=timeout, interval=0.2, message=f"agent on {node} ready")
+        except TimeoutError as error:
+            raise AssertionError(f"{error}: {last[0]}\n{self.agents[node].log()}") from None
+        return last[0]
+
     # --- traffic ---------------------------------------------------------------------------------
 
     def wait_for_probe(
