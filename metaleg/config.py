@@ -28,7 +28,7 @@ ENVIRONMENT: dict[str, str | None] = {
     "NODE_NAME": None,
     "METALLB_NAMESPACE": "metallb-system",
     "FILTER_ENDPOINTS_FOR_NODE": "true",
-    "FIREWALL_BACKEND": "iptables",
+    "FIREWALL_BACKEND": "auto",
     "FIREWALL_MASK": "0x00F00000",
     "FIREWALL_EXCLUDE_DST_CIDRS": DEFAULT_EXCLUDE_DST_CIDRS,
     "ROUTE_BACKEND": "netlink",
@@ -42,7 +42,7 @@ ENVIRONMENT: dict[str, str | None] = {
     "LOG_FORMAT": "json",
 }
 
-FIREWALL_BACKENDS = ("iptables",)
+FIREWALL_BACKENDS = ("auto", "iptables", "nftables")
 ROUTE_BACKENDS = ("netlink",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -80,7 +80,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     node_name: str
     metallb_namespace: str = "metallb-system"
     filter_endpoints_for_node: bool = True
-    firewall_backend: Literal["iptables"] = "iptables"
+    firewall_backend: Literal["auto", "iptables", "nftables"] = "auto"
     firewall_mask: int = 0x00F00000
     exclude_dst_ipv4: tuple[str, ...] = ()
     exclude_dst_ipv6: tuple[str, ...] = ()

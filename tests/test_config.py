@@ -19,7 +19,7 @@ def test_defaults_match_the_reference_table() -> None:
     assert config.node_name == "node-a"
     assert config.metallb_namespace == "metallb-system"
     assert config.filter_endpoints_for_node is True
-    assert config.firewall_backend == "iptables"
+    assert config.firewall_backend == "auto"
     assert config.firewall_mask == 0x00F00000
     assert config.exclude_dst_ipv4 == (
         "10.0.0.0/8",
@@ -89,7 +89,7 @@ def test_bad_masks(text: str) -> None:
         ("HEALTH_PROBE_BIND_ADDRESS", "::1:9000", "host:port"),
         ("FIREWALL_EXCLUDE_DST_CIDRS", "10.0.0.0/8, banana", "'banana' is not a CIDR"),
         ("FILTER_ENDPOINTS_FOR_NODE", "yes", "true or false"),
-        ("FIREWALL_BACKEND", "ebpf", "one of iptables"),
+        ("FIREWALL_BACKEND", "ebpf", "one of auto, iptables, nftables"),
         ("ROUTE_BACKEND", "iproute", "one of netlink"),
         ("ROUTE_TABLE_ID_OFFSET", "-1", "non-negative"),
         ("ROUTE_TABLE_ID_OFFSET", "250", "reserved"),

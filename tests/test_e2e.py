@@ -26,6 +26,7 @@ class Scene:
     """The running lab with the mail relay's pods, one per node, and an unlabelled pod."""
 
     def __init__(self, egress: EgressLab) -> None:
+        self.masquerade = "legacy"
         self.egress = egress
         self.lab = egress.lab
         self.cluster = egress.cluster
@@ -64,18 +65,24 @@ class Scene:
             )
 
 
-@pytest.fixture(scope="module", params=["legacy"])
+@pytest.fixture(scope="module", params=["legacy", "nft"])
 def scene(request: pytest.FixtureRequest) -> Iterator[Scene]:
-    with (
-        Lab(masquerade=request.param) as lab,
-        EgressLab(lab, FIREWALL_BACKEND="iptables") as egress,
-    ):
+    """The lab with kube-router's masquerade in legacy or nft mode; FIREWALL_BACKEND=auto."""
+    with Lab(masquerade=request.param) as lab, EgressLab(lab) as egress:
         scene = Scene(egress)
+        scene.masquerade = request.param
         for node in lab.nodes:
             egress.start_agent(node)
         for node in lab.nodes:
-            egress.wait_for_workers(node)
+            egress.wait_ready(node)
         yield scene
+
+
+def test_auto_picks_the_backend_of_the_nodes_masquerade(scene: Scene) -> None:
+    expected = "iptables" if scene.masquerade == "legacy" else "nftables"
+    for node, agent in scene.egress.agents.items():
+        log = agent.log(100_000)
+        assert f"using the {expected} firewall backend" in log, (node, log[-2000:])
 
 
 def test_before_labelling_pods_leave_with_their_node_ip(scene: Scene) -> None:

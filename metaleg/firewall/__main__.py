@@ -6,9 +6,9 @@ from metaleg.worker import DataplaneWorker
 
 def main() -> None:
     config = start_worker("firewall")
-    from metaleg.firewall.iptables import IptablesBackend
+    from metaleg.firewall.selection import build_firewall
 
-    raise SystemExit(DataplaneWorker("firewall", IptablesBackend(), config).run())
+    raise SystemExit(DataplaneWorker("firewall", build_firewall(config), config).run())
 
 
 main()

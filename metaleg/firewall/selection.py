@@ -1,0 +1,147 @@
+"""Which firewall backend runs, and what it does besides rendering rules.
+
+FIREWALL_BACKEND ``auto`` (the default) looks at the node's iptables rules, as
+kube-proxy and iptables-wrapper do (:mod:`metaleg.firewall.detect`): rules
+written in the legacy tables do not stop a masquerade that lives in nft
+tables, so metaleg must act in the mode the node's other components use.
+``iptables`` and ``nftables`` force a backend.
+
+:class:`ManagedFirewall` wraps the chosen backend with two duties that do not
+depend on how rules are rendered:
+
+- after the first successful full re-sync it removes the *other* backend's
+  leftovers (a backend switch, or an upgrade from the Go original, which used
+  the same legacy chain names) — only then, so there is never a moment with
+  neither backend's rules in place;
+- for the iptables backend, it deletes the conntrack entries whose source's
+  treatment changed (the nftables backend does this itself): an existing flow
+  keeps its NAT binding and would bypass new rules. The last applied state is
+  kept in METALEG_RUN_DIR, so a restarted worker flushes nothing it does not
+  have to, while a fresh agent on a node where pods already send flushes their
+  node-IP-masqueraded flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import msgspec
+
+from metaleg.backend import Backend
+from metaleg.config import Config
+from metaleg.firewall import conntrack
+from metaleg.firewall.detect import detect_backend
+from metaleg.metrics import CONNTRACK_FLUSHED, ERRORS
+from metaleg.model import NodeDesiredState
+
+log = logging.getLogger(__name__)
+
+APPLIED_STATE_FILE = "firewall-applied.msgpack"
+
+
+def choose_backend(configured: str) -> tuple[str, str]:
+    """(backend, why): the configured one, or the detected one for ``auto``."""
+    if configured != "auto":
+        return configured, "set by FIREWALL_BACKEND"
+    detection = detect_backend()
+    return detection.backend, detection.describe()
+
+
+def new_backend(name: str) -> Backend:
+    if name == "iptables":
+        from metaleg.firewall.iptables import IptablesBackend
+
+        return IptablesBackend()
+    if name == "nftables":
+        from metaleg.firewall.nftables import NftablesBackend
+
+        return NftablesBackend()
+    raise ValueError(f"unknown firewall backend {name!r}")
+
+
+class ManagedFirewall:
+    """The chosen backend plus leftover cleanup and conntrack scoping (see the module doc)."""
+
+    def __init__(self, backend: Backend, other: str | None, run_dir: str) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.other = other
+        self.state_path = os.path.join(run_dir, APPLIED_STATE_FILE)
+        self.flush_conntrack = backend.name == "iptables"
+        self.applied = self._load_applied()
+
+    def apply(self, state: NodeDesiredState) -> None:
+        self.backend.apply(state)
+        self._after(state)
+
+    def resync(self, state: NodeDesiredState) -> None:
+        self.backend.resync(state)
+        self._after(state)
+        if self.other is not None:
+            self._remove_leftovers(self.other)
+            self.other = None
+
+    def cleanup(self) -> None:
+        self.backend.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_path)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _after(self, state: NodeDesiredState) -> None:
+        if self.flush_conntrack and state != self.applied:
+            old = self.applied
+            try:
+                affected = conntrack.affected_sources(old, state)
+                if any(affected.values()):
+                    deleted = conntrack.flush_sources(
+                        affected, conntrack.EgressView.of(old), conntrack.EgressView.of(state)
+                    )
+                    CONNTRACK_FLUSHED.labels("firewall").inc(deleted)
+            except Exception as error:  # the rules are in place; stale flows are the lesser harm
+                ERRORS.labels("firewall", "conntrack").inc()
+                log.error("deleting outdated conntrack entries failed: %s", error)
+        if state != self.applied:
+            self.applied = state
+            self._save_applied(state)
+
+    def _remove_leftovers(self, name: str) -> None:
+        other = new_backend(name)
+        try:
+            other.cleanup()
+            log.info("removed leftovers of the %s backend (if any)", name, extra={"backend": name})
+        except Exception as error:
+            ERRORS.labels("firewall", "cleanup").inc()
+            log.warning("could not remove leftovers of the %s backend: %s", name, error)
+        finally:
+            other.close()
+
+    def _load_applied(self) -> NodeDesiredState | None:
+        try:
+            with open(self.state_path, "rb") as file:
+                return msgspec.msgpack.decode(file.read(), type=NodeDesiredState)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError) as error:
+            log.warning("ignoring unreadable %s: %s", self.state_path, error)
+            return None
+
+    def _save_applied(self, state: NodeDesiredState) -> None:
+        temporary = f"{self.state_path}.tmp"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(msgspec.msgpack.encode(state))
+            os.replace(temporary, self.state_path)
+        except OSError as error:
+            log.warning("cannot save the applied state to %s: %s", self.state_path, error)
+
+
+def build_firewall(config: Config) -> ManagedFirewall:
+    """The firewall worker's backend, chosen and logged once at start."""
+    name, why = choose_backend(config.firewall_backend)
+    log.info("using the %s firewall backend: %s", name, why, extra={"backend": name})
+    other = "nftables" if name == "iptables" else "iptables"
+    return ManagedFirewall(new_backend(name), other, config.run_dir)
