@@ -101,6 +101,19 @@ class NodeDesiredState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     exclude_dst_ipv6: tuple[str, ...]
     services: tuple[ServiceEgress, ...] = ()
     routes: tuple[GatewayRoute, ...] = ()
+    transit_guard_ipv4: tuple[str, ...] = ()
+    """Sources (canonical CIDRs, sorted) of pods on *other* nodes: the pod CIDRs of the other
+    nodes and the other nodes' endpoints of labelled Services.
+
+    A *new* forwarded connection from one of them to a destination outside the
+    exclude CIDRs is rejected unless this node SNATs it (or marks it). Such
+    traffic only passes this node because some node's agent forwards it here as
+    to a gateway; if this node's agent does not (yet) know it is the gateway —
+    it reacts later than the others after a failover, or the pod is too new to
+    be in an EndpointSlice — the node's own masquerade would send it out with
+    the node's IP. Fail closed instead.
+    """
+    transit_guard_ipv6: tuple[str, ...] = ()
 
     def egress(self, family: Family, action: Action) -> list[tuple[ServiceEgress, FamilyEgress]]:
         """All (service, family egress) pairs with the given family and action, in order."""
