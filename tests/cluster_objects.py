@@ -17,6 +17,7 @@ def service(
     name: str,
     lb_ips: list[str] | tuple[str, ...] = (),
     labelled: bool | str = True,
+    selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     labels: dict[str, str] = {}
     if labelled is True:
@@ -27,7 +28,11 @@ def service(
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"namespace": namespace, "name": name, "labels": labels},
-        "spec": {"type": "LoadBalancer", "ports": [{"port": 25, "protocol": "TCP"}]},
+        "spec": {
+            "type": "LoadBalancer",
+            "ports": [{"port": 25, "protocol": "TCP"}],
+            "selector": selector if selector is not None else {"app": name},
+        },
         "status": {"loadBalancer": {"ingress": [{"ip": ip} for ip in lb_ips]}},
     }
 
@@ -62,7 +67,9 @@ def endpoint_slice(
     }
 
 
-def node(name: str, ipv4: str | None = None, ipv6: str | None = None) -> dict[str, Any]:
+def node(
+    name: str, ipv4: str | None = None, ipv6: str | None = None, pod_cidrs: tuple[str, ...] = ()
+) -> dict[str, Any]:
     addresses = [{"type": "Hostname", "address": name}]
     if ipv4:
         addresses.append({"type": "InternalIP", "address": ipv4})
@@ -72,7 +79,33 @@ def node(name: str, ipv4: str | None = None, ipv6: str | None = None) -> dict[st
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name},
+        "spec": {"podCIDRs": list(pod_cidrs), **({"podCIDR": pod_cidrs[0]} if pod_cidrs else {})},
         "status": {"addresses": addresses},
+    }
+
+
+def pod(
+    namespace: str,
+    name: str,
+    node_name: str,
+    ips: tuple[str, ...] = (),
+    labels: dict[str, str] | None = None,
+    host_network: bool = False,
+    phase: str = "Running",
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "labels": labels or {}},
+        "spec": {
+            "nodeName": node_name,
+            "hostNetwork": host_network,
+            "containers": [{"name": "main", "image": "registry.example/mail:1"}],
+        },
+        "status": {
+            "phase": phase,
+            **({"podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]} if ips else {}),
+        },
     }
 
 

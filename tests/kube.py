@@ -34,14 +34,39 @@ class ClusterDriver:
             if error.status != 409:
                 raise
 
-    def node(self, name: str, ipv4: str | None, ipv6: str | None = None) -> None:
-        body = objects.node(name, ipv4, ipv6)
+    def node(
+        self, name: str, ipv4: str | None, ipv6: str | None = None, pod_cidrs: tuple[str, ...] = ()
+    ) -> None:
+        body = objects.node(name, ipv4, ipv6, pod_cidrs)
         try:
             self.core.create_node(body)
         except ApiException as error:
             if error.status != 409:
                 raise
-            self.core.replace_node_status(name, {**body, "metadata": {"name": name}})
+            self.core.patch_node(name, {"spec": body["spec"]})
+            self.core.patch_node_status(name, {"status": body["status"]})
+
+    def pod(
+        self,
+        namespace: str,
+        name: str,
+        node: str,
+        ips: tuple[str, ...] = (),
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """Create a Pod scheduled on ``node``; with ``ips``, set its status as the kubelet would."""
+        self.ensure_namespace(namespace)
+        body = objects.pod(namespace, name, node, ips, labels)
+        self.core.create_namespaced_pod(namespace, body)
+        if ips:
+            self.pod_ips(namespace, name, ips)
+
+    def pod_ips(self, namespace: str, name: str, ips: tuple[str, ...]) -> None:
+        status = objects.pod(namespace, name, "", ips)["status"]
+        self.core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self.core.delete_namespaced_pod(name, namespace)
 
     def delete_node(self, name: str) -> None:
         self.core.delete_node(name)

@@ -6,7 +6,7 @@ import ipaddress
 import random
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from metaleg.model import Action, Family, Role, fwmask_capacity
@@ -18,6 +18,7 @@ from metaleg.watcher.cluster import (
     parse_endpoint_slice,
     parse_l2_status,
     parse_node,
+    parse_pod,
     parse_service,
 )
 from metaleg.watcher.desired import NodeSettings, compute_node_state
@@ -51,6 +52,9 @@ def cluster_of(*objects: dict[str, Any]) -> ClusterState:
             elif kind == "Node":
                 n = parse_node(obj, problems)
                 state.nodes[n.name] = n
+            elif kind == "Pod":
+                pod = parse_pod(obj, problems)
+                state.pods[f"{pod.namespace}/{pod.name}"] = pod
             elif kind == "ServiceL2Status":
                 st_ = parse_l2_status(obj, problems)
                 state.l2_statuses[f"{st_.namespace}/{st_.name}"] = st_
@@ -226,6 +230,68 @@ def test_full_mask_rejects_the_overflow_with_a_reason() -> None:
     assert len({r.fwmark for r in result.state.routes}) == 3
 
 
+def test_local_pod_counts_as_source_before_its_endpoint_slice() -> None:
+    objects = [o for o in mail_service("node-b") if o["kind"] != "EndpointSlice"]
+    objects += [
+        k.pod(
+            "mail", "relay-new", "node-a", ("10.244.1.20", "fd00:10:244:1::20"), {"app": "relay"}
+        ),
+        k.pod("mail", "host", "node-a", ("198.51.100.11",), {"app": "relay"}, host_network=True),
+        k.pod("mail", "done", "node-a", ("10.244.1.21",), {"app": "relay"}, phase="Succeeded"),
+        k.pod("mail", "elsewhere", "node-b", ("10.244.2.20",), {"app": "relay"}),
+        k.pod("other", "same-labels", "node-a", ("10.244.1.22",), {"app": "relay"}),
+        k.pod("mail", "unrelated", "node-a", ("10.244.1.23",), {"app": "web"}),
+    ]
+    (service,) = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state.services
+    assert service.role == Role.FORWARDER
+    assert [f.source_ips for f in service.families] == [("10.244.1.20",), ("fd00:10:244:1::20",)]
+
+
+def test_service_without_selector_matches_no_pod() -> None:
+    objects = [o for o in mail_service("node-b") if o["kind"] != "EndpointSlice"]
+    objects[0] = k.service("mail", "relay", LB, selector={})
+    objects.append(k.pod("mail", "p", "node-a", ("10.244.1.20",), {"app": "relay"}))
+    (service,) = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state.services
+    assert service.role == Role.NONE
+
+
+LB = ("198.51.100.200", "2001:db8:1::200")
+CIDR_NODES = (
+    k.node("node-a", "198.51.100.11", "2001:db8:1::11", ("10.244.1.0/24", "fd00:10:244:1::/64")),
+    k.node("node-b", "198.51.100.12", "2001:db8:1::12", ("10.244.2.0/24", "fd00:10:244:2::/64")),
+    k.node("node-c", "198.51.100.13", None, ("10.244.3.0/24",)),
+)
+
+
+def test_transit_guard_holds_the_other_nodes_pods_and_never_this_nodes() -> None:
+    objects = mail_service("node-a")
+    objects[1] = k.endpoint_slice(
+        "mail",
+        "relay-v4",
+        "relay",
+        "IPv4",
+        [
+            ("10.244.1.10", "node-a"),
+            ("10.244.2.10", "node-b"),
+            ("10.250.0.7", "node-c"),
+            ("10.250.0.8", None),
+        ],
+    )
+    state = compute_node_state(cluster_of(*CIDR_NODES, *objects), SETTINGS).state
+    assert state.transit_guard_ipv4 == ("10.244.2.0/23", "10.250.0.7/32")
+    assert state.transit_guard_ipv6 == ("fd00:10:244:2::/64",)
+    # Without pod CIDRs on the Nodes, the other nodes' endpoints of labelled Services remain.
+    state = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state
+    assert state.transit_guard_ipv4 == ("10.244.2.10/32", "10.250.0.7/32")
+
+
+def test_transit_guard_skips_a_cidr_that_overlaps_this_node() -> None:
+    nodes = [*CIDR_NODES, k.node("node-d", "198.51.100.14", None, ("10.244.0.0/16",))]
+    result = compute_node_state(cluster_of(*nodes), SETTINGS)
+    assert "10.244.0.0/16" not in result.state.transit_guard_ipv4
+    assert any("overlaps this node" in p.message for p in result.problems)
+
+
 def _settings_dict() -> dict[str, Any]:
     return {f: getattr(SETTINGS, f) for f in SETTINGS.__struct_fields__}
 
@@ -257,7 +323,36 @@ def raw_clusters(draw: Any) -> list[dict[str, Any]]:
             st.one_of(st.none(), st.sampled_from(["198.51.100.11", "198.51.100.12", "bogus"]))
         )
         v6 = draw(st.one_of(st.none(), st.just("2001:db8:1::12")))
-        objects.append(maybe_broken(k.node(name, v4, v6), draw))
+        cidrs = draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "10.244.1.0/24",
+                        "10.244.2.0/24",
+                        "10.244.0.0/16",
+                        "fd00:10:244:3::/64",
+                        "bogus",
+                    ]
+                ),
+                max_size=2,
+            )
+        )
+        objects.append(maybe_broken(k.node(name, v4, v6, tuple(cidrs)), draw))
+    for index in range(draw(st.integers(0, 3))):
+        pod_ips = tuple(draw(st.lists(st.one_of(ipv4s, ipv6s), max_size=2, unique=True)))
+        objects.append(
+            maybe_broken(
+                k.pod(
+                    draw(namespaces),
+                    f"pod-{index}",
+                    draw(node_names),
+                    pod_ips,
+                    {"app": draw(names)},
+                    host_network=draw(st.booleans()),
+                ),
+                draw,
+            )
+        )
     for namespace, name in draw(st.lists(st.tuples(namespaces, names), unique=True, max_size=4)):
         lb = draw(
             st.lists(
@@ -337,9 +432,22 @@ def test_generated_clusters_hold_the_reference_semantics(
                     for e in sl.endpoints
                     if e.ip == ip
                 ]
-                assert endpoints, "a source that is not an endpoint of the Service"
+                pods = [
+                    p
+                    for p in cluster.pods.values()
+                    if p.namespace == info.namespace
+                    and p.node_name == this_node
+                    and not p.host_network
+                    and not p.finished
+                    and info.selector
+                    and set(info.selector) <= set(p.labels)
+                    and any(pod_ip == ip for pod_ip, _ in p.ips)
+                ]
+                if pods:
+                    event("source from a local Pod")
+                assert endpoints or pods, "a source that is neither an endpoint nor a local Pod"
                 if filter_endpoints and gateway != this_node:
-                    assert any(e.node_name == this_node for e in endpoints)
+                    assert pods or any(e.node_name == this_node for e in endpoints)
             lb = info.lb_ipv4 if entry.family == Family.IPV4 else info.lb_ipv6
             if entry.action == Action.SNAT:
                 assert gateway == this_node and entry.snat_ip == lb is not None
@@ -366,6 +474,34 @@ def test_generated_clusters_hold_the_reference_semantics(
                         )
                     )
                 )
+    # The transit guard never holds this node's pods, and holds every other node's endpoint.
+    local_pods = [
+        ipaddress.ip_address(ip)
+        for pod in cluster.pods.values()
+        if pod.node_name == this_node and not pod.host_network and not pod.finished
+        for ip, _ in pod.ips
+    ]
+    own = cluster.nodes.get(this_node)
+    own_networks = [ipaddress.ip_network(c) for c in (own.pod_cidrs if own else ())]
+    guard = [ipaddress.ip_network(c) for c in state.transit_guard_ipv4 + state.transit_guard_ipv6]
+    for network in guard:
+        assert not any(address in network for address in local_pods)
+        assert not any(network.overlaps(o) for o in own_networks if o.version == network.version)
+    for key in labelled:
+        info = cluster.services[key]
+        for sl in cluster.slices.values():
+            if sl.namespace != info.namespace or sl.service_name != info.name:
+                continue
+            for e in sl.endpoints:
+                address = ipaddress.ip_address(e.ip)
+                if (
+                    e.node_name in (None, this_node)
+                    or address in local_pods
+                    or any(address in o for o in own_networks)
+                ):
+                    continue
+                assert any(address in n for n in guard), f"{e.ip} on {e.node_name} not guarded"
+
     # Routes: exactly the gateways some MARK entry uses, distinct slots within the mask.
     used = {s.gateway_node for s in state.services for f in s.families if f.action == Action.MARK}
     assert set(routes) == used

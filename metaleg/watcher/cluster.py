@@ -48,6 +48,8 @@ class ServiceInfo(msgspec.Struct, frozen=True):
     lb_ipv4: str | None
     """First IPv4 address in ``status.loadBalancer.ingress[].ip``."""
     lb_ipv6: str | None
+    selector: tuple[tuple[str, str], ...] = ()
+    """``spec.selector`` as sorted pairs; empty: no selector (then no Pod matches)."""
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -68,6 +70,22 @@ class NodeInfo(msgspec.Struct, frozen=True):
     ipv4: str | None
     """First IPv4 InternalIP: the next hop towards this node."""
     ipv6: str | None
+    pod_cidrs: tuple[str, ...] = ()
+    """``spec.podCIDRs`` (or ``spec.podCIDR``), canonical networks."""
+
+
+class PodInfo(msgspec.Struct, frozen=True):
+    """A Pod on this node (the watcher lists only those): its IPs become sources as soon as the
+    Pod shows them, before an EndpointSlice lists them (which can take seconds)."""
+
+    namespace: str
+    name: str
+    node_name: str | None
+    ips: tuple[tuple[str, Family], ...]
+    labels: tuple[tuple[str, str], ...]
+    host_network: bool
+    finished: bool
+    """Phase Succeeded or Failed: the Pod sends nothing any more and its IP may be reused."""
 
 
 class L2StatusInfo(msgspec.Struct, frozen=True):
@@ -142,7 +160,16 @@ def parse_service(obj: Mapping[str, Any], problems: list[Problem]) -> ServiceInf
             lb_ipv4 = address
         elif family == Family.IPV6 and lb_ipv6 is None:
             lb_ipv6 = address
-    return ServiceInfo(namespace, name, labelled, lb_ipv4, lb_ipv6)
+    selector = _string_pairs(_mapping(obj.get("spec")).get("selector"))
+    return ServiceInfo(namespace, name, labelled, lb_ipv4, lb_ipv6, selector)
+
+
+def _string_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        sorted(
+            (k, v) for k, v in _mapping(value).items() if isinstance(k, str) and isinstance(v, str)
+        )
+    )
 
 
 def parse_endpoint_slice(obj: Mapping[str, Any], problems: list[Problem]) -> SliceInfo:
@@ -217,7 +244,51 @@ def parse_node(obj: Mapping[str, Any], problems: list[Problem]) -> NodeInfo:
             ipv4 = parsed[0]
         elif parsed[1] == Family.IPV6 and ipv6 is None:
             ipv6 = parsed[0]
-    return NodeInfo(name, ipv4, ipv6)
+    spec = _mapping(obj.get("spec"))
+    raw_cidrs = _list(spec.get("podCIDRs")) or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    pod_cidrs: list[str] = []
+    for index, raw in enumerate(raw_cidrs):
+        try:
+            pod_cidrs.append(str(ipaddress.ip_network(str(raw), strict=False)))
+        except ValueError:
+            problems.append(
+                Problem("Node", name, f"spec.podCIDRs[{index}]", f"{raw!r} is not a CIDR; skipped")
+            )
+    return NodeInfo(name, ipv4, ipv6, tuple(dict.fromkeys(pod_cidrs)))
+
+
+def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
+    """Parse a ``v1 Pod``: its IPs (``status.podIPs``, else ``status.podIP``), labels, node."""
+    namespace, name = _identity(obj, "Pod", namespaced=True)
+    spec = _mapping(obj.get("spec"))
+    status = _mapping(obj.get("status"))
+    raw_ips = [_mapping(entry).get("ip") for entry in _list(status.get("podIPs"))]
+    if not raw_ips and status.get("podIP"):
+        raw_ips = [status.get("podIP")]
+    ips: list[tuple[str, Family]] = []
+    for index, raw in enumerate(raw_ips):
+        parsed = canonical_ip(raw)
+        if parsed is None:
+            problems.append(
+                Problem(
+                    "Pod",
+                    f"{namespace}/{name}",
+                    f"status.podIPs[{index}].ip",
+                    f"{raw!r} is not an IP address; skipped",
+                )
+            )
+            continue
+        ips.append(parsed)
+    node_name = spec.get("nodeName")
+    return PodInfo(
+        namespace=namespace,
+        name=name,
+        node_name=node_name if isinstance(node_name, str) and node_name else None,
+        ips=tuple(dict.fromkeys(ips)),
+        labels=_string_pairs(_mapping(obj.get("metadata")).get("labels")),
+        host_network=spec.get("hostNetwork") is True,
+        finished=status.get("phase") in ("Succeeded", "Failed"),
+    )
 
 
 def parse_l2_status(obj: Mapping[str, Any], problems: list[Problem]) -> L2StatusInfo:
@@ -253,3 +324,4 @@ class ClusterState(msgspec.Struct):
     slices: dict[str, SliceInfo] = msgspec.field(default_factory=dict)
     nodes: dict[str, NodeInfo] = msgspec.field(default_factory=dict)
     l2_statuses: dict[str, L2StatusInfo] = msgspec.field(default_factory=dict)
+    pods: dict[str, PodInfo] = msgspec.field(default_factory=dict)

@@ -127,6 +127,21 @@ def compute_node_state(
         bucket = endpoints_by_service[(endpoint_slice.namespace, endpoint_slice.service_name)]
         for endpoint in endpoint_slice.endpoints:
             bucket.append((endpoint.ip, endpoint.family, endpoint.node_name))
+    # This node's Pods count as soon as they show an IP: an EndpointSlice lists a new Pod
+    # only seconds later, and its first packets would leave with the node's IP meanwhile.
+    local_pods = [
+        pod
+        for pod in sorted(cluster.pods.values(), key=lambda p: (p.namespace, p.name))
+        if pod.node_name == node_name and not pod.host_network and not pod.finished and pod.ips
+    ]
+    for service in labelled:
+        if not service.selector:
+            continue
+        wanted = set(service.selector)
+        bucket = endpoints_by_service[(service.namespace, service.name)]
+        for pod in local_pods:
+            if pod.namespace == service.namespace and wanted <= set(pod.labels):
+                bucket.extend((ip, family, node_name) for ip, family in pod.ips)
 
     gateways: dict[tuple[str, str], str | None] = {}
     for service in labelled:
@@ -223,6 +238,19 @@ def compute_node_state(
             )
         )
 
+    guard = _transit_guard(
+        cluster,
+        node_name,
+        [ip for pod in local_pods for ip, _ in pod.ips],
+        [
+            (ip, family, endpoint_node)
+            for service in labelled
+            for ip, family, endpoint_node in endpoints_by_service.get(
+                (service.namespace, service.name), []
+            )
+        ],
+        problems,
+    )
     state = NodeDesiredState(
         node=node_name,
         fwmask=settings.fwmask,
@@ -230,6 +258,8 @@ def compute_node_state(
         exclude_dst_ipv6=settings.exclude_dst_ipv6,
         services=tuple(services),
         routes=tuple(routes),
+        transit_guard_ipv4=guard[Family.IPV4],
+        transit_guard_ipv6=guard[Family.IPV6],
     )
     return Computation(state=state, allocation=allocation, problems=tuple(problems))
 
@@ -263,6 +293,62 @@ def _family_egress(
     if slot is None:
         return reject(f"no free firewall mark for gateway node {gateway} (FIREWALL_MASK is full)")
     return FamilyEgress(family, Action.MARK, source_ips, fwmark=slot << shift)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _transit_guard(
+    cluster: ClusterState,
+    node_name: str,
+    local_pod_ips: list[str],
+    labelled_endpoints: list[tuple[str, Family, str | None]],
+    problems: list[Problem],
+) -> dict[Family, tuple[str, ...]]:
+    """Sources of pods on other nodes (see ``NodeDesiredState.transit_guard_ipv4``).
+
+    The other nodes' pod CIDRs, plus the other nodes' endpoints of labelled
+    Services (for clusters whose Nodes carry no pod CIDRs). Never anything of
+    this node: its own pods' forwarded traffic must not be caught.
+    """
+    own = cluster.nodes.get(node_name)
+    local_networks = [ipaddress.ip_network(cidr) for cidr in (own.pod_cidrs if own else ())]
+    local_ips = set(local_pod_ips)
+
+    def overlaps_local(network: Network) -> bool:
+        return any(
+            network.overlaps(local) for local in local_networks if local.version == network.version
+        ) or any(ipaddress.ip_address(ip) in network for ip in local_ips)
+
+    guard: dict[Family, list[Network]] = {Family.IPV4: [], Family.IPV6: []}
+    for node in sorted(cluster.nodes.values(), key=lambda n: n.name):
+        if node.name == node_name:
+            continue
+        for cidr in node.pod_cidrs:
+            network = ipaddress.ip_network(cidr)
+            if overlaps_local(network):
+                problems.append(
+                    Problem(
+                        "Node",
+                        node.name,
+                        "spec.podCIDRs",
+                        f"{cidr} overlaps this node's pods; not guarded",
+                    )
+                )
+                continue
+            guard[Family(network.version)].append(network)
+    for ip, family, endpoint_node in labelled_endpoints:
+        if endpoint_node is None or endpoint_node == node_name or ip in local_ips:
+            continue  # unknown locality must not risk catching this node's own pods
+        address = ipaddress.ip_address(ip)
+        if any(address in local for local in local_networks):
+            continue
+        guard[family].append(ipaddress.ip_network(address))
+    result: dict[Family, tuple[str, ...]] = {}
+    for family, networks in guard.items():
+        collapsed = ipaddress.collapse_addresses(networks)  # type: ignore[type-var]
+        result[family] = tuple(str(network) for network in collapsed)
+    return result
 
 
 def _ip_sort_key(ip: str) -> tuple[int, int]:

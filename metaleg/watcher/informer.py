@@ -206,8 +206,8 @@ class Informer(threading.Thread):
             self.events.put(Event(self.spec.name, "delete", object=obj))
 
 
-def resource_specs(api: Any, metallb_namespace: str) -> list[ResourceSpec]:
-    """The four resources metaleg watches, bound to an ``ApiClient``."""
+def resource_specs(api: Any, metallb_namespace: str, node_name: str) -> list[ResourceSpec]:
+    """The resources metaleg watches, bound to an ``ApiClient``."""
     from metaleg.watcher.cluster import REWRITE_LABEL, SERVICE_NAME_LABEL
 
     core = client.CoreV1Api(api)
@@ -228,6 +228,12 @@ def resource_specs(api: Any, metallb_namespace: str) -> list[ResourceSpec]:
     def nodes(**kwargs: Any) -> Any:
         return core.list_node(**kwargs)
 
+    def pods(**kwargs: Any) -> Any:
+        # Only this node's Pods: their IPs count before an EndpointSlice lists them.
+        return core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={node_name}", **kwargs
+        )
+
     def l2_statuses(**kwargs: Any) -> Any:
         return custom.list_namespaced_custom_object(
             "metallb.io", "v1beta1", metallb_namespace, "servicel2statuses", **kwargs
@@ -237,6 +243,7 @@ def resource_specs(api: Any, metallb_namespace: str) -> list[ResourceSpec]:
         ResourceSpec("services", services),
         ResourceSpec("endpointslices", endpoint_slices),
         ResourceSpec("nodes", nodes),
+        ResourceSpec("pods", pods),
         ResourceSpec(
             "servicel2statuses",
             l2_statuses,

@@ -1,6 +1,6 @@
 """The watcher process: cluster objects in, this node's desired state out.
 
-Four informer threads feed raw events into a queue; the main thread keeps the
+One informer thread per resource feed raw events into a queue; the main thread keeps the
 parsed objects (:class:`ClusterState`), coalesces bursts, recomputes the
 desired state with the pure :func:`compute_node_state` and publishes it to the
 supervisor when it changed. Nothing is published before every resource has
@@ -35,6 +35,7 @@ from metaleg.watcher.cluster import (
     parse_endpoint_slice,
     parse_l2_status,
     parse_node,
+    parse_pod,
     parse_service,
 )
 from metaleg.watcher.desired import NodeSettings, compute_node_state
@@ -59,6 +60,7 @@ def _parsers() -> dict[str, Any]:
         "endpointslices": (parse_endpoint_slice, "slices"),
         "nodes": (parse_node, "nodes"),
         "servicel2statuses": (parse_l2_status, "l2_statuses"),
+        "pods": (parse_pod, "pods"),
     }
 
 
@@ -237,7 +239,10 @@ def run(config: Config) -> int:
         )
         log.error("cannot load the Kubernetes client configuration (%s): %s", source, error)
         return 1
-    informers = [Informer(spec, events) for spec in resource_specs(api, config.metallb_namespace)]
+    informers = [
+        Informer(spec, events)
+        for spec in resource_specs(api, config.metallb_namespace, config.node_name)
+    ]
     context: zmq.Context[Any] = zmq.Context()
     socket = connect_worker(context, config.run_dir, "watcher")
     for informer in informers:
