@@ -82,7 +82,7 @@ class EgressLab:
             write_kubeconfig(self.kubeconfig, f"http://{self.lab.api.ipv4}:{API_PORT}")
             self.cluster = ClusterDriver(self.api.api_client())
             for node in self.lab.nodes.values():
-                self.cluster.node(node.name, node.ipv4, node.ipv6)
+                self.cluster.node(node.name, node.ipv4, node.ipv6, (node.pod_cidr4, node.pod_cidr6))
         except BaseException:
             self.api.stop()
             raise
@@ -92,6 +92,12 @@ class EgressLab:
         for node in list(self.agents):
             self.stop_agent(node)
         self.api.stop()
+
+    def add_pod(self, node: str, name: str, labels: dict[str, str], namespace: str = "mail") -> Pod:
+        """A lab pod on ``node`` and its Pod object (with its IPs, as the kubelet reports them)."""
+        pod = self.lab.add_pod(node, name)
+        self.cluster.pod(namespace, name, node, (pod.ipv4, pod.ipv6), labels)
+        return pod
 
     # --- agents ----------------------------------------------------------------------------------
 

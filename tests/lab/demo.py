@@ -18,7 +18,7 @@ import sys
 import time
 
 from tests.lab import LB_IP4, LB_IP6, Lab, Pod
-from tests.lab.agents import SUPERVISOR, EgressLab
+from tests.lab.agents import EgressLab
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 DIM = "\033[2m" if sys.stdout.isatty() else ""
@@ -86,8 +86,8 @@ def run_demo(masquerade: str) -> int:
         f"Building the lab: 3 nodes, a router, an internet host (kube-router masquerade: {masquerade} iptables)"
     )
     with Lab(masquerade=masquerade) as lab, EgressLab(lab) as egress:  # type: ignore[arg-type]
-        relay = [lab.add_pod(node, f"relay-{node[-1]}") for node in ("node-a", "node-b", "node-c")]
-        web = lab.add_pod("node-a", "web-a")
+        relay = [egress.add_pod(node, f"relay-{node[-1]}", {"app": "relay"}) for node in lab.nodes]
+        web = egress.add_pod("node-a", "web-a", {"app": "web"})
         pods = [*relay, web]
         print(
             f"   LAN 198.51.100.0/24 + 2001:db8:1::/64; internet host {lab.internet.ipv4} / {lab.internet.ipv6}"
@@ -130,25 +130,23 @@ def run_demo(masquerade: str) -> int:
         show_sources(egress, pods, expected={p.name: LB_IP4 for p in relay})
         print(f"{DIM}   (settled in {time.monotonic() - t0:.1f}s){RESET}")
 
-        say("Kernel state on node-a (a forwarder): policy rules and the mark rule")
+        _, report = egress.status("node-a")
+        backend = report["firewall_backend"] if report else "?"
+        say(f"Kernel state on node-a (a forwarder; FIREWALL_BACKEND=auto chose {backend})")
         for line in lab.exec("node-a", "ip", "rule", "show").splitlines():
             if "fwmark" in line:
                 print(f"   {line}")
-        for line in lab.exec(
-            "node-a", "iptables-legacy", "-t", "mangle", "-S", "METALEG-RT-MARK"
-        ).splitlines():
-            print(f"   {line}")
+        if backend == "nftables":
+            listing = lab.exec("node-a", "nft", "list", "chain", "inet", "metaleg", "prerouting")
+        else:
+            listing = lab.exec("node-a", "iptables-legacy", "-t", "mangle", "-S", "METALEG-RT-MARK")
+        for line in listing.splitlines():
+            if line.strip() and not line.strip().startswith(("table", "}")):
+                print(f"   {line.rstrip()}")
 
-        if os.path.exists(SUPERVISOR):
-            status = subprocess.run(
-                ["ip", "netns", "exec", lab.node("node-a").netns, SUPERVISOR, "status"],
-                env={**egress.agents["node-a"].env},
-                capture_output=True,
-                text=True,
-            )
-            if status.returncode != 2 or "invalid choice" not in status.stderr:
-                say("metaleg-supervisor status on node-a")
-                print(status.stdout.rstrip() or status.stderr.rstrip())
+        say("metaleg-supervisor status on node-a")
+        _, text = egress.status("node-a", json_output=False)
+        print("\n".join(f"   {line}" for line in text.rstrip().splitlines()))
 
         say("Unlabel the Service: node IPs again")
         cluster.label_service("mail", "relay", False)
@@ -163,7 +161,12 @@ def run_demo(masquerade: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
-    parser.add_argument("--masquerade", choices=["legacy", "nft"], default="legacy")
+    parser.add_argument(
+        "--masquerade",
+        choices=["legacy", "nft"],
+        default="nft",
+        help="the iptables mode of the lab's kube-router masquerade (nft: today's distributions)",
+    )
     arguments = parser.parse_args()
     problem = check_privileges()
     if problem:
