@@ -33,6 +33,9 @@ MASK = 0x00F00000
 SLOT1, SLOT2, SLOT3 = 0x00100000, 0x00200000, 0x00300000
 EXCLUDE4 = ("10.0.0.0/8", "192.168.0.0/16", "169.254.0.0/16")
 EXCLUDE6 = ("fc00::/7", "fe80::/10")
+# Other nodes' pod CIDRs and one endpoint outside them (adjacent /24s merge in the set).
+TRANSIT4 = ("10.244.2.0/24", "10.244.3.0/24", "10.250.0.7/32")
+TRANSIT6 = ("fd00:2::/64", "fd00:2:0:1::/64")
 
 
 # --- building desired states ------------------------------------------------------------
@@ -59,9 +62,20 @@ def service(name: str, *families: FamilyEgress) -> ServiceEgress:
     return ServiceEgress("ns", name, Role.GATEWAY, "node-a", (), tuple(families))
 
 
-def node_state(*services: ServiceEgress, exclude4: tuple[str, ...] = EXCLUDE4) -> NodeDesiredState:
+def node_state(
+    *services: ServiceEgress,
+    exclude4: tuple[str, ...] = EXCLUDE4,
+    transit4: tuple[str, ...] = (),
+    transit6: tuple[str, ...] = (),
+) -> NodeDesiredState:
     return NodeDesiredState(
-        "node-a", MASK, exclude4, EXCLUDE6, tuple(sorted(services, key=lambda s: s.key))
+        "node-a",
+        MASK,
+        exclude4,
+        EXCLUDE6,
+        tuple(sorted(services, key=lambda s: s.key)),
+        transit_guard_ipv4=transit4,
+        transit_guard_ipv6=transit6,
     )
 
 
@@ -88,6 +102,8 @@ def dual_stack_state() -> NodeDesiredState:
             egress(Family.IPV4, Action.REJECT, "10.244.1.12"),
             egress(Family.IPV6, Action.REJECT, "fd00:1::12"),
         ),
+        transit4=TRANSIT4,
+        transit6=TRANSIT6,
     )
 
 
@@ -183,9 +199,9 @@ def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message
 def test_rule_count_does_not_grow_with_services() -> None:
     small = full_script(TableContent.of(dual_stack_state()), MASK, "icmpx admin-prohibited")
     big = full_script(TableContent.of(big_state(300)), MASK, "icmpx admin-prohibited")
-    # 14 static rules + one per gateway mark (2 resp. 5 slots).
-    assert small.count("\nadd rule ") == 14 + 2
-    assert big.count("\nadd rule ") == 14 + 5
+    # 16 static rules + one per gateway mark (2 resp. 5 slots).
+    assert small.count("\nadd rule ") == 16 + 2
+    assert big.count("\nadd rule ") == 16 + 5
     assert big.startswith(
         "add table inet metaleg\ndelete table inet metaleg\nadd table inet metaleg\n"
     )
@@ -225,6 +241,75 @@ def test_diff_changes_only_elements_and_slot_chains() -> None:
         "delete chain inet metaleg fwmark_00200000",
     ]
     assert not any(line.startswith(("add rule inet metaleg pre", "add table")) for line in lines)
+
+
+def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
+    state = node_state(
+        transit4=("10.244.0.0/16", "10.244.7.0/24", "10.245.0.0/16", "10.250.0.7/32"),
+        transit6=("fd00:2::/64", "fd00:2::5/128", "fd00:9::1/128"),
+    )
+    content = TableContent.of(state)
+    # Overlaps collapse, adjacent prefixes merge, host prefixes stay /32 and /128.
+    assert content.transit == {
+        Family.IPV4: {"10.244.0.0/15", "10.250.0.7/32"},
+        Family.IPV6: {"fd00:2::/64", "fd00:9::1/128"},
+    }
+    lines = full_script(content, MASK, "icmpx admin-prohibited").splitlines()
+    assert "add set inet metaleg transit4 { type ipv4_addr; flags interval; }" in lines
+    assert "add set inet metaleg transit6 { type ipv6_addr; flags interval; }" in lines
+    assert "add element inet metaleg transit4 { 10.244.0.0/15, 10.250.0.7/32 }" in lines
+    assert "add element inet metaleg transit6 { fd00:2::/64, fd00:9::1/128 }" in lines
+    forward = [line for line in lines if line.startswith("add rule inet metaleg forward ")]
+    assert [
+        line.split(" comment ")[0].removeprefix("add rule inet metaleg forward ")
+        for line in forward
+    ] == [
+        "ip daddr @exclude4 return",
+        "ip6 daddr @exclude6 return",
+        "ip saddr @reject4 reject with icmpx admin-prohibited",
+        "ip6 saddr @reject6 reject with icmpx admin-prohibited",
+        "ct state new ip saddr @transit4 meta mark & 0x00f00000 == 0 "
+        "ip saddr != @snat4 reject with icmpx admin-prohibited",
+        "ct state new ip6 saddr @transit6 meta mark & 0x00f00000 == 0 "
+        "ip6 saddr != @snat6 reject with icmpx admin-prohibited",
+    ]
+    # The rules do not depend on the guard's elements (nor on the Services).
+    empty = full_script(TableContent(), MASK, "icmpx admin-prohibited").splitlines()
+    assert [line for line in empty if line.startswith("add rule ")] == [
+        line for line in lines if line.startswith("add rule ")
+    ]
+    # The guard does not change conntrack scoping: it only acts on new connections.
+    assert content.view == TableContent.of(node_state()).view
+
+
+def test_transit_guard_change_is_an_element_diff() -> None:
+    old = TableContent.of(node_state(transit4=("10.244.2.0/24", "10.250.0.7/32")))
+    new = TableContent.of(
+        node_state(
+            transit4=("10.244.2.0/24", "10.244.3.0/24", "10.250.0.8/32"), transit6=("fd00:2::/64",)
+        )
+    )
+    assert diff_script(old, new, MASK).splitlines() == [
+        "delete element inet metaleg transit4 { 10.244.2.0/24, 10.250.0.7/32 }",
+        "add element inet metaleg transit4 { 10.244.2.0/23, 10.250.0.8/32 }",
+        "add element inet metaleg transit6 { fd00:2::/64 }",
+    ]
+    assert diff_script(new, new, MASK) == ""
+
+
+@pytest.mark.parametrize(
+    ("transit4", "transit6", "message"),
+    [
+        (("10.244.0.0/33",), (), "transit_guard_ipv4: invalid CIDR"),
+        (("fd00:2::/64",), (), "transit_guard_ipv4: fd00:2::/64 is not an IPv4"),
+        ((), ("10.244.0.0/16",), "transit_guard_ipv6: 10.244.0.0/16 is not an IPv6"),
+    ],
+)
+def test_bad_transit_guard_is_refused(
+    transit4: tuple[str, ...], transit6: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(BackendError, match=message):
+        TableContent.of(node_state(transit4=transit4, transit6=transit6))
 
 
 networks4 = st.builds(
@@ -413,9 +498,23 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         "snat ip6 to ip6 saddr map @snat6",
         "ip saddr @reject4 reject with icmpx admin-prohibited",
         "ip6 daddr @exclude6 return",
+        "ct state new ip saddr @transit4 meta mark & 0x00f00000 == 0x00000000 "
+        "ip saddr != @snat4 reject with icmpx admin-prohibited",
+        "ct state new ip6 saddr @transit6 meta mark & 0x00f00000 == 0x00000000 "
+        "ip6 saddr != @snat6 reject with icmpx admin-prohibited",
     ):
         assert expected in text
+    # Host prefixes are listed as plain addresses.
+    assert elements(document, "transit4") == [
+        {"prefix": {"addr": "10.244.2.0", "len": 23}},
+        "10.250.0.7",
+    ]
+    assert ActualTable.parse(document).content().transit == {
+        Family.IPV4: {"10.244.2.0/23", "10.250.0.7/32"},
+        Family.IPV6: {"fd00:2::/63"},
+    }
     assert len(rules_of(document, "postrouting")) == 6
+    assert len(rules_of(document, "forward")) == 6
     assert all(r.get("comment", "").startswith("metaleg:") for r in rules_of(document, "forward"))
 
 
@@ -476,6 +575,27 @@ def _incremental_then_check(first: NodeDesiredState, second: NodeDesiredState) -
 
 
 @pytest.mark.netns
+def test_incremental_transit_guard_change(ns: str) -> None:
+    """Guard elements change in place (one transaction, same table), overlaps and all."""
+    first = dual_stack_state()
+    second = NodeDesiredState(
+        first.node,
+        first.fwmask,
+        first.exclude_dst_ipv4,
+        first.exclude_dst_ipv6,
+        first.services,
+        transit_guard_ipv4=("10.244.2.0/24", "10.244.2.128/25", "10.244.4.0/24", "10.250.0.8/32"),
+        transit_guard_ipv6=(),
+    )
+    run_in_netns(ns, _incremental_then_check, first, second)
+    assert ActualTable.parse(listing(ns)).content().transit == {
+        Family.IPV4: {"10.244.2.0/24", "10.244.4.0/24", "10.250.0.8/32"},
+        Family.IPV6: set(),
+    }
+    run_in_netns(ns, _incremental_then_check, second, first)
+
+
+@pytest.mark.netns
 def test_resync_recreates_a_deleted_table(ns: str) -> None:
     run_in_netns(ns, _apply_all, dual_stack_state())
     sh("nft", "delete", "table", "inet", "metaleg", netns=ns)
@@ -506,6 +626,13 @@ TAMPERING = {
     "set element added": [["add", "element", "inet", "metaleg", "snat4", "{ 10.9.9.9 : 1.1.1.1 }"]],
     "set element removed": [["delete", "element", "inet", "metaleg", "reject4", "{ 10.244.1.12 }"]],
     "exclude changed": [["add", "element", "inet", "metaleg", "exclude4", "{ 1.0.0.0/8 }"]],
+    "transit element added": [
+        ["add", "element", "inet", "metaleg", "transit4", "{ 10.9.0.0/16 }"],
+    ],
+    "transit element removed": [
+        ["delete", "element", "inet", "metaleg", "transit4", "{ 10.250.0.7 }"],
+    ],
+    "transit set flushed": [["flush", "set", "inet", "metaleg", "transit6"]],
     "foreign rule": [["insert", "rule", "inet", "metaleg", "forward", "accept"]],
     "rule deleted": [["flush", "chain", "inet", "metaleg", "fwmark_00100000"]],
     "foreign rule appended": [
@@ -533,11 +660,17 @@ def test_adjacent_and_overlapping_exclusions_are_stable(ns: str) -> None:
     """Interval sets refuse overlaps and may list adjacent prefixes merged: the canonical
     form must survive the round trip, or every re-sync would rewrite the table."""
     state = node_state(
-        exclude4=("11.0.0.0/8", "12.0.0.0/8", "1.0.0.0/24", "1.0.1.0/24", "1.0.0.128/25")
+        exclude4=("11.0.0.0/8", "12.0.0.0/8", "1.0.0.0/24", "1.0.1.0/24", "1.0.0.128/25"),
+        transit4=("10.244.0.0/24", "10.244.1.0/24", "10.244.0.9/32", "10.250.0.7/32"),
+        transit6=("fd00:2::/64", "fd00:2:0:1::/64", "fd00:2::9/128"),
     )
     assert run_in_netns(ns, _resync, state) == 1
     content = ActualTable.parse(listing(ns)).content()
     assert content.exclude[Family.IPV4] == {"1.0.0.0/23", "11.0.0.0/8", "12.0.0.0/8"}
+    assert content.transit == {
+        Family.IPV4: {"10.244.0.0/23", "10.250.0.7/32"},
+        Family.IPV6: {"fd00:2::/63"},
+    }
 
 
 def _apply_after_table_vanished(first: NodeDesiredState, second: NodeDesiredState) -> int:
@@ -682,7 +815,7 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     document = listing(ns)
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
-    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 14 + 5
+    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 16 + 5
     # Generous bounds (CI machines vary); the report quotes the measured figures.
     assert figures["full"] < 5
     assert figures["incremental"] < 1
@@ -939,3 +1072,59 @@ def conntrack_ids(ns: str, source: str) -> set[str]:
     """The ids of the conntrack entries from ``source`` (the conntrack binary, independent of us)."""
     output = sh("conntrack", "-L", "-s", source, "-o", "id", netns=ns)
     return {word for word in output.split() if word.startswith("id=")}
+
+
+def guarded_state(*, snat: bool = True) -> NodeDesiredState:
+    """:func:`packet_state` with the pod's sources in the transit guard (as if another
+    node's pods), optionally without the SNAT Service."""
+    state = packet_state()
+    return NodeDesiredState(
+        state.node,
+        state.fwmask,
+        state.exclude_dst_ipv4,
+        state.exclude_dst_ipv6,
+        tuple(s for s in state.services if snat or s.name != "snat"),
+        transit_guard_ipv4=("10.244.0.0/16",),
+        transit_guard_ipv6=("fd00:1::/64",),
+    )
+
+
+@pytest.mark.netns
+def test_transit_guard_rejects_only_new_connections_it_would_leak(
+    topology: dict[str, str],
+) -> None:
+    pod, node = topology["pod"], topology["node"]
+
+    def probe(source: str, destination: str, sport: int = 41000) -> str:
+        return run_in_netns(pod, _udp_probe, source, destination, sport, timeout=10)
+
+    # Flows that exist before the guard appears (masqueraded by the node).
+    assert probe("10.244.1.13", "203.0.113.2", 41000) == "203.0.113.1"
+    assert probe("fd00:1::13", "2001:db8:113::2", 41000) == "2001:db8:113::1"
+    established = conntrack_ids(node, "10.244.1.13")
+    run_in_netns(node, _backend_change, packet_state(), guarded_state())
+    cases = {
+        # Neither SNATed nor marked here: a new connection would leave masqueraded.
+        ("10.244.1.13", "203.0.113.2"): "rejected:EHOSTUNREACH",
+        ("fd00:1::13", "2001:db8:113::2"): "rejected:EACCES",
+        # SNATed here: passes with the LB IP.
+        ("10.244.1.10", "203.0.113.2"): "203.0.113.100",
+        ("fd00:1::10", "2001:db8:113::2"): "2001:db8:113::100",
+        # Marked here (forwarded to a gateway): passes with its own address.
+        ("10.244.1.12", "203.0.113.2"): "10.244.1.12",
+        ("fd00:1::12", "2001:db8:113::2"): "fd00:1::12",
+        # Excluded destination: not the guard's business.
+        ("10.244.1.13", "10.99.0.2"): "10.244.1.13",
+    }
+    for (source, destination), seen in cases.items():
+        assert probe(source, destination, 41001) == seen, (source, destination)
+    # The established flows go on (the guard only looks at new connections, and
+    # adding it flushed no conntrack entries).
+    assert probe("10.244.1.13", "203.0.113.2", 41000) == "203.0.113.1"
+    assert probe("fd00:1::13", "2001:db8:113::2", 41000) == "2001:db8:113::1"
+    assert established <= conntrack_ids(node, "10.244.1.13")
+    # The SNAT goes away (the gateway moved): its flow's binding is flushed and the
+    # flow, new again, is now rejected instead of leaking with the node's address.
+    run_in_netns(node, _backend_change, guarded_state(), guarded_state(snat=False))
+    assert probe("10.244.1.10", "203.0.113.2", 41001) == "rejected:EHOSTUNREACH"
+    assert probe("fd00:1::10", "2001:db8:113::2", 41001) == "rejected:EACCES"

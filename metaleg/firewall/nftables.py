@@ -9,6 +9,7 @@ elements of the sets and maps they look up do, so N Services cost O(1) rules
     map snat4/snat6        source -> LoadBalancer IP        (this node is the gateway)
     map mark4/mark6        source -> jump fwmark_<mark>     (another node is the gateway)
     set reject4/reject6    sources                          (gateway unknown: fail closed)
+    set transit4/transit6  (interval)   other nodes' pods   (the transit guard)
 
     chain fwmark_<mark>    meta mark set meta mark & ~fwmask | <mark>   (one per gateway slot)
     chain prerouting   filter/prerouting  priority mangle - 10:
@@ -18,7 +19,17 @@ elements of the sets and maps they look up do, so N Services cost O(1) rules
         meta mark & fwmask != 0 snat to saddr      (null binding, see below)
         snat to saddr map @snat
     chain forward      filter/forward     priority filter - 10:
-        daddr @exclude return; saddr @reject reject with icmpx admin-prohibited
+        daddr @exclude return; saddr @reject reject with icmpx admin-prohibited;
+        ct state new saddr @transit meta mark & fwmask == 0 saddr != @snat reject ...
+
+The transit guard (last rule of ``forward``, see
+:attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`): a *new* forwarded
+connection from another node's pod to a non-excluded destination is rejected
+unless this node marks it (prerouting ran before, so the mark is set) or SNATs
+it (its source is a key of the SNAT map: nft looks a map up as a set, so no
+parallel set is needed). Only ``ct state new`` is checked, so flows that were
+established before a source entered the guard go on; the guard therefore needs
+no conntrack flush of its own (:mod:`metaleg.firewall.conntrack` is unchanged).
 
 Why these priorities: each base chain runs just before the hook's iptables
 chains (legacy or nft: mangle -150, srcnat 100, filter 0). NAT is decided by the
@@ -104,6 +115,7 @@ for _family in Family:
     SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
     SETS[f"mark{_s}"] = SetSpec("map", _a, "verdict", ())
     SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
+    SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
 
 
 class ChainSpec(NamedTuple):
@@ -156,6 +168,13 @@ def mark_chain(fwmark: int, fwmask: int) -> ChainSpec:
 def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
     """The three static base chains; their rules depend only on the mask and reject type."""
     mask = f"{fwmask:#010x}"
+    # The transit guard: cheapest tests first (most forwarded packets are not
+    # new; the SNAT map is looked up as a set of its keys).
+    guard = tuple(
+        f"ct state new {_IP[f]} saddr @transit{_SUFFIX[f]} meta mark & {mask} == 0 "
+        f"{_IP[f]} saddr != @snat{_SUFFIX[f]} reject with {reject_with}"
+        for f in Family
+    )
     excludes = tuple(f"{_IP[f]} daddr @exclude{_SUFFIX[f]} return" for f in Family)
     return (
         ChainSpec(
@@ -193,6 +212,7 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
             (
                 *excludes,
                 *(f"{_IP[f]} saddr @reject{_SUFFIX[f]} reject with {reject_with}" for f in Family),
+                *guard,
             ),
         ),
     )
@@ -229,6 +249,22 @@ def _ranges_to_cidrs(ranges: list[tuple[int, int]], family: Family) -> frozenset
     return frozenset(result)
 
 
+def _checked_cidrs(
+    cidrs: Iterable[str], family: Family, what: str, strict: bool = False
+) -> frozenset[str]:
+    """:func:`canonical_cidrs`, raising :class:`BackendError` for a malformed CIDR (and,
+    with ``strict``, for one of the other family instead of skipping it)."""
+    suffix = _SUFFIX[family]
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except (ValueError, TypeError) as error:
+            raise BackendError(f"nftables: {what}_ipv{suffix}: invalid CIDR {cidr!r}") from error
+        if strict and network.version != family:
+            raise BackendError(f"nftables: {what}_ipv{suffix}: {cidr} is not an IPv{suffix} CIDR")
+    return canonical_cidrs(cidrs, family)
+
+
 def _empty_sets() -> dict[Family, frozenset[str]]:
     return {f: frozenset() for f in Family}
 
@@ -247,6 +283,8 @@ class TableContent:
     mark: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
     """source -> name of the chain that sets its mark"""
     reject: dict[Family, frozenset[str]] = field(default_factory=_empty_sets)
+    transit: dict[Family, frozenset[str]] = field(default_factory=_empty_sets)
+    """The transit guard's sources, canonical prefixes (like ``exclude``)."""
 
     @classmethod
     def of(cls, state: NodeDesiredState) -> TableContent:
@@ -257,9 +295,17 @@ class TableContent:
             raise BackendError(f"nftables: {error}") from error
         content = cls(
             exclude={
-                Family.IPV4: canonical_cidrs(state.exclude_dst_ipv4, Family.IPV4),
-                Family.IPV6: canonical_cidrs(state.exclude_dst_ipv6, Family.IPV6),
-            }
+                Family.IPV4: _checked_cidrs(state.exclude_dst_ipv4, Family.IPV4, "exclude_dst"),
+                Family.IPV6: _checked_cidrs(state.exclude_dst_ipv6, Family.IPV6, "exclude_dst"),
+            },
+            transit={
+                Family.IPV4: _checked_cidrs(
+                    state.transit_guard_ipv4, Family.IPV4, "transit_guard", strict=True
+                ),
+                Family.IPV6: _checked_cidrs(
+                    state.transit_guard_ipv6, Family.IPV6, "transit_guard", strict=True
+                ),
+            },
         )
         for family, table in treatments.items():
             reject: set[str] = set()
@@ -312,6 +358,7 @@ class TableContent:
             s = _SUFFIX[family]
             result[f"exclude{s}"] = self.exclude[family]
             result[f"reject{s}"] = self.reject[family]
+            result[f"transit{s}"] = self.transit[family]
         return result
 
     def element_maps(self) -> dict[str, dict[str, str]]:
@@ -460,6 +507,10 @@ class ActualTable:
             )
             content.reject[family] = frozenset(
                 a for e in self.elements.get(f"reject{s}", []) if (a := _address(e, family))
+            )
+            content.transit[family] = _ranges_to_cidrs(
+                [r for e in self.elements.get(f"transit{s}", []) if (r := _range(e, family))],
+                family,
             )
             for key, value in _pairs(self.elements.get(f"snat{s}", [])):
                 source, lb_ip = _address(key, family), _address(value, family)
