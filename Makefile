@@ -5,7 +5,7 @@
 VENV     ?= .venv
 PYTHON   ?= python3
 PY        = $(VENV)/bin/python
-APT_PACKAGES = iptables ipset nftables iproute2 conntrack iputils-ping kmod procps python3-venv
+APT_PACKAGES = iptables ipset nftables iproute2 conntrack iputils-ping kmod procps python3-venv shellcheck
 
 .PHONY: demo test install apt venv lint typecheck pytest clean
 
