@@ -95,6 +95,8 @@ class Worker:
     last_error: str = ""
     backend: str = ""
     crashes: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10))
+    working: bool = False
+    """It reported success since its last start (applied a snapshot, or published a state)."""
 
     @property
     def pid(self) -> int | None:
@@ -105,9 +107,12 @@ class Worker:
         return self.process is not None and self.process.poll() is None
 
     def crash_looping(self, now: float) -> bool:
+        """Crashed often lately and has not done its job since: restarting the pod may help.
+
+        A worker that was killed a few times but came back and works is not crash-looping.
+        """
         recent = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW]
-        stable = self.running and now - self.started_at > RESTART_RESET_AFTER
-        return len(recent) >= CRASH_LOOP_CRASHES and not stable
+        return len(recent) >= CRASH_LOOP_CRASHES and not (self.running and self.working)
 
 
 class Supervisor:
@@ -130,6 +135,7 @@ class Supervisor:
         environment[CONFIG_ENVIRONMENT] = msgspec.json.encode(self.config).decode()
         worker.process = subprocess.Popen([sys.executable, "-m", worker.module], env=environment)
         worker.started_at = time.monotonic()
+        worker.working = False
         log.info("started %s", worker.name, extra={"pid": worker.process.pid})
 
     def _reap(self) -> None:
@@ -214,6 +220,7 @@ class Supervisor:
 
     def _handle(self, sender: str, message: Any) -> None:
         if isinstance(message, Publish) and sender == "watcher":
+            self.workers["watcher"].working = True
             self.problems = message.problems
             if self.snapshot is None or message.state != self.snapshot.state:
                 generation = (self.snapshot.generation if self.snapshot else 0) + 1
@@ -238,6 +245,7 @@ class Supervisor:
             else:
                 worker.applied_generation = message.generation
                 worker.last_error = ""
+                worker.working = True
         else:
             self._drop("dropped an unexpected %s from %s", type(message).__name__, sender)
 

@@ -39,6 +39,7 @@ from metaleg.watcher.cluster import (
     parse_service,
 )
 from metaleg.watcher.desired import NodeSettings, compute_node_state
+from metaleg.watcher.events import EventPoster, describe_change
 from metaleg.watcher.informer import Event, Informer, resource_specs
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Watcher:
         self.allocation = self._load_allocation()
         self.published: NodeDesiredState | None = None
         self.reported_problems: set[str] = set()
+        self.events: EventPoster | None = None
 
     # --- cluster objects ---------------------------------------------------------------------
 
@@ -157,6 +159,15 @@ class Watcher:
                 )
             else:
                 log.info(_describe(new), extra={"service": key, "node": new.gateway_node})
+            # An Event on the Service, but not for the first state after start (nothing
+            # changed then) nor when only the source IPs changed (no news for `kubectl describe`).
+            if self.events is None or self.published is None:
+                continue
+            if old is not None and new is not None and _summary(old) == _summary(new):
+                continue
+            event = describe_change(self.config.node_name, new, key)
+            if event is not None:
+                self.events.post(event)
 
     def _load_allocation(self) -> dict[str, int]:
         path = os.path.join(self.config.run_dir, ALLOCATION_FILE)
@@ -200,6 +211,16 @@ def _describe(service: ServiceEgress) -> str:
     return f"service egress {service.role}: {detail}"
 
 
+def _summary(service: ServiceEgress) -> tuple[object, ...]:
+    """What an Event reports: role, gateway, LB IPs and per-family action and reason."""
+    return (
+        service.role,
+        service.gateway_node,
+        service.lb_ips,
+        tuple((e.family, e.action, e.reason) for e in service.families),
+    )
+
+
 def _key_of(obj: dict[str, Any]) -> str | None:
     metadata = obj.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
@@ -239,6 +260,8 @@ def run(config: Config) -> int:
         )
         log.error("cannot load the Kubernetes client configuration (%s): %s", source, error)
         return 1
+    watcher.events = EventPoster(_api_client(config), config.node_name)
+    watcher.events.start()
     informers = [
         Informer(spec, events)
         for spec in resource_specs(api, config.metallb_namespace, config.node_name)
