@@ -199,9 +199,9 @@ def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message
 def test_rule_count_does_not_grow_with_services() -> None:
     small = full_script(TableContent.of(dual_stack_state()), MASK, "icmpx admin-prohibited")
     big = full_script(TableContent.of(big_state(300)), MASK, "icmpx admin-prohibited")
-    # 16 static rules + one per gateway mark (2 resp. 5 slots).
-    assert small.count("\nadd rule ") == 16 + 2
-    assert big.count("\nadd rule ") == 16 + 5
+    # 25 static rules + one per gateway mark (2 resp. 5 slots).
+    assert small.count("\nadd rule ") == 25 + 2
+    assert big.count("\nadd rule ") == 25 + 5
     assert big.startswith(
         "add table inet metaleg\ndelete table inet metaleg\nadd table inet metaleg\n"
     )
@@ -468,6 +468,7 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
     assert {n: (c.get("type"), c.get("hook"), c.get("prio")) for n, c in chains.items()} == {
         "prerouting": ("filter", "prerouting", -160),
         "postrouting": ("nat", "postrouting", 90),
+        "egress": ("filter", "postrouting", 110),
         "forward": ("filter", "forward", -10),
         "fwmark_00100000": (None, None, None),
         "fwmark_00200000": (None, None, None),
@@ -551,6 +552,7 @@ def test_incremental_change_keeps_the_table(ns: str) -> None:
         "prerouting",
         "postrouting",
         "forward",
+        "egress",
         "fwmark_00300000",
     }
     # Within one backend, a change is incremental: the table (handle) stays.
@@ -815,7 +817,7 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     document = listing(ns)
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
-    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 16 + 5
+    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 25 + 5
     # Generous bounds (CI machines vary); the report quotes the measured figures.
     assert figures["full"] < 5
     assert figures["incremental"] < 1

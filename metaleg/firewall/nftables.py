@@ -21,6 +21,9 @@ elements of the sets and maps they look up do, so N Services cost O(1) rules
     chain forward      filter/forward     priority filter - 10:
         daddr @exclude return; saddr @reject reject with icmpx admin-prohibited;
         ct state new saddr @transit meta mark & fwmask == 0 saddr != @snat reject ...
+    chain egress       filter/postrouting priority srcnat + 10 (after all NAT):
+        daddr @exclude return; ct direction reply return;
+        unmarked and still a source of @snat, @mark or @transit: drop
 
 The transit guard (last rule of ``forward``, see
 :attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`): a *new* forwarded
@@ -213,6 +216,29 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
                 *excludes,
                 *(f"{_IP[f]} saddr @reject{_SUFFIX[f]} reject with {reject_with}" for f in Family),
                 *guard,
+            ),
+        ),
+        # The egress check, after every NAT chain has run: what leaves here with a pod
+        # IP of ours (or an other node's) and no mark did not get the translation it
+        # should have. That happens when a flow's conntrack entry still carries the
+        # binding of its old treatment (a null binding from when the source was
+        # marked, say) in the moment between a transaction and the conntrack flush
+        # that follows it. Drop: fail closed, never out with a pod IP.
+        ChainSpec(
+            "egress",
+            "filter",
+            "postrouting",
+            "srcnat + 10",
+            110,
+            (
+                *excludes,
+                "ct direction reply return",
+                *(f"meta mark & {mask} == 0 {_IP[f]} saddr @snat{_SUFFIX[f]} drop" for f in Family),
+                *(f"meta mark & {mask} == 0 {_IP[f]} saddr @mark{_SUFFIX[f]} drop" for f in Family),
+                *(
+                    f"meta mark & {mask} == 0 {_IP[f]} saddr @transit{_SUFFIX[f]} drop"
+                    for f in Family
+                ),
             ),
         ),
     )
