@@ -10,8 +10,10 @@ packet test wires pod, node and server namespaces with veth pairs and pings.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +29,16 @@ from metaleg.firewall.iptables import (
     exclude_networks,
     jump_rule,
     mark_skip_rule,
+    net_members,
     render,
     snat_rule,
+    source_return_rule,
     source_set_name,
+    transit_set_name,
 )
 from metaleg.firewall.xtables_child import (
     Mode,
+    Rule,
     SyncReply,
     SyncRequest,
     TableResult,
@@ -82,6 +88,8 @@ def node_state(
     exclude4: tuple[str, ...] = ("10.96.0.0/12", "192.168.0.0/16"),
     exclude6: tuple[str, ...] = ("fc00::/7",),
     fwmask: int = MASK,
+    transit4: tuple[str, ...] = (),
+    transit6: tuple[str, ...] = (),
 ) -> NodeDesiredState:
     return NodeDesiredState(
         node="node-1",
@@ -89,6 +97,8 @@ def node_state(
         exclude_dst_ipv4=exclude4,
         exclude_dst_ipv6=exclude6,
         services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
+        transit_guard_ipv4=transit4,
+        transit_guard_ipv6=transit6,
     )
 
 
@@ -278,6 +288,77 @@ def test_exclude_networks_are_canonical_and_zero_prefix_is_split() -> None:
         exclude_networks(("10.0.0.0/8",), Family.IPV6)
 
 
+# Another SNAT Service, sorted after MAIL, to check that every SNAT set gets its exception.
+RELAY = service("default", "relay", snat(Family.IPV4, ("10.244.1.20", "10.244.1.21"), "192.0.2.11"))
+S4["relay"] = source_set_name(Family.IPV4, "default", "relay")
+TRANSIT4 = ("10.244.2.0/24", "10.244.3.7/32")
+TRANSIT6 = ("fd00:244:2::/64",)
+GUARDED = node_state(MAIL, RELAY, WEB, LOST, transit4=TRANSIT4, transit6=TRANSIT6)
+GUARD_V4 = [
+    "-m mark ! --mark 0x0/0xf00000 -j RETURN",
+    f"-m set --match-set {S4['mail']} src -j RETURN",
+    f"-m set --match-set {S4['relay']} src -j RETURN",
+    "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-4 src "
+    "-j REJECT --reject-with icmp-port-unreachable",
+]
+GUARD_V6 = [
+    "-m mark ! --mark 0x0/0xf00000 -j RETURN",
+    f"-m set --match-set {S6['mail']} src -j RETURN",
+    "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-6 src "
+    "-j REJECT --reject-with icmp6-port-unreachable",
+]
+
+
+def test_render_transit_guard_after_exclude_and_rejects() -> None:
+    desired = render(GUARDED)
+    v4 = rules_by_chain(desired, Family.IPV4)
+    v6 = rules_by_chain(desired, Family.IPV6)
+    # exclude RETURN, the REJECT Services, then the guard: marked and SNATed sources pass.
+    assert v4["filter"]["METALEG-REJECT"] == [*EXPECTED_V4["filter"]["METALEG-REJECT"], *GUARD_V4]
+    assert v6["filter"]["METALEG-REJECT"] == [*EXPECTED_V6["filter"]["METALEG-REJECT"], *GUARD_V6]
+    assert v4["filter"]["FORWARD"] == ["-j METALEG-REJECT"]
+    # The guard changes nothing in mangle and nat.
+    assert v4["mangle"] == EXPECTED_V4["mangle"] and v6["nat"] == EXPECTED_V6["nat"]
+    assert desired.sets["METALEG-TRANSIT-4"] == SetSpec(
+        "METALEG-TRANSIT-4",
+        HASH_NET,
+        Family.IPV4,
+        frozenset({"10.244.2.0/24", "10.244.3.7/32"}),
+    )
+    assert desired.sets["METALEG-TRANSIT-6"] == SetSpec(
+        "METALEG-TRANSIT-6", HASH_NET, Family.IPV6, frozenset({"fd00:244:2::/64"})
+    )
+
+
+def test_render_transit_guard_only_for_families_with_sources() -> None:
+    desired = render(node_state(transit6=("fd00:244:2::5/128",), exclude4=(), exclude6=()))
+    assert set(desired.sets) == {transit_set_name(Family.IPV6)}
+    assert rules_by_chain(desired, Family.IPV4)["filter"]["METALEG-REJECT"] == []
+    # No exclude set and no SNAT Service: just the mark exception and the REJECT.
+    assert rules_by_chain(desired, Family.IPV6)["filter"]["METALEG-REJECT"] == [
+        GUARD_V6[0],
+        GUARD_V6[-1],
+    ]
+    # Without guard sources nothing of the guard is rendered (DUAL_STACK's expectations).
+    assert "METALEG-TRANSIT-4" not in render(DUAL_STACK).sets
+
+
+def test_transit_members_are_canonical_and_errors_name_the_set() -> None:
+    assert net_members("METALEG-TRANSIT-4", ("0.0.0.0/0", "10.1.2.3"), Family.IPV4) == {
+        "0.0.0.0/1",
+        "128.0.0.0/1",
+        "10.1.2.3/32",
+    }
+    assert render(node_state(transit6=("::/0",))).sets["METALEG-TRANSIT-6"].members == {
+        "::/1",
+        "8000::/1",
+    }
+    with pytest.raises(BackendError, match=r"ipset METALEG-TRANSIT-4: invalid CIDR 'pods'"):
+        render(node_state(transit4=("pods",)))
+    with pytest.raises(BackendError, match=r"METALEG-TRANSIT-6: 10\.0\.0\.0/8 is not an IPv6"):
+        render(node_state(transit6=("10.0.0.0/8",)))
+
+
 def test_plan_sets_changes_members_by_difference() -> None:
     current = {
         "METALEG-A": SetSpec(
@@ -424,6 +505,39 @@ def test_change_is_make_before_break() -> None:
     assert log[7] == ("ipset-destroy", S6["lost"])
 
 
+def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
+    backend, log = fake_backend()
+    backend.apply(node_state(MAIL, transit4=TRANSIT4))
+    log.clear()
+    # MAIL stops being SNATed here: nat loses the SNAT, filter the guard's exception.
+    # Filter is committed first, so in between its pods are rejected, never masqueraded.
+    backend.apply(node_state(transit4=TRANSIT4))
+    assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
+        ("merge", 4, "nat"),
+        ("merge", 4, "filter"),
+        ("merge", 6, "nat"),
+        ("exact", 4, "filter"),
+        ("exact", 4, "nat"),
+        ("exact", 6, "nat"),
+    ]
+    log.clear()
+    # And back: the SNAT (nat) exists before its exception (filter); both only gain rules.
+    backend.apply(node_state(MAIL, transit4=TRANSIT4))
+    assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
+        ("merge", 4, "nat"),
+        ("merge", 4, "filter"),
+        ("merge", 6, "nat"),
+    ]
+    log.clear()
+    # The guard goes away: its rules first, then its set.
+    backend.apply(node_state(MAIL))
+    assert log == [
+        ("merge", 4, "filter"),
+        ("exact", 4, "filter"),
+        ("ipset-destroy", "METALEG-TRANSIT-4"),
+    ]
+
+
 def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing() -> None:
     backend, log = fake_backend()
     backend.apply(node_state(MAIL))
@@ -474,7 +588,10 @@ def dump_sets() -> dict[str, tuple[str, str, set[str], str]]:
             header = dict(zip(words[3::2], words[4::2], strict=False))
             sets[words[1]] = (words[2], header["family"], set(), header.get("initval", ""))
         elif words[:1] == ["add"]:
-            sets[words[1]][2].add(words[2])
+            # ipset prints host entries of hash:net sets without /32 (/128).
+            kind = sets[words[1]][0]
+            member = str(ipaddress.ip_network(words[2])) if kind == "hash:net" else words[2]
+            sets[words[1]][2].add(member)
     return sets
 
 
@@ -585,16 +702,72 @@ def test_incremental_change_touches_only_what_differs() -> None:
         for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
         # IPv4 filter and mangle are untouched; IPv6 mangle gains LOST's MARK first
-        # (merge), then the tables that lose rules are committed (exact).
+        # (merge), then the tables that lose rules are committed (exact, filter first).
         assert after["changes"] == (
             f"ipset {S4['web']}: +1",
             "ip6tables table mangle: commit",
             "iptables table nat: commit",
-            "ip6tables table nat: commit",
             "ip6tables table filter: commit",
+            "ip6tables table nat: commit",
             f"ipset {S4['mail']}: destroy",
             f"ipset {S6['mail']}: destroy",
         )
+
+
+@pytest.mark.netns
+def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
+    # One guard source replaced (host route), RELAY no longer SNATed here, IPv6 guard gone.
+    changed = node_state(
+        MAIL, WEB, LOST, transit4=("10.244.2.0/24", "10.244.4.0/24", "10.244.5.9/32")
+    )
+    without = node_state(MAIL, WEB, LOST)
+    with namespace("mlfw") as ns:
+        first, again, second, resynced, third = run(
+            ns,
+            ("apply", GUARDED),
+            ("resync", GUARDED),
+            ("apply", changed),
+            ("resync", changed),
+            ("apply", without),
+        )
+        assert first["error"] == ""
+        assert first["v4"] == expected_tables(GUARDED, Family.IPV4)
+        assert first["v6"] == expected_tables(GUARDED, Family.IPV6)
+        assert first["v4"]["filter"]["METALEG-REJECT"][-4:] == GUARD_V4
+        assert first["v6"]["filter"]["METALEG-REJECT"][-3:] == GUARD_V6
+        assert kernel_view(first["sets"]) == expected_sets(GUARDED)
+        assert kernel_view(first["sets"])["METALEG-TRANSIT-4"] == (
+            "hash:net",
+            "inet",
+            {"10.244.2.0/24", "10.244.3.7/32"},
+        )
+        # The kernel reads back as rendered (conntrack match, /32 members): nothing to do.
+        assert again["error"] == "" and again["changes"] == ()
+
+        assert second["error"] == ""
+        assert second["v4"] == expected_tables(changed, Family.IPV4)
+        assert second["v6"] == expected_tables(changed, Family.IPV6)
+        assert kernel_view(second["sets"]) == expected_sets(changed)
+        # Edited in place (same hash seed), not recreated.
+        assert second["sets"]["METALEG-TRANSIT-4"][3] == first["sets"]["METALEG-TRANSIT-4"][3]
+        # Tables only lose rules, so merge leaves them as they are (RELAY's exception
+        # stays in front of the guard's REJECT); exact takes the exception out first,
+        # then the SNAT it stood for.
+        assert second["changes"] == (
+            "ipset METALEG-TRANSIT-4: +2",
+            "iptables table filter: commit",
+            "iptables table nat: commit",
+            "ip6tables table filter: commit",
+            "ipset METALEG-TRANSIT-4: -1",
+            f"ipset {S4['relay']}: destroy",
+            "ipset METALEG-TRANSIT-6: destroy",
+        )
+        assert resynced["error"] == "" and resynced["changes"] == ()
+
+        assert third["error"] == ""
+        assert third["v4"] == EXPECTED_V4 and third["v6"] == EXPECTED_V6
+        assert kernel_view(third["sets"]) == EXPECTED_SETS
+        assert third["changes"][-1] == "ipset METALEG-TRANSIT-4: destroy"
 
 
 def merge_then_exact(steps: list[tuple[str, TableSpec]]) -> list[dict[str, Any]]:
@@ -640,6 +813,28 @@ def test_merge_keeps_old_rules_until_exact() -> None:
     assert dumps[2]["POSTROUTING"] == [skip, jump]
     assert dumps[2]["results"] == ["TableResult(name='nat', committed=True, exact=True)"]
     assert dumps[3]["results"] == ["TableResult(name='nat', committed=False, exact=True)"]
+
+
+@pytest.mark.netns
+def test_merge_keeps_old_rules_in_place() -> None:
+    a = snat_rule("METALEG-T-A", "192.0.2.1")
+    b = snat_rule("METALEG-T-B", "192.0.2.2")
+    last = source_return_rule("METALEG-T-B")  # like the guard's REJECT: must stay last
+
+    def nat(*rules: Rule) -> TableSpec:
+        return TableSpec(name="nat", chains={"METALEG-SNAT": rules})
+
+    with namespace("mlfw") as ns:
+        dumps = run_in_netns(
+            ns,
+            merge_then_exact,
+            [("exact", nat(a, last)), ("merge", nat(last)), ("merge", nat(b, last))],
+        )
+    texts = {str(rule): name for name, rule in (("a", a), ("b", b), ("last", last))}
+    chains = [[texts[rule] for rule in dump["METALEG-SNAT"]] for dump in dumps]
+    assert chains == [["a", "last"], ["a", "last"], ["b", "a", "last"]]
+    # A table that only loses rules is not committed before the final (exact) step.
+    assert dumps[1]["results"] == ["TableResult(name='nat', committed=False, exact=False)"]
 
 
 def tamper(ns: str) -> None:
@@ -1023,3 +1218,126 @@ def test_packets_are_rejected_snated_and_marked() -> None:
         )
         run_in_netns(node, apply_state, excluded)
         assert ping(pod).returncode == 0
+
+
+TCP_LISTENER = """
+import socket
+server = socket.create_server(("0.0.0.0", 8080))
+while True:
+    connection, _ = server.accept()
+    connection.close()
+"""
+
+TCP_CLIENT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 8080), timeout=2).close()
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as error:
+    print(type(error).__name__)
+"""
+
+
+def tcp_connect(ns: str, address: str) -> str:
+    return sh(sys.executable, "-c", TCP_CLIENT, address, netns=ns).strip()
+
+
+def ping_from(ns: str, address: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-n", *options, "-W", "1", address],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@pytest.mark.netns
+def test_packets_transit_guard() -> None:
+    """src 10.244.2.10 (another node's pod) -- gw (forwarding, the backend) -- dst 203.0.113.10."""
+    with namespace("mlfw") as gw, namespace("mlfw") as src, namespace("mlfw") as dst:
+        for peer, device in [(src, "to-src"), (dst, "to-dst")]:
+            sh("ip", "-n", gw, "link", "add", device, "type", "veth", "peer", "eth0", "netns", peer)
+        for ns, device, address in [
+            (gw, "to-src", "10.244.2.1/24"),
+            (gw, "to-dst", "203.0.113.1/24"),
+            (src, "eth0", "10.244.2.10/24"),
+            (dst, "eth0", "203.0.113.10/24"),
+        ]:
+            sh("ip", "-n", ns, "addr", "add", address, "dev", device)
+            sh("ip", "-n", ns, "link", "set", device, "up")
+        sh("ip", "-n", src, "route", "add", "default", "via", "10.244.2.1")
+        # dst could even answer the pod directly: only the guard stops the traffic.
+        sh("ip", "-n", dst, "route", "add", "10.244.2.0/24", "via", "203.0.113.1")
+        sh("ip", "-n", dst, "route", "add", "192.0.2.10/32", "via", "203.0.113.1")
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=gw)
+        # The node's own masquerade (kube-router style, legacy): what the guard prevents for
+        # transit traffic; it also has conntrack track every flow from the start, as on a node.
+        sh(
+            *("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16"),
+            *("!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"),
+            netns=gw,
+        )
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", dst, sys.executable, "-c", TCP_LISTENER],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=dst), timeout=10)
+            pod = ("10.244.2.10",)
+            guard = ("10.244.2.0/24",)
+
+            # A connection that exists before the guard survives it (only NEW is rejected).
+            run_in_netns(gw, apply_state, node_state())
+            pinging = subprocess.Popen(
+                [
+                    *("ip", "netns", "exec", src, "ping", "-n", "-c", "12", "-i", "0.25"),
+                    *("-W", "1", "203.0.113.10"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(0.6)
+            run_in_netns(gw, apply_state, node_state(transit4=guard))
+            output, _ = pinging.communicate(timeout=20)
+            assert "12 received" in output
+
+            # New connections of a guarded source are rejected at once.
+            rejected = ping_from(src, "203.0.113.10", "-c", "1")
+            assert rejected.returncode != 0 and "Port Unreachable" in rejected.stdout
+            assert tcp_connect(src, "203.0.113.10") == "refused"
+
+            # Excluded destinations and sources outside the guard pass.
+            run_in_netns(gw, apply_state, node_state(transit4=guard, exclude4=("203.0.0.0/8",)))
+            assert tcp_connect(src, "203.0.113.10") == "connected"
+            run_in_netns(gw, apply_state, node_state(transit4=("10.244.3.0/24", "10.244.2.9/32")))
+            assert tcp_connect(src, "203.0.113.10") == "connected"
+
+            # This node SNATs the pod: it passes, with the SNAT address as source.
+            snated = node_state(
+                service("d", "s", snat(Family.IPV4, pod, "192.0.2.10")), transit4=guard
+            )
+            run_in_netns(gw, apply_state, snated)
+            assert tcp_connect(src, "203.0.113.10") == "connected"
+            assert ping_from(src, "203.0.113.10", "-c", "1").returncode == 0
+            sources = sh("conntrack", "-L", "-p", "icmp", netns=gw, check=False)
+            assert "src=203.0.113.10 dst=192.0.2.10" in sources
+
+            # This node marks the pod (policy routing to "the gateway", here dst itself): passes.
+            sh("ip", "-n", gw, "rule", "add", "fwmark", "0x100000/0xf00000", "lookup", "100")
+            sh("ip", "-n", gw, "route", "add", "default", "via", "203.0.113.10", "table", "100")
+            run_in_netns(
+                gw,
+                apply_state,
+                node_state(service("d", "s", mark(Family.IPV4, pod)), transit4=guard),
+            )
+            assert tcp_connect(src, "203.0.113.10") == "connected"
+
+            # The Service is gone from this node: rejected again.
+            run_in_netns(gw, apply_state, node_state(transit4=guard))
+            assert tcp_connect(src, "203.0.113.10") == "refused"
+        finally:
+            listener.kill()
+            listener.wait()

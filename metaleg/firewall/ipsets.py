@@ -1,7 +1,8 @@
 """metaleg's ipsets, driven over netlink with pyroute2 (never the ipset binary).
 
-The iptables backend keeps one ``hash:net`` set of excluded destinations and one
-``hash:ip`` set of source addresses per Service and family. This module holds
+The iptables backend keeps, per family, one ``hash:net`` set of excluded
+destinations, one ``hash:net`` set of the transit guard's sources (while there
+are any) and one ``hash:ip`` set of source addresses per Service. This module holds
 the plain description of a set (:class:`SetSpec`), the pure planning of how to
 get from the kernel's sets to the desired ones (:func:`plan_sets`), and a thin
 client that reads and edits sets (:class:`IpsetClient`). Every error is a

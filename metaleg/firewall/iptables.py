@@ -3,15 +3,24 @@
 Kernel layout (the Go original's, with the same names, so that an upgrade finds
 and cleans up its leftovers), per address family:
 
-* ipsets ``METALEG-EXCLUDE-DST-<4|6>`` (``hash:net``, the excluded destinations)
-  and per Service ``METALEG-SRC-<4|6>-<12 hex>`` (``hash:ip``, its source IPs);
+* ipsets ``METALEG-EXCLUDE-DST-<4|6>`` (``hash:net``, the excluded destinations),
+  ``METALEG-TRANSIT-<4|6>`` (``hash:net``, the transit guard's sources: other
+  nodes' pods) and per Service ``METALEG-SRC-<4|6>-<12 hex>`` (``hash:ip``, its
+  source IPs);
 * mangle ``PREROUTING -j METALEG-RT-MARK``: exclude RETURN, then per MARK
   Service ``-m set --match-set <src> src -j MARK --set-xmark <mark>/<mask>``;
 * nat ``POSTROUTING``: ``-m mark ! --mark 0x0/<mask> -j RETURN`` (marked packets
   skip the node's masquerade), then ``-j METALEG-SNAT``: exclude RETURN, then per
   SNAT Service ``... -j SNAT --to-source <LB IP>``;
 * filter ``FORWARD -j METALEG-REJECT``: exclude RETURN, then per REJECT Service
-  ``... -j REJECT --reject-with icmp(6)-port-unreachable``.
+  ``... -j REJECT --reject-with icmp(6)-port-unreachable``, then the transit
+  guard (only while the family's guard list is non-empty): ``-m mark ! --mark
+  0x0/<mask> -j RETURN`` (marked: forwarded to a gateway), per SNAT Service
+  ``-m set --match-set <src> src -j RETURN`` (SNATed here), and finally ``-m
+  conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT``:
+  a new connection of another node's pod that this node neither SNATs nor
+  marks would leave with the node's own (masqueraded) address, so it is
+  rejected (see :attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`).
 
 How it works: :func:`render` turns a :class:`~metaleg.model.NodeDesiredState`
 into plain data (sets and per-table specs, pure and unit-testable); the backend
@@ -51,7 +60,11 @@ MARK_CHAIN = "METALEG-RT-MARK"
 SNAT_CHAIN = "METALEG-SNAT"
 REJECT_CHAIN = "METALEG-REJECT"
 TABLES = ("mangle", "nat", "filter")
-"""The tables metaleg uses, in the order they are committed within one phase."""
+"""The tables metaleg uses, in the order they are committed in the make phase (MERGE):
+the MARK and SNAT rules exist before filter gains the transit guard's exceptions for them."""
+BREAK_ORDER = ("filter", "mangle", "nat")
+"""The order of the break phase (EXACT): filter first, so that the transit guard's exceptions
+(RETURN for marked and SNATed sources) go before the MARK and SNAT rules they stand for."""
 FAMILIES = (Family.IPV4, Family.IPV6)
 
 _REJECT_WITH = {Family.IPV4: "icmp-port-unreachable", Family.IPV6: "icmp6-port-unreachable"}
@@ -76,6 +89,11 @@ def exclude_set_name(family: Family) -> str:
     return f"METALEG-EXCLUDE-DST-{int(family)}"
 
 
+def transit_set_name(family: Family) -> str:
+    """The ``hash:net`` set of the transit guard's sources (other nodes' pods)."""
+    return f"METALEG-TRANSIT-{int(family)}"
+
+
 def source_set_name(family: Family, namespace: str, name: str) -> str:
     """The ``hash:ip`` set of one Service's source IPs in one family.
 
@@ -88,22 +106,24 @@ def source_set_name(family: Family, namespace: str, name: str) -> str:
 
 
 def exclude_networks(cidrs: tuple[str, ...], family: Family) -> frozenset[str]:
-    """The canonical members of the exclude set for one family.
+    """The canonical members of the exclude set for one family (see :func:`net_members`)."""
+    return net_members(exclude_set_name(family), cidrs, family)
+
+
+def net_members(set_name: str, cidrs: tuple[str, ...], family: Family) -> frozenset[str]:
+    """The canonical members of a ``hash:net`` set of one family, from CIDRs.
 
     ``hash:net`` cannot hold a /0, so "everything" is stored as its two halves.
+    Errors name the set.
     """
     networks: set[str] = set()
     for cidr in cidrs:
         try:
             network = ipaddress.ip_network(cidr, strict=False)
         except ValueError as error:
-            raise BackendError(
-                f"ipset {exclude_set_name(family)}: invalid CIDR {cidr!r}: {error}"
-            ) from error
+            raise BackendError(f"ipset {set_name}: invalid CIDR {cidr!r}: {error}") from error
         if network.version != family:
-            raise BackendError(
-                f"ipset {exclude_set_name(family)}: {cidr} is not an IPv{int(family)} network"
-            )
+            raise BackendError(f"ipset {set_name}: {cidr} is not an IPv{int(family)} network")
         if network.prefixlen == 0:
             networks.update(str(half) for half in network.subnets(prefixlen_diff=1))
         else:
@@ -151,6 +171,33 @@ def reject_rule(set_name: str, family: Family) -> Rule:
     )
 
 
+def source_return_rule(set_name: str) -> Rule:
+    """``-m set --match-set <src> src -j RETURN``: a transit guard exception (SNATed here)."""
+    return Rule("RETURN", (_set_match(set_name, "src"),))
+
+
+def transit_reject_rule(family: Family) -> Rule:
+    """``-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT ...``."""
+    return Rule(
+        "REJECT",
+        (
+            Match("conntrack", (Option("ctstate", ("NEW",)),)),
+            _set_match(transit_set_name(family), "src"),
+        ),
+        (Option("reject-with", (_REJECT_WITH[family],)),),
+    )
+
+
+def transit_guard_rules(family: Family, fwmask: int, snat_sets: list[str]) -> tuple[Rule, ...]:
+    """The guard at the end of ``METALEG-REJECT``: exceptions for marked packets and for the
+    sources this node SNATs (``snat_sets``, in order), then the REJECT of new connections."""
+    return (
+        mark_skip_rule(fwmask),
+        *(source_return_rule(name) for name in snat_sets),
+        transit_reject_rule(family),
+    )
+
+
 def render(state: NodeDesiredState) -> DesiredFirewall:
     """The complete kernel state for ``state``: every set and every table of both families.
 
@@ -175,6 +222,7 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
             SNAT_CHAIN: list(head),
             REJECT_CHAIN: list(head),
         }
+        snat_sets: list[str] = []
         for service in state.services:
             seen = False
             for entry in service.families:
@@ -194,6 +242,7 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
                     chains[SNAT_CHAIN].append(
                         snat_rule(set_name, _snat_address(context, family, entry.snat_ip))
                     )
+                    snat_sets.append(set_name)
                 elif entry.action is Action.MARK:
                     chains[MARK_CHAIN].append(
                         mark_rule(
@@ -202,6 +251,15 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
                     )
                 else:  # Action.REJECT, and anything unknown: fail closed
                     chains[REJECT_CHAIN].append(reject_rule(set_name, family))
+        guard_cidrs = (
+            state.transit_guard_ipv4 if family is Family.IPV4 else state.transit_guard_ipv6
+        )
+        guarded = net_members(transit_set_name(family), guard_cidrs, family)
+        if guarded:
+            sets[transit_set_name(family)] = SetSpec(
+                transit_set_name(family), HASH_NET, family, guarded
+            )
+            chains[REJECT_CHAIN].extend(transit_guard_rules(family, state.fwmask, snat_sets))
         tables[family] = {
             "mangle": TableSpec(
                 name="mangle",
@@ -468,7 +526,9 @@ class IptablesBackend:
         2. commit each changed table with the new rules added and the old ones
            kept (MERGE), so every table covers old and new;
         3. commit the final rules where step 2 kept something (EXACT; skipped
-           for tables that only gained rules);
+           for tables that only gained rules), filter first (:data:`BREAK_ORDER`):
+           the transit guard lets a source pass because nat SNATs it or mangle
+           marks it, so its exception must go before the SNAT or MARK rule;
         4. remove members and destroy sets no rule uses any more.
 
         Any failure stops here with the kernel covering at least the old state,
@@ -498,7 +558,7 @@ class IptablesBackend:
         for family in FAMILIES:
             # Garbage collection looks at every table (stale chains, other tables),
             # so it gets all specs even where step 2 already reached them.
-            specs = tables[family] if collect_garbage else pending[family]
+            specs = _break_order(tables[family] if collect_garbage else pending[family])
             if specs or collect_garbage:
                 reply = self._helpers[family].request(
                     SyncRequest(tables=specs, mode=Mode.EXACT, collect_garbage=collect_garbage)
@@ -523,3 +583,9 @@ class IptablesBackend:
             for result in reply.results
             if result.committed
         ]
+
+
+def _break_order(specs: tuple[TableSpec, ...]) -> tuple[TableSpec, ...]:
+    """``specs`` in :data:`BREAK_ORDER` (tables it does not name last, in their order)."""
+    rank = {name: index for index, name in enumerate(BREAK_ORDER)}
+    return tuple(sorted(specs, key=lambda spec: rank.get(spec.name, len(rank))))

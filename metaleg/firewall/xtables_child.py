@@ -112,7 +112,11 @@ class Mode(enum.StrEnum):
     """How a table is brought towards its :class:`TableSpec`."""
 
     MERGE = "merge"
-    """Add what is missing, keep metaleg rules that are no longer wanted (make-before-break)."""
+    """Add what is missing, keep metaleg rules that are no longer wanted (make-before-break).
+
+    Kept rules stay where they are among the wanted ones (a rule replaced by
+    another follows its replacement), so that a chain ending in a catch-all
+    (the transit guard's REJECT) keeps its old exceptions in front of it."""
     EXACT = "exact"
     """Make metaleg's part of the table exactly as described."""
 
@@ -328,14 +332,22 @@ class XtablesServer:
         target_keys = list(desired_keys)
         exact = True
         if mode is Mode.MERGE:
+            # Keep rules that are going away until the final commit, so that
+            # traffic stays covered while other tables change, in their place:
+            # walk the difference and keep each unwanted rule where it was.
             wanted = set(desired_keys)
-            for rule, key in zip(actual, actual_keys, strict=True):
-                if key not in wanted:
-                    # Keep rules that are going away until the final commit, so
-                    # that traffic stays covered while other tables change.
-                    target_rules.append(rule)
-                    target_keys.append(key)
-                    exact = False
+            target_rules, target_keys = [], []
+            matcher = difflib.SequenceMatcher(None, actual_keys, desired_keys, autojunk=False)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+                target_rules += desired[j1:j2]
+                target_keys += desired_keys[j1:j2]
+                if tag == "equal":
+                    continue
+                for rule, key in zip(actual[i1:i2], actual_keys[i1:i2], strict=True):
+                    if key not in wanted:
+                        target_rules.append(rule)
+                        target_keys.append(key)
+                        exact = False
         if actual_keys == target_keys:
             return False, exact
         self._rewrite(table, context, chain_name, actual, actual_keys, target_rules, target_keys)
