@@ -7,10 +7,14 @@ PYTHON   ?= python3
 PY        = $(VENV)/bin/python
 APT_PACKAGES = iptables ipset nftables iproute2 conntrack iputils-ping kmod procps python3-venv shellcheck
 
-.PHONY: demo test install apt venv lint typecheck pytest clean
+.PHONY: demo check-root test install apt venv lint typecheck pytest clean
 
-demo: install
+demo: check-root install
 	@$(PY) -m tests.lab.demo
+
+# The demo builds network namespaces and installs packages: say so plainly instead of failing in apt.
+check-root:
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo: run it as root (it builds network namespaces and installs Debian packages)" >&2; exit 1; fi
 
 test: install lint typecheck pytest
 

@@ -27,6 +27,7 @@ class Scene:
 
     def __init__(self, egress: EgressLab) -> None:
         self.masquerade = "legacy"
+        self.backend = "auto"
         self.egress = egress
         self.lab = egress.lab
         self.cluster = egress.cluster
@@ -65,12 +66,22 @@ class Scene:
             )
 
 
-@pytest.fixture(scope="module", params=["legacy", "nft"])
+@pytest.fixture(
+    scope="module",
+    params=[("legacy", "auto"), ("nft", "auto"), ("legacy", "nftables")],
+    ids=["legacy-auto", "nft-auto", "legacy-nftables"],
+)
 def scene(request: pytest.FixtureRequest) -> Iterator[Scene]:
-    """The lab with kube-router's masquerade in legacy or nft mode; FIREWALL_BACKEND=auto."""
-    with Lab(masquerade=request.param) as lab, EgressLab(lab) as egress:
+    """kube-router's masquerade in legacy or nft mode, with FIREWALL_BACKEND auto or forced.
+
+    The nftables backend applies in both modes (its NAT bindings come first either way);
+    the iptables backend only where the masquerade is in legacy tables, which auto picks.
+    """
+    masquerade, backend = request.param
+    with Lab(masquerade=masquerade) as lab, EgressLab(lab, FIREWALL_BACKEND=backend) as egress:
         scene = Scene(egress)
-        scene.masquerade = request.param
+        scene.masquerade = masquerade
+        scene.backend = backend
         for node in lab.nodes:
             egress.start_agent(node)
         for node in lab.nodes:
@@ -79,7 +90,10 @@ def scene(request: pytest.FixtureRequest) -> Iterator[Scene]:
 
 
 def test_auto_picks_the_backend_of_the_nodes_masquerade(scene: Scene) -> None:
-    expected = "iptables" if scene.masquerade == "legacy" else "nftables"
+    if scene.backend != "auto":
+        expected = scene.backend
+    else:
+        expected = "iptables" if scene.masquerade == "legacy" else "nftables"
     for node, agent in scene.egress.agents.items():
         log = agent.log(100_000)
         assert f"using the {expected} firewall backend" in log, (node, log[-2000:])
