@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from metaleg.metrics import EVENTS_POSTED
 from metaleg.model import Action, Role, ServiceEgress
@@ -111,15 +110,7 @@ class EventPoster(threading.Thread):
             try:
                 self.core.create_namespaced_event(event.namespace, self._body(event))
                 EVENTS_POSTED.labels("watcher", "posted").inc()
-            except (ApiException, OSError, ValueError) as error:
-                EVENTS_POSTED.labels("watcher", "failed").inc()
-                log.warning(
-                    "could not post an Event on Service %s/%s: %s",
-                    event.namespace,
-                    event.name,
-                    error,
-                )
-            except Exception as error:  # urllib3 errors and the like: never kill the thread
+            except Exception as error:  # API errors, urllib3 errors: never kill the thread
                 EVENTS_POSTED.labels("watcher", "failed").inc()
                 log.warning(
                     "could not post an Event on Service %s/%s: %s",
