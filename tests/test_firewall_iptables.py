@@ -35,6 +35,7 @@ from metaleg.firewall.iptables import (
     source_return_rule,
     source_set_name,
     transit_set_name,
+    unbind_first,
 )
 from metaleg.firewall.xtables_child import (
     Mode,
@@ -125,7 +126,17 @@ DUAL_STACK = node_state(MAIL, WEB, LOST)
 S4 = {svc.name: source_set_name(Family.IPV4, svc.namespace, svc.name) for svc in (MAIL, WEB, LOST)}
 S6 = {svc.name: source_set_name(Family.IPV6, svc.namespace, svc.name) for svc in (MAIL, WEB, LOST)}
 
-# The Go original's layout, spelled out as iptables-save prints it: chain -> rules.
+
+def stale_drop(set_name: str, lb_ip: str) -> str:
+    """A SNAT Service's stale binding rule, as iptables-save prints it (with MASK)."""
+    return (
+        f"-m set --match-set {set_name} src -m mark --mark 0x0/0xf00000 -m conntrack "
+        f"! --ctrepldst {lb_ip} --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP"
+    )
+
+
+# The Go original's layout (plus the stale binding rules), spelled out as iptables-save
+# prints it: chain -> rules.
 EXPECTED_V4 = {
     "mangle": {
         "PREROUTING": ["-j METALEG-RT-MARK"],
@@ -145,6 +156,7 @@ EXPECTED_V4 = {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
             "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+            stale_drop(S4["mail"], "192.0.2.10"),
             f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
         ],
     },
@@ -168,6 +180,7 @@ EXPECTED_V6 = {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
             "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
+            stale_drop(S6["mail"], "2001:db8::10"),
             f"-m set --match-set {S6['lost']} src -j REJECT --reject-with icmp6-port-unreachable",
         ],
     },
@@ -313,8 +326,11 @@ def test_render_transit_guard_after_exclude_and_rejects() -> None:
     desired = render(GUARDED)
     v4 = rules_by_chain(desired, Family.IPV4)
     v6 = rules_by_chain(desired, Family.IPV6)
-    # exclude RETURN, the REJECT Services, then the guard: marked and SNATed sources pass.
-    assert v4["filter"]["METALEG-REJECT"] == [*EXPECTED_V4["filter"]["METALEG-REJECT"], *GUARD_V4]
+    # exclude RETURN, the Services' DROP (SNAT) and REJECT rules in Service order (RELAY's
+    # DROP after MAIL's), then the guard: marked and SNATed sources pass.
+    exclude4, mail4, reject4 = EXPECTED_V4["filter"]["METALEG-REJECT"]
+    relay4 = stale_drop(S4["relay"], "192.0.2.11")
+    assert v4["filter"]["METALEG-REJECT"] == [exclude4, mail4, relay4, reject4, *GUARD_V4]
     assert v6["filter"]["METALEG-REJECT"] == [*EXPECTED_V6["filter"]["METALEG-REJECT"], *GUARD_V6]
     assert v4["filter"]["FORWARD"] == ["-j METALEG-REJECT"]
     # The guard changes nothing in mangle and nat.
@@ -509,24 +525,29 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
     backend, log = fake_backend()
     backend.apply(node_state(MAIL, transit4=TRANSIT4))
     log.clear()
-    # MAIL stops being SNATed here: nat loses the SNAT, filter the guard's exception.
-    # Filter is committed first, so in between its pods are rejected, never masqueraded.
+    # MAIL stops being SNATed here: nat loses the SNAT, filter its stale binding DROP and
+    # the guard's exception. The DROPs go first of all (both families); then filter is
+    # committed before nat, so in between its pods are rejected, never masqueraded.
     backend.apply(node_state(transit4=TRANSIT4))
     assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
+        ("exact", 4, "filter"),
+        ("exact", 6, "filter"),
         ("merge", 4, "nat"),
         ("merge", 4, "filter"),
         ("merge", 6, "nat"),
+        ("merge", 6, "filter"),
         ("exact", 4, "filter"),
         ("exact", 4, "nat"),
         ("exact", 6, "nat"),
     ]
     log.clear()
-    # And back: the SNAT (nat) exists before its exception (filter); both only gain rules.
+    # And back: the SNAT (nat) exists before its exception and DROP (filter); all only gain.
     backend.apply(node_state(MAIL, transit4=TRANSIT4))
     assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
         ("merge", 4, "nat"),
         ("merge", 4, "filter"),
         ("merge", 6, "nat"),
+        ("merge", 6, "filter"),
     ]
     log.clear()
     # The guard goes away: its rules first, then its set.
@@ -536,6 +557,45 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
         ("exact", 4, "filter"),
         ("ipset-destroy", "METALEG-TRANSIT-4"),
     ]
+
+
+def test_stale_binding_drop_goes_before_the_snat_to_a_new_lb_ip() -> None:
+    backend, log = fake_backend()
+    backend.apply(DUAL_STACK)
+    log.clear()
+    # MAIL's IPv4 LB IP changes. Kept until the final commit, the DROP allowing only the old
+    # LB IP would drop the flows SNATed to the new one, and with the new DROP every flow:
+    # filter loses it before anything else (and before nat gains the new SNAT).
+    moved = service(
+        "default",
+        "mail",
+        snat(Family.IPV4, ("10.244.1.5",), "192.0.2.20"),
+        snat(Family.IPV6, ("fd00:244::5",), "2001:db8::10"),
+    )
+    backend.apply(node_state(moved, WEB, LOST))
+    assert log == [
+        ("exact", 4, "filter"),  # old DROP out, nothing else changed
+        ("merge", 4, "nat"),  # new SNAT next to the old one
+        ("merge", 4, "filter"),  # new DROP: only gains now
+        ("exact", 4, "nat"),  # old SNAT out
+    ]
+    fake = backend._helpers[Family.IPV4]
+    assert isinstance(fake, FakeHelper)
+    assert str(fake.kernel["filter"].chains["METALEG-REJECT"][1]) == stale_drop(
+        S4["mail"], "192.0.2.20"
+    )
+    # The early commit holds the old filter without the old DROP, and nothing new.
+    before, after = render(DUAL_STACK), render(node_state(moved, WEB, LOST))
+    (spec,) = unbind_first(before.tables[Family.IPV4], (after.tables[Family.IPV4]["filter"],))
+    assert [str(rule) for rule in spec.chains["METALEG-REJECT"]] == [
+        EXPECTED_V4["filter"]["METALEG-REJECT"][0],
+        EXPECTED_V4["filter"]["METALEG-REJECT"][2],
+    ]
+    assert spec.heads == before.tables[Family.IPV4]["filter"].heads
+    # A resync does not know the old rules: no early commit (merge, then exact).
+    log.clear()
+    backend.resync(DUAL_STACK)
+    assert next(entry for entry in log if entry[0] in ("merge", "exact")) == ("merge", 4, "mangle")
 
 
 def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing() -> None:
@@ -701,9 +761,12 @@ def test_incremental_change_touches_only_what_differs() -> None:
         # Untouched sets were not recreated (same hash seed), the changed one edited in place.
         for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
-        # IPv4 filter and mangle are untouched; IPv6 mangle gains LOST's MARK first
-        # (merge), then the tables that lose rules are committed (exact, filter first).
+        # First MAIL's stale binding DROPs go (both families; IPv4 filter is final then);
+        # IPv4 mangle is untouched; IPv6 mangle gains LOST's MARK (merge), then the tables
+        # that lose rules are committed (exact, filter first).
         assert after["changes"] == (
+            "iptables table filter: commit",
+            "ip6tables table filter: commit",
             f"ipset {S4['web']}: +1",
             "ip6tables table mangle: commit",
             "iptables table nat: commit",
@@ -750,10 +813,11 @@ def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
         assert kernel_view(second["sets"]) == expected_sets(changed)
         # Edited in place (same hash seed), not recreated.
         assert second["sets"]["METALEG-TRANSIT-4"][3] == first["sets"]["METALEG-TRANSIT-4"][3]
-        # Tables only lose rules, so merge leaves them as they are (RELAY's exception
-        # stays in front of the guard's REJECT); exact takes the exception out first,
-        # then the SNAT it stood for.
+        # RELAY's stale binding DROP goes first. Then tables only lose rules, so merge
+        # leaves them as they are (RELAY's exception stays in front of the guard's
+        # REJECT); exact takes the exception out first, then the SNAT it stood for.
         assert second["changes"] == (
+            "iptables table filter: commit",
             "ipset METALEG-TRANSIT-4: +2",
             "iptables table filter: commit",
             "iptables table nat: commit",
@@ -1009,7 +1073,7 @@ def test_errors_name_the_object() -> None:
             in gone["error"]
         )
         # Everything else was done; the next apply is a full resync and says the same.
-        assert gone["v4"]["filter"]["METALEG-REJECT"] == EXPECTED_V4["filter"]["METALEG-REJECT"][:1]
+        assert gone["v4"] == expected_tables(without_lost, Family.IPV4)
         assert S6["lost"] not in gone["sets"]
         assert f"ipset {S4['lost']}" in retried["error"]
         assert (
@@ -1253,25 +1317,33 @@ def ping_from(ns: str, address: str, *options: str) -> subprocess.CompletedProce
     )
 
 
+def wire_gateway(gw: str, src: str, dst: str) -> None:
+    """src 10.244.2.10 (a pod) -- gw (forwarding, the backend) -- dst 203.0.113.10.
+
+    dst routes the pod network and the SNAT addresses 192.0.2.10 and 192.0.2.11
+    back via gw: it could answer the pod directly, so only the rules decide.
+    """
+    for peer, device in [(src, "to-src"), (dst, "to-dst")]:
+        sh("ip", "-n", gw, "link", "add", device, "type", "veth", "peer", "eth0", "netns", peer)
+    for ns, device, address in [
+        (gw, "to-src", "10.244.2.1/24"),
+        (gw, "to-dst", "203.0.113.1/24"),
+        (src, "eth0", "10.244.2.10/24"),
+        (dst, "eth0", "203.0.113.10/24"),
+    ]:
+        sh("ip", "-n", ns, "addr", "add", address, "dev", device)
+        sh("ip", "-n", ns, "link", "set", device, "up")
+    sh("ip", "-n", src, "route", "add", "default", "via", "10.244.2.1")
+    for network in ("10.244.2.0/24", "192.0.2.10/32", "192.0.2.11/32"):
+        sh("ip", "-n", dst, "route", "add", network, "via", "203.0.113.1")
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=gw)
+
+
 @pytest.mark.netns
 def test_packets_transit_guard() -> None:
     """src 10.244.2.10 (another node's pod) -- gw (forwarding, the backend) -- dst 203.0.113.10."""
     with namespace("mlfw") as gw, namespace("mlfw") as src, namespace("mlfw") as dst:
-        for peer, device in [(src, "to-src"), (dst, "to-dst")]:
-            sh("ip", "-n", gw, "link", "add", device, "type", "veth", "peer", "eth0", "netns", peer)
-        for ns, device, address in [
-            (gw, "to-src", "10.244.2.1/24"),
-            (gw, "to-dst", "203.0.113.1/24"),
-            (src, "eth0", "10.244.2.10/24"),
-            (dst, "eth0", "203.0.113.10/24"),
-        ]:
-            sh("ip", "-n", ns, "addr", "add", address, "dev", device)
-            sh("ip", "-n", ns, "link", "set", device, "up")
-        sh("ip", "-n", src, "route", "add", "default", "via", "10.244.2.1")
-        # dst could even answer the pod directly: only the guard stops the traffic.
-        sh("ip", "-n", dst, "route", "add", "10.244.2.0/24", "via", "203.0.113.1")
-        sh("ip", "-n", dst, "route", "add", "192.0.2.10/32", "via", "203.0.113.1")
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=gw)
+        wire_gateway(gw, src, dst)
         # The node's own masquerade (kube-router style, legacy): what the guard prevents for
         # transit traffic; it also has conntrack track every flow from the start, as on a node.
         sh(
@@ -1341,3 +1413,153 @@ def test_packets_transit_guard() -> None:
         finally:
             listener.kill()
             listener.wait()
+
+
+UDP_RECEIVER = """
+import socket, sys
+receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+receiver.bind(("0.0.0.0", 9999))
+with open(sys.argv[1], "a", buffering=1) as log:
+    while True:
+        data, peer = receiver.recvfrom(2048)
+        log.write(f"{peer[0]} {data.decode()}\\n")
+        if data.startswith(b"echo"):
+            receiver.sendto(data, peer)
+"""
+
+UDP_SENDER = """
+import socket, sys, time
+target = (sys.argv[1], 9999)
+flows = []
+for label, port in (("echo", 40001), ("oneway", 40002)):
+    flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flow.bind(("0.0.0.0", port))
+    flow.setblocking(False)
+    flows.append((label, flow))
+deadline = time.monotonic() + float(sys.argv[2])
+number = 0
+while time.monotonic() < deadline:
+    number += 1
+    for label, flow in flows:
+        try:
+            flow.sendto(f"{label} {number}".encode(), target)
+            while flow.recv(2048):
+                pass
+        except OSError:
+            pass
+    time.sleep(0.02)
+"""
+
+
+def received(path: str) -> list[tuple[str, str]]:
+    """(source address, flow label) of every datagram the UDP receiver logged, in order."""
+    try:
+        with open(path) as log:
+            lines = log.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [(words[0], words[1]) for words in (line.split() for line in lines) if len(words) == 3]
+
+
+def stale_binding_drops(gw: str) -> int:
+    """Packets dropped by the stale binding rules in gw (their counters)."""
+    text = sh("iptables-legacy", "-L", "METALEG-REJECT", "-v", "-x", "-n", netns=gw)
+    return sum(int(line.split()[0]) for line in text.splitlines() if " DROP " in f" {line} ")
+
+
+def old_flows(path: str, since: int) -> set[tuple[str, str]]:
+    """(source, label) of the sender's two long-lived flows logged after entry ``since``."""
+    return {entry for entry in received(path)[since:] if entry[1] in ("echo", "oneway")}
+
+
+def udp_send_once(ns: str, label: str) -> None:
+    """One datagram of a new flow (fresh source port) from ``ns`` to the receiver."""
+    code = (
+        "import socket, sys; "
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+        ".sendto(f'{sys.argv[1]} 1'.encode(), ('203.0.113.10', 9999))"
+    )
+    sh(sys.executable, "-c", code, label, netns=ns)
+
+
+@pytest.mark.netns
+def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: Any) -> None:
+    """A pod's flows start while gw marks them towards another gateway (their conntrack entries
+    get no binding: marked packets skip the masquerade); then gw becomes the pod's gateway.
+
+    Until their entries are deleted (selection.py does that right after the apply) the old
+    flows must not leave, neither with the pod IP nor at all; afterwards they and every new
+    flow leave with the LB IP. Both kinds of old flow are checked: one that got an answer
+    (ESTABLISHED) and a one-way one (its packets stay NEW, yet the entry and its binding exist).
+    """
+    log = str(tmp_path / "received")
+    pod = ("10.244.2.10",)
+    with namespace("mlfw") as gw, namespace("mlfw") as src, namespace("mlfw") as dst:
+        wire_gateway(gw, src, dst)
+        # The node's masquerade (which also has conntrack track every flow, as on a node)
+        # and policy routing of marked packets to "the other gateway", here dst itself.
+        sh(
+            *("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16"),
+            *("!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"),
+            netns=gw,
+        )
+        sh("ip", "-n", gw, "rule", "add", "fwmark", "0x100000/0xf00000", "lookup", "100")
+        sh("ip", "-n", gw, "route", "add", "default", "via", "203.0.113.10", "table", "100")
+        run_in_netns(gw, apply_state, node_state(service("d", "s", mark(Family.IPV4, pod))))
+
+        def start(ns: str, script: str, *args: str) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+        processes = [start(dst, UDP_RECEIVER, log), start(src, TCP_LISTENER)]
+        try:
+            assert wait_until(lambda: ":9999" in sh("ss", "-lun", netns=dst), timeout=10)
+            assert wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=src), timeout=10)
+            processes.append(start(src, UDP_SENDER, "203.0.113.10", "60"))
+            # Both flows reach dst with the pod IP (marked): their entries carry no binding.
+            unbound = {("10.244.2.10", "echo"), ("10.244.2.10", "oneway")}
+            assert wait_until(lambda: unbound <= old_flows(log, 0), timeout=10)
+            entries = sh("conntrack", "-L", "-p", "udp", "-s", "10.244.2.10", netns=gw)
+            assert "src=203.0.113.10 dst=10.244.2.10 sport=9999 dport=40001" in entries
+            assert "src=203.0.113.10 dst=10.244.2.10 sport=9999 dport=40002" in entries
+
+            # gw becomes the gateway: SNAT to 192.0.2.10. The old flows are dropped, not sent.
+            run_in_netns(
+                gw, apply_state, node_state(service("d", "s", snat(Family.IPV4, pod, "192.0.2.10")))
+            )
+            time.sleep(0.2)  # what was on its way before the commit has arrived
+            since = len(received(log))
+            time.sleep(1.0)  # 50 more packets per flow
+            assert old_flows(log, since) == set()
+            assert stale_binding_drops(gw) >= 50
+            assert processes[-1].poll() is None  # still sending
+
+            # Their entries are deleted: the next packets get new ones, with the LB IP.
+            sh("conntrack", "-D", "-s", "10.244.2.10", netns=gw)
+            snated = {("192.0.2.10", "echo"), ("192.0.2.10", "oneway")}
+            assert wait_until(lambda: old_flows(log, since) == snated, timeout=5)
+            udp_send_once(src, "fresh")  # a new flow: the LB IP at once
+            assert wait_until(lambda: ("192.0.2.10", "fresh") in received(log), timeout=5)
+
+            # The LB IP changes: flows bound to the old one are dropped until flushed too.
+            run_in_netns(
+                gw, apply_state, node_state(service("d", "s", snat(Family.IPV4, pod, "192.0.2.11")))
+            )
+            time.sleep(0.2)
+            since = len(received(log))
+            time.sleep(0.5)
+            assert old_flows(log, since) == set()
+            sh("conntrack", "-D", "-s", "10.244.2.10", netns=gw)
+            moved = {("192.0.2.11", "echo"), ("192.0.2.11", "oneway")}
+            assert wait_until(lambda: old_flows(log, since) == moved, timeout=5)
+            assert all(source != "10.244.2.10" for source, _ in received(log)[since:])
+
+            # Connections that others open to the pod are not the pod's flows: its answers pass.
+            assert tcp_connect(dst, "10.244.2.10") == "connected"
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()

@@ -12,8 +12,13 @@ and cleans up its leftovers), per address family:
 * nat ``POSTROUTING``: ``-m mark ! --mark 0x0/<mask> -j RETURN`` (marked packets
   skip the node's masquerade), then ``-j METALEG-SNAT``: exclude RETURN, then per
   SNAT Service ``... -j SNAT --to-source <LB IP>``;
-* filter ``FORWARD -j METALEG-REJECT``: exclude RETURN, then per REJECT Service
-  ``... -j REJECT --reject-with icmp(6)-port-unreachable``, then the transit
+* filter ``FORWARD -j METALEG-REJECT``: exclude RETURN, then per Service in
+  order: for REJECT ``... -j REJECT --reject-with icmp(6)-port-unreachable``,
+  for SNAT ``-m set --match-set <src> src -m mark --mark 0x0/<mask> -m conntrack
+  ! --ctrepldst <LB IP> --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP`` (a flow
+  whose conntrack entry predates the SNAT and carries another binding: dropped
+  until the conntrack flush after the change, see :func:`stale_binding_rule`,
+  and for its place in a change, ``IptablesBackend._execute``); then the transit
   guard (only while the family's guard list is non-empty): ``-m mark ! --mark
   0x0/<mask> -j RETURN`` (marked: forwarded to a gateway), per SNAT Service
   ``-m set --match-set <src> src -j RETURN`` (SNATed here), and finally ``-m
@@ -61,10 +66,13 @@ SNAT_CHAIN = "METALEG-SNAT"
 REJECT_CHAIN = "METALEG-REJECT"
 TABLES = ("mangle", "nat", "filter")
 """The tables metaleg uses, in the order they are committed in the make phase (MERGE):
-the MARK and SNAT rules exist before filter gains the transit guard's exceptions for them."""
+the MARK and SNAT rules exist before filter gains the transit guard's exceptions for them,
+and the SNAT before the stale binding DROP that allows only its LB IP."""
 BREAK_ORDER = ("filter", "mangle", "nat")
 """The order of the break phase (EXACT): filter first, so that the transit guard's exceptions
-(RETURN for marked and SNATed sources) go before the MARK and SNAT rules they stand for."""
+(RETURN for marked and SNATed sources) go before the MARK and SNAT rules they stand for, and
+a stale binding DROP (taken out even earlier when it can, see ``IptablesBackend._execute``)
+before its SNAT."""
 FAMILIES = (Family.IPV4, Family.IPV6)
 
 _REJECT_WITH = {Family.IPV4: "icmp-port-unreachable", Family.IPV6: "icmp6-port-unreachable"}
@@ -176,6 +184,45 @@ def source_return_rule(set_name: str) -> Rule:
     return Rule("RETURN", (_set_match(set_name, "src"),))
 
 
+def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
+    """``-m set --match-set <src> src -m mark --mark 0x0/<mask> -m conntrack ! --ctrepldst
+    <LB IP> --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP``, in ``METALEG-REJECT`` for every
+    SNAT Service.
+
+    NAT is bound once per connection: a flow of a source this node SNATs whose conntrack
+    entry already exists with another binding (none at all, from when the source was marked
+    towards another gateway, the node's masquerade, or an old LB IP) would leave with the
+    pod's or the node's IP in the moment between the commit and the conntrack flush that
+    follows it (:mod:`metaleg.firewall.selection`). Drop it: fail closed. The reply
+    destination of a correctly SNATed flow is the LB IP. The conditions:
+
+    * ``--ctstatus CONFIRMED``: the entry existed before this packet, so its binding is
+      settled (a connection's first packet is bound later, in nat POSTROUTING). Not
+      ``--ctstate ESTABLISHED``: packets of a one-way flow (UDP without an answer yet, a
+      retransmitted SYN) stay NEW although their entry and its binding exist;
+    * ``--ctdir ORIGINAL``: only the pod's own flows; the pod's answers in connections
+      others open to it (ingress through the LB IP) have the peer as reply destination;
+    * unmarked only (``--mark 0x0/<mask>``): a marked packet goes to another gateway with
+      the pod IP, as it should; this also keeps a source whose MARK rule is still in place
+      during a change (mangle loses it after filter gains this rule) working until then.
+    """
+    return Rule(
+        "DROP",
+        (
+            _set_match(set_name, "src"),
+            Match("mark", (Option("mark", (f"0x0/{fwmask:#x}",)),)),
+            Match(
+                "conntrack",
+                (
+                    Option("ctrepldst", (snat_ip,), invert=True),
+                    Option("ctstatus", ("CONFIRMED",)),
+                    Option("ctdir", ("ORIGINAL",)),
+                ),
+            ),
+        ),
+    )
+
+
 def transit_reject_rule(family: Family) -> Rule:
     """``-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT ...``."""
     return Rule(
@@ -239,9 +286,9 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
                     set_name, HASH_IP, family, _source_members(context, family, entry.source_ips)
                 )
                 if entry.action is Action.SNAT:
-                    chains[SNAT_CHAIN].append(
-                        snat_rule(set_name, _snat_address(context, family, entry.snat_ip))
-                    )
+                    snat_ip = _snat_address(context, family, entry.snat_ip)
+                    chains[SNAT_CHAIN].append(snat_rule(set_name, snat_ip))
+                    chains[REJECT_CHAIN].append(stale_binding_rule(set_name, snat_ip, state.fwmask))
                     snat_sets.append(set_name)
                 elif entry.action is Action.MARK:
                     chains[MARK_CHAIN].append(
@@ -465,7 +512,7 @@ class IptablesBackend:
         if plan.empty and not any(tables.values()):
             self.last_changes = ()
             return
-        self._execute(plan, tables, collect_garbage=False)
+        self._execute(plan, tables, collect_garbage=False, before=self._applied)
         self._applied = desired
 
     def resync(self, state: NodeDesiredState) -> None:
@@ -511,7 +558,12 @@ class IptablesBackend:
         self._applied = desired
 
     def _execute(
-        self, plan: SetPlan, tables: dict[Family, tuple[TableSpec, ...]], *, collect_garbage: bool
+        self,
+        plan: SetPlan,
+        tables: dict[Family, tuple[TableSpec, ...]],
+        *,
+        collect_garbage: bool,
+        before: DesiredFirewall | None = None,
     ) -> None:
         """Carry out one change, make-before-break, so that traffic stays covered.
 
@@ -521,22 +573,44 @@ class IptablesBackend:
         moves from one Service's set to another's. Commits of different tables
         are not atomic together, so:
 
-        1. create sets and add members (new rules need them; extra members only
+        1. with ``before`` (what the kernel holds: an apply, not a resync), commit
+           the tables that lose stale binding rules (:func:`stale_binding_rule`)
+           without them, and otherwise as they are, before anything is added.
+           Such a DROP allows one LB IP only: kept while nat gains the SNAT to a
+           new LB IP, it would drop the flows SNATed to that; kept next to its
+           successor (the LB IP changes) the two would drop every flow of the
+           source. Taking it out early costs nothing: it only matters between a
+           commit and the conntrack flush after it, and that flush has run since
+           the commit that brought it. The new DROP comes with filter in step 3,
+           after the new SNAT exists (:data:`TABLES`), and a departing SNAT goes
+           after its DROP (:data:`BREAK_ORDER`), so the rule never drops a flow
+           bound to the SNAT that is in place;
+        2. create sets and add members (new rules need them; extra members only
            widen the coverage of existing rules);
-        2. commit each changed table with the new rules added and the old ones
+        3. commit each changed table with the new rules added and the old ones
            kept (MERGE), so every table covers old and new;
-        3. commit the final rules where step 2 kept something (EXACT; skipped
+        4. commit the final rules where step 3 kept something (EXACT; skipped
            for tables that only gained rules), filter first (:data:`BREAK_ORDER`):
            the transit guard lets a source pass because nat SNATs it or mangle
            marks it, so its exception must go before the SNAT or MARK rule;
-        4. remove members and destroy sets no rule uses any more.
+        5. remove members and destroy sets no rule uses any more.
+
+        A resync does not know the kernel's old rules, so it skips step 1: should
+        it find a stale binding rule for another LB IP of the same source, both
+        DROPs stand between its two commits of filter (fail closed, milliseconds).
 
         Any failure stops here with the kernel covering at least the old state,
         and makes the next apply a full resync.
         """
         self._applied = None
         self.last_changes = ()
-        changes = plan.describe_make()
+        changes: list[str] = []
+        for family in FAMILIES:
+            early = () if before is None else unbind_first(before.tables[family], tables[family])
+            if early:
+                reply = self._helpers[family].request(SyncRequest(tables=early, mode=Mode.EXACT))
+                changes += self._describe(family, reply)
+        changes += plan.describe_make()
         for spec in plan.recreate:
             self._ipsets.destroy(spec.name)
             self._ipsets.create(spec)
@@ -557,7 +631,7 @@ class IptablesBackend:
             )
         for family in FAMILIES:
             # Garbage collection looks at every table (stale chains, other tables),
-            # so it gets all specs even where step 2 already reached them.
+            # so it gets all specs even where step 3 already reached them.
             specs = _break_order(tables[family] if collect_garbage else pending[family])
             if specs or collect_garbage:
                 reply = self._helpers[family].request(
@@ -583,6 +657,26 @@ class IptablesBackend:
             for result in reply.results
             if result.committed
         ]
+
+
+def unbind_first(
+    old: dict[str, TableSpec], changed: tuple[TableSpec, ...]
+) -> tuple[TableSpec, ...]:
+    """The tables of ``old`` that lose stale binding rules (the only DROP rules) in ``changed``,
+    without those rules and otherwise unchanged (step 1 of :meth:`IptablesBackend._execute`)."""
+    result: list[TableSpec] = []
+    for new in changed:
+        spec = old.get(new.name)
+        if spec is None:
+            continue
+        kept = {rule for rules in new.chains.values() for rule in rules}
+        chains = {
+            name: tuple(rule for rule in rules if rule.target != "DROP" or rule in kept)
+            for name, rules in spec.chains.items()
+        }
+        if chains != spec.chains:
+            result.append(TableSpec(name=spec.name, chains=chains, heads=spec.heads))
+    return tuple(result)
 
 
 def _break_order(specs: tuple[TableSpec, ...]) -> tuple[TableSpec, ...]:
