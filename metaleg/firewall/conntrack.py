@@ -41,9 +41,11 @@ Only the current network namespace is touched, over netlink (pyroute2's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -290,9 +292,40 @@ def _kernel_filter_works(ct: Any, family: Family) -> bool:
     return not any(True for _ in ct.dump(tuple_orig=probe))
 
 
+_sockets: dict[Family, Any] = {}
+_sockets_pid = os.getpid()
+_filter_broken: set[Family] = set()
+
+
+def _socket(family: Family) -> Any:
+    """This process's conntrack socket for ``family``, opened once.
+
+    Opening a pyroute2 socket costs far more than a dump of a few entries (it
+    sets up an event loop and the netlink transport); a flush after every
+    change must stay in the milliseconds.
+    """
+    global _sockets_pid
+    if _sockets_pid != os.getpid():
+        # Forked: the inherited sockets belong to the parent (maybe another namespace).
+        _sockets.clear()
+        _sockets_pid = os.getpid()
+    ct = _sockets.get(family)
+    if ct is None:
+        from pyroute2 import Conntrack
+
+        ct = _sockets[family] = Conntrack(nfgen_family=_SOCKET_FAMILY[family])
+    return ct
+
+
+def _forget_socket(family: Family) -> None:
+    ct = _sockets.pop(family, None)
+    if ct is not None:
+        with contextlib.suppress(Exception):
+            ct.close()
+
+
 def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
     """ORIGINAL tuples (pyroute2 ``NFCTAttrTuple``) of the entries whose source is in ``sources``."""
-    from pyroute2 import Conntrack
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
     af = _SOCKET_FAMILY[family]
@@ -306,16 +339,21 @@ def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
 
     # Each dump is read to the end before anything is deleted: deleting on a
     # socket that is still streaming a dump would interleave the replies.
-    with Conntrack(nfgen_family=af) as ct:
-        if len(sources) <= PER_SOURCE_DUMP_LIMIT and _kernel_filter_works(ct, family):
-            for source in sorted(sources):
-                for message in ct.dump(tuple_orig=NFCTAttrTuple(family=af, saddr=source)):
-                    keep(message)  # checked here too: the filter is the kernel's
-        else:
-            # Raw messages: decoding only the tuple is several times faster than
-            # building pyroute2 ConntrackEntry objects for the whole table.
-            for message in ct.dump():
-                keep(message)
+    ct = _socket(family)
+    per_source = len(sources) <= PER_SOURCE_DUMP_LIMIT and family not in _filter_broken
+    if per_source and not _kernel_filter_works(ct, family):
+        # A kernel that gets the filter wrong keeps getting it wrong: remember it.
+        _filter_broken.add(family)
+        per_source = False
+    if per_source:
+        for source in sorted(sources):
+            for message in ct.dump(tuple_orig=NFCTAttrTuple(family=af, saddr=source)):
+                keep(message)  # checked here too: the filter is the kernel's
+    else:
+        # Raw messages: decoding only the tuple is several times faster than
+        # building pyroute2 ConntrackEntry objects for the whole table.
+        for message in ct.dump():
+            keep(message)
     return tuples
 
 
@@ -328,7 +366,6 @@ def flush_plan(plan: FlushPlan) -> int:
     ``NetlinkError``) when the conntrack interface fails otherwise; nothing
     outside the plan is ever deleted.
     """
-    from pyroute2 import Conntrack
     from pyroute2.netlink.exceptions import NetlinkError
 
     deleted = 0
@@ -336,14 +373,15 @@ def flush_plan(plan: FlushPlan) -> int:
         sources = {_canonical(s, family) for s in plan.sources.get(family, ())}
         if not sources:
             continue
-        doomed = [
-            orig
-            for orig in _matching_tuples(family, sources)
-            if plan.wants(family, _canonical(orig.saddr, family), _canonical(orig.daddr, family))
-        ]
-        if not doomed:
-            continue
-        with Conntrack(nfgen_family=_SOCKET_FAMILY[family]) as ct:
+        try:
+            doomed = [
+                orig
+                for orig in _matching_tuples(family, sources)
+                if plan.wants(
+                    family, _canonical(orig.saddr, family), _canonical(orig.daddr, family)
+                )
+            ]
+            ct = _socket(family)
             for orig in doomed:
                 try:
                     ct.delete(orig)
@@ -352,6 +390,9 @@ def flush_plan(plan: FlushPlan) -> int:
                         raise
                     continue
                 deleted += 1
+        except Exception:
+            _forget_socket(family)  # a fresh socket next time, whatever state this one is in
+            raise
     if deleted:
         log.info("deleted conntrack entries of changed sources", extra={"entries": deleted})
     return deleted

@@ -21,6 +21,7 @@ made fail-closed where it was silent):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping
@@ -351,6 +352,7 @@ def _transit_guard(
     return result
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _ip_sort_key(ip: str) -> tuple[int, int]:
     address = ipaddress.ip_address(ip)
     return address.version, int(address)
