@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -51,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from metaleg.model import Action, Family, NodeDesiredState
+from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +122,42 @@ def source_treatments(state: NodeDesiredState) -> Treatments:
     result: Treatments = {Family.IPV4: {}, Family.IPV6: {}}
     for service in state.services:
         for entry in service.families:
-            what = f"service {service.key} ({entry.action} IPv{int(entry.family)})"
-            snat_ip: str | None = None
-            fwmark: int | None = None
-            if entry.action == Action.SNAT:
-                if entry.snat_ip is None:
-                    raise TreatmentError(f"{what}: SNAT without snat_ip")
-                snat_ip = _canonical_ip(entry.snat_ip, entry.family, f"{what} snat_ip")
-            elif entry.action == Action.MARK:
-                if entry.fwmark is None:
-                    raise TreatmentError(f"{what}: MARK without fwmark")
-                if entry.fwmark & ~state.fwmask or not entry.fwmark & state.fwmask:
-                    raise TreatmentError(
-                        f"{what}: fwmark {entry.fwmark:#x} is not a non-zero value "
-                        f"inside FIREWALL_MASK {state.fwmask:#x}"
-                    )
-                fwmark = entry.fwmark
-            treatment = Treatment(entry.action, snat_ip, fwmark)
             table = result[entry.family]
-            for raw in entry.source_ips:
-                source = _canonical_ip(raw, entry.family, f"{what} source")
+            for source, treatment in _entry_treatments(service.key, entry, state.fwmask):
                 table.setdefault(source, treatment)
     return result
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _entry_treatments(
+    key: str, entry: FamilyEgress, fwmask: int
+) -> tuple[tuple[str, Treatment], ...]:
+    """One Service entry's (source, treatment) pairs, validated and canonical.
+
+    Memoised: a snapshot repeats almost every entry of the previous one, and
+    validating 10,000 sources again for every one-IP change would make the cost
+    of a change grow with the number of Services.
+    """
+    what = f"service {key} ({entry.action} IPv{int(entry.family)})"
+    snat_ip: str | None = None
+    fwmark: int | None = None
+    if entry.action == Action.SNAT:
+        if entry.snat_ip is None:
+            raise TreatmentError(f"{what}: SNAT without snat_ip")
+        snat_ip = _canonical_ip(entry.snat_ip, entry.family, f"{what} snat_ip")
+    elif entry.action == Action.MARK:
+        if entry.fwmark is None:
+            raise TreatmentError(f"{what}: MARK without fwmark")
+        if entry.fwmark & ~fwmask or not entry.fwmark & fwmask:
+            raise TreatmentError(
+                f"{what}: fwmark {entry.fwmark:#x} is not a non-zero value "
+                f"inside FIREWALL_MASK {fwmask:#x}"
+            )
+        fwmark = entry.fwmark
+    treatment = Treatment(entry.action, snat_ip, fwmark)
+    return tuple(
+        (_canonical_ip(raw, entry.family, f"{what} source"), treatment) for raw in entry.source_ips
+    )
 
 
 def collapse_cidrs(cidrs: Iterable[str], family: Family) -> tuple[IPNetwork, ...]:
@@ -268,29 +283,7 @@ def _canonical(address: str, family: Family) -> str:
     return canonical_ip(address, family) or address
 
 
-# Sources no packet can have (limited broadcast, multicast): a dump filtered on
-# one of them must come back empty, or the kernel's filter cannot be trusted.
-_PROBE_SOURCE = {Family.IPV4: "255.255.255.255", Family.IPV6: "ff00::"}
 _SOURCE_ATTR = {Family.IPV4: "CTA_IP_V4_SRC", Family.IPV6: "CTA_IP_V6_SRC"}
-
-
-def _kernel_filter_works(ct: Any, family: Family) -> bool:
-    """Whether the kernel honours a source filter on dumps (CTA_FILTER) in this family.
-
-    Measured on Linux 6.18: IPv4 filters work, IPv6 filters match the opposite
-    (every entry *except* the given source). Filters are absent before 5.8.
-    A filter on an impossible source must return nothing; if it returns
-    entries, the filter is broken or ignored and we walk the whole table. If
-    the table holds no entries of the family the probe cannot tell, but then
-    there is nothing to delete either.
-    """
-    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-    af = _SOCKET_FAMILY[family]
-    probe = NFCTAttrTuple(family=af, saddr=_PROBE_SOURCE[family])
-    # Raw messages (not dump_entries, which re-filters on our side and would hide the answer).
-    return not any(True for _ in ct.dump(tuple_orig=probe))
-
 
 _sockets: dict[Family, Any] = {}
 _sockets_pid = os.getpid()
@@ -340,14 +333,24 @@ def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
     # Each dump is read to the end before anything is deleted: deleting on a
     # socket that is still streaming a dump would interleave the replies.
     ct = _socket(family)
-    per_source = len(sources) <= PER_SOURCE_DUMP_LIMIT and family not in _filter_broken
-    if per_source and not _kernel_filter_works(ct, family):
-        # A kernel that gets the filter wrong keeps getting it wrong: remember it.
-        _filter_broken.add(family)
-        per_source = False
+    # Every dump walks the kernel's whole conntrack hash (~10 ms even when empty), so
+    # the fewer dumps the better. IPv4 source filters work (Linux >= 5.8; an older
+    # kernel ignores them and returns the whole table, which keep() filters just the
+    # same). IPv6 filters were measured to match the *opposite* set on Linux 6.18, so
+    # IPv6 always takes one unfiltered dump. A filter seen returning a foreign source
+    # is distrusted from then on.
+    per_source = (
+        family == Family.IPV4
+        and len(sources) <= PER_SOURCE_DUMP_LIMIT
+        and family not in _filter_broken
+    )
     if per_source:
         for source in sorted(sources):
             for message in ct.dump(tuple_orig=NFCTAttrTuple(family=af, saddr=source)):
+                orig = message.get_attr("CTA_TUPLE_ORIG")
+                seen = orig.get_attr("CTA_TUPLE_IP").get_attr(_SOURCE_ATTR[family])
+                if _canonical(seen, family) != source:
+                    _filter_broken.add(family)
                 keep(message)  # checked here too: the filter is the kernel's
     else:
         # Raw messages: decoding only the tuple is several times faster than

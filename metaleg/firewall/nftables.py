@@ -361,17 +361,23 @@ class TableContent:
     def view(self) -> EgressView:
         """The conntrack scoping view of this content (computed once per content)."""
         treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
+        # One Treatment per distinct LB IP / mark chain, not per source: this runs for
+        # every snapshot and must not cost per-source object creation.
+        rejected = Treatment(Action.REJECT)
         for family in Family:
             table = treatments[family]
-            for source, lb_ip in self.snat[family].items():
-                table[source] = Treatment(Action.SNAT, snat_ip=lb_ip)
-            for source, chain in self.mark[family].items():
+            snat = {
+                ip: Treatment(Action.SNAT, snat_ip=ip) for ip in set(self.snat[family].values())
+            }
+            table.update((source, snat[ip]) for source, ip in self.snat[family].items())
+            marks = {}
+            for chain in set(self.mark[family].values()):
                 match = _MARK_CHAIN.match(chain)
-                table[source] = Treatment(
+                marks[chain] = Treatment(
                     Action.MARK, fwmark=int(match.group(1), 16) if match else None
                 )
-            for source in self.reject[family]:
-                table[source] = Treatment(Action.REJECT)
+            table.update((source, marks[chain]) for source, chain in self.mark[family].items())
+            table.update((source, rejected) for source in self.reject[family])
         return EgressView(
             treatments,
             {family: conntrack.collapse_cidrs(self.exclude[family], family) for family in Family},

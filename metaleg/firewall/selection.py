@@ -106,7 +106,8 @@ class ManagedFirewall:
                 log.error("deleting outdated conntrack entries failed: %s", error)
         if state != self.applied:
             self.applied = state
-            self._save_applied(state)
+            if self.flush_conntrack:  # only the iptables path reads it back after a restart
+                self._save_applied(state)
 
     def _remove_leftovers(self, name: str) -> None:
         other = new_backend(name)
