@@ -273,6 +273,7 @@ def run(config: Config) -> int:
     log.info("watching the cluster", extra={"node": config.node_name})
     last_sent = 0.0
     last_status: WatcherStatus | None = None
+    last_publish: Publish | None = None
     try:
         while True:
             try:
@@ -302,13 +303,19 @@ def run(config: Config) -> int:
                 last_status = status
             if not all_synced:
                 continue
-            publish = watcher.compute()
             now = time.monotonic()
-            if publish.state != watcher.published or now - last_sent >= REPUBLISH_INTERVAL:
+            if event is not None or last_publish is None:
+                publish = watcher.compute()
                 if publish.state != watcher.published:
                     PUBLISHED.labels("watcher").inc()
-                socket.send(encode(publish))
-                watcher.published = publish.state
+                    socket.send(encode(publish))
+                    watcher.published = publish.state
+                    last_sent = now
+                last_publish = publish
+            if now - last_sent >= REPUBLISH_INTERVAL:
+                # Nothing changed: resend what we have (a liveness signal and the repair of a
+                # lost message) without recomputing it, so that an idle watcher stays idle.
+                socket.send(encode(last_publish))
                 last_sent = now
     finally:
         for informer in informers:
