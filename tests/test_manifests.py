@@ -458,8 +458,8 @@ def test_daemonset_shape(rendered: list[Object], pod_spec: Object, container: Ob
     assert container["command"] == ["metaleg-supervisor", "run"]
     assert "args" not in container
     assert container["resources"] == {
-        "requests": {"cpu": "50m", "memory": "96Mi"},
-        "limits": {"memory": "256Mi"},
+        "requests": {"cpu": "50m", "memory": "200Mi"},
+        "limits": {"memory": "512Mi"},
     }
 
 
