@@ -1,0 +1,1 @@
+"""Benchmarks of metaleg (see docs/benchmarks.md): run each with ``python -m bench.<name>``."""
