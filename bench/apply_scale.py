@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(sizes, backends, reps, args.ips, args.original_max, full_reps, budget)
     results["wall_seconds"] = time.monotonic() - started
     results["pid"] = os.getpid()
-    path = write_results("apply_scale", results, info)
+    path = write_results("apply_scale" + ("-quick" if args.quick else ""), results, info)
     print(render_report(results))
     print(f"\n({results['wall_seconds']:.0f} s; results in {path})")
     return 0

@@ -286,7 +286,8 @@ def machine() -> dict[str, Any]:
 
 def write_results(name: str, data: dict[str, Any], info: dict[str, Any] | None = None) -> Path:
     """Write ``bench/results/<name>.json`` with the machine description (``info``, taken when
-    the run started; now if not given) and return the path."""
+    the run started; now if not given) and return the path. ``--quick`` runs use
+    ``<name>-quick`` so that they do not replace the figures of a full run."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     document = {"benchmark": name, "machine": info or machine(), **data}

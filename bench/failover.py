@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     results["wall_seconds"] = time.monotonic() - started
     results["pid"] = os.getpid()
-    path = write_results("failover", results, info)
+    path = write_results("failover" + ("-quick" if args.quick else ""), results, info)
     print(render_report(results))
     print(f"\n({results['wall_seconds']:.0f} s; results in {path})")
     return 0

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
         results["backends"][backend] = run_backend(backend, n, changes, args.ips, args.profile)
     results["wall_seconds"] = time.monotonic() - started
-    path = write_results("latency", results, info)
+    path = write_results("latency" + ("-quick" if args.quick else ""), results, info)
     print(render_report(results))
     print(f"\n({results['wall_seconds']:.0f} s; results in {path})")
     return 0

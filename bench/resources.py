@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     results["goals"] = goals(results, backends)
     results["wall_seconds"] = time.monotonic() - started
-    path = write_results("resources", results, info)
+    path = write_results("resources" + ("-quick" if args.quick else ""), results, info)
     print(render_report(results))
     print(f"\n({results['wall_seconds']:.0f} s; results in {path})")
     return 0
