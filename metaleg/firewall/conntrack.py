@@ -48,6 +48,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -283,6 +284,9 @@ def _canonical(address: str, family: Family) -> str:
     return canonical_ip(address, family) or address
 
 
+RACE_GRACE = 0.02
+"""Seconds between the two passes of a flush (see :func:`flush_plan`)."""
+
 _SOURCE_ATTR = {Family.IPV4: "CTA_IP_V4_SRC", Family.IPV6: "CTA_IP_V6_SRC"}
 
 _sockets: dict[Family, Any] = {}
@@ -360,15 +364,7 @@ def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
     return tuples
 
 
-def flush_plan(plan: FlushPlan) -> int:
-    """Delete the entries ``plan`` wants deleted in the current namespace; return how many.
-
-    Entries that vanish meanwhile (expired, deleted by someone else) are
-    skipped, and so are entries in a non-default conntrack zone (not pod
-    traffic; deleting them would need the zone). Raises ``OSError`` (pyroute2's
-    ``NetlinkError``) when the conntrack interface fails otherwise; nothing
-    outside the plan is ever deleted.
-    """
+def _flush_once(plan: FlushPlan) -> int:
     from pyroute2.netlink.exceptions import NetlinkError
 
     deleted = 0
@@ -396,6 +392,26 @@ def flush_plan(plan: FlushPlan) -> int:
         except Exception:
             _forget_socket(family)  # a fresh socket next time, whatever state this one is in
             raise
+    return deleted
+
+
+def flush_plan(plan: FlushPlan) -> int:
+    """Delete the entries ``plan`` wants deleted in the current namespace; return how many.
+
+    Entries that vanish meanwhile (expired, deleted by someone else) are
+    skipped, and so are entries in a non-default conntrack zone (not pod
+    traffic; deleting them would need the zone). Raises ``OSError`` (pyroute2's
+    ``NetlinkError``) when the conntrack interface fails otherwise; nothing
+    outside the plan is ever deleted.
+    """
+    deleted = _flush_once(plan)
+    if deleted:
+        # A flow whose packet was still on its way through the hooks while we
+        # deleted gets its conntrack entry confirmed just after, with the old
+        # binding; a busy UDP flow would keep it alive (and dropped by the egress
+        # check) for ever. One more pass a moment later catches such entries.
+        time.sleep(RACE_GRACE)
+        deleted += _flush_once(plan)
     if deleted:
         log.info("deleted conntrack entries of changed sources", extra={"entries": deleted})
     return deleted

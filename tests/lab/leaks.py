@@ -124,8 +124,7 @@ class LeakScenario:
                 message=f"streams after {name}",
             )
         except TimeoutError as error:
-            logs = "\n".join(f"--- {n}\n{a.log(2500)}" for n, a in self.egress.agents.items())
-            raise AssertionError(f"{error}\n{logs}") from None
+            raise AssertionError(f"{error}\n{self._diagnosis(time.time() - 2.0)}") from None
         report = EventReport(name, started, time.time())
         records = self._records(started - 0.5)
         for stream_name, stream_records in records.items():
@@ -136,6 +135,24 @@ class LeakScenario:
                 report.outage[f"{stream_name}/{proto}"] = gap
         self.events.append(report)
         return report
+
+    def _diagnosis(self, since: float) -> str:
+        """Which streams are stuck, what arrived from them lately, and the nodes' state."""
+        records = self._records(since)
+        lines = []
+        for name, (stream, family) in self.streams.items():
+            for proto in ("udp", "tcp"):
+                seen = sorted({r.src for r in records[name] if r.proto == proto})
+                state = "ok   " if LB_IPS[family] in seen else "STUCK"
+                errors = [e.error for e in stream.errors(since=since) if e.proto == proto][-2:]
+                lines.append(f"{state} {name}/{proto}: sources {seen} errors {errors}")
+        for node in self.lab.nodes:
+            table = self.lab.exec(node, "conntrack", "-L", check=False)
+            relevant = [line for line in table.splitlines() if "dport=500" in line][:8]
+            lines.append(f"--- {node} conntrack towards the recorder:")
+            lines.extend(relevant)
+            lines.append(f"--- {node} log:\n{self.egress.agents[node].log(1500)}")
+        return "\n".join(lines)
 
     def event(self, name: str, action: Callable[[], None]) -> EventReport:
         started = time.time()
