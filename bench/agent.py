@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +56,7 @@ from bench.common import (
 )
 from metaleg.firewall.iptables import source_set_name
 from metaleg.model import Family
+from metaleg.supervisor.metrics import descendants, process_tree
 from metaleg.supervisor.status import StatusReport
 from tests import cluster_objects as objects
 from tests.kubeapi import KubeApiServer, write_kubeconfig
@@ -388,13 +388,13 @@ class AgentBench:
         xtables helpers, as ``firewall/<pid>``)."""
         assert self.process is not None
         result = {"supervisor": self.process.pid}
-        children = _children()
+        children = process_tree()
         for pid in children.get(self.process.pid, []):
             argv = _cmdline(pid)
             for worker in ("watcher", "firewall", "routing"):
                 if f"metaleg.{worker}" in argv:
                     result[worker] = pid
-                    for grandchild in _descendants(children, pid):
+                    for grandchild in descendants(pid, children):
                         result[f"{worker}/{_short(_cmdline(grandchild))}-{grandchild}"] = grandchild
         return result
 
@@ -421,26 +421,6 @@ class AgentBench:
                 return file.read()[-size:]
         except OSError:
             return ""
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(parent, []).append(int(entry))
-    return tree
-
-
-def _descendants(tree: dict[int, list[int]], pid: int) -> Iterator[int]:
-    for child in tree.get(pid, []):
-        yield child
-        yield from _descendants(tree, child)
 
 
 def _cmdline(pid: int) -> str:

@@ -47,9 +47,9 @@ class SupervisorView(Protocol):
     def firewall_backend_name(self) -> str: ...
 
 
-def _children(pid: int) -> list[int]:
-    """Direct and indirect children of ``pid`` (the firewall's xtables helpers count as firewall)."""
-    parents: dict[int, list[int]] = {}
+def process_tree() -> dict[int, list[int]]:
+    """Every process's children, from ``/proc`` (parent pid -> child pids)."""
+    tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -58,11 +58,17 @@ def _children(pid: int) -> list[int]:
                 parent = int(file.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        parents.setdefault(parent, []).append(int(entry))
+        tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+    """Direct and indirect children of ``pid`` (the firewall's xtables helpers count as firewall)."""
+    tree = process_tree() if tree is None else tree
     found: list[int] = []
     pending = [pid]
     while pending:
-        for child in parents.get(pending.pop(), []):
+        for child in tree.get(pending.pop(), []):
             found.append(child)
             pending.append(child)
     return found
@@ -72,7 +78,7 @@ def process_resources(pid: int, include_children: bool = True) -> tuple[float, i
     """(CPU seconds, resident bytes) of a process and its descendants, from ``/proc``."""
     cpu = 0.0
     rss = 0
-    for member in [pid, *(_children(pid) if include_children else [])]:
+    for member in [pid, *(descendants(pid) if include_children else [])]:
         try:
             with open(f"/proc/{member}/stat") as file:
                 fields = file.read().rsplit(")", 1)[1].split()
