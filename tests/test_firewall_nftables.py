@@ -199,9 +199,9 @@ def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message
 def test_rule_count_does_not_grow_with_services() -> None:
     small = full_script(TableContent.of(dual_stack_state()), MASK, "icmpx admin-prohibited")
     big = full_script(TableContent.of(big_state(300)), MASK, "icmpx admin-prohibited")
-    # 25 static rules + one per gateway mark (2 resp. 5 slots).
-    assert small.count("\nadd rule ") == 25 + 2
-    assert big.count("\nadd rule ") == 25 + 5
+    # 30 static rules + one per gateway mark (2 resp. 5 slots).
+    assert small.count("\nadd rule ") == 30 + 2
+    assert big.count("\nadd rule ") == 30 + 5
     assert big.startswith(
         "add table inet metaleg\ndelete table inet metaleg\nadd table inet metaleg\n"
     )
@@ -264,6 +264,11 @@ def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
         line.split(" comment ")[0].removeprefix("add rule inet metaleg forward ")
         for line in forward
     ] == [
+        *(
+            f"ct state new ct status ! dnat {ip} daddr @{name}{n} {ip} saddr != @exclude{n} drop"
+            for ip, n in (("ip", 4), ("ip6", 6))
+            for name in ("snat", "mark", "reject")
+        ),
         "ip daddr @exclude4 return",
         "ip6 daddr @exclude6 return",
         "ip saddr @reject4 reject with icmpx admin-prohibited",
@@ -515,7 +520,7 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         Family.IPV6: {"fd00:2::/63"},
     }
     assert len(rules_of(document, "postrouting")) == 6
-    assert len(rules_of(document, "forward")) == 6
+    assert len(rules_of(document, "forward")) == 12
     assert all(r.get("comment", "").startswith("metaleg:") for r in rules_of(document, "forward"))
 
 
@@ -817,7 +822,7 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     document = listing(ns)
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
-    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 25 + 5
+    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 30 + 5
     # Generous bounds (CI machines vary); the report quotes the measured figures.
     assert figures["full"] < 5
     assert figures["incremental"] < 1
@@ -1130,3 +1135,96 @@ def test_transit_guard_rejects_only_new_connections_it_would_leak(
     run_in_netns(node, _backend_change, guarded_state(), guarded_state(snat=False))
     assert probe("10.244.1.10", "203.0.113.2", 41001) == "rejected:EHOSTUNREACH"
     assert probe("fd00:1::10", "2001:db8:113::2", 41001) == "rejected:EACCES"
+
+
+STRAY_PEER = textwrap.dedent(
+    """
+    import socket, sys
+    family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "send":
+            s.sendto(b"stray", (words[1], int(words[2])))
+            print("sent", flush=True)
+        else:  # "recv": the source of the next datagram within a second, or "none"
+            s.settimeout(1.0)
+            try:
+                print(s.recvfrom(100)[1][0], flush=True)
+            except TimeoutError:
+                print("none", flush=True)
+    """
+)
+
+
+def _udp_send(source: str, sport: int, destination: str, dport: int) -> None:
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((source, sport))
+        s.sendto(b"from the pod", (destination, dport))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(
+    ("pod_ip", "control", "peer_ip", "lb_ip"),
+    [
+        ("10.244.1.10", "10.244.1.13", "203.0.113.2", "203.0.113.100"),
+        ("fd00:1::10", "fd00:1::13", "2001:db8:113::2", "2001:db8:113::100"),
+    ],
+)
+def test_stray_replies_open_no_flow_and_reply_direction_is_checked(
+    topology: dict[str, str], pod_ip: str, control: str, peer_ip: str, lb_ip: str
+) -> None:
+    """After a gateway move, the old gateway can forward a peer's answer, translated
+    back to the pod IP, to a node that has just deleted the flow's entry. It must
+    not open an entry in which the pod's packets are replies (no NAT, pod IP out)."""
+    pod, node, peer = topology["pod"], topology["node"], topology["peer"]
+    host = subprocess.Popen(
+        ["ip", "netns", "exec", peer, sys.executable, "-c", STRAY_PEER, peer_ip, "7777"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def ask(command: str) -> str:
+        assert host.stdin is not None and host.stdout is not None
+        host.stdin.write(command + "\n")
+        host.stdin.flush()
+        return host.stdout.readline().strip()
+
+    def pod_sends() -> str:
+        run_in_netns(pod, _udp_send, pod_ip, 40100, peer_ip, 7777, timeout=10)
+        return ask("recv")
+
+    def reversed_entries() -> str:
+        return sh("conntrack", "-L", "-s", peer_ip, "-d", pod_ip, netns=node)
+
+    try:
+        assert host.stdout is not None and host.stdout.readline().strip() == "ready"
+        # Without metaleg: the stray opens an entry from the peer, and the pod's
+        # packets, replies in it, leave with the pod IP (nobody NATs replies).
+        assert ask(f"send {pod_ip} 40100") == "sent"
+        assert "dport=40100" in reversed_entries()
+        assert pod_sends() == pod_ip
+        # metaleg SNATs the pod now: the egress check drops its replies too (the
+        # reversed entry is no flow of the pod's; it lives until it expires).
+        run_in_netns(node, _backend_apply, packet_state())
+        assert pod_sends() == "none"
+        sh("conntrack", "-D", "-s", peer_ip, "-d", pod_ip, netns=node, check=False)
+        # A new stray is dropped before it opens an entry, so the pod's next
+        # packet opens its own flow, SNATed to the LB IP.
+        assert ask(f"send {pod_ip} 40100") == "sent"
+        # A control packet right behind it, to an unlabelled pod address, takes the
+        # same path: once its entry shows, the stray has been through the node.
+        assert ask(f"send {control} 40100") == "sent"
+        deadline = time.monotonic() + 5
+        while "dport=40100" not in sh("conntrack", "-L", "-d", control, netns=node):
+            assert time.monotonic() < deadline, "the control packet never reached the node"
+            time.sleep(0.02)
+        assert "dport=40100" not in reversed_entries()
+        assert pod_sends() == lb_ip
+    finally:
+        host.kill()
+        host.wait(5)

@@ -19,10 +19,11 @@ elements of the sets and maps they look up do, so N Services cost O(1) rules
         meta mark & fwmask != 0 snat to saddr      (null binding, see below)
         snat to saddr map @snat
     chain forward      filter/forward     priority filter - 10:
+        new, not DNATed, daddr a key of @snat/@mark/@reject, saddr not @exclude: drop;
         daddr @exclude return; saddr @reject reject with icmpx admin-prohibited;
         ct state new saddr @transit meta mark & fwmask == 0 saddr != @snat reject ...
     chain egress       filter/postrouting priority srcnat + 10 (after all NAT):
-        daddr @exclude return; ct direction reply return;
+        daddr @exclude return;
         unmarked and still a source of @snat, @mark or @transit: drop
 
 The transit guard (last rule of ``forward``, see
@@ -33,6 +34,19 @@ it (its source is a key of the SNAT map: nft looks a map up as a set, so no
 parallel set is needed). Only ``ct state new`` is checked, so flows that were
 established before a source entered the guard go on; the guard therefore needs
 no conntrack flush of its own (:mod:`metaleg.firewall.conntrack` is unchanged).
+
+Stray replies: when the gateway moves, the old gateway still holds the flow's
+SNAT binding for a moment and forwards the peer's answers, translated back to
+the pod IP, to the pod's node. If that node has just deleted the flow's
+conntrack entry (its treatment changed), such an answer creates a *new* entry
+with the peer as originator; the pod's own packets then match it in the reply
+direction, where no NAT is ever decided, and would leave with the pod IP for as
+long as the flow lives (UDP streams refresh it forever). So the forward chain
+drops new connections to our sources that are not DNATed (traffic into the
+Service through its LB IP, NodePorts or ClusterIPs is) and come from outside
+the excluded networks (cluster traffic does not); dropped, the entry is never
+confirmed, and the pod's next packet opens a correct one. The egress check
+covers both directions for the same reason.
 
 Why these priorities: each base chain runs just before the hook's iptables
 chains (legacy or nft: mangle -150, srcnat 100, filter 0). NAT is decided by the
@@ -179,6 +193,14 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
         for f in Family
     )
     excludes = tuple(f"{_IP[f]} daddr @exclude{_SUFFIX[f]} return" for f in Family)
+    # Stray replies (see the module doc, "Stray replies"): a new, not DNATed
+    # connection *to* one of our sources from outside the excluded networks.
+    stray = tuple(
+        f"ct state new ct status ! dnat {_IP[f]} daddr @{name}{_SUFFIX[f]} "
+        f"{_IP[f]} saddr != @exclude{_SUFFIX[f]} drop"
+        for f in Family
+        for name in ("snat", "mark", "reject")
+    )
     return (
         ChainSpec(
             "prerouting",
@@ -213,6 +235,7 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
             "filter - 10",
             -10,
             (
+                *stray,
                 *excludes,
                 *(f"{_IP[f]} saddr @reject{_SUFFIX[f]} reject with {reject_with}" for f in Family),
                 *guard,
@@ -223,7 +246,10 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
         # should have. That happens when a flow's conntrack entry still carries the
         # binding of its old treatment (a null binding from when the source was
         # marked, say) in the moment between a transaction and the conntrack flush
-        # that follows it. Drop: fail closed, never out with a pod IP.
+        # that follows it. Drop: fail closed, never out with a pod IP. Replies are
+        # checked too: a reply leaves with the pod IP only if the connection was
+        # opened *to* the pod IP from outside the excluded networks, which the
+        # forward chain refuses (stray replies) and metaleg must not let out.
         ChainSpec(
             "egress",
             "filter",
@@ -232,7 +258,6 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
             110,
             (
                 *excludes,
-                "ct direction reply return",
                 *(f"meta mark & {mask} == 0 {_IP[f]} saddr @snat{_SUFFIX[f]} drop" for f in Family),
                 *(f"meta mark & {mask} == 0 {_IP[f]} saddr @mark{_SUFFIX[f]} drop" for f in Family),
                 *(
