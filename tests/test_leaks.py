@@ -13,17 +13,7 @@ from tests.lab.leaks import LeakScenario
 pytestmark = pytest.mark.lab
 
 
-# Known race, not fixed yet (issue "never leaks" stays open): in about one run of five in nft
-# mode, after the move to node-c, the new gateway's local pod's IPv6 UDP stream keeps leaving
-# with its pod IP and never recovers; the egress check does not drop it. The diagnosis printed
-# on failure (stuck streams, conntrack) is the starting point. Legacy mode has not shown it.
-NFT_RACE = pytest.mark.xfail(
-    strict=False,
-    reason="known race: new gateway's local IPv6 UDP flow may keep its pod IP after a move (nft)",
-)
-
-
-@pytest.fixture(params=[pytest.param("nft", marks=NFT_RACE), "legacy"])
+@pytest.fixture(params=["nft", "legacy"])
 def scenario(request: pytest.FixtureRequest) -> Iterator[LeakScenario]:
     with Lab(masquerade=request.param) as lab, EgressLab(lab) as egress:
         for node in lab.nodes:
