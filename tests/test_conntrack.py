@@ -306,3 +306,92 @@ def test_many_sources_use_one_filtered_dump(ns: str) -> None:
     many = [f"10.244.2.{i}" for i in range(100)] + ["10.244.1.11"]
     assert run_in_netns(ns, _flush_with_full_dump, {Family.IPV4: many}) == 1
     assert flows_in(ns) == all_flows() - {("10.244.1.11", "8.8.8.8", 1003)}
+
+
+# --- the dump strategy (see conntrack._matching_tuples) -------------------------------------
+
+
+def _count_and_flush_without_sockets(sources: dict[Family, list[str]]) -> tuple[int | None, int]:
+    def no_socket(family: object) -> None:
+        raise AssertionError("an empty namespace needs no conntrack dump")
+
+    conntrack._socket = no_socket  # type: ignore[assignment]  # in the child process only
+    return conntrack.entry_count(), flush_sources(sources)
+
+
+@pytest.mark.netns
+def test_an_empty_namespace_costs_no_dump() -> None:
+    with namespace("mlnf") as name:
+        count, deleted = run_in_netns(
+            name,
+            _count_and_flush_without_sockets,
+            {Family.IPV4: ["10.244.1.10"], Family.IPV6: ["fd00::10"]},
+        )
+    assert (count, deleted) == (0, 0)
+
+
+def _entry_count() -> int | None:
+    return conntrack.entry_count()
+
+
+@pytest.mark.netns
+def test_the_entry_count_is_the_namespaces_own(ns: str) -> None:
+    assert run_in_netns(ns, _entry_count) == len(FLOWS)
+
+
+def _flush_with_strategy(
+    strategy: str, sources: dict[Family, set[str]], old: EgressView, new: EgressView
+) -> int:
+    # Module settings, changed in the child process only.
+    if strategy == "per source":
+        conntrack.FULL_DUMP_ENTRIES_PER_SOURCE = 0
+    elif strategy == "count unknown":
+        conntrack.COUNT_PATH = "/nonexistent/nf_conntrack_count"
+    return flush_sources(sources, old, new)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("strategy", ["one dump", "per source", "count unknown"])
+def test_every_dump_strategy_deletes_exactly_the_changed_flows(ns: str, strategy: str) -> None:
+    old = EgressView.of(None)
+    new = EgressView.of(
+        state(
+            SNAT,
+            ("v6", (egress(Family.IPV6, Action.SNAT, "fd00::10", snat="2001:db8::100"),)),
+        )
+    )
+    sources = changed_sources(old, new)
+    assert run_in_netns(ns, _flush_with_strategy, strategy, sources, old, new) == 4
+    assert flows_in(ns) == all_flows() - {
+        ("10.244.1.10", "8.8.8.8", 1000),
+        ("10.244.1.10", "1.1.1.1", 1001),
+        ("10.244.1.11", "8.8.8.8", 1003),
+        ("fd00::10", "2001:db8::1", 1006),
+    }
+
+
+def _matching_with_counted_dumps(sources: dict[Family, set[str]]) -> dict[str, int]:
+    """Which sockets dumped how often, for the namespace's few entries."""
+    dumps: dict[str, int] = {}
+    real = conntrack._socket
+
+    class Counting:
+        def __init__(self, key: Family | None) -> None:
+            self.key, self.ct = key, real(key)
+
+        def dump(self, **kwargs: object) -> object:
+            name = "both" if self.key is None else f"IPv{int(self.key)}"
+            dumps[name] = dumps.get(name, 0) + 1
+            return self.ct.dump(**kwargs)
+
+    conntrack._socket = Counting  # type: ignore[assignment]  # in the child process only
+    conntrack._matching_tuples(sources, conntrack.entry_count())
+    return dumps
+
+
+@pytest.mark.netns
+def test_few_entries_take_one_walk_for_both_families(ns: str) -> None:
+    sources = {Family.IPV4: {f"10.244.1.{i}" for i in range(10)}, Family.IPV6: {"fd00::10"}}
+    assert run_in_netns(ns, _matching_with_counted_dumps, sources) == {"both": 1}
+    only4 = {Family.IPV4: {"10.244.1.10"}}
+    assert run_in_netns(ns, _matching_with_counted_dumps, only4) == {"IPv4": 1}

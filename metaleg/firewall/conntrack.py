@@ -65,6 +65,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # one full dump filtered here is cheaper than many kernel table walks.
 PER_SOURCE_DUMP_LIMIT = 64
 
+# Every dump walks the kernel's whole conntrack hash, which is global to all
+# namespaces (~10 ms even when this namespace holds nothing), and decoding one
+# entry in Python costs roughly 1/100 of such a walk. So while the namespace
+# holds at most this many entries per source that a per-source dump would look
+# up, ONE unfiltered dump of both families (filtered here) is the cheaper way.
+FULL_DUMP_ENTRIES_PER_SOURCE = 100
+
+COUNT_PATH = "/proc/sys/net/netfilter/nf_conntrack_count"
+"""Entries of the current network namespace (a per-namespace sysctl; the kernel counts an
+entry from its allocation, before it is confirmed, until it is freed)."""
+
 _SOCKET_FAMILY = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 
 
@@ -289,13 +300,14 @@ RACE_GRACE = 0.02
 
 _SOURCE_ATTR = {Family.IPV4: "CTA_IP_V4_SRC", Family.IPV6: "CTA_IP_V6_SRC"}
 
-_sockets: dict[Family, Any] = {}
+_sockets: dict[Family | None, Any] = {}
 _sockets_pid = os.getpid()
 _filter_broken: set[Family] = set()
+_FAMILY_OF = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 
 
-def _socket(family: Family) -> Any:
-    """This process's conntrack socket for ``family``, opened once.
+def _socket(family: Family | None) -> Any:
+    """This process's conntrack socket for ``family`` (``None``: both families), opened once.
 
     Opening a pyroute2 socket costs far more than a dump of a few entries (it
     sets up an event loop and the netlink transport); a flush after every
@@ -310,76 +322,115 @@ def _socket(family: Family) -> Any:
     if ct is None:
         from pyroute2 import Conntrack
 
-        ct = _sockets[family] = Conntrack(nfgen_family=_SOCKET_FAMILY[family])
+        af = socket.AF_UNSPEC if family is None else _SOCKET_FAMILY[family]
+        ct = _sockets[family] = Conntrack(nfgen_family=af)
     return ct
 
 
-def _forget_socket(family: Family) -> None:
+def _forget_socket(family: Family | None) -> None:
     ct = _sockets.pop(family, None)
     if ct is not None:
         with contextlib.suppress(Exception):
             ct.close()
 
 
-def _matching_tuples(family: Family, sources: set[str]) -> list[Any]:
-    """ORIGINAL tuples (pyroute2 ``NFCTAttrTuple``) of the entries whose source is in ``sources``."""
+def entry_count() -> int | None:
+    """How many conntrack entries the current namespace holds (None: cannot tell).
+
+    Reading the sysctl costs microseconds where a dump costs a walk of the
+    kernel's whole hash. The count includes entries not yet confirmed (the
+    kernel counts an entry from its allocation), so 0 means nothing to find.
+    """
+    try:
+        with open(COUNT_PATH, "rb") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _matching_tuples(
+    sources: Mapping[Family, set[str]], count: int | None = None
+) -> dict[Family, list[Any]]:
+    """ORIGINAL tuples (pyroute2 ``NFCTAttrTuple``) of the entries whose source is in
+    ``sources``, per family; ``count`` is :func:`entry_count` (it picks the cheaper dumps)."""
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-    af = _SOCKET_FAMILY[family]
-    tuples: list[Any] = []
+    wanted = {family: members for family, members in sources.items() if members}
+    result: dict[Family, list[Any]] = {family: [] for family in wanted}
 
-    def keep(message: Any) -> None:
+    def keep(family: Family, message: Any) -> None:
         orig = message.get_attr("CTA_TUPLE_ORIG")
         source = orig.get_attr("CTA_TUPLE_IP").get_attr(_SOURCE_ATTR[family])
-        if _canonical(source, family) in sources:
-            tuples.append(NFCTAttrTuple.from_netlink(af, orig))
+        if _canonical(source, family) in wanted[family]:
+            result[family].append(NFCTAttrTuple.from_netlink(_SOCKET_FAMILY[family], orig))
 
     # Each dump is read to the end before anything is deleted: deleting on a
     # socket that is still streaming a dump would interleave the replies.
-    ct = _socket(family)
     # Every dump walks the kernel's whole conntrack hash (~10 ms even when empty), so
     # the fewer dumps the better. IPv4 source filters work (Linux >= 5.8; an older
     # kernel ignores them and returns the whole table, which keep() filters just the
-    # same). IPv6 filters were measured to match the *opposite* set on Linux 6.18, so
-    # IPv6 always takes one unfiltered dump. A filter seen returning a foreign source
-    # is distrusted from then on.
+    # same); they pay off only when the namespace holds many entries (see
+    # FULL_DUMP_ENTRIES_PER_SOURCE; an unknown count counts as many). IPv6 filters
+    # were measured to match the *opposite* set on Linux 6.18, so IPv6 always takes an
+    # unfiltered dump. A filter seen returning a foreign source is distrusted from then on.
+    v4 = wanted.get(Family.IPV4, set())
     per_source = (
-        family == Family.IPV4
-        and len(sources) <= PER_SOURCE_DUMP_LIMIT
-        and family not in _filter_broken
+        0 < len(v4) <= PER_SOURCE_DUMP_LIMIT
+        and Family.IPV4 not in _filter_broken
+        and (count is None or count > FULL_DUMP_ENTRIES_PER_SOURCE * len(v4))
     )
+    unfiltered = [family for family in wanted if not (per_source and family == Family.IPV4)]
     if per_source:
-        for source in sorted(sources):
+        ct = _socket(Family.IPV4)
+        af = _SOCKET_FAMILY[Family.IPV4]
+        for source in sorted(v4):
             for message in ct.dump(tuple_orig=NFCTAttrTuple(family=af, saddr=source)):
                 orig = message.get_attr("CTA_TUPLE_ORIG")
-                seen = orig.get_attr("CTA_TUPLE_IP").get_attr(_SOURCE_ATTR[family])
-                if _canonical(seen, family) != source:
-                    _filter_broken.add(family)
-                keep(message)  # checked here too: the filter is the kernel's
-    else:
+                seen = orig.get_attr("CTA_TUPLE_IP").get_attr(_SOURCE_ATTR[Family.IPV4])
+                if _canonical(seen, Family.IPV4) != source:
+                    _filter_broken.add(Family.IPV4)
+                keep(Family.IPV4, message)  # checked here too: the filter is the kernel's
+    if len(unfiltered) == 1:
         # Raw messages: decoding only the tuple is several times faster than
         # building pyroute2 ConntrackEntry objects for the whole table.
-        for message in ct.dump():
-            keep(message)
-    return tuples
+        family = unfiltered[0]
+        for message in _socket(family).dump():
+            keep(family, message)
+    elif unfiltered:
+        # Both families in one walk of the kernel's table (AF_UNSPEC dumps every family).
+        for message in _socket(None).dump():
+            of = _FAMILY_OF.get(message["nfgen_family"])
+            if of is not None and of in wanted:
+                keep(of, message)
+    return result
 
 
 def _flush_once(plan: FlushPlan) -> int:
     from pyroute2.netlink.exceptions import NetlinkError
 
+    if not plan:
+        return 0
+    # Read at every pass (never carried over from an earlier one): 0 means the
+    # namespace holds no entry at all, not even an unconfirmed one.
+    count = entry_count()
+    if count == 0:
+        return 0
+    sources = {
+        family: {_canonical(s, family) for s in plan.sources.get(family, ())} for family in Family
+    }
     deleted = 0
-    for family in Family:
-        sources = {_canonical(s, family) for s in plan.sources.get(family, ())}
-        if not sources:
-            continue
-        try:
+    try:
+        matching = _matching_tuples(sources, count)
+        for family, tuples in matching.items():
             doomed = [
                 orig
-                for orig in _matching_tuples(family, sources)
+                for orig in tuples
                 if plan.wants(
                     family, _canonical(orig.saddr, family), _canonical(orig.daddr, family)
                 )
             ]
+            if not doomed:
+                continue
             ct = _socket(family)
             for orig in doomed:
                 try:
@@ -389,9 +440,11 @@ def _flush_once(plan: FlushPlan) -> int:
                         raise
                     continue
                 deleted += 1
-        except Exception:
-            _forget_socket(family)  # a fresh socket next time, whatever state this one is in
-            raise
+    except Exception:
+        # Fresh sockets next time, whatever state these are in.
+        for key in (None, *Family):
+            _forget_socket(key)
+        raise
     return deleted
 
 
