@@ -100,11 +100,12 @@ def original_method(state: NodeDesiredState) -> dict[str, Any]:
     for spec in _ordered_sets(desired):
         kind = _IPSET_FAMILY[spec.family]
         # "already exists" would be fine, as in the original: no check of the status.
-        _run(["ipset", "create", spec.name, spec.kind, "family", kind], check=False)
+        # (kind may carry options, e.g. "hash:ip skbinfo"; members too: "<ip> skbmark <m>/<mask>")
+        _run(["ipset", "create", spec.name, *spec.kind.split(), "family", kind], check=False)
         _run(["ipset", "list", "-o", "xml", spec.name])
         counts["ipset"] += 2
         for member in sorted(spec.members):
-            _run(["ipset", "add", spec.name, member])
+            _run(["ipset", "add", spec.name, *member.split()])
             counts["ipset"] += 1
     ipset_seconds = time.perf_counter() - started
     for family in FAMILIES:

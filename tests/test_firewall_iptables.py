@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from metaleg.backend import Backend, BackendError
-from metaleg.firewall.ipsets import HASH_IP, HASH_NET, SetSpec, plan_sets
+from metaleg.firewall.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
 from metaleg.firewall.iptables import (
     DesiredFirewall,
     IptablesBackend,
@@ -142,7 +142,7 @@ EXPECTED_V4 = {
         "PREROUTING": ["-j METALEG-RT-MARK"],
         "METALEG-RT-MARK": [
             "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
-            f"-m set --match-set {S4['web']} src -j MARK --set-xmark 0x100000/0xf00000",
+            "-j SET --map-set METALEG-MARK-4 src --map-mark",
         ],
     },
     "nat": {
@@ -166,7 +166,7 @@ EXPECTED_V6 = {
         "PREROUTING": ["-j METALEG-RT-MARK"],
         "METALEG-RT-MARK": [
             "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
-            f"-m set --match-set {S6['web']} src -j MARK --set-xmark 0x100000/0xf00000",
+            "-j SET --map-set METALEG-MARK-6 src --map-mark",
         ],
     },
     "nat": {
@@ -194,6 +194,12 @@ EXPECTED_SETS = {
     S6["mail"]: ("hash:ip", "inet6", {"fd00:244::5"}),
     S6["web"]: ("hash:ip", "inet6", {"fd00:244::6"}),
     S6["lost"]: ("hash:ip", "inet6", {"fd00:244::8"}),
+    "METALEG-MARK-4": (
+        "hash:ip skbinfo",
+        "inet",
+        {"10.244.1.6 skbmark 0x100000/0xf00000", "10.244.1.7 skbmark 0x100000/0xf00000"},
+    ),
+    "METALEG-MARK-6": ("hash:ip skbinfo", "inet6", {"fd00:244::6 skbmark 0x100000/0xf00000"}),
 }
 
 
@@ -413,9 +419,20 @@ def test_changed_tables_lists_only_differences() -> None:
         node_state(MAIL, WEB, service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",))))
     )
     changed = changed_tables(before, after)
-    # LOST went REJECT -> MARK in IPv4 and disappeared in IPv6: filter and mangle change.
-    assert [spec.name for spec in changed[Family.IPV4]] == ["mangle", "filter"]
+    # LOST went REJECT -> MARK in IPv4 and disappeared in IPv6: filter changes; mangle does
+    # not (marks are members of METALEG-MARK-4, and its one rule is there for WEB already).
+    assert [spec.name for spec in changed[Family.IPV4]] == ["filter"]
     assert [spec.name for spec in changed[Family.IPV6]] == ["filter"]
+    assert after.sets["METALEG-MARK-4"].members == {
+        "10.244.1.6 skbmark 0x100000/0xf00000",
+        "10.244.1.7 skbmark 0x100000/0xf00000",
+        "10.244.1.8 skbmark 0x100000/0xf00000",
+    }
+    # The first marked Service of a family brings the mangle rule, the last takes it away.
+    unmarked = render(node_state(MAIL, LOST))
+    assert [spec.name for spec in changed_tables(unmarked, before)[Family.IPV4]] == ["mangle"]
+    assert [spec.name for spec in changed_tables(before, unmarked)[Family.IPV6]] == ["mangle"]
+    assert "METALEG-MARK-4" not in unmarked.sets
     assert changed_tables(before, before) == {Family.IPV4: (), Family.IPV6: ()}
     assert [spec.name for spec in changed_tables(None, before)[Family.IPV4]] == [
         "mangle",
@@ -448,6 +465,22 @@ class FakeIpsets:
     def destroy(self, name: str) -> None:
         self.log.append(("ipset-destroy", name))
 
+    def make(self, plan: SetPlan) -> None:
+        for spec in plan.recreate:
+            self.destroy(spec.name)
+            self.create(spec)
+        for spec in plan.create:
+            self.create(spec)
+        for spec, members in plan.add:
+            self.add(spec, members)
+
+    def unmake(self, plan: SetPlan) -> list[str]:
+        for spec, members in plan.remove:
+            self.remove(spec, members)
+        for name in plan.destroy:
+            self.destroy(name)
+        return []
+
     def close(self) -> None:
         pass
 
@@ -459,6 +492,15 @@ class FakeHelper:
         self.family = family
         self.log = log
         self.kernel: dict[str, TableSpec] = {}
+
+    def start(self) -> None:
+        pass
+
+    def send(self, request: SyncRequest) -> None:
+        self.reply = self.request(request)
+
+    def receive(self) -> SyncReply:
+        return self.reply
 
     def request(self, request: SyncRequest) -> SyncReply:
         results = []
@@ -500,25 +542,37 @@ def test_change_is_make_before_break() -> None:
     backend.apply(node_state(MAIL, web, lost))
     kinds = [entry[0] for entry in log]
     assert kinds == [
+        "ipset-add",  # LOST's 10.244.1.8 gets MARK2 (mark set) before anything else
         "ipset-add",  # WEB gains 10.244.1.8 before anything else
-        "merge",  # IPv4 mangle: MARK rule for LOST added
-        "merge",  # IPv4 filter: REJECT of LOST kept while mangle changes
+        "merge",  # IPv4 filter: REJECT of LOST kept while the marks change
         "merge",  # IPv6 filter: LOST's REJECT kept
         "exact",  # IPv4 filter: now the REJECT goes
         "exact",  # IPv6 filter
+        "ipset-remove",  # 10.244.1.7 loses its mark only after all rules are final
         "ipset-remove",  # WEB loses 10.244.1.7 only after all rules are final
         "ipset-destroy",  # LOST's IPv6 set, unused now
     ]
-    assert log[0] == ("ipset-add", S4["web"], frozenset({"10.244.1.8"}))
-    assert log[1:6] == [
-        ("merge", 4, "mangle"),
+    # 10.244.1.8 is in WEB and LOST: the later Service's mark wins (as with one MARK rule
+    # per Service, where the last matching rule set the mark).
+    assert log[0] == (
+        "ipset-add",
+        "METALEG-MARK-4",
+        frozenset({"10.244.1.8 skbmark 0x200000/0xf00000"}),
+    )
+    assert log[1] == ("ipset-add", S4["web"], frozenset({"10.244.1.8"}))
+    assert log[2:6] == [
         ("merge", 4, "filter"),
         ("merge", 6, "filter"),
         ("exact", 4, "filter"),
         ("exact", 6, "filter"),
     ]
-    assert log[6] == ("ipset-remove", S4["web"], frozenset({"10.244.1.7"}))
-    assert log[7] == ("ipset-destroy", S6["lost"])
+    assert log[6] == (
+        "ipset-remove",
+        "METALEG-MARK-4",
+        frozenset({"10.244.1.7 skbmark 0x100000/0xf00000"}),
+    )
+    assert log[7] == ("ipset-remove", S4["web"], frozenset({"10.244.1.7"}))
+    assert log[8] == ("ipset-destroy", S6["lost"])
 
 
 def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
@@ -645,12 +699,17 @@ def dump_sets() -> dict[str, tuple[str, str, set[str], str]]:
     for line in text.splitlines():
         words = line.split()
         if words[:1] == ["create"]:
-            header = dict(zip(words[3::2], words[4::2], strict=False))
-            sets[words[1]] = (words[2], header["family"], set(), header.get("initval", ""))
+            flags = {"skbinfo", "counters", "comment", "forceadd"}
+            options = [word for word in words[3:] if word not in flags]
+            header = dict(zip(options[0::2], options[1::2], strict=False))
+            kind = f"{words[2]} skbinfo" if "skbinfo" in words[3:] else words[2]
+            sets[words[1]] = (kind, header["family"], set(), header.get("initval", ""))
         elif words[:1] == ["add"]:
             # ipset prints host entries of hash:net sets without /32 (/128).
             kind = sets[words[1]][0]
             member = str(ipaddress.ip_network(words[2])) if kind == "hash:net" else words[2]
+            if words[3:4] == ["skbmark"]:
+                member = f"{member} skbmark {words[4]}"
             sets[words[1]][2].add(member)
     return sets
 
@@ -762,19 +821,23 @@ def test_incremental_change_touches_only_what_differs() -> None:
         for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
         # First MAIL's stale binding DROPs go (both families; IPv4 filter is final then);
-        # IPv4 mangle is untouched; IPv6 mangle gains LOST's MARK (merge), then the tables
-        # that lose rules are committed (exact, filter first).
+        # mangle is untouched in both families: WEB's new IP and LOST's IPv6 source get
+        # their marks as members of the mark sets, before anything else; nothing only
+        # gains rules (no merge commit); then the tables that lose rules are committed
+        # (exact, filter first).
         assert after["changes"] == (
             "iptables table filter: commit",
             "ip6tables table filter: commit",
+            "ipset METALEG-MARK-4: +1",
+            "ipset METALEG-MARK-6: +1",
             f"ipset {S4['web']}: +1",
-            "ip6tables table mangle: commit",
             "iptables table nat: commit",
             "ip6tables table filter: commit",
             "ip6tables table nat: commit",
             f"ipset {S4['mail']}: destroy",
             f"ipset {S6['mail']}: destroy",
         )
+        assert "fd00:244::8 skbmark 0x200000/0xf00000" in after["sets"]["METALEG-MARK-6"][2]
 
 
 @pytest.mark.netns
@@ -1005,6 +1068,34 @@ def test_first_apply_takes_over_the_go_originals_layout() -> None:
         assert kernel_view(record["sets"]) == EXPECTED_SETS
 
 
+def readd_after_other_sets_took_the_indexes() -> list[dict[str, Any]]:
+    """MAIL goes (its sets are destroyed), other sets take their kernel indexes, MAIL comes
+    back: its rules must name its new sets, not whatever holds the old indexes now."""
+    backend = IptablesBackend()
+    records = []
+    try:
+        backend.apply(DUAL_STACK)
+        backend.apply(node_state(WEB, LOST))
+        for name in ("other-1", "other-2"):
+            subprocess.run(["ipset", "create", name, "hash:ip"], check=True)
+        backend.apply(DUAL_STACK)
+        records.append({"v4": dump_tables(4), "v6": dump_tables(6)})
+        backend.resync(DUAL_STACK)
+        records.append({"changes": backend.last_changes})
+    finally:
+        backend.close()
+    return records
+
+
+@pytest.mark.netns
+def test_rules_follow_sets_that_were_created_again() -> None:
+    with namespace("mlfw") as ns:
+        again, resync = run_in_netns(ns, readd_after_other_sets_took_the_indexes)
+    assert again["v4"] == EXPECTED_V4
+    assert again["v6"] == EXPECTED_V6
+    assert resync["changes"] == ()
+
+
 @pytest.mark.netns
 def test_cleanup_removes_everything_and_is_idempotent() -> None:
     with namespace("mlfw") as ns:
@@ -1167,7 +1258,7 @@ def test_helpers_restart_after_death_and_exit_with_their_parent() -> None:
         assert set(first) == set(second) == {Family.IPV4, Family.IPV6}
         for family in first:
             assert second[family] is not None and second[family] != first[family]
-        assert f"-A METALEG-RT-MARK -m set --match-set {S4['web']} src -j MARK" in rules
+        assert "-A METALEG-RT-MARK -j SET --map-set METALEG-MARK-4 src --map-mark" in rules
         assert "iptables table mangle: commit" in changes
         survivors = [pid for pid in second.values() if pid is not None]
         assert wait_until(lambda: not any(process_alive(pid) for pid in survivors), timeout=10)

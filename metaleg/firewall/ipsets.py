@@ -4,9 +4,10 @@ The iptables backend keeps, per family, one ``hash:net`` set of excluded
 destinations, one ``hash:net`` set of the transit guard's sources (while there
 are any) and one ``hash:ip`` set of source addresses per Service. This module holds
 the plain description of a set (:class:`SetSpec`), the pure planning of how to
-get from the kernel's sets to the desired ones (:func:`plan_sets`), and a thin
-client that reads and edits sets (:class:`IpsetClient`). Every error is a
-:class:`~metaleg.backend.BackendError` that names the set.
+get from the kernel's sets to the desired ones (:func:`plan_sets`), and a
+client that reads and edits sets in batches of netlink requests
+(:class:`IpsetClient`, over :mod:`metaleg.firewall.ipset_netlink`). Every error
+is a :class:`~metaleg.backend.BackendError` that names the set (and the member).
 """
 
 from __future__ import annotations
@@ -14,11 +15,21 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from typing import Any
 
 import msgspec
 
 from metaleg.backend import BackendError
+from metaleg.firewall.ipset_netlink import (
+    CMD_ADD,
+    CMD_CREATE,
+    CMD_DEL,
+    CMD_DESTROY,
+    ERR_BUSY,
+    IpsetError,
+    IpsetSocket,
+    Request,
+    skbmark_member,
+)
 from metaleg.model import Family
 
 SET_PREFIXES = ("METALEG-", "inet6:METALEG-")
@@ -28,18 +39,20 @@ does not need."""
 
 HASH_IP = "hash:ip"
 HASH_NET = "hash:net"
+HASH_IP_MARK = "hash:ip skbinfo"
+"""A ``hash:ip`` set with the skbinfo extension: each member carries an skbmark
+(``<address> skbmark <value>/<mask>``) that ``-j SET --map-set ... --map-mark`` applies."""
 
 _ADDRESS_FAMILY = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
-_FAMILY_OF = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
-_IPSET_FLAG_LIST_SETNAME = 1 << 1  # list only the names (``ipset list -n``)
-_IPSET_ERR_BUSY = 4100  # "set is in use by a kernel component", e.g. an iptables rule
+_FAMILY_OF: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 
 
 class SetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One ipset: name, type (``hash:ip`` or ``hash:net``), family and members.
 
     Members are canonical text: addresses as :mod:`ipaddress` formats them and,
-    in ``hash:net`` sets, always with a prefix length (``10.0.0.0/8``, ``192.0.2.1/32``).
+    in ``hash:net`` sets, always with a prefix length (``10.0.0.0/8``, ``192.0.2.1/32``);
+    in ``hash:ip skbinfo`` sets with their mark (``10.244.1.5 skbmark 0x100000/0xf00000``).
     """
 
     name: str
@@ -92,6 +105,12 @@ def canonical_member(kind: str, text: str) -> str:
     """The canonical text of a set member (raises ``ValueError`` for garbage)."""
     if kind == HASH_NET:
         return str(ipaddress.ip_network(text, strict=False))
+    if kind == HASH_IP_MARK:
+        address, _, mark = text.partition(" skbmark ")
+        value, _, mask = mark.partition("/")
+        return skbmark_member(
+            str(ipaddress.ip_address(address)), int(value, 0), int(mask or "0xffffffff", 0)
+        )
     return str(ipaddress.ip_address(text))
 
 
@@ -106,8 +125,10 @@ def plan_sets(current: dict[str, SetSpec], desired: dict[str, SetSpec]) -> SetPl
     recreate: list[SetSpec] = []
     add: list[tuple[SetSpec, frozenset[str]]] = []
     remove: list[tuple[SetSpec, frozenset[str]]] = []
-    for name, spec in sorted(desired.items()):
+    for name, spec in desired.items():
         existing = current.get(name)
+        if existing is spec:
+            continue  # the same object: unchanged since the last apply
         if existing is None or (existing.kind, existing.family) != (spec.kind, spec.family):
             (create if existing is None else recreate).append(
                 SetSpec(name=name, kind=spec.kind, family=spec.family)
@@ -115,180 +136,194 @@ def plan_sets(current: dict[str, SetSpec], desired: dict[str, SetSpec]) -> SetPl
             if spec.members:
                 add.append((spec, spec.members))
             continue
-        if spec.members - existing.members:
-            add.append((spec, spec.members - existing.members))
-        if existing.members - spec.members:
-            remove.append((spec, existing.members - spec.members))
+        if spec.kind == HASH_IP_MARK:
+            # Members are addresses with a mark: a changed mark is an add (the kernel
+            # updates it in place, atomically); only addresses that go are removed.
+            gained, lost = _mark_changes(existing.members, spec.members)
+        else:
+            gained, lost = spec.members - existing.members, existing.members - spec.members
+        if gained:
+            add.append((spec, gained))
+        if lost:
+            remove.append((spec, lost))
     destroy = tuple(sorted(name for name in current if name not in desired))
     return SetPlan(
-        create=tuple(create),
-        recreate=tuple(recreate),
-        add=tuple(add),
-        remove=tuple(remove),
+        create=tuple(sorted(create, key=_name)),
+        recreate=tuple(sorted(recreate, key=_name)),
+        add=tuple(sorted(add, key=_first_name)),
+        remove=tuple(sorted(remove, key=_first_name)),
         destroy=destroy,
     )
 
 
-class IpsetClient:
-    """Reads and edits ipsets of the current network namespace over netlink.
+def _name(spec: SetSpec) -> str:
+    return spec.name
 
-    The netlink socket opens on first use and is closed after any error (a
-    failed request can leave it out of step), so the next call starts clean.
+
+def _first_name(item: tuple[SetSpec, frozenset[str]]) -> str:
+    return item[0].name
+
+
+def _mark_changes(
+    current: frozenset[str], desired: frozenset[str]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Members of an skbinfo set to add (new or with another mark) and to remove (address gone).
+
+    An address of ``current`` whose member is not in ``desired`` either goes or has
+    another mark there, and then its new member is among the gained ones.
+    """
+    gained = desired - current
+    renewed = {member.partition(" ")[0] for member in gained}
+    lost = frozenset(
+        member for member in current - desired if member.partition(" ")[0] not in renewed
+    )
+    return gained, lost
+
+
+class IpsetClient:
+    """Reads and edits ipsets of the current network namespace over netlink, in batches.
+
+    Requests go out many to a datagram through :class:`~metaleg.firewall.ipset_netlink.IpsetSocket`
+    (a pyroute2 socket); errors name the set and, for members, the member. The
+    socket opens on first use and is closed after any error (a failed exchange
+    can leave it out of step), so the next call starts clean.
     """
 
     def __init__(self) -> None:
-        self._socket: Any = None
+        self._socket = IpsetSocket()
 
     def close(self) -> None:
         """Close the netlink socket (it reopens on the next call)."""
-        if self._socket is not None:
-            try:
-                self._socket.close()
-            finally:
-                self._socket = None
-
-    def _ipset(self) -> Any:
-        if self._socket is None:
-            from pyroute2 import IPSet
-
-            try:
-                self._socket = IPSet()
-            except Exception as error:
-                raise BackendError(f"ipset: cannot open the netlink socket: {error}") from error
-        return self._socket
+        self._socket.close()
 
     def _fail(self, message: str, error: BaseException) -> BackendError:
         self.close()
         return BackendError(f"{message}: {_describe(error)}")
 
     def list_sets(self) -> dict[str, SetSpec]:
-        """Every metaleg set in the kernel with its type, family and members.
+        """Every metaleg set in the kernel with its type, family and members (one dump).
 
         Sets of other types or families than metaleg creates are reported with
         their real type, so that :func:`plan_sets` recreates them.
         """
-        ipset = self._ipset()
         try:
-            names = [
-                message.get_attr("IPSET_ATTR_SETNAME")
-                for message in ipset.list(flags=_IPSET_FLAG_LIST_SETNAME)
-            ]
+            listed = self._socket.dump(is_metaleg_set)
         except Exception as error:
             raise self._fail("ipset: cannot list sets", error) from error
         sets: dict[str, SetSpec] = {}
-        for name in names:
-            if not isinstance(name, str) or not is_metaleg_set(name):
+        for name, entry in listed.items():
+            family = _FAMILY_OF.get(entry.family)
+            kind = HASH_IP_MARK if entry.kind == HASH_IP and entry.skbinfo else entry.kind
+            if family is None or kind not in (HASH_IP, HASH_NET, HASH_IP_MARK):
+                # Not a set of IP entries metaleg can use: wrong whatever the family.
+                sets[name] = SetSpec(name=name, kind=entry.kind or "unknown", family=Family.IPV4)
                 continue
-            spec = self._read(name)
-            if spec is not None:
-                sets[name] = spec
+            sets[name] = SetSpec(
+                name=name, kind=kind, family=family, members=frozenset(entry.members)
+            )
         return sets
 
-    def _read(self, name: str) -> SetSpec | None:
-        """One set with its members; None when it vanished meanwhile."""
-        from pyroute2.ipset import NoSuchObject
+    def make(self, plan: SetPlan) -> None:
+        """The first phase of ``plan`` in one batch: recreate, create, add members.
 
-        ipset = self._ipset()
-        try:
-            messages = list(ipset.list(name))
-        except NoSuchObject:
-            return None
-        except Exception as error:
-            raise self._fail(f"ipset {name}: cannot list members", error) from error
-        kind = ""
-        family: Family | None = None
-        members: set[str] = set()
-        # A large set arrives in several messages; only the first has the header.
-        for message in messages:
-            kind = message.get_attr("IPSET_ATTR_TYPENAME") or kind
-            address_family = message.get_attr("IPSET_ATTR_FAMILY")
-            if address_family in _FAMILY_OF:
-                family = _FAMILY_OF[address_family]
-            entries = message.get_attr("IPSET_ATTR_ADT")
-            if entries is None:
-                continue
-            for data in entries.get_attrs("IPSET_ATTR_DATA"):
-                member = _member_text(kind, data)
-                if member is not None:
-                    members.add(member)
-        if family is None:
-            # Not an IP set (e.g. a list:set or hash:mac): wrong for us whatever the family.
-            return SetSpec(name=name, kind=kind or "unknown", family=Family.IPV4)
-        return SetSpec(name=name, kind=kind, family=family, members=frozenset(members))
+        The kernel carries out the requests in order; the first failure raises
+        (naming the set and, for a member, the member) after the batch.
+        """
+        requests: list[Request] = []
+        for spec in plan.recreate:
+            requests.append(self._socket.destroy(spec.name))
+            requests.append(self._create(spec))
+        for spec in plan.create:
+            requests.append(self._create(spec))
+        for spec, members in plan.add:
+            requests += self._members(CMD_ADD, spec, members)
+        self._run(requests)
+
+    def unmake(self, plan: SetPlan) -> list[str]:
+        """The last phase of ``plan`` in one batch: remove members, destroy sets.
+
+        Raises for a failed removal; returns the errors of failed destroys (the
+        other sets are destroyed all the same).
+        """
+        requests: list[Request] = []
+        for spec, members in plan.remove:
+            requests += self._members(CMD_DEL, spec, members)
+        destroys = [self._socket.destroy(name) for name in plan.destroy]
+        failed = self._send(requests + destroys)
+        removal = [request for request in failed if request.command == CMD_DEL]
+        if removal:
+            raise self._failed(removal[0])
+        return [str(self._failed(request)) for request in failed]
 
     def create(self, spec: SetSpec) -> None:
         """Create an empty set (no error if it already exists with this type)."""
-        from pyroute2.ipset import AlreadyExists
+        self._run([self._create(spec)])
 
+    def add(self, spec: SetSpec, members: Iterable[str]) -> None:
+        """Add members (those already present are fine)."""
+        self._run(self._members(CMD_ADD, spec, members))
+
+    def remove(self, spec: SetSpec, members: Iterable[str]) -> None:
+        """Delete members (those already gone are fine)."""
+        self._run(self._members(CMD_DEL, spec, members))
+
+    def destroy(self, name: str) -> None:
+        """Destroy a set (no error if it does not exist)."""
+        self._run([self._socket.destroy(name)])
+
+    # -- internals --------------------------------------------------------
+
+    def _create(self, spec: SetSpec) -> Request:
         try:
-            self._ipset().create(
-                spec.name, stype=spec.kind, family=_ADDRESS_FAMILY[spec.family], exclusive=True
-            )
-        except AlreadyExists:
-            pass
+            return self._socket.create(spec.name, spec.kind, _ADDRESS_FAMILY[spec.family])
         except Exception as error:
             raise self._fail(
                 f"ipset {spec.name}: cannot create ({spec.kind}, IPv{int(spec.family)})", error
             ) from error
 
-    def add(self, spec: SetSpec, members: Iterable[str]) -> None:
-        """Add members (those already present are fine)."""
-        etype = "net" if spec.kind == HASH_NET else "ip"
-        family = _ADDRESS_FAMILY[spec.family]
-        ipset = self._ipset()
-        for member in sorted(members):
-            try:
-                ipset.add(spec.name, member, family=family, exclusive=False, etype=etype)
-            except Exception as error:
-                raise self._fail(f"ipset {spec.name}: cannot add {member}", error) from error
-
-    def remove(self, spec: SetSpec, members: Iterable[str]) -> None:
-        """Delete members (those already gone are fine)."""
-        etype = "net" if spec.kind == HASH_NET else "ip"
-        family = _ADDRESS_FAMILY[spec.family]
-        ipset = self._ipset()
-        for member in sorted(members):
-            try:
-                ipset.delete(spec.name, member, family=family, exclusive=False, etype=etype)
-            except Exception as error:
-                raise self._fail(f"ipset {spec.name}: cannot delete {member}", error) from error
-
-    def destroy(self, name: str) -> None:
-        """Destroy a set (no error if it does not exist)."""
-        from pyroute2.ipset import NoSuchObject
-
+    def _members(self, command: int, spec: SetSpec, members: Iterable[str]) -> list[Request]:
         try:
-            self._ipset().destroy(name)
-        except NoSuchObject:
-            pass
+            return self._socket.members(
+                command,
+                spec.name,
+                _ADDRESS_FAMILY[spec.family],
+                spec.kind == HASH_NET,
+                sorted(members),
+            )
+        except IpsetError as error:
+            verb = "add" if command == CMD_ADD else "delete"
+            raise BackendError(
+                f"ipset {spec.name}: cannot {verb} {error.member}: {error}"
+            ) from error
+
+    def _send(self, requests: list[Request]) -> list[Request]:
+        try:
+            return self._socket.run(requests)
         except Exception as error:
-            if getattr(error, "code", None) == _IPSET_ERR_BUSY:
-                raise self._fail(
-                    f"ipset {name}: cannot destroy, a rule outside metaleg's chains still uses it",
-                    error,
-                ) from error
-            raise self._fail(f"ipset {name}: cannot destroy", error) from error
+            raise self._fail("ipset: netlink exchange failed", error) from error
 
+    def _run(self, requests: list[Request]) -> None:
+        failed = self._send(requests)
+        if failed:
+            raise self._failed(failed[0])
 
-def _member_text(kind: str, data: Any) -> str | None:
-    """The canonical text of one listed member, or None if it is not an IP entry."""
-    address = data.get_attr("IPSET_ATTR_IP_FROM")
-    if address is None:
-        return None
-    text = address.get_attr("IPSET_ATTR_IPADDR_IPV4") or address.get_attr("IPSET_ATTR_IPADDR_IPV6")
-    if not text:
-        return None
-    if kind == HASH_NET:
-        prefix = data.get_attr("IPSET_ATTR_CIDR")
-        if prefix is None:
-            prefix = ipaddress.ip_address(text).max_prefixlen
-        return str(ipaddress.ip_network(f"{text}/{prefix}", strict=False))
-    return str(ipaddress.ip_address(text))
+    def _failed(self, request: Request) -> BackendError:
+        error = request.error
+        assert error is not None
+        if request.command == CMD_CREATE:
+            return BackendError(f"ipset {request.name}: cannot create: {error}")
+        if request.command == CMD_DESTROY:
+            if error.code == ERR_BUSY:
+                return BackendError(
+                    f"ipset {request.name}: cannot destroy, a rule outside metaleg's chains "
+                    f"still uses it: {error}"
+                )
+            return BackendError(f"ipset {request.name}: cannot destroy: {error}")
+        verb = "add" if request.command == CMD_ADD else "delete"
+        member = error.member if error.member is not None else "members"
+        return BackendError(f"ipset {request.name}: cannot {verb} {member}: {error}")
 
 
 def _describe(error: BaseException) -> str:
-    """pyroute2's ipset errors are ``(code, message)`` tuples; show them as text."""
-    args: tuple[object, ...] = tuple(getattr(error, "args", ()))
-    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
-        return f"{args[1]} (code {args[0]})"
+    """An exception as text (ipset errors carry the kernel's code)."""
     return str(error) or type(error).__name__

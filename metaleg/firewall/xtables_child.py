@@ -128,6 +128,10 @@ class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tables: tuple[TableSpec, ...]
     mode: Mode = Mode.EXACT
     collect_garbage: bool = False
+    set_generation: int = -1
+    """Changes whenever ipsets may have been destroyed since the previous request (the
+    backend's count of such events; -1: unknown). While it stays the same, the helper
+    trusts the set indexes it checked before (see :mod:`metaleg.firewall.xtables_rules`)."""
 
 
 class TableResult(msgspec.Struct, frozen=True):
@@ -193,7 +197,8 @@ def xtables_lock(path: str, timeout: float) -> Iterator[None]:
                     raise XtablesError(
                         f"xtables lock {path}: still held by another process after {timeout:.0f}s"
                     ) from None
-                time.sleep(0.02)
+                # Short naps: the other family's helper holds it for milliseconds.
+                time.sleep(0.001)
         yield
     finally:
         os.close(descriptor)  # also releases the lock
@@ -224,6 +229,12 @@ class XtablesServer:
         self._blank_fields = self._entry_fields(blank)
         self._match_base = ctypes.sizeof(iptc.xtables.xt_entry_match)
         self._target_base = ctypes.sizeof(iptc.xtables.xt_entry_target)
+        from metaleg.firewall.xtables_rules import RuleCodec
+
+        self._codec = RuleCodec(self._rule_class, self._values)
+        self._prebuilt: dict[str, tuple[list[bytes], list[RuleKey]]] = {}
+        self._heads: dict[Rule, Any] = {}
+        """Built head rules (jumps and the mark skip: no sets, so they never go stale)."""
 
     # -- requests ---------------------------------------------------------
 
@@ -231,6 +242,16 @@ class XtablesServer:
         """Apply one request; raises :class:`XtablesError` naming the failing object."""
         if request.collect_garbage and request.mode is not Mode.EXACT:
             raise XtablesError("garbage collection needs mode exact")
+        self._codec.start_request(request.set_generation)
+        # Build every desired rule before taking the xtables lock (the other
+        # family's helper waits for it meanwhile); an invalid rule fails here,
+        # before anything is touched.
+        self._prebuilt = {
+            context: self._desired(context, rules)
+            for spec in request.tables
+            for chain_name, rules in spec.chains.items()
+            for context in (f"table {spec.name} chain {chain_name}",)
+        }
         results = [
             self._sync_table(spec, request.mode, request.collect_garbage) for spec in request.tables
         ]
@@ -320,15 +341,23 @@ class XtablesServer:
     def _sync_chain(
         self, table: Any, context: str, chain_name: str, rules: Sequence[Rule], mode: Mode
     ) -> tuple[bool, bool]:
-        """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had)."""
-        desired = [self._build(context, rule) for rule in rules]
-        desired_keys = [self._key(rule) for rule in desired]
+        """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had).
+
+        Rules are compared as raw entries (:mod:`metaleg.firewall.xtables_rules`):
+        desired ones assembled from cached parts, the kernel's read without
+        building python-iptables objects for them.
+        """
+        prebuilt = self._prebuilt.get(context)
+        desired, desired_keys = prebuilt if prebuilt else self._desired(context, rules)
         try:
-            actual = self._iptc.Chain(table, chain_name).rules if table.is_chain(chain_name) else []
-            actual_keys = [self._key(rule) for rule in actual]
+            entries = (
+                self._codec.read_chain(table, chain_name) if table.is_chain(chain_name) else []
+            )
         except Exception as error:
             raise XtablesError(f"{context}: cannot read rules: {plain_error(error)}") from error
-        target_rules: list[Any] = list(desired)
+        actual = [raw for raw, _ in entries]
+        actual_keys = [key for _, key in entries]
+        target_rules: list[bytes] = list(desired)
         target_keys = list(desired_keys)
         exact = True
         if mode is Mode.MERGE:
@@ -337,64 +366,83 @@ class XtablesServer:
             # walk the difference and keep each unwanted rule where it was.
             wanted = set(desired_keys)
             target_rules, target_keys = [], []
-            matcher = difflib.SequenceMatcher(None, actual_keys, desired_keys, autojunk=False)
-            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            for tag, i1, i2, j1, j2 in opcodes(actual_keys, desired_keys):
                 target_rules += desired[j1:j2]
                 target_keys += desired_keys[j1:j2]
                 if tag == "equal":
                     continue
-                for rule, key in zip(actual[i1:i2], actual_keys[i1:i2], strict=True):
+                for raw, key in zip(actual[i1:i2], actual_keys[i1:i2], strict=True):
                     if key not in wanted:
-                        target_rules.append(rule)
+                        target_rules.append(raw)
                         target_keys.append(key)
                         exact = False
         if actual_keys == target_keys:
             return False, exact
-        self._rewrite(table, context, chain_name, actual, actual_keys, target_rules, target_keys)
+        self._rewrite(table, context, chain_name, actual_keys, target_rules, target_keys)
         return True, exact
+
+    def _desired(self, context: str, rules: Sequence[Rule]) -> tuple[list[bytes], list[RuleKey]]:
+        """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.xtables_rules.RuleCodec`)."""
+        from metaleg.firewall.xtables_rules import PartError
+
+        desired: list[bytes] = []
+        desired_keys: list[RuleKey] = []
+        for rule in rules:
+            try:
+                buffer, key = self._codec.build(rule)
+            except PartError as error:
+                raise XtablesError(
+                    f"{context}: invalid rule '{rule}': {plain_error(error)}"
+                ) from error
+            desired.append(buffer)
+            desired_keys.append(key)
+        return desired, desired_keys
 
     def _rewrite(
         self,
         table: Any,
         context: str,
         chain_name: str,
-        actual: list[Any],
         actual_keys: list[RuleKey],
-        target: list[Any],
+        target: list[bytes],
         target_keys: list[RuleKey],
     ) -> None:
-        """Edit a chain from ``actual`` to ``target`` inside the (uncommitted) handle.
+        """Edit a chain from ``actual_keys`` to ``target`` inside the (uncommitted) handle.
 
         Unchanged rules stay in place (keeping their counters): the difference is
-        applied as deletes and inserts, last position first so earlier positions
-        stay valid. Rule buffers are copied before the first edit because rules
-        read from the handle point into memory that editing frees.
+        applied as deletes (by position) and inserts, last position first so
+        earlier positions stay valid. ``target`` holds entry buffers (copies:
+        entries read from the handle point into memory that editing frees).
         """
-        actual_buffers = [(rule.rule, rule.mask) for rule in actual]
-        target_buffers = [rule.rule for rule in target]
         try:
             if len(set(actual_keys)) != len(actual_keys):
-                # Duplicates: delete-by-content could remove the wrong copy; rebuild.
+                # Duplicates: the difference is ambiguous; rebuild the chain.
                 table.flush_entries(chain_name)
-                for buffer in target_buffers:
-                    table.append_entry(chain_name, buffer)
+                for buffer in target:
+                    table.append_entry(chain_name, _entry_buffer(buffer))
                 return
-            matcher = difflib.SequenceMatcher(None, actual_keys, target_keys, autojunk=False)
-            for tag, i1, i2, j1, j2 in reversed(matcher.get_opcodes()):
+            for tag, i1, i2, j1, j2 in reversed(opcodes(actual_keys, target_keys)):
                 if tag == "equal":
                     continue
-                for entry, mask in actual_buffers[i1:i2]:
-                    table.delete_entry(chain_name, entry, mask)
-                for offset, buffer in enumerate(target_buffers[j1:j2]):
-                    table.insert_entry(chain_name, buffer, i1 + offset)
+                for _ in range(i2 - i1):
+                    self._delete_at(table, chain_name, i1)
+                for offset, buffer in enumerate(target[j1:j2]):
+                    table.insert_entry(chain_name, _entry_buffer(buffer), i1 + offset)
         except Exception as error:
             raise XtablesError(f"{context}: cannot update rules: {plain_error(error)}") from error
+
+    def _delete_at(self, table: Any, chain_name: str, position: int) -> None:
+        """Delete the rule at ``position`` (0-based) of a chain in the handle."""
+        if table._iptc.iptc_delete_num_entry(chain_name.encode(), position, table._handle) != 1:
+            raise XtablesError(
+                f"can't delete entry {position} from chain {chain_name}: {table.strerror()}"
+            )
 
     def _sync_head(
         self, table: Any, context: str, chain_name: str, head: Sequence[Rule], mode: Mode
     ) -> tuple[bool, bool]:
         """Put metaleg's ``head`` rules first in a built-in chain, and (EXACT) nowhere else."""
-        desired = [self._build(context, rule) for rule in head]
+        desired = [self._build_head(context, rule) for rule in head]
         for spec, rule in zip(head, desired, strict=True):
             if not self._is_ours(table.name, chain_name, spec.target, rule):
                 # It would never be found again and be inserted on every call.
@@ -512,6 +560,13 @@ class XtablesServer:
 
     # -- rules ------------------------------------------------------------
 
+    def _build_head(self, context: str, spec: Rule) -> Any:
+        """:meth:`_build`, cached: head rules reference no sets, so they never go stale."""
+        rule = self._heads.get(spec)
+        if rule is None:
+            rule = self._heads[spec] = self._build(context, spec)
+        return rule
+
     def _build(self, context: str, spec: Rule) -> Any:
         """A python-iptables rule for ``spec``, checked like iptables would before appending."""
         try:
@@ -569,6 +624,38 @@ class XtablesServer:
             raw = ctypes.string_at(ctypes.addressof(target.target), target.usersize)
             target_key = (target.name, int(target.target.u.user.revision), raw[self._target_base :])
         return (self._entry_fields(rule), matches, target_key)
+
+
+Opcode = tuple[str, int, int, int, int]
+
+
+def opcodes(old: Sequence[Any], new: Sequence[Any]) -> list[Opcode]:
+    """``difflib.SequenceMatcher(None, old, new).get_opcodes()``, but linear for the usual
+    change of a few rules: the common head and tail are matched before difflib sees the rest."""
+    end = min(len(old), len(new))
+    head = 0
+    while head < end and old[head] == new[head]:
+        head += 1
+    tail = 0
+    while tail < end - head and old[-1 - tail] == new[-1 - tail]:
+        tail += 1
+    result: list[Opcode] = []
+    if head:
+        result.append(("equal", 0, head, 0, head))
+    middle_old = old[head : len(old) - tail]
+    middle_new = new[head : len(new) - tail]
+    if middle_old or middle_new:
+        matcher = difflib.SequenceMatcher(None, middle_old, middle_new, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            result.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
+    if tail:
+        result.append(("equal", len(old) - tail, len(old), len(new) - tail, len(new)))
+    return result
+
+
+def _entry_buffer(data: bytes) -> Any:
+    """A C buffer holding one entry, for libiptc's insert/append (which copy it)."""
+    return ctypes.create_string_buffer(data, len(data))
 
 
 def serve(connection: Connection, server: XtablesServer, parent: int) -> None:
