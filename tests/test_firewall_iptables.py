@@ -135,6 +135,19 @@ def stale_drop(set_name: str, lb_ip: str) -> str:
     )
 
 
+def stray(set_name: str, family: int = 4) -> str:
+    """The DROP of stray replies to a Service's sources, as iptables-save prints it."""
+    return (
+        f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {set_name} dst "
+        f"-m set ! --match-set METALEG-EXCLUDE-DST-{family} src -j DROP"
+    )
+
+
+def reply_drop(set_name: str) -> str:
+    """A SNAT Service's DROP of answers in connections opened to its pod IPs."""
+    return f"-m set --match-set {set_name} src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP"
+
+
 # The Go original's layout (plus the stale binding rules), spelled out as iptables-save
 # prints it: chain -> rules.
 EXPECTED_V4 = {
@@ -155,8 +168,12 @@ EXPECTED_V4 = {
     "filter": {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
+            stray(S4["mail"], 4),
+            stray(S4["lost"], 4),
+            stray("METALEG-MARK-4", 4),
             "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
             stale_drop(S4["mail"], "192.0.2.10"),
+            reply_drop(S4["mail"]),
             f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
         ],
     },
@@ -179,8 +196,12 @@ EXPECTED_V6 = {
     "filter": {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
+            stray(S6["mail"], 6),
+            stray(S6["lost"], 6),
+            stray("METALEG-MARK-6", 6),
             "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
             stale_drop(S6["mail"], "2001:db8::10"),
+            reply_drop(S6["mail"]),
             f"-m set --match-set {S6['lost']} src -j REJECT --reject-with icmp6-port-unreachable",
         ],
     },
@@ -263,9 +284,11 @@ def test_render_without_excludes_or_sources_creates_no_sets() -> None:
         "METALEG-SNAT": [],
     }
     assert v4["filter"]["METALEG-REJECT"] == []
+    six = source_set_name(Family.IPV6, "default", "six")
     assert rules_by_chain(desired, Family.IPV6)["filter"]["METALEG-REJECT"] == [
-        f"-m set --match-set {source_set_name(Family.IPV6, 'default', 'six')} src "
-        "-j REJECT --reject-with icmp6-port-unreachable"
+        # Without exclusions, every stray is dropped.
+        f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {six} dst -j DROP",
+        f"-m set --match-set {six} src -j REJECT --reject-with icmp6-port-unreachable",
     ]
 
 
@@ -332,11 +355,21 @@ def test_render_transit_guard_after_exclude_and_rejects() -> None:
     desired = render(GUARDED)
     v4 = rules_by_chain(desired, Family.IPV4)
     v6 = rules_by_chain(desired, Family.IPV6)
-    # exclude RETURN, the Services' DROP (SNAT) and REJECT rules in Service order (RELAY's
-    # DROP after MAIL's), then the guard: marked and SNATed sources pass.
-    exclude4, mail4, reject4 = EXPECTED_V4["filter"]["METALEG-REJECT"]
-    relay4 = stale_drop(S4["relay"], "192.0.2.11")
-    assert v4["filter"]["METALEG-REJECT"] == [exclude4, mail4, relay4, reject4, *GUARD_V4]
+    # Stray DROPs, exclude RETURN, the Services' DROPs (SNAT) and REJECT rules in Service
+    # order (RELAY's after MAIL's), then the guard: marked and SNATed sources pass.
+    assert v4["filter"]["METALEG-REJECT"] == [
+        stray(S4["mail"]),
+        stray(S4["relay"]),
+        stray(S4["lost"]),
+        stray("METALEG-MARK-4"),
+        "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+        stale_drop(S4["mail"], "192.0.2.10"),
+        reply_drop(S4["mail"]),
+        stale_drop(S4["relay"], "192.0.2.11"),
+        reply_drop(S4["relay"]),
+        f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
+        *GUARD_V4,
+    ]
     assert v6["filter"]["METALEG-REJECT"] == [*EXPECTED_V6["filter"]["METALEG-REJECT"], *GUARD_V6]
     assert v4["filter"]["FORWARD"] == ["-j METALEG-REJECT"]
     # The guard changes nothing in mangle and nat.
@@ -428,10 +461,17 @@ def test_changed_tables_lists_only_differences() -> None:
         "10.244.1.7 skbmark 0x100000/0xf00000",
         "10.244.1.8 skbmark 0x100000/0xf00000",
     }
-    # The first marked Service of a family brings the mangle rule, the last takes it away.
+    # The first marked Service of a family brings the mangle rule (and filter the stray
+    # DROP for the mark set), the last takes them away.
     unmarked = render(node_state(MAIL, LOST))
-    assert [spec.name for spec in changed_tables(unmarked, before)[Family.IPV4]] == ["mangle"]
-    assert [spec.name for spec in changed_tables(before, unmarked)[Family.IPV6]] == ["mangle"]
+    assert [spec.name for spec in changed_tables(unmarked, before)[Family.IPV4]] == [
+        "mangle",
+        "filter",
+    ]
+    assert [spec.name for spec in changed_tables(before, unmarked)[Family.IPV6]] == [
+        "mangle",
+        "filter",
+    ]
     assert "METALEG-MARK-4" not in unmarked.sets
     assert changed_tables(before, before) == {Family.IPV4: (), Family.IPV6: ()}
     assert [spec.name for spec in changed_tables(None, before)[Family.IPV4]] == [
@@ -592,6 +632,7 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
         ("merge", 6, "filter"),
         ("exact", 4, "filter"),
         ("exact", 4, "nat"),
+        ("exact", 6, "filter"),  # the stray and reply DROPs go with the break phase
         ("exact", 6, "nat"),
     ]
     log.clear()
@@ -635,15 +676,16 @@ def test_stale_binding_drop_goes_before_the_snat_to_a_new_lb_ip() -> None:
     ]
     fake = backend._helpers[Family.IPV4]
     assert isinstance(fake, FakeHelper)
-    assert str(fake.kernel["filter"].chains["METALEG-REJECT"][1]) == stale_drop(
+    rejects = EXPECTED_V4["filter"]["METALEG-REJECT"]
+    old_drop = rejects.index(stale_drop(S4["mail"], "192.0.2.10"))
+    assert str(fake.kernel["filter"].chains["METALEG-REJECT"][old_drop]) == stale_drop(
         S4["mail"], "192.0.2.20"
     )
     # The early commit holds the old filter without the old DROP, and nothing new.
     before, after = render(DUAL_STACK), render(node_state(moved, WEB, LOST))
     (spec,) = unbind_first(before.tables[Family.IPV4], (after.tables[Family.IPV4]["filter"],))
     assert [str(rule) for rule in spec.chains["METALEG-REJECT"]] == [
-        EXPECTED_V4["filter"]["METALEG-REJECT"][0],
-        EXPECTED_V4["filter"]["METALEG-REJECT"][2],
+        rule for index, rule in enumerate(rejects) if index != old_drop
     ]
     assert spec.heads == before.tables[Family.IPV4]["filter"].heads
     # A resync does not know the old rules: no early commit (merge, then exact).
@@ -657,8 +699,10 @@ def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing
     backend.apply(node_state(MAIL))
     log.clear()
     backend.apply(node_state(MAIL, WEB))
-    assert [entry[0] for entry in log if entry[0] in ("merge", "exact")] == ["merge", "merge"]
+    # The first MARK Service: mangle gains the mark rule, filter the mark set's stray DROP.
+    assert [entry[0] for entry in log if entry[0] in ("merge", "exact")] == ["merge"] * 4
     assert ("merge", 4, "mangle") in log and ("merge", 6, "mangle") in log
+    assert ("merge", 4, "filter") in log and ("merge", 6, "filter") in log
     log.clear()
     backend.apply(node_state(MAIL, WEB))
     assert log == []
@@ -820,17 +864,18 @@ def test_incremental_change_touches_only_what_differs() -> None:
         # Untouched sets were not recreated (same hash seed), the changed one edited in place.
         for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
-        # First MAIL's stale binding DROPs go (both families; IPv4 filter is final then);
-        # mangle is untouched in both families: WEB's new IP and LOST's IPv6 source get
-        # their marks as members of the mark sets, before anything else; nothing only
-        # gains rules (no merge commit); then the tables that lose rules are committed
-        # (exact, filter first).
+        # First MAIL's stale binding DROPs go (both families); mangle is untouched in both
+        # families: WEB's new IP and LOST's IPv6 source get their marks as members of the
+        # mark sets, before anything else; nothing only gains rules (no merge commit);
+        # then the tables that lose rules (MAIL's stray and reply DROPs, its SNAT, LOST's
+        # IPv6 REJECT) are committed (exact, filter first).
         assert after["changes"] == (
             "iptables table filter: commit",
             "ip6tables table filter: commit",
             "ipset METALEG-MARK-4: +1",
             "ipset METALEG-MARK-6: +1",
             f"ipset {S4['web']}: +1",
+            "iptables table filter: commit",
             "iptables table nat: commit",
             "ip6tables table filter: commit",
             "ip6tables table nat: commit",
@@ -1648,8 +1693,18 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
             assert wait_until(lambda: old_flows(log, since) == moved, timeout=5)
             assert all(source != "10.244.2.10" for source, _ in received(log)[since:])
 
-            # Connections that others open to the pod are not the pod's flows: its answers pass.
-            assert tcp_connect(dst, "10.244.2.10") == "connected"
+            # A connection an outside host opens to the pod IP itself (not DNATed) is dropped
+            # at its first packet: the pod's answers would leave with the pod IP (fail
+            # closed; after a gateway move such "connections" are stray replies) ...
+            assert tcp_connect(dst, "10.244.2.10") == "TimeoutError"
+            # ... while connections into the Service through a DNAT (LB IP, NodePort) work,
+            # the pod's answers leaving with the DNATed address.
+            sh(
+                *("iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-d", "192.0.2.10"),
+                *("-p", "tcp", "-j", "DNAT", "--to-destination", "10.244.2.10"),
+                netns=gw,
+            )
+            assert tcp_connect(dst, "192.0.2.10") == "connected"
         finally:
             for process in processes:
                 process.kill()

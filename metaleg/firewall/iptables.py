@@ -19,13 +19,18 @@ and cleans up its leftovers), per address family:
 * nat ``POSTROUTING``: ``-m mark ! --mark 0x0/<mask> -j RETURN`` (marked packets
   skip the node's masquerade), then ``-j METALEG-SNAT``: exclude RETURN, then per
   SNAT Service ``... -j SNAT --to-source <LB IP>``;
-* filter ``FORWARD -j METALEG-REJECT``: exclude RETURN, then per Service in
-  order: for REJECT ``... -j REJECT --reject-with icmp(6)-port-unreachable``,
+* filter ``FORWARD -j METALEG-REJECT``: first, per SNAT and REJECT Service and for
+  the mark set, ``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set
+  <src> dst -m set ! --match-set METALEG-EXCLUDE-DST-<f> src -j DROP`` (stray
+  replies after a gateway move, see :func:`stray_reply_rule`); exclude RETURN, then
+  per Service in order: for REJECT ``... -j REJECT --reject-with icmp(6)-port-unreachable``,
   for SNAT ``-m set --match-set <src> src -m mark --mark 0x0/<mask> -m conntrack
   ! --ctrepldst <LB IP> --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP`` (a flow
   whose conntrack entry predates the SNAT and carries another binding: dropped
   until the conntrack flush after the change, see :func:`stale_binding_rule`,
-  and for its place in a change, ``IptablesBackend._execute``); then the transit
+  and for its place in a change, ``IptablesBackend._execute``) and ``-m set
+  --match-set <src> src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP`` (the
+  pod's answers in a connection opened to its pod IP, :func:`reply_leak_rule`); then the transit
   guard (only while the family's guard list is non-empty): ``-m mark ! --mark
   0x0/<mask> -j RETURN`` (marked: forwarded to a gateway), per SNAT Service
   ``-m set --match-set <src> src -j RETURN`` (SNATed here), and finally ``-m
@@ -259,6 +264,52 @@ def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
     )
 
 
+def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
+    """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst [-m set !
+    --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of ``METALEG-REJECT``.
+
+    A *stray reply*: right after a gateway move the old gateway still translates a
+    peer's answers back to the pod IP and forwards them to the pod's node; if that node
+    has just deleted the flow's conntrack entry, such an answer would open a new entry
+    with the peer as originator, the pod's packets would be replies in it (no NAT is
+    decided for replies) and leave with the pod IP for as long as the flow lives.
+    Dropped, the entry is never confirmed. Traffic into the Service (LB IP, NodePort,
+    ClusterIP) is DNATed, and in-cluster peers are excluded, so neither is affected.
+    Before the exclusion RETURN: the destination (a pod IP) is usually excluded.
+    """
+    matches = [
+        Match("conntrack", (Option("ctstate", ("NEW",)),)),
+        # ctstate's virtual state DNAT: the original destination is not the reply source.
+        Match("conntrack", (Option("ctstate", ("DNAT",), invert=True),)),
+        _set_match(set_name, "dst"),
+    ]
+    if excluded:
+        matches.append(
+            Match("set", (Option("match-set", (exclude_set_name(family), "src"), invert=True),))
+        )
+    return Rule("DROP", tuple(matches))
+
+
+def reply_leak_rule(set_name: str) -> Rule:
+    """``-m set --match-set <src> src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP``,
+    in ``METALEG-REJECT`` for every SNAT Service (after the exclusion RETURN).
+
+    A pod's answers in a connection opened *to* its pod IP (not DNATed) from outside the
+    excluded networks leave un-NATed, with the pod IP: such entries come from before the
+    source was ours or from a stray reply (:func:`stray_reply_rule`). Fail closed.
+    """
+    return Rule(
+        "DROP",
+        (
+            _set_match(set_name, "src"),
+            Match(
+                "conntrack",
+                (Option("ctstate", ("DNAT",), invert=True), Option("ctdir", ("REPLY",))),
+            ),
+        ),
+    )
+
+
 def transit_reject_rule(family: Family) -> Rule:
     """``-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT ...``."""
     return Rule(
@@ -307,6 +358,7 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
             REJECT_CHAIN: list(head),
         }
         guard_returns: list[Rule] = []
+        strays: list[Rule] = []
         mark_parts: list[tuple[tuple[str, str], ...]] = []
         index = FAMILIES.index(family)
         for service in state.services:
@@ -317,16 +369,20 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
             sets[set_spec.name] = set_spec
             if chain == SNAT_CHAIN:
                 chains[SNAT_CHAIN].append(rules[0])
-                chains[REJECT_CHAIN].append(rules[1])
+                chains[REJECT_CHAIN].extend((rules[1], rules[3]))
                 guard_returns.append(rules[2])
+                strays.append(stray_reply_rule(set_spec.name, family, bool(excluded)))
             elif chain == MARK_CHAIN:
                 mark_parts.append(marks)
             else:
                 chains[chain].append(rules[0])
+                strays.append(stray_reply_rule(set_spec.name, family, bool(excluded)))
         mark_set = _SERVICES.mark_set(family, mark_parts)
         if mark_set is not None:
             sets[mark_set.name] = mark_set
             chains[MARK_CHAIN].append(mark_map_rule(family))
+            strays.append(stray_reply_rule(mark_set.name, family, bool(excluded)))
+        chains[REJECT_CHAIN][:0] = strays
         guard_cidrs = (
             state.transit_guard_ipv4 if family is Family.IPV4 else state.transit_guard_ipv6
         )
@@ -408,7 +464,8 @@ def _render_service(
     service: ServiceEgress, fwmask: int
 ) -> tuple[_ServicePart | None, _ServicePart | None]:
     """One Service, per family (:data:`FAMILIES` order): its source set, the chain its rule
-    goes to, its rules (SNAT: the SNAT rule and the stale binding DROP; MARK: none) and,
+    goes to, its rules (SNAT: the SNAT rule, the stale binding DROP, the transit guard's
+    RETURN and the reply DROP; MARK: none) and,
     for MARK, its sources' members of the mark set (address, member). None without
     sources in the family."""
     key = (fwmask, service)
@@ -448,6 +505,7 @@ def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> _Serv
                     snat_rule(set_name, snat_ip),
                     stale_binding_rule(set_name, snat_ip, fwmask),
                     source_return_rule(set_name),
+                    reply_leak_rule(set_name),
                 ),
                 (),
             )
@@ -879,8 +937,8 @@ class IptablesBackend:
 def unbind_first(
     old: dict[str, TableSpec], changed: tuple[TableSpec, ...]
 ) -> tuple[TableSpec, ...]:
-    """The tables of ``old`` that lose stale binding rules (the only DROP rules) in ``changed``,
-    without those rules and otherwise unchanged (step 1 of :meth:`IptablesBackend._execute`)."""
+    """The tables of ``old`` that lose stale binding rules in ``changed``, without those
+    rules and otherwise unchanged (step 1 of :meth:`IptablesBackend._execute`)."""
     result: list[TableSpec] = []
     for new in changed:
         spec = old.get(new.name)
@@ -888,12 +946,19 @@ def unbind_first(
             continue
         kept = {rule for rules in new.chains.values() for rule in rules}
         chains = {
-            name: tuple(rule for rule in rules if rule.target != "DROP" or rule in kept)
+            name: tuple(rule for rule in rules if not is_stale_binding(rule) or rule in kept)
             for name, rules in spec.chains.items()
         }
         if chains != spec.chains:
             result.append(TableSpec(name=spec.name, chains=chains, heads=spec.heads))
     return tuple(result)
+
+
+def is_stale_binding(rule: Rule) -> bool:
+    """Whether ``rule`` is a :func:`stale_binding_rule` (a DROP that allows one LB IP)."""
+    return rule.target == "DROP" and any(
+        option.name == "ctrepldst" for match in rule.matches for option in match.options
+    )
 
 
 def _break_order(specs: tuple[TableSpec, ...]) -> tuple[TableSpec, ...]:
