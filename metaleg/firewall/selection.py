@@ -71,6 +71,9 @@ class ManagedFirewall:
         self.state_path = os.path.join(run_dir, APPLIED_STATE_FILE)
         self.flush_conntrack = backend.name == "iptables"
         self.applied = self._load_applied()
+        self._applied_view: conntrack.EgressView | None = None
+        """The conntrack view of ``applied``, kept from the apply that made it: computing
+        a view walks every source, and each apply needs the old one and the new one."""
 
     def apply(self, state: NodeDesiredState) -> None:
         self.backend.apply(state)
@@ -93,17 +96,19 @@ class ManagedFirewall:
 
     def _after(self, state: NodeDesiredState) -> None:
         if self.flush_conntrack and state != self.applied:
-            old = self.applied
+            view = None
             try:
-                affected = conntrack.affected_sources(old, state)
-                if any(affected.values()):
-                    deleted = conntrack.flush_sources(
-                        affected, conntrack.EgressView.of(old), conntrack.EgressView.of(state)
-                    )
-                    CONNTRACK_FLUSHED.labels("firewall").inc(deleted)
+                old_view = self._applied_view
+                if old_view is None:
+                    old_view = conntrack.EgressView.of(self.applied)
+                view = conntrack.EgressView.of(state)
+                plan = conntrack.FlushPlan.between(old_view, view)
+                if plan:
+                    CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.flush_plan(plan))
             except Exception as error:  # the rules are in place; stale flows are the lesser harm
                 ERRORS.labels("firewall", "conntrack").inc()
                 log.error("deleting outdated conntrack entries failed: %s", error)
+            self._applied_view = view
         if state != self.applied:
             self.applied = state
             if self.flush_conntrack:  # only the iptables path reads it back after a restart
