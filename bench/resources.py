@@ -41,6 +41,7 @@ from typing import Any
 
 from bench.agent import AgentBench
 from bench.common import (
+    NODE,
     extra_ip4,
     extra_ip6,
     machine,
@@ -50,6 +51,7 @@ from bench.common import (
     table,
     write_results,
 )
+from metaleg.config import Config, parse_go_duration
 
 MAIN = ("supervisor", "watcher", "firewall", "routing")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -108,11 +110,13 @@ def idle_cpu(benches: dict[str, AgentBench], seconds: float) -> dict[str, Any]:
     return result
 
 
-def start_agent(backend: str, n: int) -> tuple[AgentBench, float]:
-    bench = AgentBench(n, backend)
+def start_agent(backend: str, n: int, reconcile: str = "") -> tuple[AgentBench, float]:
+    env = {"RECONCILIATION_INTERVAL": reconcile} if reconcile else {}
+    bench = AgentBench(n, backend, **env)
     bench.__enter__()
     try:
         started = time.monotonic()
+        bench.started_at = started  # type: ignore[attr-defined]
         bench.start()
         bench.wait_ready(timeout=900)
         ready = time.monotonic() - started
@@ -145,6 +149,7 @@ def churn(
                 samples[backend].append(
                     {
                         "t": now - started,
+                        "agent_t": now - getattr(bench, "started_at", started),
                         "total_pss_kib": snap["total_pss_kib"],
                         "total_rss_kib": snap["total_rss_kib"],
                         "processes": {k: v["pss_kib"] for k, v in snap["processes"].items()},
@@ -248,19 +253,39 @@ def render_report(results: dict[str, Any]) -> str:
                     f"{growth['percent']:+.1f}%",
                     f"{growth['after_warmup_percent']:+.1f}%",
                     f"{growth['second_half_percent']:+.1f}%",
+                    (
+                        f"{growth['after_resync_percent']:+.1f}% (from "
+                        f"{growth['after_resync_mib']:.1f} at {growth['after_resync_t']:.0f} s)"
+                        if growth.get("after_resync_percent") is not None
+                        else "n/a"
+                    ),
                     ", ".join(c["restarted"][backend]) or "none",
                 ]
             )
         lines.append(
             table(
-                ["agent", "before", "after", "growth", "after 1st min", "2nd half", "restarts"],
+                [
+                    "agent",
+                    "before",
+                    "after",
+                    "growth",
+                    "after 1st min",
+                    "2nd half",
+                    "after 1st re-sync",
+                    "restarts",
+                ],
                 rows,
             )
         )
         per_process = []
         for backend, growth in results["growth"].items():
             parts = [f"{k} {v:+.1f}%" for k, v in growth["per_process_percent"].items()]
-            per_process.append(f"  {backend}: " + ", ".join(parts))
+            per_process.append(f"  {backend}, before -> after: " + ", ".join(parts))
+            parts = [
+                f"{k} {v:+.1f}%" for k, v in growth["per_process_after_resync_percent"].items()
+            ]
+            if parts:
+                per_process.append(f"  {backend}, after 1st re-sync -> after: " + ", ".join(parts))
         lines += per_process
     if results.get("goals"):
         lines.append("")
@@ -288,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="EndpointSlice updates per second")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     parser.add_argument("--quick", action="store_true", help="N=100; 30 s churn; 10 s idle")
+    parser.add_argument(
+        "--reconcile",
+        default="",
+        help="RECONCILIATION_INTERVAL of the agents (Go duration; default: the agent's, 5m)",
+    )
     args = parser.parse_args(argv)
     require_root()
     info = machine()
@@ -296,18 +326,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sizes, churn_n, minutes, idle = [100], 100, 0.5, 10.0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    reconcile_seconds = (
+        parse_go_duration(args.reconcile)
+        if args.reconcile
+        else Config(node_name=NODE).reconciliation_interval
+    )
     results: dict[str, Any] = {
         "sizes": {b: {} for b in backends},
         "churn_n": churn_n,
         "minutes": minutes,
         "rate": args.rate,
+        "reconcile_seconds": reconcile_seconds,
     }
     started = time.monotonic()
     for backend in backends:
         for n in sizes:
             if n == churn_n:
                 continue
-            bench, ready = start_agent(backend, n)
+            bench, ready = start_agent(backend, n, args.reconcile)
             try:
                 results["sizes"][backend][str(n)] = {
                     "ready_seconds": ready,
@@ -318,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     benches: dict[str, AgentBench] = {}
     try:
         for backend in backends:
-            bench, ready = start_agent(backend, churn_n)
+            bench, ready = start_agent(backend, churn_n, args.reconcile)
             benches[backend] = bench
             results["sizes"][backend][str(churn_n)] = {
                 "ready_seconds": ready,
@@ -340,12 +376,27 @@ def main(argv: list[str] | None = None) -> int:
         series = results["churn"]["samples"][backend]
         warm = next((s for s in series if s["t"] >= 60.0), series[-1])
         half = next((s for s in series if s["t"] >= minutes * 30.0), series[-1])
+        # After a warm-up that includes the agent's first periodic full re-sync (the
+        # high-water marks rise at re-syncs): the first sample 30 s after it.
+        resynced = next(
+            (s for s in series if s.get("agent_t", s["t"]) >= reconcile_seconds + 30.0), None
+        )
         results["growth"][backend] = {
             "before_mib": b["total_pss_kib"] / MIB,
             "after_mib": a["total_pss_kib"] / MIB,
             "percent": 100.0 * (a["total_pss_kib"] / b["total_pss_kib"] - 1.0),
             "after_warmup_percent": 100.0 * (a["total_pss_kib"] / warm["total_pss_kib"] - 1.0),
             "second_half_percent": 100.0 * (a["total_pss_kib"] / half["total_pss_kib"] - 1.0),
+            "after_resync_mib": resynced["total_pss_kib"] / MIB if resynced else None,
+            "after_resync_t": resynced["t"] if resynced else None,
+            "after_resync_percent": (
+                100.0 * (a["total_pss_kib"] / resynced["total_pss_kib"] - 1.0) if resynced else None
+            ),
+            "per_process_after_resync_percent": {
+                name: 100.0 * (a["processes"][name]["pss_kib"] / kib - 1.0)
+                for name, kib in (resynced["processes"] if resynced else {}).items()
+                if name in a["processes"] and kib
+            },
             "per_process_percent": {
                 name: 100.0 * (a["processes"][name]["pss_kib"] / p["pss_kib"] - 1.0)
                 for name, p in b["processes"].items()

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from metaleg.model import NodeDesiredState
+from metaleg.model import GatewayRoute, NodeDesiredState
 
 BUS_SOCKET = "bus.sock"
 CONTROL_SOCKET = "control.sock"
@@ -93,6 +93,51 @@ def decode(frame: bytes) -> Message:
         return _decoder.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         raise MessageError(f"invalid message ({len(frame)} bytes): {error}") from None
+
+
+class _RoutesState(msgspec.Struct, frozen=True):
+    """What the routing worker uses of a :class:`NodeDesiredState`. Not forbidding unknown
+    fields, a decoder of it skips the Services and the transit guard (tens of thousands of
+    source addresses at N=1000) instead of building them."""
+
+    node: str
+    fwmask: int
+    exclude_dst_ipv4: tuple[str, ...]
+    exclude_dst_ipv6: tuple[str, ...]
+    routes: tuple[GatewayRoute, ...] = ()
+
+
+class _RoutesSnapshot(msgspec.Struct, tag="snapshot", frozen=True):
+    generation: int
+    state: _RoutesState
+
+
+_routes_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+    Hello | Publish | _RoutesSnapshot | Applied | WatcherStatus
+)
+
+
+def decode_routes_only(frame: bytes) -> Message:
+    """:func:`decode`, but a :class:`Snapshot`'s state keeps only its node, mask, exclude
+    CIDRs and routes (no Services, no transit guard): all the routing worker reads."""
+    try:
+        message = _routes_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        raise MessageError(f"invalid message ({len(frame)} bytes): {error}") from None
+    if isinstance(message, _RoutesSnapshot):
+        state = message.state
+        return Snapshot(
+            message.generation,
+            NodeDesiredState(
+                node=state.node,
+                fwmask=state.fwmask,
+                exclude_dst_ipv4=state.exclude_dst_ipv4,
+                exclude_dst_ipv6=state.exclude_dst_ipv6,
+                routes=state.routes,
+            ),
+        )
+    result: Message = message
+    return result
 
 
 def _endpoint(run_dir: str, name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import socket
@@ -20,7 +21,9 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     A worker must not outlive its supervisor (a new supervisor starts new
     workers); SIGTERM lets it exit cleanly, leaving kernel state in place.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
+    if libc is None:
+        raise OSError("cannot load the C library for prctl(PR_SET_PDEATHSIG)")
     if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:
@@ -60,6 +63,27 @@ class SignalWakeup:
             pass
         received, self.received = self.received, []
         return received
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def release_memory() -> bool:
+    """Give the free memory of the heap back to the kernel (glibc ``malloc_trim(0)``).
+
+    Called after the large, short-lived allocations of a full list or re-sync: without it
+    the freed pages stay resident until malloc happens to reuse them. Returns whether
+    memory was released (False without glibc)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    return bool(trim(0))
 
 
 CONFIG_ENVIRONMENT = "METALEG_WORKER_CONFIG"

@@ -10,6 +10,7 @@ happened while it was away.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -20,8 +21,17 @@ import zmq
 
 from metaleg.backend import Backend, BackendError
 from metaleg.config import Config
-from metaleg.ipc import Applied, Hello, MessageError, Snapshot, connect_worker, decode, encode
-from metaleg.lifecycle import SignalWakeup
+from metaleg.ipc import (
+    Applied,
+    Hello,
+    MessageError,
+    Snapshot,
+    connect_worker,
+    decode,
+    decode_routes_only,
+    encode,
+)
+from metaleg.lifecycle import SignalWakeup, release_memory
 from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
 
 log = logging.getLogger(__name__)
@@ -34,10 +44,15 @@ RETRY_MAX = 30.0
 class DataplaneWorker:
     """One data-plane worker process: its socket, its backend and what it has applied."""
 
-    def __init__(self, process: str, backend: Backend, config: Config) -> None:
+    def __init__(
+        self, process: str, backend: Backend, config: Config, *, routes_only: bool = False
+    ) -> None:
+        """``routes_only``: the backend reads only the node, mask and routes of a state (the
+        routing worker), so snapshots are decoded without their Services and transit guard."""
         self.process = process
         self.backend = backend
         self.config = config
+        self._decode = decode_routes_only if routes_only else decode
         self.latest: Snapshot | None = None
         self.applied_generation = 0
         self.resynced_once = False
@@ -98,7 +113,7 @@ class DataplaneWorker:
             except zmq.Again:
                 return
             try:
-                message = decode(frame)
+                message = self._decode(frame)
             except MessageError as error:
                 self.dropped_messages += 1
                 IPC_DROPPED.labels(self.process).inc()
@@ -142,6 +157,12 @@ class DataplaneWorker:
             log.exception("unexpected error while applying")
             error = f"{type(failure).__name__}: {failure}"
         duration = time.monotonic() - started
+        if full:
+            # A re-sync reads the whole kernel state: free what it left in reference cycles
+            # now (not whenever the oldest generation is next collected), and give the peak
+            # back to the kernel.
+            gc.collect()
+            release_memory()
         kind = "resync" if full else "apply"
         APPLY_DURATION.labels(self.process, self.backend.name, kind).observe(duration)
         if error:

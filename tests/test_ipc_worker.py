@@ -24,9 +24,18 @@ from metaleg.ipc import (
     Snapshot,
     bind_supervisor,
     decode,
+    decode_routes_only,
     encode,
 )
-from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
+from metaleg.model import (
+    Action,
+    Family,
+    FamilyEgress,
+    GatewayRoute,
+    NodeDesiredState,
+    Role,
+    ServiceEgress,
+)
 
 
 def state(*sources: str) -> NodeDesiredState:
@@ -72,6 +81,25 @@ def test_messages_round_trip() -> None:
 def test_malformed_frames_raise_a_specific_error(frame: bytes) -> None:
     with pytest.raises(MessageError, match="invalid message"):
         decode(frame)
+
+
+def test_the_routing_worker_decodes_snapshots_without_services_and_transit_guard() -> None:
+    route = GatewayRoute("node-b", 1, 0x100000, 100001, "198.51.100.12", None)
+    full = msgspec.structs.replace(
+        state("10.244.1.10", "10.244.1.11"),
+        routes=(route,),
+        transit_guard_ipv4=("10.244.2.0/24",),
+    )
+    decoded = decode_routes_only(encode(Snapshot(7, full)))
+    assert decoded == Snapshot(7, msgspec.structs.replace(full, services=(), transit_guard_ipv4=()))
+    for message in (Hello("routing", 42, 3), Applied("routing", 7, "", 0.01)):
+        assert decode_routes_only(encode(message)) == message
+    for frame in (
+        b"\xff\x00garbage",
+        msgspec.msgpack.encode({"type": "snapshot", "generation": 1, "state": {"node": "x"}}),
+    ):
+        with pytest.raises(MessageError, match="invalid message"):
+            decode_routes_only(frame)
 
 
 # --- the worker loop in a real child process ------------------------------------------------------

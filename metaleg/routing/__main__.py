@@ -9,7 +9,7 @@ def main() -> None:
     from metaleg.routing.netlink import NetlinkRoutingBackend
 
     backend = NetlinkRoutingBackend(config.route_table_id_offset, config.firewall_mask)
-    raise SystemExit(DataplaneWorker("routing", backend, config).run())
+    raise SystemExit(DataplaneWorker("routing", backend, config, routes_only=True).run())
 
 
 main()

@@ -325,3 +325,122 @@ class ClusterState(msgspec.Struct):
     nodes: dict[str, NodeInfo] = msgspec.field(default_factory=dict)
     l2_statuses: dict[str, L2StatusInfo] = msgspec.field(default_factory=dict)
     pods: dict[str, PodInfo] = msgspec.field(default_factory=dict)
+
+
+# --- what the watcher decodes of a list -----------------------------------------------------------
+#
+# A list page is decoded into these Structs, which name only the fields the parsers above
+# read (every leaf typed ``Any``, so a malformed value still reaches its parser and becomes a
+# Problem): the rest of each object (managedFields, annotations, conditions, targetRefs, most
+# of a Pod) is skipped by the decoder instead of becoming Python objects. A field a parser
+# starts to read must be added here too (tests/test_memory_watcher.py checks that parsing the
+# slim form gives the same result as parsing the whole object).
+
+
+class _Wire(msgspec.Struct, omit_defaults=True):
+    """Fields left at their default (absent from the JSON, or null) are left out again by
+    :func:`slim_items`, so the parsers see the same keys as in the whole object."""
+
+
+class _WireMetadata(_Wire):
+    name: Any = None
+    namespace: Any = None
+    labels: Any = None
+    resourceVersion: Any = None
+
+
+class _WireServiceSpec(_Wire):
+    selector: Any = None
+
+
+class _WireLoadBalancer(_Wire):
+    ingress: Any = None
+
+
+class _WireServiceStatus(_Wire):
+    loadBalancer: _WireLoadBalancer | None = None
+
+
+class WireService(_Wire):
+    metadata: _WireMetadata | None = None
+    spec: _WireServiceSpec | None = None
+    status: _WireServiceStatus | None = None
+
+
+class _WireEndpoint(_Wire):
+    addresses: Any = None
+    nodeName: Any = None
+
+
+class WireEndpointSlice(_Wire):
+    metadata: _WireMetadata | None = None
+    addressType: Any = None
+    endpoints: list[_WireEndpoint] | None = None
+
+
+class _WireNodeSpec(_Wire):
+    podCIDRs: Any = None
+    podCIDR: Any = None
+
+
+class _WireNodeStatus(_Wire):
+    addresses: Any = None
+
+
+class WireNode(_Wire):
+    metadata: _WireMetadata | None = None
+    spec: _WireNodeSpec | None = None
+    status: _WireNodeStatus | None = None
+
+
+class _WirePodSpec(_Wire):
+    nodeName: Any = None
+    hostNetwork: Any = None
+
+
+class _WirePodStatus(_Wire):
+    podIPs: Any = None
+    podIP: Any = None
+    phase: Any = None
+
+
+class WirePod(_Wire):
+    metadata: _WireMetadata | None = None
+    spec: _WirePodSpec | None = None
+    status: _WirePodStatus | None = None
+
+
+class _WireL2Status(_Wire):
+    node: Any = None
+
+
+class WireL2Status(_Wire):
+    metadata: _WireMetadata | None = None
+    status: _WireL2Status | None = None
+
+
+class _WireListMetadata(_Wire):
+    resourceVersion: Any = None
+    # "continue" is a Python keyword: renamed.
+    continue_: Any = msgspec.field(default=None, name="continue")
+
+
+def list_decoder(item: type[msgspec.Struct]) -> msgspec.json.Decoder[Any]:
+    """A decoder of a list page whose items are ``item`` (one of the ``Wire*`` Structs)."""
+    page = msgspec.defstruct(
+        f"{item.__name__}List",
+        [
+            ("metadata", _WireListMetadata | None, None),
+            ("items", list[item] | None, None),  # type: ignore[valid-type]
+        ],
+        omit_defaults=True,
+    )
+    return msgspec.json.Decoder(page)
+
+
+def slim_page(decoder: msgspec.json.Decoder[Any], data: bytes) -> dict[str, Any]:
+    """A list page as ``{"metadata": ..., "items": [...]}`` of plain dicts holding only the
+    fields the parsers read; raises ``msgspec.DecodeError`` (or ``ValidationError``) when the
+    page does not have that shape (the caller then decodes it whole)."""
+    result: dict[str, Any] = msgspec.to_builtins(decoder.decode(data))
+    return result

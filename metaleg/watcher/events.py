@@ -19,11 +19,11 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from kubernetes import client
+from urllib.parse import quote
 
 from metaleg.metrics import EVENTS_POSTED
 from metaleg.model import Action, Role, ServiceEgress
+from metaleg.watcher.kubeclient import KubeCalls
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class EventPoster(threading.Thread):
 
     def __init__(self, api_client: Any, node: str) -> None:
         super().__init__(name="event-poster", daemon=True)
-        self.core = client.CoreV1Api(api_client)
+        self.calls = KubeCalls(api_client)
         self.node = node
         self.queue: queue.Queue[ServiceEvent] = queue.Queue(maxsize=QUEUE_SIZE)
         self.tokens = float(BURST)
@@ -108,7 +108,11 @@ class EventPoster(threading.Thread):
         while True:
             event = self.queue.get()
             try:
-                self.core.create_namespaced_event(event.namespace, self._body(event))
+                self.calls.post(
+                    f"/api/v1/namespaces/{quote(event.namespace, safe='')}/events",
+                    self._body(event),
+                    request_timeout=(10, 30),
+                )
                 EVENTS_POSTED.labels("watcher", "posted").inc()
             except Exception as error:  # API errors, urllib3 errors: never kill the thread
                 EVENTS_POSTED.labels("watcher", "failed").inc()

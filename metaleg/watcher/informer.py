@@ -9,9 +9,12 @@ other failure (API server down or restarting, timeouts) is retried with
 exponential back-off. The last good objects stay in the watcher meanwhile: an
 outage never empties the desired state.
 
-Objects are handled as raw JSON (``_preload_content=False``): the client's
-model deserialisation is slow and would hide malformed fields we want to
-report rather than crash on.
+Objects are handled as raw JSON, never as the client's models: their
+deserialisation is slow and would hide malformed fields we want to report
+rather than crash on. The requests go through the client's ``ApiClient``
+without its generated API classes (:mod:`metaleg.watcher.kubeclient`), and a
+list page is decoded into only the fields the parsers read (the ``Wire*``
+Structs of :mod:`metaleg.watcher.cluster`): a relist never holds whole objects.
 """
 
 from __future__ import annotations
@@ -24,12 +27,25 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
-from kubernetes import client
+import msgspec
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from metaleg.metrics import ERRORS, RELISTS, WATCH_EVENTS
+from metaleg.watcher.cluster import (
+    REWRITE_LABEL,
+    SERVICE_NAME_LABEL,
+    WireEndpointSlice,
+    WireL2Status,
+    WireNode,
+    WirePod,
+    WireService,
+    list_decoder,
+    slim_page,
+)
+from metaleg.watcher.kubeclient import KubeCalls, Query
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +76,8 @@ class Event:
 
 
 ListCall = Callable[..., Any]
-"""A generated ``list_*`` method of the kubernetes client, bound to its arguments."""
+"""``call(query, request_timeout=None)``: the resource's list (or, with ``watch=True`` in the
+query, watch) request, not read yet; see :meth:`KubeCalls.get`."""
 
 
 @dataclass
@@ -71,6 +88,10 @@ class ResourceSpec:
     list_call: ListCall
     missing_hint: str = ""
     """Shown when the API answers 404 (e.g. a CRD that is not installed)."""
+    wire: type[msgspec.Struct] | None = None
+    """The fields of an item the watcher reads (a ``Wire*`` Struct of
+    :mod:`metaleg.watcher.cluster`): list pages are decoded into it, the rest of each object
+    is skipped. None: whole objects."""
 
 
 class Informer(threading.Thread):
@@ -84,6 +105,7 @@ class Informer(threading.Thread):
         self.resource_version = ""
         self.relists = 0
         self.watch_events = 0
+        self._page_decoder = list_decoder(spec.wire) if spec.wire is not None else None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -135,12 +157,12 @@ class Informer(threading.Thread):
         objects: list[dict[str, Any]] = []
         continue_token = ""
         while True:
-            kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE, "_preload_content": False}
+            query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
             if continue_token:
-                kwargs["_continue"] = continue_token
-            response = self.spec.list_call(**kwargs)
+                query.append(("continue", continue_token))
+            response = self.spec.list_call(query)
             try:
-                body = json.loads(response.data)
+                body = self._decode_page(response.data)
             finally:
                 response.release_conn()
             objects.extend(item for item in body.get("items") or [] if isinstance(item, dict))
@@ -153,17 +175,31 @@ class Informer(threading.Thread):
         RELISTS.labels("watcher", self.spec.name).inc()
         self.events.put(Event(self.spec.name, "replace", objects=objects))
 
+    def _decode_page(self, data: bytes) -> dict[str, Any]:
+        if self._page_decoder is not None:
+            try:
+                return slim_page(self._page_decoder, data)
+            except msgspec.DecodeError as error:
+                # Not the shape the API server sends (say, a list item that is not an
+                # object): decode it whole, the parsers report what is wrong.
+                log.debug("list page decoded whole: %s", error, extra={"resource": self.spec.name})
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError(f"a list answer is not a JSON object but {type(body).__name__}")
+        return body
+
     def _watch(self) -> None:
         timeout = random.randint(*WATCH_TIMEOUT_SECONDS)
         response = self.spec.list_call(
-            watch=True,
-            resource_version=self.resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout,
-            _preload_content=False,
+            [
+                ("allowWatchBookmarks", True),
+                ("resourceVersion", self.resource_version),
+                ("timeoutSeconds", timeout),
+                ("watch", True),
+            ],
             # Bookmarks arrive about once a minute; a silent connection longer than the
             # server-side timeout plus a margin is dead.
-            _request_timeout=(10, timeout + 30),
+            request_timeout=(10, timeout + 30),
         )
         try:
             for event in self._events_of(response):
@@ -208,45 +244,42 @@ class Informer(threading.Thread):
 
 def resource_specs(api: Any, metallb_namespace: str, node_name: str) -> list[ResourceSpec]:
     """The resources metaleg watches, bound to an ``ApiClient``."""
-    from metaleg.watcher.cluster import REWRITE_LABEL, SERVICE_NAME_LABEL
+    calls = KubeCalls(api)
 
-    core = client.CoreV1Api(api)
-    discovery = client.DiscoveryV1Api(api)
-    custom = client.CustomObjectsApi(api)
+    def lister(path: str, *selectors: tuple[str, str]) -> ListCall:
+        def call(query: Query, request_timeout: Any = None) -> Any:
+            return calls.get(path, [*selectors, *query], request_timeout)
 
-    def services(**kwargs: Any) -> Any:
-        # Server-side filtering: a Service that loses the label arrives as DELETED.
-        return core.list_service_for_all_namespaces(
-            label_selector=f"{REWRITE_LABEL}=true", **kwargs
-        )
-
-    def endpoint_slices(**kwargs: Any) -> Any:
-        return discovery.list_endpoint_slice_for_all_namespaces(
-            label_selector=SERVICE_NAME_LABEL, **kwargs
-        )
-
-    def nodes(**kwargs: Any) -> Any:
-        return core.list_node(**kwargs)
-
-    def pods(**kwargs: Any) -> Any:
-        # Only this node's Pods: their IPs count before an EndpointSlice lists them.
-        return core.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={node_name}", **kwargs
-        )
-
-    def l2_statuses(**kwargs: Any) -> Any:
-        return custom.list_namespaced_custom_object(
-            "metallb.io", "v1beta1", metallb_namespace, "servicel2statuses", **kwargs
-        )
+        return call
 
     return [
-        ResourceSpec("services", services),
-        ResourceSpec("endpointslices", endpoint_slices),
-        ResourceSpec("nodes", nodes),
-        ResourceSpec("pods", pods),
+        # Server-side filtering: a Service that loses the label arrives as DELETED.
+        ResourceSpec(
+            "services",
+            lister("/api/v1/services", ("labelSelector", f"{REWRITE_LABEL}=true")),
+            wire=WireService,
+        ),
+        ResourceSpec(
+            "endpointslices",
+            lister(
+                "/apis/discovery.k8s.io/v1/endpointslices", ("labelSelector", SERVICE_NAME_LABEL)
+            ),
+            wire=WireEndpointSlice,
+        ),
+        ResourceSpec("nodes", lister("/api/v1/nodes"), wire=WireNode),
+        # Only this node's Pods: their IPs count before an EndpointSlice lists them.
+        ResourceSpec(
+            "pods",
+            lister("/api/v1/pods", ("fieldSelector", f"spec.nodeName={node_name}")),
+            wire=WirePod,
+        ),
         ResourceSpec(
             "servicel2statuses",
-            l2_statuses,
+            lister(
+                f"/apis/metallb.io/v1beta1/namespaces/{quote(metallb_namespace, safe='')}"
+                "/servicel2statuses"
+            ),
+            wire=WireL2Status,
             missing_hint="the ServiceL2Status CRD (metallb.io/v1beta1) is missing; MetalLB >= 0.14 is "
             "required. Keeping the current kernel state and retrying",
         ),

@@ -25,7 +25,7 @@ from kubernetes import config as kube_config
 
 from metaleg.config import Config
 from metaleg.ipc import Publish, WatcherStatus, connect_worker, encode
-from metaleg.lifecycle import start_worker
+from metaleg.lifecycle import release_memory, start_worker
 from metaleg.metrics import ERRORS, PUBLISHED
 from metaleg.model import NodeDesiredState, ServiceEgress
 from metaleg.watcher.cluster import (
@@ -87,6 +87,8 @@ class Watcher:
         self.published: NodeDesiredState | None = None
         self.reported_problems: set[str] = set()
         self.events: EventPoster | None = None
+        self.relisted = False
+        """A resource was listed since the last :func:`release_memory`."""
 
     # --- cluster objects ---------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class Watcher:
             for obj in event.objects:
                 self._upsert(event.resource, parse, store, obj)
             self.synced.add(event.resource)
+            self.relisted = True
         elif event.kind == "upsert" and event.object is not None:
             self._upsert(event.resource, parse, store, event.object)
         elif event.kind == "delete" and event.object is not None:
@@ -282,6 +285,7 @@ def run(config: Config) -> int:
                 event = None
             if event is _STOP:
                 return 0
+            changed = event is not None
             if event is not None:
                 watcher.handle(event)
                 # Coalesce a burst: keep taking events until a short quiet spell.
@@ -294,6 +298,8 @@ def run(config: Config) -> int:
                     if event is _STOP:
                         return 0
                     watcher.handle(event)
+                # Not kept while idle: a relist's event holds every raw object it listed.
+                event = None
             all_synced = len(watcher.synced) == len(informers)
             status = WatcherStatus(
                 synced=all_synced, error="; ".join(sorted(watcher.errors.values()))
@@ -304,7 +310,7 @@ def run(config: Config) -> int:
             if not all_synced:
                 continue
             now = time.monotonic()
-            if event is not None or last_publish is None:
+            if changed or last_publish is None:
                 publish = watcher.compute()
                 if publish.state != watcher.published:
                     PUBLISHED.labels("watcher").inc()
@@ -312,6 +318,10 @@ def run(config: Config) -> int:
                     watcher.published = publish.state
                     last_sent = now
                 last_publish = publish
+                if watcher.relisted:
+                    # A relist allocated and freed the raw objects of a whole resource.
+                    watcher.relisted = False
+                    release_memory()
             if now - last_sent >= REPUBLISH_INTERVAL:
                 # Nothing changed: resend what we have (a liveness signal and the repair of a
                 # lost message) without recomputing it, so that an idle watcher stays idle.
