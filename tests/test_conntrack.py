@@ -74,6 +74,19 @@ def test_treatments_are_canonical_and_resolved() -> None:
     }
 
 
+def test_entry_memo_keeps_only_the_entries_of_the_last_two_states() -> None:
+    """Under churn (every state a new pod IP), the memo does not keep old states' entries."""
+    for step in range(50):
+        source_treatments(
+            state(SNAT, ("churn", (egress(Family.IPV4, Action.REJECT, f"10.244.9.{step}"),)))
+        )
+    cache = conntrack._ENTRY_CACHE
+    kept = {entry.source_ips for _, entry, _ in (*cache.current, *cache.previous)}
+    assert kept <= {SNAT[1][0].source_ips, ("10.244.9.48",), ("10.244.9.49",)}
+    # The entry every state uses is carried from one generation to the next.
+    assert any(key[1] == SNAT[1][0] for key in cache.previous)
+
+
 def test_bad_state_names_the_service() -> None:
     bad = ("bad", (egress(Family.IPV4, Action.MARK, "10.1.0.1", mark=0x1000000),))
     with pytest.raises(TreatmentError, match=r"service ns/bad .*0x1000000"):

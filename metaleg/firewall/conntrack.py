@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import ipaddress
 import logging
 import os
@@ -137,19 +136,64 @@ def source_treatments(state: NodeDesiredState) -> Treatments:
             table = result[entry.family]
             for source, treatment in _entry_treatments(service.key, entry, state.fwmask):
                 table.setdefault(source, treatment)
+    walked_whole_state()
     return result
 
 
-@functools.lru_cache(maxsize=1 << 14)
-def _entry_treatments(
-    key: str, entry: FamilyEgress, fwmask: int
-) -> tuple[tuple[str, Treatment], ...]:
-    """One Service entry's (source, treatment) pairs, validated and canonical.
+def walked_whole_state() -> None:
+    """Tell the entry memo that every entry of the current state was just looked up.
 
-    Memoised: a snapshot repeats almost every entry of the previous one, and
-    validating 10,000 sources again for every one-IP change would make the cost
-    of a change grow with the number of Services.
+    Entries that only older states used are dropped with the next call (see
+    :class:`_EntryCache`); callers that walk a whole state through
+    :func:`_entry_treatments` themselves call this at the end.
     """
+    _ENTRY_CACHE.rotate()
+
+
+_EntryKey = tuple[str, FamilyEgress, int]
+_EntryValue = tuple[tuple[str, Treatment], ...]
+
+
+class _EntryCache:
+    """Memo of :func:`_compute_entry_treatments`, holding two generations.
+
+    A snapshot repeats almost every entry of the previous one, and validating
+    10,000 sources again for every one-IP change would make the cost of a change
+    grow with the number of Services. An LRU cache of fixed size would either be
+    too small for large clusters or, under churn, keep thousands of entries of
+    states long gone (measured: the firewall process growing for minutes). So:
+    a lookup moves an entry into the current generation; :func:`source_treatments`,
+    after walking a whole state, drops the previous generation.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[_EntryKey, _EntryValue] = {}
+        self.previous: dict[_EntryKey, _EntryValue] = {}
+
+    def get(self, key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+        cache_key = (key, entry, fwmask)
+        value = self.current.get(cache_key)
+        if value is None:
+            value = self.previous.pop(cache_key, None)
+            if value is None:
+                value = _compute_entry_treatments(key, entry, fwmask)
+            self.current[cache_key] = value
+        return value
+
+    def rotate(self) -> None:
+        self.previous = self.current
+        self.current = {}
+
+
+_ENTRY_CACHE = _EntryCache()
+
+
+def _entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+    """One Service entry's (source, treatment) pairs, validated and canonical (memoised)."""
+    return _ENTRY_CACHE.get(key, entry, fwmask)
+
+
+def _compute_entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
     what = f"service {key} ({entry.action} IPv{int(entry.family)})"
     snat_ip: str | None = None
     fwmark: int | None = None
