@@ -53,6 +53,7 @@ each unchanged Service in the previous call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import os
@@ -264,6 +265,7 @@ def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # built again for every Service on every render otherwise
 def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
     """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst [-m set !
     --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of ``METALEG-REJECT``.
