@@ -24,6 +24,7 @@ from metaleg.firewall.nftables import (
     TableContent,
     canonical_cidrs,
     diff_script,
+    differences,
     full_script,
 )
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
@@ -156,14 +157,17 @@ def test_content_of_dual_stack_state() -> None:
         "10.244.1.20": "198.51.100.200",
     }
     assert content.snat[Family.IPV6] == {"fd00:1::10": "2001:db8:1::200"}
-    assert content.mark[Family.IPV4] == {
-        "10.244.1.11": "fwmark_00100000",
-        "10.244.1.21": "fwmark_00200000",
-    }
-    assert content.mark[Family.IPV6] == {"fd00:1::11": "fwmark_00100000"}
+    assert content.mark[Family.IPV4] == {"10.244.1.11": SLOT1, "10.244.1.21": SLOT2}
+    assert content.mark[Family.IPV6] == {"fd00:1::11": SLOT1}
     assert content.reject == {Family.IPV4: {"10.244.1.12"}, Family.IPV6: {"fd00:1::12"}}
     assert content.exclude[Family.IPV4] == {"10.0.0.0/8", "192.168.0.0/16", "169.254.0.0/16"}
-    assert content.mark_chains() == {"fwmark_00100000": SLOT1, "fwmark_00200000": SLOT2}
+    assert content.fwmarks() == {SLOT1, SLOT2}
+    assert content.element_sets()["mark4_00200000"] == {"10.244.1.21"}
+    assert content.element_sets()["mark6_00200000"] == set()
+    assert content.element_maps()["mark4"] == {
+        "10.244.1.11": "0x00100000",
+        "10.244.1.21": "0x00200000",
+    }
 
 
 def test_one_source_in_several_services_goes_to_the_first() -> None:
@@ -176,7 +180,7 @@ def test_one_source_in_several_services_goes_to_the_first() -> None:
     )
     content = TableContent.of(state)
     assert content.snat[Family.IPV4] == {"10.1.0.1": "192.0.2.1", "10.1.0.2": "192.0.2.1"}
-    assert content.mark[Family.IPV4] == {"10.1.0.3": "fwmark_00100000"}
+    assert content.mark[Family.IPV4] == {"10.1.0.3": SLOT1}
     assert content.reject[Family.IPV4] == {"10.1.0.4"}
 
 
@@ -199,9 +203,10 @@ def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message
 def test_rule_count_does_not_grow_with_services() -> None:
     small = full_script(TableContent.of(dual_stack_state()), MASK, "icmpx admin-prohibited")
     big = full_script(TableContent.of(big_state(300)), MASK, "icmpx admin-prohibited")
-    # 30 static rules + one per gateway mark (2 resp. 5 slots).
-    assert small.count("\nadd rule ") == 30 + 2
-    assert big.count("\nadd rule ") == 30 + 5
+    # 30 static rules + one per gateway mark and family (2 resp. 5 slots).
+    assert small.count("\nadd rule ") == 30 + 2 * 2
+    assert big.count("\nadd rule ") == 30 + 2 * 5
+    assert "vmap" not in big and "jump fwmark" in big
     assert big.startswith(
         "add table inet metaleg\ndelete table inet metaleg\nadd table inet metaleg\n"
     )
@@ -213,7 +218,7 @@ def test_diff_of_equal_contents_is_empty() -> None:
     assert diff_script(content, TableContent.of(dual_stack_state()), MASK) == ""
 
 
-def test_diff_changes_only_elements_and_slot_chains() -> None:
+def test_diff_changes_only_elements_and_slot_sets() -> None:
     old = TableContent.of(dual_stack_state())
     new = TableContent.of(
         node_state(
@@ -226,21 +231,54 @@ def test_diff_changes_only_elements_and_slot_chains() -> None:
     )
     lines = diff_script(old, new, MASK).splitlines()
     assert lines[:2] == [
-        "add chain inet metaleg fwmark_00300000",
-        "add rule inet metaleg fwmark_00300000 meta mark set meta mark & 0xff0fffff | 0x00300000"
-        f' comment "{lines[1].split(chr(34))[1]}"',
+        "add set inet metaleg mark4_00300000 { type ipv4_addr; }",
+        "add set inet metaleg mark6_00300000 { type ipv6_addr; }",
     ]
     assert "delete element inet metaleg snat4 { 10.244.1.10, 10.244.1.20 }" in lines
     assert "add element inet metaleg snat4 { 10.244.1.10 : 198.51.100.201 }" in lines
-    assert "add element inet metaleg mark4 { 10.244.1.30 : jump fwmark_00300000 }" in lines
+    assert "delete element inet metaleg mark4 { 10.244.1.11, 10.244.1.21 }" in lines
+    assert "add element inet metaleg mark4 { 10.244.1.30 : 0x00300000 }" in lines
+    assert "add element inet metaleg mark4_00300000 { 10.244.1.30 }" in lines
     assert "delete element inet metaleg reject6 { fd00:1::12 }" in lines
+    # Nothing is deleted from the sets that go: the sets are.
+    assert not any(line.startswith("delete element inet metaleg mark4_") for line in lines)
+    rules = [line.split(" comment ")[0] for line in lines[-7:-4]]
+    assert rules == [
+        "flush chain inet metaleg fwmark",
+        "add rule inet metaleg fwmark ip saddr @mark4_00300000 "
+        "meta mark set meta mark & 0xff0fffff | 0x00300000",
+        "add rule inet metaleg fwmark ip6 saddr @mark6_00300000 "
+        "meta mark set meta mark & 0xff0fffff | 0x00300000",
+    ]
     assert lines[-4:] == [
-        "flush chain inet metaleg fwmark_00100000",
-        "delete chain inet metaleg fwmark_00100000",
-        "flush chain inet metaleg fwmark_00200000",
-        "delete chain inet metaleg fwmark_00200000",
+        "delete set inet metaleg mark4_00100000",
+        "delete set inet metaleg mark6_00100000",
+        "delete set inet metaleg mark4_00200000",
+        "delete set inet metaleg mark6_00200000",
     ]
     assert not any(line.startswith(("add rule inet metaleg pre", "add table")) for line in lines)
+    assert "jump" not in "".join(lines)
+
+
+def test_a_move_between_existing_slots_is_element_changes_only() -> None:
+    old = TableContent.of(dual_stack_state())
+    moved = node_state(
+        *(s for s in dual_stack_state().services if s.name != "mark"),
+        service(
+            "mark",
+            egress(Family.IPV4, Action.MARK, "10.244.1.11", fwmark=SLOT2),
+            egress(Family.IPV6, Action.MARK, "fd00:1::11", fwmark=SLOT1),
+        ),
+        transit4=TRANSIT4,
+        transit6=TRANSIT6,
+    )
+    # Both slots stay in use: no set, no rule changes.
+    assert diff_script(old, TableContent.of(moved), MASK).splitlines() == [
+        "delete element inet metaleg mark4 { 10.244.1.11 }",
+        "delete element inet metaleg mark4_00100000 { 10.244.1.11 }",
+        "add element inet metaleg mark4 { 10.244.1.11 : 0x00200000 }",
+        "add element inet metaleg mark4_00200000 { 10.244.1.11 }",
+    ]
 
 
 def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
@@ -363,10 +401,12 @@ def test_content_parsed_from_listing() -> None:
                 "map": {
                     "name": "mark6",
                     "type": "ipv6_addr",
-                    "map": "verdict",
-                    "elem": [["FD00::0011", {"jump": {"target": "fwmark_00100000"}}]],
+                    "map": "mark",
+                    "elem": [["FD00::0011", 1048576], ["fd00::12", "bogus"]],
                 }
             },
+            {"set": {"name": "mark6_00100000", "type": "ipv6_addr", "elem": ["FD00::0011"]}},
+            {"set": {"name": "mark4_00200000", "type": "ipv4_addr", "elem": ["10.1.0.2"]}},
             {
                 "set": {
                     "name": "reject4",
@@ -376,10 +416,46 @@ def test_content_parsed_from_listing() -> None:
             },
         ]
     }
-    content = ActualTable.parse(document).content()
+    table = ActualTable.parse(document)
+    content = table.content()
     assert content.exclude[Family.IPV4] == {"10.0.0.0/8", "192.168.0.0/16", "1.2.3.4/32"}
-    assert content.mark[Family.IPV6] == {"fd00::11": "fwmark_00100000"}
+    # The marks as the slot sets hold them; the aggregate map is read on its own.
+    assert content.mark[Family.IPV6] == {"fd00::11": SLOT1}
+    assert content.mark[Family.IPV4] == {"10.1.0.2": SLOT2}
+    assert table.map_members("mark6") == {"fd00::11": "0x00100000"}
     assert content.reject[Family.IPV4] == {"10.1.0.1"}
+
+
+def test_content_parsed_from_the_layout_before_slot_sets() -> None:
+    """A table of the verdict-map layout (before an upgrade) is read with its marks, so
+    that the recreate after the upgrade flushes no marked source's flows."""
+    document = {
+        "nftables": [
+            {
+                "map": {
+                    "name": "mark4",
+                    "type": "ipv4_addr",
+                    "map": "verdict",
+                    "elem": [
+                        ["10.244.1.11", {"jump": {"target": "fwmark_00100000"}}],
+                        ["10.244.1.12", {"jump": {"target": "other"}}],
+                    ],
+                }
+            },
+            {"chain": {"name": "fwmark_00100000"}},
+        ]
+    }
+    table = ActualTable.parse(document)
+    assert table.content().mark[Family.IPV4] == {"10.244.1.11": SLOT1}
+    assert table.map_members("mark4") == {}
+    state = node_state(
+        service("mark", egress(Family.IPV4, Action.MARK, "10.244.1.11", fwmark=SLOT1))
+    )
+    problems = differences(table, TableContent.of(state), MASK, "icmpx admin-prohibited", {})
+    assert "map mark4 is SetSpec(kind='map', type='ipv4_addr', map='verdict', flags=()), " in (
+        " ".join(problems)
+    )
+    assert "unexpected chain fwmark_00100000" in problems
 
 
 def test_reject_with_is_validated() -> None:
@@ -475,19 +551,23 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         "postrouting": ("nat", "postrouting", 90),
         "egress": ("filter", "postrouting", 110),
         "forward": ("filter", "forward", -10),
-        "fwmark_00100000": (None, None, None),
-        "fwmark_00200000": (None, None, None),
+        "fwmark": (None, None, None),
+    }
+    assert set(objects(document, "set")) == {
+        *(f"{name}{n}" for name in ("exclude", "reject", "transit") for n in (4, 6)),
+        *(f"mark{n}_{slot:08x}" for n in (4, 6) for slot in (SLOT1, SLOT2)),
     }
     assert sorted(elements(document, "snat4")) == [
         ["10.244.1.10", "198.51.100.200"],
         ["10.244.1.20", "198.51.100.200"],
     ]
     assert elements(document, "snat6") == [["fd00:1::10", "2001:db8:1::200"]]
-    assert sorted(map(json.dumps, elements(document, "mark4"))) == sorted(
-        json.dumps([ip, {"jump": {"target": chain}}])
-        for ip, chain in (("10.244.1.11", "fwmark_00100000"), ("10.244.1.21", "fwmark_00200000"))
-    )
-    assert elements(document, "mark6") == [["fd00:1::11", {"jump": {"target": "fwmark_00100000"}}]]
+    assert sorted(elements(document, "mark4")) == [["10.244.1.11", SLOT1], ["10.244.1.21", SLOT2]]
+    assert elements(document, "mark6") == [["fd00:1::11", SLOT1]]
+    assert elements(document, "mark4_00100000") == ["10.244.1.11"]
+    assert elements(document, "mark4_00200000") == ["10.244.1.21"]
+    assert elements(document, "mark6_00100000") == ["fd00:1::11"]
+    assert elements(document, "mark6_00200000") == []
     assert elements(document, "reject4") == ["10.244.1.12"]
     assert elements(document, "reject6") == ["fd00:1::12"]
     assert {json.dumps(e, sort_keys=True) for e in elements(document, "exclude6")} == {
@@ -496,8 +576,10 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
     }
     text = sh("nft", "list", "table", "inet", "metaleg", netns=ns)
     for expected in (
-        "ip saddr vmap @mark4",
-        "ip6 saddr vmap @mark6",
+        "ip saddr @mark4 jump fwmark",
+        "ip6 saddr @mark6 jump fwmark",
+        "ip saddr @mark4_00100000 meta mark set meta mark & 0xff",
+        "ip6 saddr @mark6_00200000 meta mark set meta mark & 0xff",
         "meta mark & 0x00f00000 != 0x00000000 snat ip to ip saddr",
         "meta mark & 0x00f00000 != 0x00000000 snat ip6 to ip6 saddr",
         "snat ip to ip saddr map @snat4",
@@ -519,6 +601,9 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         Family.IPV4: {"10.244.2.0/23", "10.250.0.7/32"},
         Family.IPV6: {"fd00:2::/63"},
     }
+    assert "vmap" not in text
+    assert len(rules_of(document, "prerouting")) == 4
+    assert len(rules_of(document, "fwmark")) == 4
     assert len(rules_of(document, "postrouting")) == 6
     assert len(rules_of(document, "forward")) == 12
     assert all(r.get("comment", "").startswith("metaleg:") for r in rules_of(document, "forward"))
@@ -549,7 +634,7 @@ def test_incremental_change_keeps_the_table(ns: str) -> None:
         "fd00:1::10": "2001:db8:1::200",
         "fd00:1::20": "2001:db8:1::200",
     }
-    assert content.mark[Family.IPV4] == {"10.244.1.30": "fwmark_00300000"}
+    assert content.mark[Family.IPV4] == {"10.244.1.30": SLOT3}
     assert content.mark[Family.IPV6] == {}
     assert content.reject == {Family.IPV4: set(), Family.IPV6: set()}
     assert content.exclude[Family.IPV4] == {"10.0.0.0/8"}
@@ -558,7 +643,11 @@ def test_incremental_change_keeps_the_table(ns: str) -> None:
         "postrouting",
         "forward",
         "egress",
-        "fwmark_00300000",
+        "fwmark",
+    }
+    assert {n for n in objects(document, "set") if n.startswith("mark")} == {
+        "mark4_00300000",
+        "mark6_00300000",
     }
     # Within one backend, a change is incremental: the table (handle) stays.
     run_in_netns(ns, _incremental_then_check, changed, dual_stack_state())
@@ -641,15 +730,36 @@ TAMPERING = {
     ],
     "transit set flushed": [["flush", "set", "inet", "metaleg", "transit6"]],
     "foreign rule": [["insert", "rule", "inet", "metaleg", "forward", "accept"]],
-    "rule deleted": [["flush", "chain", "inet", "metaleg", "fwmark_00100000"]],
+    "rule deleted": [["flush", "chain", "inet", "metaleg", "fwmark"]],
     "foreign rule appended": [
         ["add", "rule", "inet", "metaleg", "forward", "ip", "saddr", "@reject4", "accept"],
     ],
     "foreign set": [["add", "set", "inet", "metaleg", "extra", "{ type ipv4_addr; }"]],
     "chain deleted": [
-        ["flush", "chain", "inet", "metaleg", "fwmark_00200000"],
+        ["flush", "chain", "inet", "metaleg", "prerouting"],
+        ["delete", "chain", "inet", "metaleg", "prerouting"],
+    ],
+    "slot set deleted": [
+        ["flush", "chain", "inet", "metaleg", "fwmark"],
+        ["delete", "set", "inet", "metaleg", "mark4_00200000"],
+    ],
+    "slot element moved": [
+        ["delete", "element", "inet", "metaleg", "mark4_00200000", "{ 10.244.1.21 }"],
+        ["add", "element", "inet", "metaleg", "mark4_00100000", "{ 10.244.1.21 }"],
+    ],
+    "slot element added": [
+        ["add", "element", "inet", "metaleg", "mark6_00200000", "{ fd00:1::11 }"],
+    ],
+    "aggregate element removed": [
         ["delete", "element", "inet", "metaleg", "mark4", "{ 10.244.1.21 }"],
-        ["delete", "chain", "inet", "metaleg", "fwmark_00200000"],
+    ],
+    "aggregate element swapped": [
+        ["delete", "element", "inet", "metaleg", "mark4", "{ 10.244.1.21 }"],
+        ["add", "element", "inet", "metaleg", "mark4", "{ 10.244.9.9 : 0x00200000 }"],
+    ],
+    "aggregate value changed": [
+        ["delete", "element", "inet", "metaleg", "mark6", "{ fd00:1::11 }"],
+        ["add", "element", "inet", "metaleg", "mark6", "{ fd00:1::11 : 0x00200000 }"],
     ],
     "table dormant": [["add", "table", "inet", "metaleg", "{ flags dormant; }"]],
 }
@@ -822,7 +932,7 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     document = listing(ns)
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
-    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 30 + 5
+    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 30 + 2 * 5
     # Generous bounds (CI machines vary); the report quotes the measured figures.
     assert figures["full"] < 5
     assert figures["incremental"] < 1

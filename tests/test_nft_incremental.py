@@ -226,7 +226,7 @@ def test_conflicting_sources_follow_the_first_service_through_changes() -> None:
         live = step(live, old, new)
     assert live is not None
     assert live.content.reject[Family.IPV4] == {"10.244.1.1"}
-    assert live.content.mark[Family.IPV4] == {"10.244.1.2": "fwmark_00100000"}
+    assert live.content.mark[Family.IPV4] == {"10.244.1.2": 1 << 20}
 
 
 def test_a_bad_service_is_refused_before_anything_changes() -> None:
@@ -318,9 +318,10 @@ def test_a_change_touches_only_the_changed_service(monkeypatch: pytest.MonkeyPat
         Family.IPV6: set(),
     }
     assert change.script.splitlines()[:2] == [
-        "add chain inet metaleg fwmark_00200000",
-        change.script.splitlines()[1],
+        "add set inet metaleg mark4_00200000 { type ipv4_addr; }",
+        "add set inet metaleg mark6_00200000 { type ipv6_addr; }",
     ]
+    assert change.new_marks == [2 << 20]
     live.commit(change)
     assert live.content == TableContent.of(new)
 

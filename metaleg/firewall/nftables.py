@@ -3,17 +3,19 @@
 Layout (``table inet metaleg``; IPv4 and IPv6 in one table), in the style of
 kube-proxy's nftables mode: the rules never change with the Services, only the
 elements of the sets and maps they look up do, so N Services cost O(1) rules
-(plus one tiny chain per gateway node)::
+(plus two rules and two sets per gateway slot in use)::
 
     set exclude4/exclude6  (interval)   FIREWALL_EXCLUDE_DST_CIDRS
     map snat4/snat6        source -> LoadBalancer IP        (this node is the gateway)
-    map mark4/mark6        source -> jump fwmark_<mark>     (another node is the gateway)
+    map mark4/mark6        source -> mark                   (another node is the gateway)
+    set mark4_<mark>/mark6_<mark>  sources of one gateway slot  (<mark>: 8 hex digits)
     set reject4/reject6    sources                          (gateway unknown: fail closed)
     set transit4/transit6  (interval)   other nodes' pods   (the transit guard)
 
-    chain fwmark_<mark>    meta mark set meta mark & ~fwmask | <mark>   (one per gateway slot)
+    chain fwmark       regular, per slot in use and family:
+        saddr @mark<f>_<mark> meta mark set meta mark & ~fwmask | <mark>
     chain prerouting   filter/prerouting  priority mangle - 10:
-        daddr @exclude return; saddr vmap @mark
+        daddr @exclude return; saddr @mark jump fwmark
     chain postrouting  nat/postrouting    priority srcnat - 10:
         daddr @exclude return;
         meta mark & fwmask != 0 snat to saddr      (null binding, see below)
@@ -56,17 +58,40 @@ packet gets a *null binding* here (SNAT to its own source address): it keeps the
 pod IP, and the node's masquerade (kube-router/kube-proxy, either mode) no longer
 applies to it; on the gateway node the SNAT map binds the LB IP first.
 
-The mark is set through a verdict map jumping to one chain per mark because
-nft 1.0.6 cannot combine a map lookup with ``meta mark & ~mask |`` (the right
-hand side of ``|`` must be constant), and overwriting the whole mark would
-clobber bits outside FIREWALL_MASK that other components use.
+Setting the mark: nft 1.0.6 cannot take the right hand side of
+``meta mark & ~mask |`` from a map (it must be constant), and overwriting the
+whole mark would clobber bits outside FIREWALL_MASK that other components use.
+So each gateway slot (a mark in use) has one plain set per family and one rule
+per family in ``fwmark`` with its mark as the constant; sources move between
+slots as set elements. There is no verdict map: adding a ``jump`` element to a
+verdict map makes nf_tables validate the whole table, looping over every element
+of every verdict map (measured with nft 1.0.6 at 10,000 sources per family: 1.25
+ms per added element against 0.14 ms for a plain set element and its map entry),
+which made a change at N=1000 cost 3.4 times one at N=100. Plain set and data
+map elements trigger no validation.
+
+Which sources are marked at all, one lookup: the aggregate maps ``mark4`` /
+``mark6`` (source -> mark, kept alongside the slot sets in the same transaction),
+rather than per-slot rules in ``forward`` and ``egress``. ``forward`` sees every
+forwarded packet and ``egress`` every outgoing one; per-slot rules there would
+cost up to two lookups per slot and family for each packet and would make those
+chains change with the slots. With the aggregate, they stay static, and
+prerouting sends only marked sources' packets through ``fwmark``; everything
+else pays one lookup per family whatever the number of slots. A map rather than
+a plain set: it lists which mark each source gets in one place (``nft list map
+inet metaleg mark4``), for one more element change per moved source. Rules that
+refer to the aggregate are never rewritten incrementally: adding a rule that
+refers to a map costs time in its number of elements (0.4 ms at 10,000), while
+``fwmark``'s rules refer only to slot sets.
 
 Transactions: every :meth:`NftablesBackend.apply` is ONE nft transaction
 (libnftables sends a script as one netlink batch; the kernel commits all or
-nothing): element deletions/additions and new/removed per-mark chains. A full
-re-sync recreates the whole table in one transaction (``add table; delete
-table; add table ...``), so packets see either the old or the new table, never
-an empty one. Only ``table inet metaleg`` is ever touched.
+nothing): element deletions/additions and, when the slots in use change, the
+new slots' sets, ``fwmark`` flushed and rewritten (at most two rules per slot;
+no rule handles needed) and the gone slots' sets deleted. A full re-sync
+recreates the whole table in one transaction (``add table; delete table; add
+table ...``), so packets see either the old or the new table, never an empty
+one. Only ``table inet metaleg`` is ever touched.
 
 Incremental changes cost what they change, not what the table holds: the
 backend keeps a :class:`LiveTable` (the applied state, its content and, per
@@ -75,10 +100,8 @@ differ between two snapshots (unchanged ones compare equal), patching it only
 once the kernel took the transaction. The step's script is the one
 :func:`diff_script` would write for the full contents, and its conntrack plan
 covers exactly the sources whose treatment changed (both checked against the
-full render by ``tests/test_nft_incremental.py``). What is still O(N) per change
-is in the kernel: adding a ``jump`` element to a verdict map makes nf_tables
-validate the whole table, every element of both mark maps included (~2 ms at
-20,000 sources).
+full render by ``tests/test_nft_incremental.py``). In the kernel, too, an
+element change costs the same at any N (no verdict map, see above).
 
 Every rule carries a comment ``metaleg:<hash of chain and rule text>`` so that
 a re-sync can tell our rules (in order) from edited, removed or foreign ones.
@@ -123,7 +146,12 @@ REJECT_WITH = (
 _SUFFIX = {Family.IPV4: "4", Family.IPV6: "6"}
 _IP = {Family.IPV4: "ip", Family.IPV6: "ip6"}
 _ADDR = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
-_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
+_SLOT_SET = re.compile(r"^mark([46])_([0-9a-f]{8})$")
+_FAMILY_OF = {"4": Family.IPV4, "6": Family.IPV6}
+_OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
+MARK_CHAIN = "fwmark"
+"""The regular chain that sets the mark, one rule per gateway slot and family ("mark" is an
+nft keyword)."""
 
 
 class SetSpec(NamedTuple):
@@ -145,7 +173,7 @@ for _family in Family:
     _s, _a = _SUFFIX[_family], _ADDR[_family]
     SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
     SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
-    SETS[f"mark{_s}"] = SetSpec("map", _a, "verdict", ())
+    SETS[f"mark{_s}"] = SetSpec("map", _a, "mark", ())
     SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
     SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
 
@@ -186,20 +214,55 @@ def rule_comment(chain: str, rule: str) -> str:
     return f"metaleg:{digest}"
 
 
-@functools.lru_cache(maxsize=256)
-def mark_chain_name(fwmark: int) -> str:
-    """``fwmark_00100000``: one regular chain per gateway mark ("mark" is an nft keyword)."""
-    return f"fwmark_{fwmark:08x}"
+@functools.lru_cache(maxsize=1024)
+def slot_set_name(family: Family, fwmark: int) -> str:
+    """``mark4_00100000``: the plain set of one gateway slot's sources of one family."""
+    return f"mark{_SUFFIX[family]}_{fwmark:08x}"
 
 
-def mark_chain(fwmark: int, fwmask: int) -> ChainSpec:
+def slot_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
+    """The per-slot sets of ``fwmarks`` (both families each, in :func:`set_order`)."""
+    return {
+        slot_set_name(f, m): SetSpec("set", _ADDR[f], None, ())
+        for m in sorted(fwmarks)
+        for f in Family
+    }
+
+
+def expected_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
+    """Every set and map of the table when ``fwmarks`` are the gateway slots in use."""
+    return {**SETS, **slot_sets(fwmarks)}
+
+
+def set_order(fwmarks: Iterable[int]) -> list[str]:
+    """The order in which scripts touch the sets' elements (the full and the incremental
+    path write the same transaction, command for command)."""
+    order = [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("exclude", "reject", "transit")]
+    order += [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("snat", "mark")]
+    order += [slot_set_name(f, m) for m in sorted(fwmarks) for f in Family]
+    return order
+
+
+def mark_chain(fwmarks: Iterable[int], fwmask: int) -> ChainSpec:
+    """The chain ``fwmark``: per gateway slot and family, sources of the slot's set get the
+    slot's mark; bits outside ``fwmask`` are kept (nft 1.0.6 cannot take the right hand
+    side of ``|`` from a map, hence one rule and one set per slot)."""
     keep = ~fwmask & 0xFFFFFFFF
-    rule = f"meta mark set meta mark & {keep:#010x} | {fwmark:#010x}"
-    return ChainSpec(mark_chain_name(fwmark), None, None, None, None, (rule,))
+    rules = tuple(
+        f"{_IP[f]} saddr @{slot_set_name(f, m)} meta mark set meta mark & {keep:#010x} | {m:#010x}"
+        for m in sorted(fwmarks)
+        for f in Family
+    )
+    return ChainSpec(MARK_CHAIN, None, None, None, None, rules)
+
+
+def table_chains(fwmask: int, reject_with: str, fwmarks: Iterable[int]) -> tuple[ChainSpec, ...]:
+    """Every chain of the table, jump targets first (the order of :func:`full_script`)."""
+    return (mark_chain(fwmarks, fwmask), *base_chains(fwmask, reject_with))
 
 
 def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
-    """The three static base chains; their rules depend only on the mask and reject type."""
+    """The four static base chains; their rules depend only on the mask and reject type."""
     mask = f"{fwmask:#010x}"
     # The transit guard: cheapest tests first (most forwarded packets are not
     # new; the SNAT map is looked up as a set of its keys).
@@ -224,7 +287,9 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
             "prerouting",
             "mangle - 10",
             -160,
-            (*excludes, *(f"{_IP[f]} saddr vmap @mark{_SUFFIX[f]}" for f in Family)),
+            # Only sources of the aggregate map go through the per-slot rules: other
+            # packets pay one lookup per family, whatever the number of slots.
+            (*excludes, *(f"{_IP[f]} saddr @mark{_SUFFIX[f]} jump {MARK_CHAIN}" for f in Family)),
         ),
         ChainSpec(
             "postrouting",
@@ -340,6 +405,10 @@ def _empty_maps() -> dict[Family, dict[str, str]]:
     return {f: {} for f in Family}
 
 
+def _empty_marks() -> dict[Family, dict[str, int]]:
+    return {f: {} for f in Family}
+
+
 @dataclass(frozen=True)
 class TableContent:
     """The dynamic part of the table: what the sets and maps hold."""
@@ -347,8 +416,8 @@ class TableContent:
     exclude: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     snat: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
     """source -> LoadBalancer IP"""
-    mark: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
-    """source -> name of the chain that sets its mark"""
+    mark: dict[Family, dict[str, int]] = field(default_factory=_empty_marks)
+    """source -> its gateway's mark (the aggregate map ``mark<f>`` and the slot sets)"""
     reject: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     transit: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     """The transit guard's sources, canonical prefixes (like ``exclude``)."""
@@ -386,27 +455,21 @@ class TableContent:
                     content.snat[family][source] = treatment.snat_ip
                 elif treatment.action == Action.MARK:
                     assert treatment.fwmark is not None
-                    content.mark[family][source] = mark_chain_name(treatment.fwmark)
+                    content.mark[family][source] = treatment.fwmark
                 else:
                     reject.add(source)
             content.reject[family] = frozenset(reject)
         return content
 
-    def mark_chains(self) -> dict[str, int]:
-        """The per-mark chains the mark maps jump to (name -> mark)."""
-        names = {name for table in self.mark.values() for name in table.values()}
-        result = {}
-        for name in names:
-            match = _MARK_CHAIN.match(name)
-            if match:
-                result[name] = int(match.group(1), 16)
-        return result
+    def fwmarks(self) -> frozenset[int]:
+        """The gateway slots in use (each has a set per family and rules in ``fwmark``)."""
+        return frozenset(m for table in self.mark.values() for m in set(table.values()))
 
     @functools.cached_property
     def view(self) -> EgressView:
         """The conntrack scoping view of this content (computed once per content)."""
         treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
-        # One Treatment per distinct LB IP / mark chain, not per source: this runs for
+        # One Treatment per distinct LB IP / mark, not per source: this runs for
         # every snapshot and must not cost per-source object creation.
         rejected = Treatment(Action.REJECT)
         for family in Family:
@@ -415,13 +478,8 @@ class TableContent:
                 ip: Treatment(Action.SNAT, snat_ip=ip) for ip in set(self.snat[family].values())
             }
             table.update((source, snat[ip]) for source, ip in self.snat[family].items())
-            marks = {}
-            for chain in set(self.mark[family].values()):
-                match = _MARK_CHAIN.match(chain)
-                marks[chain] = Treatment(
-                    Action.MARK, fwmark=int(match.group(1), 16) if match else None
-                )
-            table.update((source, marks[chain]) for source, chain in self.mark[family].items())
+            marks = {m: Treatment(Action.MARK, fwmark=m) for m in set(self.mark[family].values())}
+            table.update((source, marks[m]) for source, m in self.mark[family].items())
             table.update((source, rejected) for source in self.reject[family])
         return EgressView(
             treatments,
@@ -429,13 +487,19 @@ class TableContent:
         )
 
     def element_sets(self) -> dict[str, AbstractSet[str]]:
-        """Every set/map as nft element strings, keyed by set name (for diffs)."""
+        """Every plain set as nft element strings, keyed by set name (for diffs): the
+        static ones and one per gateway slot and family."""
         result: dict[str, AbstractSet[str]] = {}
         for family in Family:
             s = _SUFFIX[family]
             result[f"exclude{s}"] = self.exclude[family]
             result[f"reject{s}"] = self.reject[family]
             result[f"transit{s}"] = self.transit[family]
+        slots: dict[str, set[str]] = {name: set() for name in slot_sets(self.fwmarks())}
+        for family in Family:
+            for source, fwmark in self.mark[family].items():
+                slots[slot_set_name(family, fwmark)].add(source)
+        result.update(slots)
         return result
 
     def element_maps(self) -> dict[str, dict[str, str]]:
@@ -443,16 +507,24 @@ class TableContent:
         for family in Family:
             s = _SUFFIX[family]
             result[f"snat{s}"] = self.snat[family]
-            result[f"mark{s}"] = {k: f"jump {v}" for k, v in self.mark[family].items()}
+            result[f"mark{s}"] = {k: _mark_value(v) for k, v in self.mark[family].items()}
         return result
 
     def counts(self) -> dict[str, int]:
-        sizes = {name: len(v) for name, v in self.element_sets().items()}
+        sizes: dict[str, int] = {}
         for family in Family:
             s = _SUFFIX[family]
+            sizes[f"exclude{s}"] = len(self.exclude[family])
+            sizes[f"reject{s}"] = len(self.reject[family])
+            sizes[f"transit{s}"] = len(self.transit[family])
             sizes[f"snat{s}"] = len(self.snat[family])
             sizes[f"mark{s}"] = len(self.mark[family])
         return sizes
+
+
+@functools.lru_cache(maxsize=1024)
+def _mark_value(fwmark: int) -> str:
+    return f"{fwmark:#010x}"
 
 
 def _elements(items: Iterable[str]) -> str:
@@ -469,6 +541,23 @@ def _delete_elements(name: str, items: Iterable[str]) -> list[str]:
     return [f"delete element {QUALIFIED} {name} {{ {_elements(listed)} }}"] if listed else []
 
 
+def _slot_commands(
+    new: Iterable[int], gone: Iterable[int], fwmarks: Iterable[int], fwmask: int
+) -> tuple[list[str], list[str]]:
+    """The commands of a transaction that adds slots ``new`` and removes slots ``gone``
+    (``fwmarks``: the slots after it): what goes before the element changes (the new
+    slots' sets) and what goes after them (the chain ``fwmark`` rewritten, then the
+    gone slots' sets deleted: a set can go only once no rule refers to it)."""
+    new, gone = sorted(new), sorted(gone)
+    if not new and not gone:
+        return [], []
+    before = [spec.declaration(name) for name, spec in slot_sets(new).items()]
+    chain = mark_chain(fwmarks, fwmask)
+    after = [f"flush chain {QUALIFIED} {MARK_CHAIN}", *chain.rule_commands()]
+    after += [f"delete set {QUALIFIED} {name}" for name in slot_sets(gone)]
+    return before, after
+
+
 def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
     """One transaction that replaces the whole table with ``content``.
 
@@ -476,17 +565,17 @@ def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
     exists; both run in the same batch as the new definition, so the kernel
     swaps old for new atomically.
     """
+    fwmarks = content.fwmarks()
     commands = [f"add table {QUALIFIED}", f"delete table {QUALIFIED}", f"add table {QUALIFIED}"]
-    commands += [spec.declaration(name) for name, spec in SETS.items()]
-    for fwmark in sorted(content.mark_chains().values()):
-        chain = mark_chain(fwmark, fwmask)
-        commands += [chain.declaration(), *chain.rule_commands()]
-    for name, members in content.element_sets().items():
-        commands += _add_elements(name, members)
-    for name, mapping in content.element_maps().items():
-        commands += _add_elements(name, (f"{k} : {v}" for k, v in mapping.items()))
-    # Base chains last: they reference the sets and maps above.
-    for chain in base_chains(fwmask, reject_with):
+    commands += [spec.declaration(name) for name, spec in expected_sets(fwmarks).items()]
+    sets, maps = content.element_sets(), content.element_maps()
+    for name in set_order(fwmarks):
+        if name in maps:
+            commands += _add_elements(name, (f"{k} : {v}" for k, v in maps[name].items()))
+        else:
+            commands += _add_elements(name, sets[name])
+    # Chains last (they reference the sets and maps above), jump targets first.
+    for chain in table_chains(fwmask, reject_with, fwmarks):
         commands += [chain.declaration(), *chain.rule_commands()]
     return "\n".join(commands) + "\n"
 
@@ -494,33 +583,32 @@ def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
 def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
     """One transaction that turns ``old`` into ``new`` (empty string: nothing to do).
 
-    Order inside the batch: new mark chains (the map elements jump to them),
-    element deletions (removed keys and keys whose value changes), element
-    additions, then removal of mark chains no longer referenced.
+    Order inside the batch: sets of new gateway slots, element deletions (removed
+    keys and keys whose value changes; none from the sets of gone slots), element
+    additions, then, if the slots changed, the chain ``fwmark`` rewritten and the
+    gone slots' sets deleted. Element changes never make nf_tables validate the
+    table, and a rewritten ``fwmark`` has it walk the rules only (no verdict map).
     """
-    commands: list[str] = []
-    old_chains, new_chains = old.mark_chains(), new.mark_chains()
-    for name in sorted(new_chains.keys() - old_chains.keys()):
-        chain = mark_chain(new_chains[name], fwmask)
-        commands += [chain.declaration(), *chain.rule_commands()]
+    old_marks, new_marks = old.fwmarks(), new.fwmarks()
+    before, after = _slot_commands(new_marks - old_marks, old_marks - new_marks, new_marks, fwmask)
+    commands = before
     old_sets, new_sets = old.element_sets(), new.element_sets()
     old_maps, new_maps = old.element_maps(), new.element_maps()
-    for name in old_sets:
-        commands += _delete_elements(name, old_sets[name] - new_sets[name])
-    for name in old_maps:
-        before, after = old_maps[name], new_maps[name]
-        commands += _delete_elements(
-            name, (k for k, v in before.items() if k not in after or after[k] != v)
-        )
-    for name in new_sets:
-        commands += _add_elements(name, new_sets[name] - old_sets[name])
-    for name in new_maps:
-        before, after = old_maps[name], new_maps[name]
-        commands += _add_elements(
-            name, (f"{k} : {v}" for k, v in after.items() if before.get(k) != v)
-        )
-    for name in sorted(old_chains.keys() - new_chains.keys()):
-        commands += [f"flush chain {QUALIFIED} {name}", f"delete chain {QUALIFIED} {name}"]
+    for name in set_order(old_marks & new_marks):
+        if name in new_maps:
+            was, now = old_maps[name], new_maps[name]
+            commands += _delete_elements(name, (k for k, v in was.items() if now.get(k) != v))
+        else:
+            commands += _delete_elements(name, old_sets[name] - new_sets[name])
+    for name in set_order(new_marks):
+        if name in new_maps:
+            was, now = old_maps[name], new_maps[name]
+            commands += _add_elements(
+                name, (f"{k} : {v}" for k, v in now.items() if was.get(k) != v)
+            )
+        else:
+            commands += _add_elements(name, new_sets[name] - old_sets.get(name, frozenset()))
+    commands += after
     return "\n".join(commands) + "\n" if commands else ""
 
 
@@ -591,7 +679,8 @@ class LiveChange:
     services: list[tuple[ServiceKey, ServiceEgress | None, ServiceEgress | None]]
     sources: list[_SourceChange]
     transit: dict[Family, frozenset[str]] | None
-    new_chains: list[str]
+    new_marks: list[int]
+    """Gateway slots the step creates (their rules are new to the baseline)."""
     flush: FlushPlan
     """The conntrack step: exactly the sources whose treatment changed, with their
     old and new treatments (the views hold only those: :meth:`FlushPlan.wants`
@@ -618,11 +707,11 @@ class LiveTable:
         self.owner: dict[Family, dict[str, ServiceKey]] = {f: {} for f in Family}
         self.contenders: dict[Family, dict[str, tuple[ServiceKey, ...]]] = {f: {} for f in Family}
         """Sources claimed by several Services: all of them, sorted (rare)."""
-        self.mark_refs: Counter[str] = Counter()
-        """mark chain -> map elements jumping to it (both families)."""
+        self.mark_refs: Counter[int] = Counter()
+        """gateway mark -> sources marked with it (both families): the slots in use."""
         self.ordered = True
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
-        mark: dict[Family, dict[str, str]] = {f: {} for f in Family}
+        mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
         reject: dict[Family, set[str]] = {f: set() for f in Family}
         previous: ServiceKey | None = None
         try:
@@ -669,6 +758,7 @@ class LiveTable:
         self._exclude_networks = {
             f: conntrack.collapse_cidrs(self.content.exclude[f], f) for f in Family
         }
+        conntrack.walked_whole_state()  # every entry of the state was looked up above
 
     def _render_all(
         self,
@@ -676,7 +766,7 @@ class LiveTable:
         sources: Iterable[str],
         treatment: Treatment,
         snat: dict[Family, dict[str, str]],
-        mark: dict[Family, dict[str, str]],
+        mark: dict[Family, dict[str, int]],
         reject: dict[Family, set[str]],
     ) -> None:
         """:meth:`_render` of sources that share one treatment, in bulk."""
@@ -685,10 +775,9 @@ class LiveTable:
             snat[family].update(dict.fromkeys(sources, treatment.snat_ip))
         elif treatment.action == Action.MARK:
             assert treatment.fwmark is not None
-            chain = mark_chain_name(treatment.fwmark)
-            added = dict.fromkeys(sources, chain)
+            added = dict.fromkeys(sources, treatment.fwmark)
             mark[family].update(added)
-            self.mark_refs[chain] += len(added)
+            self.mark_refs[treatment.fwmark] += len(added)
         else:
             reject[family].update(sources)
 
@@ -697,7 +786,7 @@ class LiveTable:
         family: Family,
         claims: Iterable[tuple[str, Treatment]],
         snat: dict[Family, dict[str, str]],
-        mark: dict[Family, dict[str, str]],
+        mark: dict[Family, dict[str, int]],
         reject: dict[Family, set[str]],
     ) -> None:
         for source, treatment in claims:
@@ -706,9 +795,8 @@ class LiveTable:
                 snat[family][source] = treatment.snat_ip
             elif treatment.action == Action.MARK:
                 assert treatment.fwmark is not None
-                chain = mark_chain_name(treatment.fwmark)
-                mark[family][source] = chain
-                self.mark_refs[chain] += 1
+                mark[family][source] = treatment.fwmark
+                self.mark_refs[treatment.fwmark] += 1
             else:
                 reject[family].add(source)
 
@@ -777,14 +865,14 @@ class LiveTable:
                 after = claim(claimants[0], family, source, True) if claimants else None
                 changes.append(_SourceChange(family, source, claimants, before, after))
 
-        script, new_chains = self._script(changes, transit)
+        script, new_marks = self._script(changes, transit)
         moved = [c for c in changes if c.before != c.after]
         flush = FlushPlan(
             {f: {c.source for c in moved if c.family == f} for f in Family},
             self._view(moved, before=True),
             self._view(moved, before=False),
         )
-        return LiveChange(new, script, services, changes, transit, new_chains, flush)
+        return LiveChange(new, script, services, changes, transit, new_marks, flush)
 
     def _view(self, changes: list[_SourceChange], before: bool) -> EgressView:
         treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
@@ -796,25 +884,27 @@ class LiveTable:
 
     def _script(
         self, changes: list[_SourceChange], transit: dict[Family, frozenset[str]] | None
-    ) -> tuple[str, list[str]]:
+    ) -> tuple[str, list[int]]:
         """The transaction, command for command what :func:`diff_script` writes for the
         full contents before and after (elements sorted alike)."""
         deletions: dict[str, list[str]] = {}
         additions: dict[str, list[str]] = {}
-        refs: Counter[str] = Counter()
-        fwmarks: dict[str, int] = {}
+        refs: Counter[int] = Counter()
         for change in changes:
             before, after = change.before, change.after
             if before == after:
                 continue
-            s = _SUFFIX[change.family]
+            family = change.family
+            s = _SUFFIX[family]
             if before is not None:
                 if before.action == Action.SNAT:
                     deletions.setdefault(f"snat{s}", []).append(change.source)
                 elif before.action == Action.MARK:
                     assert before.fwmark is not None
                     deletions.setdefault(f"mark{s}", []).append(change.source)
-                    refs[mark_chain_name(before.fwmark)] -= 1
+                    slot = slot_set_name(family, before.fwmark)
+                    deletions.setdefault(slot, []).append(change.source)
+                    refs[before.fwmark] -= 1
                 elif after is None or after.action != Action.REJECT:
                     deletions.setdefault(f"reject{s}", []).append(change.source)
             if after is not None:
@@ -824,10 +914,12 @@ class LiveTable:
                     )
                 elif after.action == Action.MARK:
                     assert after.fwmark is not None
-                    chain = mark_chain_name(after.fwmark)
-                    additions.setdefault(f"mark{s}", []).append(f"{change.source} : jump {chain}")
-                    refs[chain] += 1
-                    fwmarks[chain] = after.fwmark
+                    additions.setdefault(f"mark{s}", []).append(
+                        f"{change.source} : {_mark_value(after.fwmark)}"
+                    )
+                    slot = slot_set_name(family, after.fwmark)
+                    additions.setdefault(slot, []).append(change.source)
+                    refs[after.fwmark] += 1
                 elif before is None or before.action != Action.REJECT:
                     additions.setdefault(f"reject{s}", []).append(change.source)
         if transit is not None:
@@ -835,21 +927,17 @@ class LiveTable:
                 s, have = _SUFFIX[family], self.content.transit[family]
                 deletions[f"transit{s}"] = list(have - transit[family])
                 additions[f"transit{s}"] = list(transit[family] - have)
-        new_chains = sorted(c for c, n in refs.items() if n > 0 and not self.mark_refs[c])
-        gone_chains = sorted(c for c, n in refs.items() if n < 0 and self.mark_refs[c] + n == 0)
-        commands: list[str] = []
-        for name in new_chains:
-            spec = mark_chain(fwmarks[name], self.fwmask)
-            commands += [spec.declaration(), *spec.rule_commands()]
-        order = [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("exclude", "reject", "transit")]
-        order += [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("snat", "mark")]
-        for name in order:
+        current = self.mark_refs
+        new_marks = sorted(m for m, n in refs.items() if n > 0 and not current[m])
+        gone_marks = sorted(m for m, n in refs.items() if n < 0 and current[m] + n == 0)
+        kept = {m for m, n in current.items() if n > 0} - set(gone_marks)
+        commands, last = _slot_commands(new_marks, gone_marks, kept | set(new_marks), self.fwmask)
+        for name in set_order(kept):
             commands += _delete_elements(name, deletions.get(name, ()))
-        for name in order:
+        for name in set_order(kept | set(new_marks)):
             commands += _add_elements(name, additions.get(name, ()))
-        for name in gone_chains:
-            commands += [f"flush chain {QUALIFIED} {name}", f"delete chain {QUALIFIED} {name}"]
-        return ("\n".join(commands) + "\n" if commands else ""), new_chains
+        commands += last
+        return ("\n".join(commands) + "\n" if commands else ""), new_marks
 
     def commit(self, change: LiveChange) -> None:
         """Take ``change`` as applied (the kernel committed its script)."""
@@ -874,11 +962,10 @@ class LiveTable:
                     del content.snat[family][source]
                 elif before.action == Action.MARK:
                     assert before.fwmark is not None
-                    chain = mark_chain_name(before.fwmark)
                     del content.mark[family][source]
-                    self.mark_refs[chain] -= 1
-                    if not self.mark_refs[chain]:
-                        del self.mark_refs[chain]
+                    self.mark_refs[before.fwmark] -= 1
+                    if not self.mark_refs[before.fwmark]:
+                        del self.mark_refs[before.fwmark]
                 else:
                     _mutable(content.reject, family).discard(source)
             if after is not None:
@@ -887,9 +974,8 @@ class LiveTable:
                     content.snat[family][source] = after.snat_ip
                 elif after.action == Action.MARK:
                     assert after.fwmark is not None
-                    chain = mark_chain_name(after.fwmark)
-                    content.mark[family][source] = chain
-                    self.mark_refs[chain] += 1
+                    content.mark[family][source] = after.fwmark
+                    self.mark_refs[after.fwmark] += 1
                 else:
                     _mutable(content.reject, family).add(source)
         if change.transit is not None:
@@ -974,32 +1060,63 @@ class ActualTable:
                 )
         return table
 
+    def set_members(self, name: str) -> frozenset[str]:
+        """A plain set's elements, canonical (unparseable ones are skipped): prefixes for
+        the interval sets, addresses for the others."""
+        family = _set_family(name)
+        elements = self.elements.get(name, [])
+        if SETS.get(name, _PLAIN).flags:
+            return _ranges_to_cidrs([r for e in elements if (r := _range(e, family))], family)
+        return frozenset(a for e in elements if (a := _address(e, family)))
+
+    def map_members(self, name: str) -> dict[str, str]:
+        """A map's elements as nft element strings (key -> value), canonical."""
+        family = _set_family(name)
+        result: dict[str, str] = {}
+        for key, value in _pairs(self.elements.get(name, [])):
+            source = _address(key, family)
+            if source is None:
+                continue
+            if name.startswith("snat"):
+                if lb_ip := _address(value, family):
+                    result[source] = lb_ip
+            elif isinstance(value, int) and not isinstance(value, bool):
+                result[source] = _mark_value(value)
+        return result
+
     def content(self) -> TableContent:
-        """The set and map elements, canonical (unparseable elements are skipped)."""
+        """The set and map elements, canonical (unparseable elements are skipped); the
+        marks as the slot sets hold them (what sets the mark)."""
         content = TableContent()
         for family in Family:
             s = _SUFFIX[family]
-            content.exclude[family] = _ranges_to_cidrs(
-                [r for e in self.elements.get(f"exclude{s}", []) if (r := _range(e, family))],
-                family,
-            )
-            content.reject[family] = frozenset(
-                a for e in self.elements.get(f"reject{s}", []) if (a := _address(e, family))
-            )
-            content.transit[family] = _ranges_to_cidrs(
-                [r for e in self.elements.get(f"transit{s}", []) if (r := _range(e, family))],
-                family,
-            )
-            for key, value in _pairs(self.elements.get(f"snat{s}", [])):
-                source, lb_ip = _address(key, family), _address(value, family)
-                if source and lb_ip:
-                    content.snat[family][source] = lb_ip
-            for key, value in _pairs(self.elements.get(f"mark{s}", [])):
-                source = _address(key, family)
+            content.exclude[family] = self.set_members(f"exclude{s}")
+            content.reject[family] = self.set_members(f"reject{s}")
+            content.transit[family] = self.set_members(f"transit{s}")
+            content.snat[family].update(self.map_members(f"snat{s}"))
+        for name in self.elements:
+            match = _SLOT_SET.match(name)
+            if match:
+                family, fwmark = _FAMILY_OF[match.group(1)], int(match.group(2), 16)
+                content.mark[family].update(dict.fromkeys(self.set_members(name), fwmark))
+        # The layout before slot sets: verdict maps jumping to one chain per mark. Read
+        # so that the first re-sync after an upgrade (a recreate) knows the sources were
+        # marked already and flushes none of their flows.
+        for family in Family:
+            for key, value in _pairs(self.elements.get(f"mark{_SUFFIX[family]}", [])):
                 target = value.get("jump", {}).get("target") if isinstance(value, dict) else None
-                if source and isinstance(target, str):
-                    content.mark[family][source] = target
+                old = _OLD_MARK_CHAIN.match(target) if isinstance(target, str) else None
+                if old and (source := _address(key, family)):
+                    content.mark[family].setdefault(source, int(old.group(1), 16))
         return content
+
+
+_PLAIN = SetSpec("set", "", None, ())
+
+
+def _set_family(name: str) -> Family:
+    match = _SLOT_SET.match(name)
+    return _FAMILY_OF[match.group(1) if match else name[-1]]
 
 
 def _unwrap(element: Any) -> Any:
@@ -1058,14 +1175,15 @@ def differences(
     problems: list[str] = []
     if actual.flags:
         problems.append(f"table has flags {actual.flags}")
-    for name, spec in SETS.items():
+    fwmarks = desired.fwmarks()
+    sets = expected_sets(fwmarks)
+    for name, spec in sets.items():
         if name not in actual.sets:
             problems.append(f"{spec.kind} {name} is missing")
         elif actual.sets[name] != spec:
             problems.append(f"{spec.kind} {name} is {actual.sets[name]}, want {spec}")
-    problems += [f"unexpected set {name}" for name in actual.sets.keys() - SETS.keys()]
-    chains = {c.name: c for c in base_chains(fwmask, reject_with)}
-    chains.update({n: mark_chain(m, fwmask) for n, m in desired.mark_chains().items()})
+    problems += [f"unexpected set {name}" for name in actual.sets.keys() - sets.keys()]
+    chains = {c.name: c for c in table_chains(fwmask, reject_with, fwmarks)}
     for name, chain in chains.items():
         if name not in actual.chains:
             problems.append(f"chain {name} is missing")
@@ -1081,16 +1199,15 @@ def differences(
             if comment is not None and comment in baseline and baseline[comment] != expression:
                 problems.append(f"rule {comment} in chain {name} was modified")
     problems += [f"unexpected chain {name}" for name in actual.chains.keys() - chains.keys()]
-    # A count that differs from the parsed elements means elements we could not
-    # parse (or duplicates after canonicalisation): not ours, so recreate.
-    content = actual.content()
-    have_sets, have_maps = content.element_sets(), content.element_maps()
+    # Each set is compared on its own (the aggregate mark maps and the slot sets
+    # included). A count that differs from the parsed elements means elements we could
+    # not parse (or duplicates after canonicalisation): not ours, so recreate.
     for name, members in desired.element_sets().items():
-        have = have_sets[name]
+        have = actual.set_members(name)
         if have != members or len(actual.elements.get(name, [])) != len(have):
             problems.append(f"set {name}: {len(have ^ members)} elements differ")
     for name, mapping in desired.element_maps().items():
-        have_map = have_maps[name]
+        have_map = actual.map_members(name)
         if have_map != mapping or len(actual.elements.get(name, [])) != len(have_map):
             changed = {
                 k for k in have_map.keys() | mapping.keys() if have_map.get(k) != mapping.get(k)
@@ -1159,7 +1276,7 @@ class NftablesBackend:
             if not self._run_incremental(change.script, state):
                 return
             live.commit(change)
-            if change.new_chains:
+            if change.new_marks:
                 self._record_baseline(merge=True)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("nftables updated", extra={"elements": live.content.counts()})
@@ -1173,7 +1290,7 @@ class NftablesBackend:
         if script:
             if not self._run_incremental(script, state):
                 return
-            if fresh.content.mark_chains().keys() - live.content.mark_chains().keys():
+            if fresh.content.fwmarks() - live.content.fwmarks():
                 self._record_baseline(merge=True)
         self._live = fresh
         self._flush_step(FlushPlan.between(live.content.view, fresh.content.view))
@@ -1272,7 +1389,7 @@ class NftablesBackend:
         try:
             table = ActualTable.parse(self.nft.json(f"list table {QUALIFIED}", terse=True))
             for name, spec in table.sets.items():
-                if name in SETS:
+                if name in SETS or _SLOT_SET.match(name):
                     listed = self.nft.json(f"list {spec.kind} {QUALIFIED} {name}")
                     table.elements[name] = ActualTable.parse(listed).elements.get(name, [])
                     del listed
@@ -1317,7 +1434,7 @@ class NftablesBackend:
     def _record_baseline(self, merge: bool = False) -> None:
         """Record the expressions of our rules as the kernel lists them (terse: no elements).
 
-        ``merge`` (after an incremental change that added mark chains) records
+        ``merge`` (after an incremental change that added gateway slots) records
         only tags not yet known, so that a rule edited since the last full
         recreate is not accepted as the new normal.
         """
