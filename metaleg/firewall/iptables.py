@@ -661,6 +661,11 @@ class XtablesHelper:
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, (root, environment.get("PYTHONPATH")))
         )
+        # python-iptables imports distutils.sysconfig; setuptools' distutils shim would
+        # pull in setuptools and pkg_resources (~14 MiB per helper). The switch is
+        # setuptools' own: stdlib distutils where Python still has it (3.11), otherwise
+        # python-iptables falls back to sysconfig.
+        environment["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
         command = [
             sys.executable,
             "-m",
