@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -9,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metaleg.firewall import conntrack
+from metaleg.firewall import conntrack, conntrack_netlink
 from metaleg.firewall.conntrack import (
     EgressView,
     FlushPlan,
@@ -20,6 +22,7 @@ from metaleg.firewall.conntrack import (
     flush_sources,
     source_treatments,
 )
+from metaleg.firewall.conntrack_netlink import Entry
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 
@@ -408,3 +411,234 @@ def test_few_entries_take_one_walk_for_both_families(ns: str) -> None:
     assert run_in_netns(ns, _matching_with_counted_dumps, sources) == {"both": 1}
     only4 = {Family.IPV4: {"10.244.1.10"}}
     assert run_in_netns(ns, _matching_with_counted_dumps, only4) == {"IPv4": 1}
+
+
+# --- batched deletion (see conntrack_netlink) ------------------------------------------------
+
+
+def test_a_delete_request_is_encoded_as_the_kernel_defines_it() -> None:
+    udp = Entry(socket.AF_INET, "10.244.1.10", "8.8.8.8", 17, 1000, 53)
+    assert conntrack_netlink.delete_message(udp, 7) == bytes.fromhex(
+        "48000000" "0201" "0100" "07000000" "00000000"  # nlmsghdr: CT_DELETE, NLM_F_REQUEST, seq 7
+        "02000000"  # nfgenmsg: AF_INET, version 0, res_id 0
+        "34000180"  # CTA_TUPLE_ORIG (nested)
+        "14000180" "08000100" "0af4010a" "08000200" "08080808"  # CTA_TUPLE_IP {V4_SRC, V4_DST}
+        "1c000280" "0500010011000000"  # CTA_TUPLE_PROTO {CTA_PROTO_NUM 17,
+        "0600020003e80000" "0600030000350000"  # SRC_PORT 1000, DST_PORT 53 (big-endian)}
+    )  # fmt: skip
+    ping6 = Entry(socket.AF_INET6, "fd00::10", "2001:db8::1", 58, None, None, 0x1234, 128, 0)
+    assert conntrack_netlink.tuple_attribute(ping6) == bytes.fromhex(
+        "54000180"
+        "2c000180" "14000300" + "fd00" + "00" * 12 + "0010" "14000400" "20010db8" + "00" * 10 + "0001"
+        + "24000280" "050001003a000000"  # CTA_PROTO_NUM 58
+        "0600070012340000" "0500080080000000" "0500090000000000"  # ICMPV6_ID, _TYPE, _CODE
+    )  # fmt: skip
+    assert str(udp) == "udp 10.244.1.10:1000 -> 8.8.8.8:53"
+    assert str(ping6) == "icmpv6 [fd00::10] -> [2001:db8::1] (id 4660 type 128 code 0)"
+
+
+LIVE_ADDRESSES = [
+    "10.244.1.10", "10.244.1.11", "10.244.1.20", "8.8.8.8", "1.1.1.1", "10.96.0.10",
+    "fd00::10", "fd00::11", "2001:db8::1", "fd00::99",
+]  # fmt: skip
+TRACK_NEW = (
+    "add table inet t; add chain inet t c { type filter hook output priority 0; }; "
+    "add rule inet t c ct state new counter"
+)
+
+
+@pytest.fixture
+def live() -> Iterator[str]:
+    """A namespace whose own addresses stand in for pods and remote hosts (traffic on lo),
+    with a ``ct`` rule so that the kernel tracks its connections."""
+    with namespace("mlct") as name:
+        for address in LIVE_ADDRESSES:
+            sh("ip", "addr", "add", address, "dev", "lo", netns=name)
+        sh("nft", TRACK_NEW, netns=name)
+        yield name
+
+
+def entries_in(ns: str) -> list[tuple[str, str, str, str]]:
+    """(protocol, source, destination, source port or ICMP id) of every entry (ORIGINAL
+    direction), read by the conntrack binary."""
+    output = sh("conntrack", "-L", netns=ns)
+    result = []
+    for line in output.splitlines():
+        words = line.split()
+        fields: dict[str, str] = {}
+        for word in words[1:]:
+            key, _, value = word.partition("=")
+            fields.setdefault(key, value)
+        result.append(
+            (words[0], fields["src"], fields["dst"], fields.get("sport", fields.get("id", "")))
+        )
+    return result
+
+
+def _open_flows(udp: list[tuple[str, str, int, int]], tcp: list[tuple[str, str, int, int]]) -> None:
+    """Real flows: UDP datagrams (to closed ports), TCP connections (open, then closed:
+    their entries stay in TIME_WAIT)."""
+    sockets = []
+    for source, destination, sport, dport in udp:
+        family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, sport))
+            sock.sendto(b"x", (destination, dport))
+    for source, destination, sport, dport in tcp:
+        family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.bind((destination, dport))
+        server.listen()
+        client = socket.socket(family, socket.SOCK_STREAM)
+        client.bind((source, sport))
+        client.connect((destination, dport))
+        sockets += [server, client, server.accept()[0]]
+    for sock in sockets:
+        sock.close()
+
+
+def _udp_burst(source: str, destination: str, sport: int, ports: range) -> None:
+    """One UDP datagram to each of ``ports``: one entry each."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, sport))
+        for port in ports:
+            sock.sendto(b"x", (destination, port))
+
+
+def ping(ns: str, source: str, destination: str) -> None:
+    sh("ping", "-c1", "-W2", "-I", source, destination, netns=ns)
+
+
+@pytest.mark.netns
+def test_real_flows_of_both_families_are_deleted_exactly(live: str) -> None:
+    udp = [
+        ("10.244.1.10", "8.8.8.8", 1000, 53),
+        ("10.244.1.10", "10.96.0.10", 1002, 53),  # to an excluded destination
+        ("10.244.1.11", "8.8.8.8", 1003, 53),
+        ("10.244.1.20", "8.8.8.8", 1004, 53),  # not metaleg's
+        ("fd00::10", "2001:db8::1", 1006, 53),
+        ("fd00::10", "fd00::99", 1007, 53),  # excluded
+    ]
+    tcp = [("10.244.1.10", "1.1.1.1", 1001, 443), ("fd00::11", "2001:db8::1", 1008, 443)]
+    run_in_netns(live, _open_flows, udp, tcp)
+    for source, destination in [
+        ("10.244.1.10", "8.8.8.8"), ("10.244.1.20", "1.1.1.1"), ("fd00::10", "2001:db8::1"),
+        ("fd00::10", "fd00::99"),
+    ]:  # fmt: skip
+        ping(live, source, destination)
+    before = entries_in(live)
+    assert len(before) == len(udp) + len(tcp) + 4
+    old = EgressView.of(None)
+    new = EgressView.of(
+        state(
+            SNAT,
+            (
+                "v6",
+                (egress(Family.IPV6, Action.SNAT, "fd00::10", "fd00::11", snat="2001:db8::100"),),
+            ),
+        )
+    )
+    gone = [
+        entry
+        for entry in before
+        if entry[1] in {"10.244.1.10", "10.244.1.11", "fd00::10", "fd00::11"}
+        and entry[2] not in {"10.96.0.10", "fd00::99"}
+    ]
+    assert {(protocol, source) for protocol, source, _, _ in gone} == {
+        ("udp", "10.244.1.10"), ("tcp", "10.244.1.10"), ("icmp", "10.244.1.10"),
+        ("udp", "10.244.1.11"), ("udp", "fd00::10"), ("icmpv6", "fd00::10"), ("tcp", "fd00::11"),
+    }  # fmt: skip
+    assert len(gone) == 7
+    assert run_in_netns(live, flush_sources, changed_sources(old, new), old, new) == 7
+    assert sorted(entries_in(live)) == sorted(set(before) - set(gone))
+
+
+def _flush_after_some_vanish(sources: dict[Family, list[str]], vanish: list[str]) -> int:
+    """A flush where, between the dump and the deletion, the conntrack binary deletes
+    the entries of ``vanish`` (conntrack -D arguments) first."""
+    real = conntrack._matching_tuples
+
+    def matching_then_vanish(*args: object) -> object:
+        result = real(*args)  # type: ignore[arg-type]
+        subprocess.run(["conntrack", "-D", *vanish], capture_output=True, check=True)
+        return result
+
+    conntrack._matching_tuples = matching_then_vanish  # type: ignore[assignment]  # child only
+    return conntrack._flush_once(conntrack._AllOf(
+        {family: set(members) for family, members in sources.items()}, EgressView(), EgressView()
+    ))  # fmt: skip
+
+
+@pytest.mark.netns
+def test_thousands_of_entries_in_one_flush(live: str) -> None:
+    run_in_netns(live, _udp_burst, "10.244.1.10", "8.8.8.8", 2000, range(1, 3001))
+    run_in_netns(live, _udp_burst, "10.244.1.20", "8.8.8.8", 2000, range(1, 501))
+    run_in_netns(live, _udp_burst, "10.244.1.10", "10.96.0.10", 2000, range(1, 201))
+    run_in_netns(live, _udp_burst, "fd00::10", "2001:db8::1", 2000, range(1, 1001))
+    assert len(entries_in(live)) == 4700
+    old = EgressView.of(None)
+    new = EgressView.of(
+        state(SNAT, ("v6", (egress(Family.IPV6, Action.SNAT, "fd00::10", snat="2001:db8::100"),)))
+    )
+    assert run_in_netns(live, flush_sources, changed_sources(old, new), old, new) == 4000
+    left = entries_in(live)
+    assert len(left) == 700
+    assert {(source, destination) for _, source, destination, _ in left} == {
+        ("10.244.1.20", "8.8.8.8"),
+        ("10.244.1.10", "10.96.0.10"),
+    }
+
+
+@pytest.mark.netns
+def test_entries_gone_in_between_count_as_not_deleted(live: str) -> None:
+    # 300 of 1300 entries vanish between the dump and the deletion: spread over the
+    # datagrams, hundreds of ENOENT answers.
+    run_in_netns(live, _udp_burst, "10.244.1.10", "8.8.8.8", 2000, range(1, 1001))
+    run_in_netns(live, _udp_burst, "10.244.1.10", "1.1.1.1", 2000, range(1, 301))
+    deleted = run_in_netns(
+        live,
+        _flush_after_some_vanish,
+        {Family.IPV4: ["10.244.1.10"]},
+        ["-s", "10.244.1.10", "-d", "1.1.1.1"],
+    )
+    assert deleted == 1000
+    assert entries_in(live) == []
+
+
+@pytest.mark.netns
+def test_entries_of_other_zones_are_skipped(live: str) -> None:
+    for zone, sport in [("5", "1"), ("0", "2")]:
+        sh(
+            "conntrack", "-I", "-s", "10.244.1.10", "-d", "8.8.8.8", "-p", "udp",
+            "--sport", sport, "--dport", "53", "-t", "300", "-w", zone,
+            netns=live,
+        )  # fmt: skip
+    assert run_in_netns(live, flush_sources, {Family.IPV4: ["10.244.1.10"]}) == 1
+    assert entries_in(live) == [("udp", "10.244.1.10", "8.8.8.8", "1")]
+
+
+def _delete_directly(entries: list[Entry]) -> tuple[str, int | None, int]:
+    """Delete ``entries`` with a fresh socket; the error, then a second try of the valid ones."""
+    deleter = conntrack_netlink.ConntrackSocket()
+    try:
+        deleter.delete(entries)
+    except OSError as error:
+        failure, code = str(error), error.errno
+    else:
+        failure, code = "", None
+    # The socket is still usable after an entry was refused.
+    return failure, code, deleter.delete([entry for entry in entries if entry.source_port])
+
+
+@pytest.mark.netns
+def test_a_refused_entry_raises_naming_it(live: str) -> None:
+    run_in_netns(live, _udp_burst, "10.244.1.10", "8.8.8.8", 2000, range(1, 3))
+    good = [Entry(socket.AF_INET, "10.244.1.10", "8.8.8.8", 17, 2000, port) for port in (1, 2)]
+    bad = Entry(socket.AF_INET, "10.244.1.10", "1.1.1.1", 6)  # TCP without ports: EINVAL
+    failure, code, again = run_in_netns(live, _delete_directly, [good[0], bad, good[1]])
+    assert code == errno.EINVAL
+    assert "tcp 10.244.1.10 -> 1.1.1.1" in failure
+    # The messages around the refused one were processed (the second try finds nothing).
+    assert again == 0
+    assert entries_in(live) == []
