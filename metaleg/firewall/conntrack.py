@@ -159,7 +159,7 @@ _EntryValue = tuple[tuple[str, Treatment], ...]
 
 
 class _EntryCache:
-    """Memo of :func:`_compute_entry_treatments`, holding two generations.
+    """Memo of :func:`compute_entry_treatments`, holding two generations.
 
     A snapshot repeats almost every entry of the previous one, and validating
     10,000 sources again for every one-IP change would make the cost of a change
@@ -180,7 +180,7 @@ class _EntryCache:
         if value is None:
             value = self.previous.pop(cache_key, None)
             if value is None:
-                value = _compute_entry_treatments(key, entry, fwmask)
+                value = compute_entry_treatments(key, entry, fwmask)
             self.current[cache_key] = value
         return value
 
@@ -193,11 +193,12 @@ _ENTRY_CACHE = _EntryCache()
 
 
 def _entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
-    """One Service entry's (source, treatment) pairs, validated and canonical (memoised)."""
+    """One Service entry's (source, treatment) pairs, validated and canonical (memoised,
+    for walks over a whole state; see :func:`compute_entry_treatments` for single ones)."""
     return _ENTRY_CACHE.get(key, entry, fwmask)
 
 
-def _compute_entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+def compute_entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
     what = f"service {key} ({entry.action} IPv{int(entry.family)})"
     snat_ip: str | None = None
     fwmark: int | None = None

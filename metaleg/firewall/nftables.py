@@ -618,13 +618,23 @@ ServiceKey = tuple[str, str]
 """``(namespace, name)``: the order of ``NodeDesiredState.services``."""
 
 
-def _service_claims(service: ServiceEgress, fwmask: int) -> dict[Family, dict[str, Treatment]]:
+def _service_claims(
+    service: ServiceEgress, fwmask: int, *, whole_state: bool = False
+) -> dict[Family, dict[str, Treatment]]:
     """The sources one Service claims and their treatments, canonical; within the
-    Service the first entry naming a source wins (as in ``conntrack.source_treatments``)."""
+    Service the first entry naming a source wins (as in ``conntrack.source_treatments``).
+
+    ``whole_state``: part of a walk over every Service (a full build), which goes
+    through conntrack's memo; an incremental step computes its few Services
+    directly, so that the memo does not collect the entries of every change.
+    """
     result: dict[Family, dict[str, Treatment]] = {}
+    treatments_of = (
+        conntrack._entry_treatments if whole_state else conntrack.compute_entry_treatments
+    )
     for entry in service.families:
         table = result.setdefault(entry.family, {})
-        for source, treatment in conntrack._entry_treatments(service.key, entry, fwmask):
+        for source, treatment in treatments_of(service.key, entry, fwmask):
             table.setdefault(source, treatment)
     return result
 
@@ -721,7 +731,9 @@ class LiveTable:
                     self.ordered = False
                 previous = key
                 self.services[key] = service
-                for family, claims in _service_claims(service, state.fwmask).items():
+                for family, claims in _service_claims(
+                    service, state.fwmask, whole_state=True
+                ).items():
                     owner = self.owner[family]
                     if owner.keys().isdisjoint(claims):  # the rule: no source of another
                         owner.update(dict.fromkeys(claims, key))
