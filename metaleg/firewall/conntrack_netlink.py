@@ -1,4 +1,4 @@
-"""Batched conntrack deletions over a plain netlink socket, encoded with ``struct``.
+"""Batched conntrack deletions over netlink, encoded with ``struct``.
 
 pyroute2's ``Conntrack.delete`` sends one request per entry and waits for its
 answer, encoding it through its generic NLA machinery (~0.5 ms per entry: a
@@ -7,48 +7,37 @@ kernel's ``include/uapi/linux/netfilter/nfnetlink_conntrack.h``): an
 ``IPCTNL_MSG_CT_DELETE`` message of subsystem ``NFNL_SUBSYS_CTNETLINK`` whose
 ``nfgenmsg`` holds the address family, with one attribute ``CTA_TUPLE_ORIG``
 (``CTA_TUPLE_IP`` {source, destination}, ``CTA_TUPLE_PROTO`` {protocol, ports
-or ICMP id/type/code}). So this module writes them itself, like
-:mod:`metaleg.firewall.ipset_netlink` does for ipset: many messages go into
-one buffer, each with its own sequence number, and one ``send`` carries them
-all (the kernel processes the messages of one datagram in order, during the
-``send``). Only the last message of a datagram asks for an acknowledgement:
-the kernel answers a failed message anyway, so the last answer ends the
-datagram, and every other answer is an error matched back to its entry by
-sequence number. ``ENOENT`` (the entry is gone already: expired, deleted by
-someone else) counts as "not deleted"; any other error raises ``OSError``
-naming the entry.
+or ICMP id/type/code}). So this module writes them itself and sends them in
+batches (:mod:`metaleg.firewall.nfnetlink`: framing, the socket, and how the
+answers of a batch are matched to its messages). ``ENOENT`` (the entry is gone
+already: expired, deleted by someone else) counts as "not deleted"; any other
+error raises ``OSError`` naming the entry.
 
 No zone attribute is sent: the kernel looks the tuple up in the default zone,
 as pyroute2's ``delete`` did (the caller skips entries of other zones).
-
-The socket is pyroute2's ``NETLINK_NETFILTER`` socket of the current network
-namespace (opened on first use, then kept), used for raw ``send`` and ``recv``
-only, by this module only. After an error in the exchange itself it closes, so the next call
-starts clean.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import select
 import socket
 import struct
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
+from metaleg.firewall.nfnetlink import (
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NetfilterSocket,
+    attr,
+    message,
+    nested,
+)
+
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_DELETE = 2
 CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-NFNETLINK_V0 = 0
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLA_F_NESTED = 0x8000
 
 # enum ctattr_type
 CTA_TUPLE_ORIG = 1
@@ -73,8 +62,6 @@ CTA_PROTO_ICMPV6_ID = 7
 CTA_PROTO_ICMPV6_TYPE = 8
 CTA_PROTO_ICMPV6_CODE = 9
 
-RECEIVE_TIMEOUT = 30.0
-"""Seconds to wait for the kernel's answer before giving up (the socket is then closed)."""
 MAX_MESSAGES_PER_DATAGRAM = 256
 """Messages of one send. Every error answer is a socket buffer of its own (~1 KiB of
 receive buffer each, see ``RECEIVE_BUFFER``), and all of them queue during the send."""
@@ -91,10 +78,6 @@ PROTOCOL_NAMES = {
     136: "udplite",
 }
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
-_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big-endian, 0)
-_ERROR = struct.Struct("=i")
-_ATTR = struct.Struct("=HH")
 _U8 = struct.Struct("=HHB3x")  # an attribute of one byte, padded to 4
 _IPV4 = struct.Struct("=HHHH4sHH4s")  # CTA_TUPLE_IP { V4_SRC, V4_DST }
 _IPV6 = struct.Struct("=HHHH16sHH16s")  # CTA_TUPLE_IP { V6_SRC, V6_DST }
@@ -139,18 +122,9 @@ class Entry(NamedTuple):
         return text
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return _ATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
-
-
 def _be16(kind: int, value: int) -> bytes:
     """An attribute of one big-endian u16, padded to 4."""
-    return _ATTR.pack(6, kind) + _BE16_RAW.pack(value) + b"\0\0"
-
-
-def _nested(kind: int, payload: bytes) -> bytes:
-    return _ATTR.pack(4 + len(payload), kind | NLA_F_NESTED) + payload
+    return attr(kind, _BE16_RAW.pack(value))
 
 
 def tuple_attribute(entry: Entry) -> bytes:
@@ -191,96 +165,27 @@ def tuple_attribute(entry: Entry) -> bytes:
             body += _U8.pack(5, type_attr, entry.icmp_type)
         if entry.icmp_code is not None:
             body += _U8.pack(5, code_attr, entry.icmp_code)
-        proto = _nested(CTA_TUPLE_PROTO, body)
-    return _nested(CTA_TUPLE_ORIG, ip + proto)
+        proto = nested(CTA_TUPLE_PROTO, body)
+    return nested(CTA_TUPLE_ORIG, ip + proto)
 
 
 def delete_message(entry: Entry, sequence: int, flags: int = 0) -> bytes:
     """One ``IPCTNL_MSG_CT_DELETE`` message for ``entry``."""
-    attribute = tuple_attribute(entry)
-    return (
-        _HEADER.pack(
-            _HEADER.size + _NFGEN.size + len(attribute),
-            CT_DELETE,
-            NLM_F_REQUEST | flags,
-            sequence,
-            0,
-        )
-        + _NFGEN.pack(entry.family, NFNETLINK_V0, 0)
-        + attribute
-    )
-
-
-def parse_messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """``(type, sequence, payload)`` of each netlink message in a datagram."""
-    offset = 0
-    end = len(data)
-    while offset + _HEADER.size <= end:
-        length, kind, _, sequence, _ = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size:
-            break
-        yield kind, sequence, data[offset + _HEADER.size : offset + length]
-        offset += (length + 3) & ~3
+    return message(CT_DELETE, flags, sequence, entry.family, tuple_attribute(entry))
 
 
 class ConntrackSocket:
-    """A ``NETLINK_NETFILTER`` socket deleting conntrack entries in batches.
-
-    Opens on first use, in the network namespace of the process at that time.
-    After an error in the exchange itself (not one the kernel reports for an
-    entry) it closes, so the next call starts clean.
+    """Deletes conntrack entries in batches, in the network namespace the process is in
+    when it first does. After an error in the exchange itself (not one the kernel
+    reports for an entry) the socket closes, so the next call starts clean.
     """
 
     def __init__(self) -> None:
-        self._socket: Any = None
-        self._sequence = 0
-
-    def _open(self) -> Any:
-        if self._socket is None:
-            from pyroute2.netlink.nlsocket import NetlinkSocket
-
-            # pyroute2's socket, used for raw send and recv only (like ipset_netlink's).
-            sock = NetlinkSocket(family=NETLINK_NETFILTER)
-            try:
-                # Every answer in the receive queue is a buffer of its own; error answers
-                # of a whole datagram queue up during the send.
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, 33, RECEIVE_BUFFER)  # SO_RCVBUFFORCE
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-                # Error answers without the echoed request (matched by sequence number).
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            except BaseException:
-                sock.close()
-                raise
-            self._socket = sock
-        return self._socket
-
-    def _receive(self, sock: Any) -> bytes:
-        """The next datagram: the kernel answers during ``send``, so data is normally
-        waiting; pyroute2's socket is non-blocking, so wait for it, but not forever."""
-        while True:
-            try:
-                return bytes(sock.recv(65536))
-            except BlockingIOError:
-                ready, _, _ = select.select([sock.fileno()], [], [], RECEIVE_TIMEOUT)
-                if not ready:
-                    raise TimeoutError(
-                        f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s"
-                    ) from None
+        self._netlink = NetfilterSocket(receive_buffer=RECEIVE_BUFFER)
 
     def close(self) -> None:
         """Close the socket (it opens again on the next call)."""
-        if self._socket is not None:
-            try:
-                self._socket.close()
-            finally:
-                self._socket = None
-
-    def _next_sequence(self) -> int:
-        self._sequence = (self._sequence + 1) & 0x7FFFFFFF or 1
-        return self._sequence
+        self._netlink.close()
 
     def delete(self, entries: Sequence[Entry]) -> int:
         """Delete ``entries``; return how many were deleted (ENOENT: gone already).
@@ -289,13 +194,10 @@ class ConntrackSocket:
         another reason (the entries of its datagram are processed first; later
         datagrams are not sent).
         """
-        if not entries:
-            return 0
-        sock = self._open()
         deleted = 0
         try:
             for start in range(0, len(entries), MAX_MESSAGES_PER_DATAGRAM):
-                deleted += self._exchange(sock, entries[start : start + MAX_MESSAGES_PER_DATAGRAM])
+                deleted += self._exchange(entries[start : start + MAX_MESSAGES_PER_DATAGRAM])
         except _EntryError as error:
             raise error.error from None
         except BaseException:
@@ -303,41 +205,31 @@ class ConntrackSocket:
             raise
         return deleted
 
-    def _exchange(self, sock: Any, batch: Sequence[Entry]) -> int:
-        pending: dict[int, Entry] = {}
-        buffer = bytearray()
+    def _exchange(self, batch: Sequence[Entry]) -> int:
+        messages: list[tuple[int, bytes]] = []
+        by_sequence: dict[int, Entry] = {}
         last = len(batch) - 1
-        sequence = 0
         for index, entry in enumerate(batch):
-            sequence = self._next_sequence()
+            sequence = self._netlink.next_sequence()
             try:
-                buffer += delete_message(entry, sequence, NLM_F_ACK if index == last else 0)
+                encoded = delete_message(entry, sequence, NLM_F_ACK if index == last else 0)
             except (OSError, ValueError, struct.error) as error:
                 raise _EntryError(
                     OSError(errno.EINVAL, f"cannot encode conntrack entry {entry}: {error}")
                 ) from error
-            pending[sequence] = entry
-        sock.send(buffer)
-        deleted = len(batch)
+            messages.append((sequence, encoded))
+            by_sequence[sequence] = entry
+        failed = self._netlink.exchange(messages)
         failure: OSError | None = None
-        while sequence in pending:
-            data = self._receive(sock)
-            for kind, seq, payload in parse_messages(data):
-                if kind != NLMSG_ERROR or seq not in pending:
-                    continue
-                entry = pending.pop(seq)
-                code = -_ERROR.unpack_from(payload)[0]
-                if not code:
-                    continue
-                deleted -= 1
-                if code != errno.ENOENT and failure is None:
-                    failure = OSError(
-                        code,
-                        f"cannot delete conntrack entry {entry}: {os.strerror(code)}",
-                    )
+        for sequence, (code, _) in sorted(failed.items()):
+            if code != errno.ENOENT and failure is None:
+                entry = by_sequence[sequence]
+                failure = OSError(
+                    code, f"cannot delete conntrack entry {entry}: {os.strerror(code)}"
+                )
         if failure is not None:
             raise _EntryError(failure)
-        return deleted
+        return len(batch) - len(failed)
 
 
 class _EntryError(Exception):

@@ -14,32 +14,40 @@ stops at that member and returns its line number, so an error names the set
 and the member. Reading is one dump of all sets (``IPSET_CMD_LIST``) parsed
 by a decoder of just the attributes metaleg needs.
 
-The socket is pyroute2's (``NETLINK_NETFILTER``), used for raw ``send`` and
-``recv`` only; nothing else may use it meanwhile.
+Framing, the socket and the matching of a batch's answers are
+:mod:`metaleg.firewall.nfnetlink`'s.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaleg.firewall.nfnetlink import (
+    ATTR,
+    HEADER,
+    NFGEN,
+    NLA_F_NESTED,
+    NLA_F_NET_BYTEORDER,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLMSG_ERROR,
+    NetfilterSocket,
+    error_code,
+    message,
+    parse_attributes,
+    parse_messages,
+)
+from metaleg.firewall.nfnetlink import attr as _attr
+from metaleg.firewall.nfnetlink import nested as _nested
+
 NFNL_SUBSYS_IPSET = 6
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_EXCL = 0x200
-NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
-NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 
 CMD_PROTOCOL = 1
 CMD_CREATE = 2
@@ -103,20 +111,14 @@ ERRORS = {
 }
 ERR_BUSY = 4100
 
-RECEIVE_TIMEOUT = 30.0
-"""Seconds to wait for the kernel's answer before giving up (the socket is then closed)."""
 MAX_MEMBERS_PER_MESSAGE = 1024
 """Members of one ADD/DEL message (their nested attribute must stay below 64 KiB)."""
 MAX_DATAGRAM = 96 * 1024
 MAX_MESSAGES_PER_DATAGRAM = 256
 """Limits of one send: the acknowledgements of a datagram must fit the receive buffer."""
 
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
-_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big-endian, 0)
-_ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _BE32 = struct.Struct(">I")
-_ERROR = struct.Struct("=i")
 
 
 class IpsetError(Exception):
@@ -134,15 +136,6 @@ def describe_code(code: int) -> str:
     return f"{text} (code {code})"
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return _ATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
-
-
-def _nested(kind: int, payload: bytes) -> bytes:
-    return _ATTR.pack(4 + len(payload), kind | NLA_F_NESTED) + payload
-
-
 def _string(kind: int, text: str) -> bytes:
     return _attr(kind, text.encode() + b"\0")
 
@@ -156,11 +149,11 @@ def address_payload(family: int, text: str) -> bytes:
     if family == socket.AF_INET:
         return _nested(
             ATTR_IP,
-            _ATTR.pack(8, ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER) + socket.inet_pton(family, text),
+            ATTR.pack(8, ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER) + socket.inet_pton(family, text),
         )
     return _nested(
         ATTR_IP,
-        _ATTR.pack(20, ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER) + socket.inet_pton(family, text),
+        ATTR.pack(20, ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER) + socket.inet_pton(family, text),
     )
 
 
@@ -191,7 +184,7 @@ def member_data(family: int, net: bool, member: str, lineno: int) -> bytes:
                 _SKBMARKS[mark] = packed_mark
         ip = address_payload(family, address)
         return (
-            _ATTR.pack(4 + len(ip) + 12 + 8, _DATA_NESTED)
+            ATTR.pack(4 + len(ip) + 12 + 8, _DATA_NESTED)
             + ip
             + packed_mark
             + _LINENO.pack(8, ATTR_CADT_LINENO, lineno)
@@ -237,85 +230,49 @@ class IpsetSocket:
     """
 
     def __init__(self, opener: Callable[[], Any] | None = None) -> None:
-        self._opener = opener
-        self._socket: Any = None
-        self._sequence = 0
+        self._netlink = NetfilterSocket(opener=opener)
         self._protocol = PROTOCOL_DEFAULT
         self._revisions: dict[tuple[str, int], int] = {}
 
     # -- the socket ------------------------------------------------------
 
-    def _open(self) -> Any:
-        if self._socket is None:
-            if self._opener is not None:
-                self._socket = self._opener()
-            else:
-                from pyroute2.netlink import NETLINK_NETFILTER
-                from pyroute2.netlink.nlsocket import NetlinkSocket
-
-                self._socket = NetlinkSocket(family=NETLINK_NETFILTER)
+    def _open(self) -> None:
+        if not self._netlink.is_open:
+            self._netlink.open()
             try:
                 self._protocol = self._query_protocol()
             except BaseException:
                 self.close()
                 raise
-        return self._socket
 
     def close(self) -> None:
         """Close the socket (it opens again on the next call)."""
-        if self._socket is not None:
-            try:
-                self._socket.close()
-            finally:
-                self._socket = None
-
-    def _next_sequence(self) -> int:
-        self._sequence = (self._sequence + 1) & 0x7FFFFFFF or 1
-        return self._sequence
+        self._netlink.close()
 
     def _message(self, command: int, flags: int, attributes: bytes, sequence: int) -> bytes:
-        length = _HEADER.size + _NFGEN.size + len(attributes)
-        return (
-            _HEADER.pack(
-                length, (NFNL_SUBSYS_IPSET << 8) | command, NLM_F_REQUEST | flags, sequence, 0
-            )
-            + _NFGEN.pack(socket.AF_INET, 0, 0)
-            + attributes
+        return message(
+            (NFNL_SUBSYS_IPSET << 8) | command, flags, sequence, socket.AF_INET, attributes
         )
-
-    def _receive(self) -> bytes:
-        """The next datagram. The kernel answers during ``send`` (and continues a dump
-        during ``recv``), so data is normally waiting; pyroute2's socket is non-blocking,
-        so wait for it, but not forever."""
-        while True:
-            try:
-                return bytes(self._socket.recv(1 << 20))
-            except BlockingIOError:
-                ready, _, _ = select.select([self._socket.fileno()], [], [], RECEIVE_TIMEOUT)
-                if not ready:
-                    raise TimeoutError(
-                        f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s"
-                    ) from None
 
     # -- simple queries --------------------------------------------------
 
     def _query(self, command: int, attributes: bytes) -> dict[int, bytes]:
         """One request answered by one message; its top-level attributes."""
-        sequence = self._next_sequence()
-        self._socket.send(self._message(command, NLM_F_ACK, attributes, sequence))
+        sequence = self._netlink.next_sequence()
+        self._netlink.send(self._message(command, NLM_F_ACK, attributes, sequence))
         answer: dict[int, bytes] | None = None
         while True:
-            for kind, _, seq, payload in parse_messages(self._receive()):
+            for kind, _, seq, payload in parse_messages(self._netlink.receive()):
                 if seq != sequence:
                     continue
                 if kind == NLMSG_ERROR:
-                    code = -_ERROR.unpack_from(payload)[0]
+                    code = error_code(payload)
                     if code:
                         raise IpsetError(code, describe_code(code))
                     if answer is None:
                         raise IpsetError(errno.EPROTO, "no answer to an ipset query")
                     return answer
-                answer = dict(parse_attributes(payload, _NFGEN.size))
+                answer = dict(parse_attributes(payload, NFGEN.size))
 
     def _query_protocol(self) -> int:
         attributes = self._query(CMD_PROTOCOL, _u8(ATTR_PROTOCOL, PROTOCOL_DEFAULT))
@@ -420,27 +377,20 @@ class IpsetSocket:
         return [request for request in requests if request.error is not None]
 
     def _exchange(self, batch: Sequence[Request]) -> None:
-        # Only the last message asks for an acknowledgement: the kernel answers
-        # failed messages anyway, in order, so the last answer ends the batch.
-        pending: dict[int, Request] = {}
-        buffer = bytearray()
+        messages: list[tuple[int, bytes]] = []
+        by_sequence: dict[int, Request] = {}
         last = len(batch) - 1
-        sequence = 0
         for index, request in enumerate(batch):
-            sequence = self._next_sequence()
-            pending[sequence] = request
+            sequence = self._netlink.next_sequence()
             flags = request.flags | (NLM_F_ACK if index == last else 0)
-            buffer += self._message(request.command, flags, request.attributes, sequence)
-        self._socket.send(bytes(buffer))
-        final = sequence
-        while final in pending:
-            for kind, _, seq, payload in parse_messages(self._receive()):
-                if kind != NLMSG_ERROR or seq not in pending:
-                    continue
-                request = pending.pop(seq)
-                code = -_ERROR.unpack_from(payload)[0]
-                if code and code not in request.ignore:
-                    request.error = _error(request, code, payload)
+            messages.append(
+                (sequence, self._message(request.command, flags, request.attributes, sequence))
+            )
+            by_sequence[sequence] = request
+        for sequence, (code, payload) in self._netlink.exchange(messages).items():
+            request = by_sequence[sequence]
+            if code not in request.ignore:
+                request.error = _error(request, code, payload)
 
     # -- reading ---------------------------------------------------------
 
@@ -454,56 +404,37 @@ class IpsetSocket:
             raise
 
     def _dump(self, wanted: Callable[[str], bool]) -> dict[str, ListedSet]:
-        sequence = self._next_sequence()
-        self._socket.send(
-            self._message(CMD_LIST, NLM_F_DUMP, _u8(ATTR_PROTOCOL, self._protocol), sequence)
-        )
         sets: dict[str, ListedSet] = {}
-        while True:
-            for kind, _, seq, payload in parse_messages(self._receive()):
-                if seq != sequence:
-                    continue
-                if kind == NLMSG_DONE:
-                    return sets
-                if kind == NLMSG_ERROR:
-                    code = -_ERROR.unpack_from(payload)[0]
-                    if code:
-                        raise IpsetError(code, f"cannot list sets: {describe_code(code)}")
-                    continue
-                _decode_listing(payload, wanted, sets)
+        for payload in self._list(_u8(ATTR_PROTOCOL, self._protocol)):
+            _decode_listing(payload, wanted, sets)
+        return sets
 
     def names(self) -> list[str]:
         """The names of all sets (a dump of names only)."""
         self._open()
         try:
-            sequence = self._next_sequence()
-            self._socket.send(
-                self._message(
-                    CMD_LIST,
-                    NLM_F_DUMP,
-                    _u8(ATTR_PROTOCOL, self._protocol)
-                    + _attr(ATTR_FLAGS, _BE32.pack(FLAG_LIST_SETNAME)),
-                    sequence,
-                )
+            attributes = _u8(ATTR_PROTOCOL, self._protocol) + _attr(
+                ATTR_FLAGS, _BE32.pack(FLAG_LIST_SETNAME)
             )
-            names: list[str] = []
-            while True:
-                for kind, _, seq, payload in parse_messages(self._receive()):
-                    if seq != sequence:
-                        continue
-                    if kind == NLMSG_DONE:
-                        return names
-                    if kind == NLMSG_ERROR:
-                        code = -_ERROR.unpack_from(payload)[0]
-                        if code:
-                            raise IpsetError(code, f"cannot list sets: {describe_code(code)}")
-                        continue
-                    for attribute, value in parse_attributes(payload, _NFGEN.size):
-                        if attribute == ATTR_SETNAME:
-                            names.append(value.rstrip(b"\0").decode())
+            return [
+                value.rstrip(b"\0").decode()
+                for payload in self._list(attributes)
+                for attribute, value in parse_attributes(payload, NFGEN.size)
+                if attribute == ATTR_SETNAME
+            ]
         except BaseException:
             self.close()
             raise
+
+    def _list(self, attributes: bytes) -> Iterator[bytes]:
+        """The answers of one LIST dump."""
+        sequence = self._netlink.next_sequence()
+        request = self._message(CMD_LIST, NLM_F_DUMP, attributes, sequence)
+        return self._netlink.dump(
+            request,
+            sequence,
+            lambda code: IpsetError(code, f"cannot list sets: {describe_code(code)}"),
+        )
 
 
 @dataclass
@@ -541,41 +472,17 @@ def _batches(requests: Sequence[Request]) -> Iterator[list[Request]]:
 def _error(request: Request, code: int, payload: bytes) -> IpsetError:
     """The error of one request; for ADD/DEL, naming the member the kernel stopped at."""
     member = None
-    if request.members and len(payload) >= 4 + _HEADER.size + _NFGEN.size:
+    if request.members and len(payload) >= 4 + HEADER.size + NFGEN.size:
         # The kernel echoes the request with its top-level line number set to the
         # failing element's.
-        length = _HEADER.unpack_from(payload, 4)[0]
+        length = HEADER.unpack_from(payload, 4)[0]
         echoed = payload[4 : 4 + length]
-        for attribute, value in parse_attributes(echoed, _HEADER.size + _NFGEN.size):
+        for attribute, value in parse_attributes(echoed, HEADER.size + NFGEN.size):
             if attribute == ATTR_LINENO and len(value) >= 4:
                 lineno = _U32.unpack_from(value)[0]
                 if 1 <= lineno <= len(request.members):
                     member = request.members[lineno - 1]
     return IpsetError(code, describe_code(code), member)
-
-
-def parse_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
-    """``(type, flags, sequence, payload)`` of each netlink message in a datagram."""
-    offset = 0
-    end = len(data)
-    while offset + _HEADER.size <= end:
-        length, kind, flags, sequence, _ = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size:
-            break
-        yield kind, flags, sequence, data[offset + _HEADER.size : offset + length]
-        offset += (length + 3) & ~3
-
-
-def parse_attributes(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    """``(type, payload)`` of each attribute from ``offset`` on (flags stripped)."""
-    end = len(data)
-    unpack = _ATTR.unpack_from
-    while offset + 4 <= end:
-        length, kind = unpack(data, offset)
-        if length < 4:
-            break
-        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
 
 
 def address_text(family: int, packed: bytes) -> str:
@@ -592,7 +499,7 @@ def address_text(family: int, packed: bytes) -> str:
 def _decode_listing(
     payload: bytes, wanted: Callable[[str], bool], sets: dict[str, ListedSet]
 ) -> None:
-    attributes = dict(parse_attributes(payload, _NFGEN.size))
+    attributes = dict(parse_attributes(payload, NFGEN.size))
     raw_name = attributes.get(ATTR_SETNAME)
     if raw_name is None:
         return

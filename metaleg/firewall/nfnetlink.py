@@ -1,0 +1,218 @@
+"""nfnetlink on the wire: message framing, attributes and a socket for batches.
+
+:mod:`metaleg.firewall.ipset_netlink` and :mod:`metaleg.firewall.conntrack_netlink`
+encode their requests with ``struct`` instead of pyroute2's generic message
+classes (~250 us of Python per message there), and send many in one datagram.
+What they share lives here: the netlink and nfgenmsg headers, attribute
+encoding and parsing, and :class:`NetfilterSocket`, pyroute2's
+``NETLINK_NETFILTER`` socket used for raw ``send`` and ``recv`` only.
+
+Batches: every message of a datagram has its own sequence number and only the
+last asks for an acknowledgement. The kernel processes the messages in order
+during the ``send`` and answers a failed one anyway, so the answer to the last
+one ends the datagram, and every other answer is an error matched back to its
+message by sequence number (:meth:`NetfilterSocket.exchange`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_DUMP = 0x300
+NLA_F_NESTED = 0x8000
+NLA_F_NET_BYTEORDER = 0x4000
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
+NFNETLINK_V0 = 0
+
+HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big-endian, 0)
+ATTR = struct.Struct("=HH")
+ERROR = struct.Struct("=i")
+
+RECEIVE_TIMEOUT = 30.0
+"""Seconds to wait for the kernel's answer before giving up (the socket is then closed)."""
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One attribute, padded to 4 bytes."""
+    length = 4 + len(payload)
+    return ATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
+
+
+def nested(kind: int, payload: bytes) -> bytes:
+    """A nested attribute holding ``payload`` (attributes, already padded)."""
+    return ATTR.pack(4 + len(payload), kind | NLA_F_NESTED) + payload
+
+
+def message(kind: int, flags: int, sequence: int, family: int, attributes: bytes) -> bytes:
+    """One request: netlink header (``NLM_F_REQUEST`` added), nfgenmsg, attributes."""
+    return (
+        HEADER.pack(
+            HEADER.size + NFGEN.size + len(attributes),
+            kind,
+            NLM_F_REQUEST | flags,
+            sequence,
+            0,
+        )
+        + NFGEN.pack(family, NFNETLINK_V0, 0)
+        + attributes
+    )
+
+
+def error_code(payload: bytes) -> int:
+    """The (positive) error of an ``NLMSG_ERROR`` answer; 0 for an acknowledgement."""
+    return -int(ERROR.unpack_from(payload)[0])
+
+
+def parse_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """``(type, flags, sequence, payload)`` of each netlink message in a datagram."""
+    offset = 0
+    end = len(data)
+    while offset + HEADER.size <= end:
+        length, kind, flags, sequence, _ = HEADER.unpack_from(data, offset)
+        if length < HEADER.size:
+            break
+        yield kind, flags, sequence, data[offset + HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def parse_attributes(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """``(type, payload)`` of each attribute from ``offset`` on (flags stripped)."""
+    end = len(data)
+    unpack = ATTR.unpack_from
+    while offset + 4 <= end:
+        length, kind = unpack(data, offset)
+        if length < 4:
+            break
+        yield kind & NLA_TYPE_MASK, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+class NetfilterSocket:
+    """pyroute2's ``NETLINK_NETFILTER`` socket of the current network namespace, opened on
+    first use; raw ``send`` and ``recv`` only, so nothing else may use it meanwhile.
+
+    ``receive_buffer``: bytes to ask for (every error answer of a batch is a buffer
+    of its own, and they all queue during the send). ``opener`` replaces pyroute2's
+    socket (tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        receive_buffer: int | None = None,
+        opener: Callable[[], Any] | None = None,
+    ) -> None:
+        self._receive_buffer = receive_buffer
+        self._opener = opener
+        self._socket: Any = None
+        self._sequence = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._socket is not None
+
+    def open(self) -> None:
+        if self._socket is not None:
+            return
+        if self._opener is not None:
+            self._socket = self._opener()
+            return
+        from pyroute2.netlink.nlsocket import NetlinkSocket
+
+        sock = NetlinkSocket(family=NETLINK_NETFILTER)
+        try:
+            if self._receive_buffer is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._receive_buffer)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+                # Error answers without the echoed request (matched by sequence number).
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+
+    def close(self) -> None:
+        """Close the socket (it opens again on the next call)."""
+        if self._socket is not None:
+            try:
+                self._socket.close()
+            finally:
+                self._socket = None
+
+    def next_sequence(self) -> int:
+        self._sequence = (self._sequence + 1) & 0x7FFFFFFF or 1
+        return self._sequence
+
+    def send(self, data: bytes) -> None:
+        self.open()
+        self._socket.send(data)
+
+    def receive(self) -> bytes:
+        """The next datagram. The kernel answers during ``send`` (and continues a dump
+        during ``recv``), so data is normally waiting; pyroute2's socket is
+        non-blocking, so wait for it, but not forever."""
+        while True:
+            try:
+                return bytes(self._socket.recv(1 << 20))
+            except BlockingIOError:
+                ready, _, _ = select.select([self._socket.fileno()], [], [], RECEIVE_TIMEOUT)
+                if not ready:
+                    raise TimeoutError(
+                        f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s"
+                    ) from None
+
+    def exchange(self, messages: Sequence[tuple[int, bytes]]) -> dict[int, tuple[int, bytes]]:
+        """Send ``(sequence, message)`` pairs in one datagram (only the last one asking
+        for an acknowledgement); return ``sequence -> (error, payload)`` of the failed."""
+        self.send(b"".join(encoded for _, encoded in messages))
+        pending = {sequence for sequence, _ in messages}
+        final = messages[-1][0]
+        failed: dict[int, tuple[int, bytes]] = {}
+        while final in pending:
+            for kind, _, sequence, payload in parse_messages(self.receive()):
+                if kind != NLMSG_ERROR or sequence not in pending:
+                    continue
+                pending.discard(sequence)
+                code = error_code(payload)
+                if code:
+                    failed[sequence] = (code, payload)
+        return failed
+
+    def dump(
+        self, request: bytes, sequence: int, failed: Callable[[int], Exception]
+    ) -> Iterator[bytes]:
+        """Send a dump ``request`` and yield the payload of each answer until the end;
+        raises ``failed(error)`` when the kernel answers with an error."""
+        self.send(request)
+        while True:
+            for kind, _, seq, payload in parse_messages(self.receive()):
+                if seq != sequence:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = error_code(payload)
+                    if code:
+                        raise failed(code)
+                    continue
+                yield payload
