@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import subprocess
 from collections.abc import Iterator
 
 import msgspec
@@ -24,7 +23,8 @@ from metaleg.firewall.nftables import (
     diff_script,
 )
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
-from tests.netns import namespace, run_in_netns, sh
+from tests.netns import namespace, run_in_netns
+from tests.test_conntrack import flows_in, insert_flows
 
 MASK = 0x00F00000
 EXCLUDE4 = ("10.0.0.0/8",)
@@ -365,26 +365,8 @@ def test_random_sequence_in_the_kernel(ns: str, seed: int) -> None:
     assert sum(transactions) > 10
 
 
-def _insert_flow(ns: str, source: str, destination: str, sport: int) -> None:
-    sh(
-        "conntrack", "-I", "-s", source, "-d", destination, "-p", "udp",
-        "--sport", str(sport), "--dport", "53", "-t", "300",
-        netns=ns,
-    )  # fmt: skip
-
-
 def _flows(ns: str) -> set[tuple[str, str]]:
-    output = subprocess.run(
-        ["ip", "netns", "exec", ns, "conntrack", "-L"], capture_output=True, text=True, check=True
-    ).stdout
-    result = set()
-    for line in output.splitlines():
-        fields: dict[str, str] = {}
-        for word in line.split():
-            key, _, value = word.partition("=")
-            fields.setdefault(key, value)
-        result.add((fields["src"], fields["dst"]))
-    return result
+    return {(source, destination) for source, destination, _ in flows_in(ns)}
 
 
 def _resync_then_apply(first: NodeDesiredState, second: NodeDesiredState) -> None:
@@ -433,8 +415,9 @@ def test_a_move_flushes_only_the_moved_sources_flows(ns: str) -> None:
         ("fd00:1::1", "2001:db8::53"),
         ("fd00:1::1", "fd00:5::53"),  # excluded: kept
     ]
-    for i, (source, destination) in enumerate(flows):
-        _insert_flow(ns, source, destination, 2000 + i)
+    insert_flows(
+        ns, [(source, dest, "udp", 2000 + i, 53) for i, (source, dest) in enumerate(flows)]
+    )
     assert _flows(ns) == set(flows)
     run_in_netns(ns, _resync_then_apply, first, second)
     assert _flows(ns) == set(flows) - {("10.244.1.1", "8.8.8.8"), ("fd00:1::1", "2001:db8::53")}
