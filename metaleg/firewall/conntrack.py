@@ -138,7 +138,7 @@ def source_treatments(state: NodeDesiredState) -> Treatments:
     for service in state.services:
         for entry in service.families:
             table = result[entry.family]
-            for source, treatment in _entry_treatments(service.key, entry, state.fwmask):
+            for source, treatment in entry_treatments(service.key, entry, state.fwmask):
                 table.setdefault(source, treatment)
     walked_whole_state()
     return result
@@ -149,7 +149,7 @@ def walked_whole_state() -> None:
 
     Entries that only older states used are dropped with the next call (see
     :class:`_EntryCache`); callers that walk a whole state through
-    :func:`_entry_treatments` themselves call this at the end.
+    :func:`entry_treatments` themselves call this at the end.
     """
     _ENTRY_CACHE.rotate()
 
@@ -192,7 +192,7 @@ class _EntryCache:
 _ENTRY_CACHE = _EntryCache()
 
 
-def _entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+def entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
     """One Service entry's (source, treatment) pairs, validated and canonical (memoised,
     for walks over a whole state; see :func:`compute_entry_treatments` for single ones)."""
     return _ENTRY_CACHE.get(key, entry, fwmask)

@@ -630,7 +630,7 @@ def _service_claims(
     """
     result: dict[Family, dict[str, Treatment]] = {}
     treatments_of = (
-        conntrack._entry_treatments if whole_state else conntrack.compute_entry_treatments
+        conntrack.entry_treatments if whole_state else conntrack.compute_entry_treatments
     )
     for entry in service.families:
         table = result.setdefault(entry.family, {})
