@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,8 +41,6 @@ import zmq
 from bench.common import (
     GATEWAYS,
     NAMESPACE,
-    NEXT_HOP_NET4,
-    NEXT_HOP_NET6,
     NO_GATEWAY,
     NODE,
     gateway_of,
@@ -53,6 +52,7 @@ from bench.common import (
     pod_ip4,
     pod_ip6,
     service_name,
+    wire_next_hops,
 )
 from metaleg.firewall.iptables import source_set_name
 from metaleg.model import Family
@@ -60,7 +60,7 @@ from metaleg.supervisor.metrics import descendants, process_tree
 from metaleg.supervisor.status import StatusReport
 from tests import cluster_objects as objects
 from tests.kubeapi import KubeApiServer, write_kubeconfig
-from tests.netns import namespace, sh
+from tests.netns import namespace
 
 METALLB = "metallb-system"
 SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
@@ -238,6 +238,19 @@ class LogLine:
     fields: dict[str, Any]
 
 
+def parse_log_lines(raw_lines: Iterable[bytes]) -> list[LogLine]:
+    """The agent's JSON log lines (others, e.g. tracebacks, are skipped)."""
+    lines: list[LogLine] = []
+    for raw in raw_lines:
+        try:
+            entry = json.loads(raw)
+            stamp = parse_log_time(entry["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        lines.append(LogLine(stamp, entry.get("process", ""), entry.get("msg", ""), entry))
+    return lines
+
+
 def parse_log_time(text: str) -> float:
     """Wall-clock seconds of a JSON log timestamp (``2026-01-02T03:04:05.678Z``, UTC)."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
@@ -264,28 +277,7 @@ class AgentBench:
             self.netns = self._stack.enter_context(namespace("mlb"))
             self.workdir = tempfile.mkdtemp(prefix="mlb-")
             self._stack.callback(shutil.rmtree, self.workdir, True)
-            sh("ip", "link", "add", "nh0", "type", "veth", "peer", "name", "nh1", netns=self.netns)
-            for link in ("nh0", "nh1"):
-                sh("ip", "link", "set", link, "up", netns=self.netns)
-            sh(
-                "ip",
-                "addr",
-                "add",
-                NEXT_HOP_NET4.replace("0/24", "1/24"),
-                "dev",
-                "nh0",
-                netns=self.netns,
-            )
-            sh(
-                "ip",
-                "addr",
-                "add",
-                NEXT_HOP_NET6.replace("::/64", "::1/64"),
-                "dev",
-                "nh0",
-                "nodad",
-                netns=self.netns,
-            )
+            wire_next_hops(self.netns)
             self.api.start()
             self._stack.callback(self.api.stop)
             self.api.add_listener("127.0.0.1", API_PORT, netns=self.netns)
@@ -400,20 +392,12 @@ class AgentBench:
 
     def log_lines(self, since_start: bool = False) -> list[LogLine]:
         """JSON log lines written since the last call (all with ``since_start``)."""
-        lines: list[LogLine] = []
         with open(self.log_path, "rb") as file:
             if not since_start:
                 file.seek(self._log_offset)
             data = file.read()
             self._log_offset = file.tell()
-        for raw in data.splitlines():
-            try:
-                entry = json.loads(raw)
-                stamp = parse_log_time(entry["time"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            lines.append(LogLine(stamp, entry.get("process", ""), entry.get("msg", ""), entry))
-        return lines
+        return parse_log_lines(data.splitlines())
 
     def log_tail(self, size: int = 4000) -> str:
         try:

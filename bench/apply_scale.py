@@ -48,8 +48,6 @@ from typing import Any
 from bench import baselines
 from bench.common import (
     GATEWAYS,
-    NEXT_HOP_NET4,
-    NEXT_HOP_NET6,
     NO_GATEWAY,
     extra_ip4,
     fmt_ratio,
@@ -65,11 +63,12 @@ from bench.common import (
     service_egress,
     summary,
     table,
+    wire_next_hops,
     write_results,
 )
 from metaleg.firewall.iptables import render
 from metaleg.model import NodeDesiredState
-from tests.netns import namespace, run_in_netns, sh
+from tests.netns import namespace, run_in_netns
 
 FIREWALLS = ("iptables", "nftables")
 ROUTING = "netlink"
@@ -225,24 +224,6 @@ def measure_routing(reps: int) -> dict[str, Any]:
     return result
 
 
-def _routing_namespace(name: str) -> None:
-    """A link (a veth pair inside the namespace) that makes the generated next hops on-link."""
-    sh("ip", "link", "add", "nh0", "type", "veth", "peer", "name", "nh1", netns=name)
-    sh("ip", "link", "set", "nh1", "up", netns=name)
-    sh("ip", "link", "set", "nh0", "up", netns=name)
-    sh("ip", "addr", "add", NEXT_HOP_NET4.replace("0/24", "1/24"), "dev", "nh0", netns=name)
-    sh(
-        "ip",
-        "addr",
-        "add",
-        NEXT_HOP_NET6.replace("::/64", "::1/64"),
-        "dev",
-        "nh0",
-        "nodad",
-        netns=name,
-    )
-
-
 def _baseline(function: str, n: int, ips: int, fingerprint: bool) -> dict[str, Any]:
     result: dict[str, Any] = getattr(baselines, function)(scale_state(n, ips))
     if fingerprint:
@@ -379,7 +360,7 @@ def run(
         if ROUTING in backends:
             print(f"N={n}: routing (netlink) ...", file=sys.stderr, flush=True)
             with namespace("mlb") as name:
-                _routing_namespace(name)
+                wire_next_hops(name)
                 data = run_in_netns(name, measure_routing, reps, timeout=TIMEOUT)
             entry[ROUTING] = {
                 "full": data["full"],

@@ -53,6 +53,20 @@ NEXT_HOP_NET4 = "192.0.2.0/24"
 NEXT_HOP_NET6 = "2001:db8:ff::/64"
 
 
+def wire_next_hops(netns: str) -> None:
+    """A link (a veth pair inside ``netns``) that makes the generated next hops on-link."""
+    from tests.netns import sh
+
+    sh("ip", "link", "add", "nh0", "type", "veth", "peer", "name", "nh1", netns=netns)
+    for link in ("nh0", "nh1"):
+        sh("ip", "link", "set", link, "up", netns=netns)
+    sh("ip", "addr", "add", NEXT_HOP_NET4.replace("0/24", "1/24"), "dev", "nh0", netns=netns)
+    sh(
+        *("ip", "addr", "add", NEXT_HOP_NET6.replace("::/64", "::1/64"), "dev", "nh0", "nodad"),
+        netns=netns,
+    )
+
+
 def node_name(index: int) -> str:
     return f"node-{index:02d}"
 

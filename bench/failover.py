@@ -58,7 +58,7 @@ import time
 from typing import Any
 
 from bench import pyspy
-from bench.agent import LogLine, parse_log_time
+from bench.agent import LogLine, parse_log_lines
 from bench.common import RESULTS_DIR, machine, ms, require_root, summary, table, write_results
 from tests.lab import INTERNET4, INTERNET6, LB_IP4, LB_IP6, Host, Lab, MasqueradeMode
 from tests.lab.agents import EgressLab
@@ -192,18 +192,9 @@ class Sniffer:
 
 
 def read_log(path: str) -> list[LogLine]:
-    import json
-
-    lines: list[LogLine] = []
     with contextlib.suppress(OSError), open(path, "rb") as file:
-        for raw in file:
-            try:
-                entry = json.loads(raw)
-                stamp = parse_log_time(entry["time"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            lines.append(LogLine(stamp, entry.get("process", ""), entry.get("msg", ""), entry))
-    return lines
+        return parse_log_lines(file)
+    return []
 
 
 def stream_failover(
