@@ -451,7 +451,7 @@ def test_changed_tables_lists_only_differences() -> None:
     after = render(
         node_state(MAIL, WEB, service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",))))
     )
-    changed = changed_tables(before, after)
+    changed = changed_tables(before.tables, after.tables)
     # LOST went REJECT -> MARK in IPv4 and disappeared in IPv6: filter changes; mangle does
     # not (marks are members of METALEG-MARK-4, and its one rule is there for WEB already).
     assert [spec.name for spec in changed[Family.IPV4]] == ["filter"]
@@ -464,17 +464,17 @@ def test_changed_tables_lists_only_differences() -> None:
     # The first marked Service of a family brings the mangle rule (and filter the stray
     # DROP for the mark set), the last takes them away.
     unmarked = render(node_state(MAIL, LOST))
-    assert [spec.name for spec in changed_tables(unmarked, before)[Family.IPV4]] == [
+    assert [spec.name for spec in changed_tables(unmarked.tables, before.tables)[Family.IPV4]] == [
         "mangle",
         "filter",
     ]
-    assert [spec.name for spec in changed_tables(before, unmarked)[Family.IPV6]] == [
+    assert [spec.name for spec in changed_tables(before.tables, unmarked.tables)[Family.IPV6]] == [
         "mangle",
         "filter",
     ]
     assert "METALEG-MARK-4" not in unmarked.sets
-    assert changed_tables(before, before) == {Family.IPV4: (), Family.IPV6: ()}
-    assert [spec.name for spec in changed_tables(None, before)[Family.IPV4]] == [
+    assert changed_tables(before.tables, before.tables) == {Family.IPV4: (), Family.IPV6: ()}
+    assert [spec.name for spec in changed_tables(None, before.tables)[Family.IPV4]] == [
         "mangle",
         "nat",
         "filter",

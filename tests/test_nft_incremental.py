@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metaleg.backend import BackendError
-from metaleg.firewall import nftables
+from metaleg.firewall import claims as source_claims
 from metaleg.firewall.conntrack import FlushPlan
 from metaleg.firewall.nftables import (
     ActualTable,
@@ -113,10 +113,10 @@ def random_states(seed: int, count: int) -> list[NodeDesiredState]:
 def assert_same_index(live: LiveTable, state: NodeDesiredState) -> None:
     rebuilt = LiveTable(state)
     assert live.content == rebuilt.content
-    assert live.owner == rebuilt.owner
-    assert live.contenders == rebuilt.contenders
+    assert live.claims.owner == rebuilt.claims.owner
+    assert live.claims.contenders == rebuilt.claims.contenders
     assert +live.mark_refs == +rebuilt.mark_refs
-    assert live.services == rebuilt.services
+    assert live.claims.services == rebuilt.claims.services
 
 
 def assert_same_plan(plan: FlushPlan, reference: FlushPlan) -> None:
@@ -151,7 +151,7 @@ def step(live: LiveTable, old: NodeDesiredState, new: NodeDesiredState) -> LiveT
         assert (
             new.exclude_dst_ipv4 != old.exclude_dst_ipv4
             or keys != sorted(set(keys))
-            or not live.ordered
+            or not live.claims.ordered
         )
         return LiveTable(new)
     assert change.script == diff_script(before, reference, MASK)
@@ -305,9 +305,9 @@ def test_a_change_touches_only_the_changed_service(monkeypatch: pytest.MonkeyPat
     )
     live = LiveTable(old)
     calls: list[str] = []
-    claims = nftables._service_claims
+    claims = source_claims.service_claims
     monkeypatch.setattr(
-        nftables, "_service_claims", lambda s, m: calls.append(s.name) or claims(s, m)
+        source_claims, "service_claims", lambda s, m: calls.append(s.name) or claims(s, m)
     )
     change = live.change_to(new)
     assert change is not None

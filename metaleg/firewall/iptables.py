@@ -66,6 +66,7 @@ from pathlib import Path
 import msgspec
 
 from metaleg.backend import BackendError
+from metaleg.firewall.claims import ServiceKey, changed_services
 from metaleg.firewall.ipset_netlink import skbmark_member
 from metaleg.firewall.ipsets import (
     HASH_IP,
@@ -340,146 +341,364 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
     Raises :class:`BackendError` for data the kernel objects cannot express
     (e.g. SNAT without an address), before anything is touched.
     """
-    if not 0 < state.fwmask <= 0xFFFFFFFF:
-        raise BackendError(f"firewall mask {state.fwmask:#x} is not a non-zero 32-bit mask")
-    _SERVICES.start()
-    sets: dict[str, SetSpec] = {}
-    tables: dict[Family, dict[str, TableSpec]] = {}
-    for family in FAMILIES:
-        cidrs = state.exclude_dst_ipv4 if family is Family.IPV4 else state.exclude_dst_ipv6
-        excluded = exclude_networks(cidrs, family)
-        head: tuple[Rule, ...] = ()
-        if excluded:
-            sets[exclude_set_name(family)] = SetSpec(
-                exclude_set_name(family), HASH_NET, family, excluded
-            )
-            head = (exclude_rule(family),)
-        chains: dict[str, list[Rule]] = {
-            MARK_CHAIN: list(head),
-            SNAT_CHAIN: list(head),
-            REJECT_CHAIN: list(head),
-        }
-        guard_returns: list[Rule] = []
-        strays: list[Rule] = []
-        mark_parts: list[tuple[tuple[str, str], ...]] = []
-        index = FAMILIES.index(family)
-        for service in state.services:
-            part = _render_service(service, state.fwmask)[index]
-            if part is None:
-                continue
-            set_spec, chain, rules, marks = part
-            sets[set_spec.name] = set_spec
-            if chain == SNAT_CHAIN:
-                chains[SNAT_CHAIN].append(rules[0])
-                chains[REJECT_CHAIN].extend((rules[1], rules[3]))
-                guard_returns.append(rules[2])
-                strays.append(stray_reply_rule(set_spec.name, family, bool(excluded)))
-            elif chain == MARK_CHAIN:
-                mark_parts.append(marks)
-            else:
-                chains[chain].append(rules[0])
-                strays.append(stray_reply_rule(set_spec.name, family, bool(excluded)))
-        mark_set = _SERVICES.mark_set(family, mark_parts)
-        if mark_set is not None:
-            sets[mark_set.name] = mark_set
-            chains[MARK_CHAIN].append(mark_map_rule(family))
-            strays.append(stray_reply_rule(mark_set.name, family, bool(excluded)))
-        chains[REJECT_CHAIN][:0] = strays
-        guard_cidrs = (
-            state.transit_guard_ipv4 if family is Family.IPV4 else state.transit_guard_ipv6
-        )
-        guarded = net_members(transit_set_name(family), guard_cidrs, family)
-        if guarded:
-            sets[transit_set_name(family)] = SetSpec(
-                transit_set_name(family), HASH_NET, family, guarded
-            )
-            chains[REJECT_CHAIN].extend(
-                (mark_skip_rule(state.fwmask), *guard_returns, transit_reject_rule(family))
-            )
-        tables[family] = {
-            "mangle": TableSpec(
-                name="mangle",
-                chains={MARK_CHAIN: tuple(chains[MARK_CHAIN])},
-                heads={"PREROUTING": (jump_rule(MARK_CHAIN),)},
-            ),
-            "nat": TableSpec(
-                name="nat",
-                chains={SNAT_CHAIN: tuple(chains[SNAT_CHAIN])},
-                heads={"POSTROUTING": (mark_skip_rule(state.fwmask), jump_rule(SNAT_CHAIN))},
-            ),
-            "filter": TableSpec(
-                name="filter",
-                chains={REJECT_CHAIN: tuple(chains[REJECT_CHAIN])},
-                heads={"FORWARD": (jump_rule(REJECT_CHAIN),)},
-            ),
-        }
-    _SERVICES.finish()
-    return DesiredFirewall(sets=sets, tables=tables)
+    return LiveRules(state).desired()
 
 
 _ServicePart = tuple[SetSpec, str, tuple[Rule, ...], tuple[tuple[str, str], ...]]
-_ServiceKey = tuple[int, ServiceEgress]
+"""One Service in one family: its source set, the chain its rules go to, its rules (SNAT:
+the SNAT rule, the stale binding DROP, the transit guard's RETURN and the reply DROP;
+REJECT: the REJECT rule; MARK: none) and, for MARK, its sources' members of the mark set
+(address, member)."""
+_ServiceParts = tuple[_ServicePart | None, _ServicePart | None]
+"""Per family (:data:`FAMILIES` order); None without sources in the family."""
+_MarkChange = tuple[tuple[ServiceKey, ...], str | None]
+"""An address of the mark set after a step: its MARK claimants (sorted) and its member."""
 
 
-class _ServiceCache:
-    """What :func:`_render_service` made of each Service in the last :func:`render`.
+class LiveStep(msgspec.Struct, frozen=True):
+    """One incremental step of a :class:`LiveRules`, computed but not yet committed."""
 
-    An apply renders every Service again (canonicalising 20000 source IPs at
-    N=1000 costs ~0.15 s), but most are unchanged: the model's structs are
-    immutable and compare by value. Only the entries the last render used are
-    kept, so the cache never outgrows the current state.
+    state: NodeDesiredState
+    services: tuple[tuple[ServiceKey, ServiceEgress | None, _ServiceParts | None], ...]
+    """The changed Services and their new parts (None: the Service is gone)."""
+    plan: SetPlan
+    tables: dict[Family, dict[str, TableSpec]] | None
+    """The new tables, or None when no rule changes."""
+    marks: dict[Family, dict[str, _MarkChange]]
+    """Per family, the mark set's touched addresses."""
+    transit_sets: dict[Family, SetSpec | None] | None
+    """The new transit guard sets, or None when the guard is unchanged."""
+
+
+class LiveRules:
+    """The iptables backend's rendering of the applied state, indexed by Service so that a
+    change costs what it changes.
+
+    Holds each Service's rendered parts, the mark set's owner of every address (the
+    *later* MARK Service in order: with one MARK rule per Service, the later rule
+    would set the mark) and the tables. :meth:`step` computes the set plan and,
+    only when some rule changes, the new tables, from the Services that differ
+    between two snapshots (a state whose Services are not sorted by key takes the
+    full path); :meth:`commit` takes a step as applied; :meth:`desired` writes the
+    complete :class:`DesiredFirewall` (for re-syncs and the full path).
     """
 
-    def __init__(self) -> None:
-        self.previous: dict[_ServiceKey, tuple[_ServicePart | None, _ServicePart | None]] = {}
-        self.current: dict[_ServiceKey, tuple[_ServicePart | None, _ServicePart | None]] = {}
-        self.marks: dict[Family, tuple[list[tuple[tuple[str, str], ...]], SetSpec | None]] = {}
+    def __init__(self, state: NodeDesiredState, previous: LiveRules | None = None) -> None:
+        """Render ``state`` in full, reusing ``previous``'s parts of unchanged Services
+        (canonicalising 20000 source IPs at N=1000 costs ~0.15 s). Raises
+        :class:`BackendError` naming a bad entry."""
+        if not 0 < state.fwmask <= 0xFFFFFFFF:
+            raise BackendError(f"firewall mask {state.fwmask:#x} is not a non-zero 32-bit mask")
+        self.state = state
+        self.fwmask = state.fwmask
+        reuse = previous if previous is not None and previous.fwmask == state.fwmask else None
+        self.services: dict[ServiceKey, ServiceEgress] = {}
+        self.parts: dict[ServiceKey, _ServiceParts] = {}
+        self.ordered = True
+        self.mark_owner: dict[Family, dict[str, ServiceKey]] = {f: {} for f in FAMILIES}
+        """Per family, address -> the MARK Service whose mark it gets."""
+        self.mark_contenders: dict[Family, dict[str, tuple[ServiceKey, ...]]] = {
+            f: {} for f in FAMILIES
+        }
+        """Addresses of several MARK Services: all of them, sorted (rare)."""
+        self.marked: dict[Family, dict[str, str]] = {f: {} for f in FAMILIES}
+        """Per family, address -> its member of the mark set."""
+        in_order: list[_ServiceParts] = []
+        previous_key: ServiceKey | None = None
+        for service in state.services:
+            key = (service.namespace, service.name)
+            if previous_key is not None and key <= previous_key:
+                self.ordered = False
+            previous_key = key
+            parts = (
+                reuse.parts[key]
+                if reuse is not None and reuse.services.get(key) == service
+                else None
+            )
+            if parts is None:
+                parts = _render_service(service, state.fwmask)
+            self.services[key] = service
+            self.parts[key] = parts
+            in_order.append(parts)
+            for index, family in enumerate(FAMILIES):
+                part = parts[index]
+                if part is None or not part[3]:
+                    continue
+                owner, contenders = self.mark_owner[family], self.mark_contenders[family]
+                for address, _ in part[3]:
+                    first = owner.get(address)
+                    if first is not None and first != key:
+                        contenders[address] = (*contenders.get(address, (first,)), key)
+                    owner[address] = key
+                self.marked[family].update(part[3])
+        for family_contenders in self.mark_contenders.values():
+            for address, keys in family_contenders.items():
+                family_contenders[address] = tuple(sorted(set(keys)))
+        self.excluded = {
+            family: exclude_networks(_exclude_cidrs(state, family), family) for family in FAMILIES
+        }
+        self.transit_sets = _transit_sets(state)
+        self.tables = self._tables(
+            in_order, {f: bool(self.marked[f]) for f in FAMILIES}, self.transit_sets
+        )
 
-    def mark_set(self, family: Family, parts: list[tuple[tuple[str, str], ...]]) -> SetSpec | None:
-        """The mark set of ``family`` from the MARK Services' members, in Service order;
-        the last render's when they are the same (the same objects, from the cache)."""
-        last = self.marks.get(family)
-        if last is not None and last[0] == parts:
-            return last[1]
-        # A source in two marked Services gets the later one's mark, as with one
-        # MARK rule per Service (the last matching rule set the mark).
-        marked: dict[str, str] = {}
-        for marks in parts:
-            marked.update(marks)
-        name = mark_set_name(family)
-        result = SetSpec(name, HASH_IP_MARK, family, frozenset(marked.values())) if marked else None
-        self.marks[family] = (parts, result)
-        return result
+    def desired(self) -> DesiredFirewall:
+        """Every set and table of the applied state."""
+        sets: dict[str, SetSpec] = {}
+        for family in FAMILIES:
+            if self.excluded[family]:
+                name = exclude_set_name(family)
+                sets[name] = SetSpec(name, HASH_NET, family, self.excluded[family])
+        for parts in self.parts.values():
+            for part in parts:
+                if part is not None:
+                    sets[part[0].name] = part[0]
+        for family in FAMILIES:
+            if self.marked[family]:
+                name = mark_set_name(family)
+                members = frozenset(self.marked[family].values())
+                sets[name] = SetSpec(name, HASH_IP_MARK, family, members)
+            transit = self.transit_sets[family]
+            if transit is not None:
+                sets[transit.name] = transit
+        return DesiredFirewall(sets=sets, tables=self.tables)
 
-    def start(self) -> None:
-        self.previous.update(self.current)
-        self.current = {}
+    def step(self, new: NodeDesiredState) -> LiveStep | None:
+        """The step to ``new``, or None when it needs the full path (another mask or
+        exclusion, Services out of order). Raises :class:`BackendError` for a bad
+        entry, before anything changes."""
+        old = self.state
+        if (
+            not self.ordered
+            or new.fwmask != self.fwmask
+            or new.exclude_dst_ipv4 != old.exclude_dst_ipv4
+            or new.exclude_dst_ipv6 != old.exclude_dst_ipv6
+        ):
+            return None
+        changes = changed_services(old.services, new.services, self.services)
+        if changes is None:
+            return None
+        before_sets: dict[str, SetSpec] = {}
+        after_sets: dict[str, SetSpec] = {}
+        rules_changed = False
+        new_parts: dict[ServiceKey, _ServiceParts | None] = {}
+        # Per family, the mark set's addresses the changed Services claim before or
+        # after, and which of them claim it after.
+        claimed: dict[Family, dict[str, list[ServiceKey]]] = {f: {} for f in FAMILIES}
+        for key, _, service in changes:
+            was = self.parts.get(key, (None, None))
+            parts = _render_service(service, self.fwmask) if service is not None else None
+            new_parts[key] = parts
+            for index, family in enumerate(FAMILIES):
+                old_part, new_part = was[index], parts[index] if parts is not None else None
+                if old_part is not None:
+                    before_sets[old_part[0].name] = old_part[0]
+                if new_part is not None:
+                    after_sets[new_part[0].name] = new_part[0]
+                if _rule_shape(old_part) != _rule_shape(new_part):
+                    rules_changed = True
+                family_claimed = claimed[family]
+                if old_part is not None:
+                    for address, _ in old_part[3]:
+                        family_claimed.setdefault(address, [])
+                if new_part is not None:
+                    for address, _ in new_part[3]:
+                        family_claimed.setdefault(address, []).append(key)
+        members: dict[tuple[ServiceKey, int], dict[str, str]] = {}
 
-    def finish(self) -> None:
-        self.previous = {}
+        def member(key: ServiceKey, index: int, address: str) -> str:
+            found = members.get((key, index))
+            if found is None:
+                parts = new_parts[key] if key in new_parts else self.parts[key]
+                assert parts is not None
+                part = parts[index]
+                assert part is not None
+                found = members[key, index] = dict(part[3])
+            return found[address]
+
+        marks: dict[Family, dict[str, _MarkChange]] = {}
+        has_marks: dict[Family, bool] = {}
+        for index, family in enumerate(FAMILIES):
+            owner, contenders = self.mark_owner[family], self.mark_contenders[family]
+            marked = self.marked[family]
+            family_marks: dict[str, _MarkChange] = {}
+            lost: set[str] = set()
+            gained: set[str] = set()
+            count = len(marked)
+            for address, claimers in claimed[family].items():
+                first = owner.get(address)
+                keys = contenders.get(address) or ((first,) if first is not None else ())
+                claimants = tuple(sorted([*(k for k in keys if k not in new_parts), *claimers]))
+                before = marked.get(address)
+                after = member(claimants[-1], index, address) if claimants else None
+                family_marks[address] = (claimants, after)
+                if before != after:
+                    if before is not None:
+                        lost.add(before)
+                        count -= 1
+                    if after is not None:
+                        gained.add(after)
+                        count += 1
+            marks[family] = family_marks
+            had, has_marks[family] = bool(marked), count > 0
+            if had != has_marks[family]:
+                rules_changed = True  # the MARK rule and its stray DROP come or go
+            name = mark_set_name(family)
+            # Partial sets: plan_sets diffs only the members of touched addresses.
+            if had:
+                before_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(lost))
+            if has_marks[family]:
+                after_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(gained))
+        transit_sets = None
+        if (new.transit_guard_ipv4, new.transit_guard_ipv6) != (
+            old.transit_guard_ipv4,
+            old.transit_guard_ipv6,
+        ):
+            transit_sets = _transit_sets(new)
+            for family in FAMILIES:
+                was_set, now_set = self.transit_sets[family], transit_sets[family]
+                if (was_set is None) != (now_set is None):
+                    rules_changed = True  # the guard comes or goes
+                if was_set is not None:
+                    before_sets[was_set.name] = was_set
+                if now_set is not None:
+                    after_sets[now_set.name] = now_set
+        tables = None
+        if rules_changed:
+            in_order: list[_ServiceParts] = []
+            for service in new.services:
+                key = (service.namespace, service.name)
+                parts = new_parts[key] if key in new_parts else self.parts[key]
+                assert parts is not None
+                in_order.append(parts)
+            tables = self._tables(
+                in_order, has_marks, transit_sets if transit_sets is not None else self.transit_sets
+            )
+        return LiveStep(
+            state=new,
+            services=tuple((key, service, new_parts[key]) for key, _, service in changes),
+            plan=plan_sets(before_sets, after_sets),
+            tables=tables,
+            marks=marks,
+            transit_sets=transit_sets,
+        )
+
+    def commit(self, step: LiveStep) -> None:
+        """Take ``step`` as applied (the kernel holds it)."""
+        for key, service, parts in step.services:
+            if service is None or parts is None:
+                self.services.pop(key, None)
+                self.parts.pop(key, None)
+            else:
+                self.services[key] = service
+                self.parts[key] = parts
+        for family, changes in step.marks.items():
+            owner, contenders = self.mark_owner[family], self.mark_contenders[family]
+            marked = self.marked[family]
+            for address, (claimants, member) in changes.items():
+                if claimants:
+                    owner[address] = claimants[-1]
+                else:
+                    owner.pop(address, None)
+                if len(claimants) > 1:
+                    contenders[address] = claimants
+                else:
+                    contenders.pop(address, None)
+                if member is None:
+                    marked.pop(address, None)
+                else:
+                    marked[address] = member
+        if step.transit_sets is not None:
+            self.transit_sets = step.transit_sets
+        if step.tables is not None:
+            self.tables = step.tables
+        self.state = step.state
+
+    def _tables(
+        self,
+        in_order: list[_ServiceParts],
+        has_marks: dict[Family, bool],
+        transit_sets: dict[Family, SetSpec | None],
+    ) -> dict[Family, dict[str, TableSpec]]:
+        """The tables of both families from every Service's parts, in Service order."""
+        fwmask = self.fwmask
+        tables: dict[Family, dict[str, TableSpec]] = {}
+        for index, family in enumerate(FAMILIES):
+            excluded = bool(self.excluded[family])
+            head = (exclude_rule(family),) if excluded else ()
+            snat_rules: list[Rule] = list(head)
+            reject_rules: list[Rule] = list(head)
+            mark_rules: list[Rule] = list(head)
+            guard_returns: list[Rule] = []
+            strays: list[Rule] = []
+            for parts in in_order:
+                part = parts[index]
+                if part is None:
+                    continue
+                set_spec, chain, rules, _ = part
+                if chain == SNAT_CHAIN:
+                    snat_rules.append(rules[0])
+                    reject_rules.extend((rules[1], rules[3]))
+                    guard_returns.append(rules[2])
+                    strays.append(stray_reply_rule(set_spec.name, family, excluded))
+                elif chain == REJECT_CHAIN:
+                    reject_rules.append(rules[0])
+                    strays.append(stray_reply_rule(set_spec.name, family, excluded))
+            if has_marks[family]:
+                mark_rules.append(mark_map_rule(family))
+                strays.append(stray_reply_rule(mark_set_name(family), family, excluded))
+            if transit_sets[family] is not None:
+                reject_rules += (
+                    mark_skip_rule(fwmask),
+                    *guard_returns,
+                    transit_reject_rule(family),
+                )
+            tables[family] = {
+                "mangle": TableSpec(
+                    name="mangle",
+                    chains={MARK_CHAIN: tuple(mark_rules)},
+                    heads={"PREROUTING": (jump_rule(MARK_CHAIN),)},
+                ),
+                "nat": TableSpec(
+                    name="nat",
+                    chains={SNAT_CHAIN: tuple(snat_rules)},
+                    heads={"POSTROUTING": (mark_skip_rule(fwmask), jump_rule(SNAT_CHAIN))},
+                ),
+                "filter": TableSpec(
+                    name="filter",
+                    chains={REJECT_CHAIN: (*strays, *reject_rules)},
+                    heads={"FORWARD": (jump_rule(REJECT_CHAIN),)},
+                ),
+            }
+        return tables
 
 
-_SERVICES = _ServiceCache()
+def _rule_shape(part: _ServicePart | None) -> tuple[str, tuple[Rule, ...]] | None:
+    """What of a Service's part the tables depend on (not its members)."""
+    return None if part is None else (part[1], part[2])
 
 
-def _render_service(
-    service: ServiceEgress, fwmask: int
-) -> tuple[_ServicePart | None, _ServicePart | None]:
-    """One Service, per family (:data:`FAMILIES` order): its source set, the chain its rule
-    goes to, its rules (SNAT: the SNAT rule, the stale binding DROP, the transit guard's
-    RETURN and the reply DROP; MARK: none) and,
-    for MARK, its sources' members of the mark set (address, member). None without
-    sources in the family."""
-    key = (fwmask, service)
-    if key in _SERVICES.previous:
-        cached = _SERVICES.current[key] = _SERVICES.previous[key]
-        return cached
-    parts = (
+def _exclude_cidrs(state: NodeDesiredState, family: Family) -> tuple[str, ...]:
+    return state.exclude_dst_ipv4 if family is Family.IPV4 else state.exclude_dst_ipv6
+
+
+def _transit_sets(state: NodeDesiredState) -> dict[Family, SetSpec | None]:
+    """The transit guard's set of each family (None: no guard in the family)."""
+    result: dict[Family, SetSpec | None] = {}
+    for family in FAMILIES:
+        cidrs = state.transit_guard_ipv4 if family is Family.IPV4 else state.transit_guard_ipv6
+        name = transit_set_name(family)
+        guarded = net_members(name, cidrs, family)
+        result[family] = SetSpec(name, HASH_NET, family, guarded) if guarded else None
+    return result
+
+
+def _render_service(service: ServiceEgress, fwmask: int) -> _ServiceParts:
+    """One Service's parts in both families."""
+    return (
         _render_family(service, Family.IPV4, fwmask),
         _render_family(service, Family.IPV6, fwmask),
     )
-    _SERVICES.current[key] = parts
-    return parts
 
 
 def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> _ServicePart | None:
@@ -524,14 +743,14 @@ def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> _Serv
 
 
 def changed_tables(
-    before: DesiredFirewall | None, after: DesiredFirewall
+    before: dict[Family, dict[str, TableSpec]] | None, after: dict[Family, dict[str, TableSpec]]
 ) -> dict[Family, tuple[TableSpec, ...]]:
     """Per family, the table specs of ``after`` that differ from ``before`` (all if unknown)."""
     return {
         family: tuple(
             spec
-            for name, spec in after.tables[family].items()
-            if before is None or before.tables[family].get(name) != spec
+            for name, spec in after[family].items()
+            if before is None or before[family].get(name) != spec
         )
         for family in FAMILIES
     }
@@ -721,7 +940,7 @@ class IptablesBackend:
     def __init__(self, *, timeout: float = 120.0) -> None:
         self._ipsets = IpsetClient()
         self._helpers = {family: XtablesHelper(family, timeout) for family in FAMILIES}
-        self._applied: DesiredFirewall | None = None
+        self._live: LiveRules | None = None
         """What the kernel holds after the last successful call; None when unknown."""
         self._set_generation = 0
         """Sent with every helper request; changes whenever sets may have been destroyed
@@ -737,30 +956,53 @@ class IptablesBackend:
         """Change what differs from the last applied state; an unchanged state touches nothing.
 
         Without a known last state (first call, or after a failure) this is a
-        :meth:`resync`, since only the kernel can tell what is there.
+        :meth:`resync`, since only the kernel can tell what is there. A change
+        costs what it changes (:class:`LiveRules`), except when the mask or
+        the exclusions change: then both states are rendered in full and compared.
         """
-        if self._applied is None:
-            self._start_helpers()
-        desired = render(state)
-        if self._applied is None:
-            self._reconcile(desired)
+        live = self._live
+        if live is None:
+            self.resync(state)
             return
-        plan = plan_sets(self._applied.sets, desired.sets)
-        tables = changed_tables(self._applied, desired)
-        if plan.empty and not any(tables.values()):
+        step = live.step(state)
+        if step is None:
+            fresh = LiveRules(state, live)
+            before, after = live.desired(), fresh.desired()
+            plan = plan_sets(before.sets, after.sets)
+            tables = changed_tables(before.tables, after.tables)
+            if plan.empty and not any(tables.values()):
+                self._live, self.last_changes = fresh, ()
+                return
+            self._execute(plan, tables, collect_garbage=False, before=live.tables)
+            self._live = fresh
+            return
+        tables = (
+            changed_tables(live.tables, step.tables)
+            if step.tables is not None
+            else {family: () for family in FAMILIES}
+        )
+        if step.plan.empty and not any(tables.values()):
+            live.commit(step)
             self.last_changes = ()
             return
-        self._execute(plan, tables, collect_garbage=False, before=self._applied)
-        self._applied = desired
+        self._execute(step.plan, tables, collect_garbage=False, before=live.tables)
+        live.commit(step)
+        self._live = live
 
     def resync(self, state: NodeDesiredState) -> None:
         """Compare with the kernel, repair every difference and delete stale metaleg objects."""
         self._start_helpers()
-        self._reconcile(render(state))
+        live = LiveRules(state, self._live)
+        current = self._ipsets.list_sets()
+        desired = live.desired()
+        plan = plan_sets(current, desired.sets)
+        del current
+        self._execute(plan, changed_tables(None, desired.tables), collect_garbage=True)
+        self._live = live
 
     def cleanup(self) -> None:
         """Remove every metaleg jump, rule, chain and set of both families. Idempotent."""
-        self._applied = None
+        self._live = None
         self._sets_uncertain = True
         errors: list[str] = []
         changes: list[str] = []
@@ -801,19 +1043,13 @@ class IptablesBackend:
             with contextlib.suppress(BackendError):
                 helper.start()
 
-    def _reconcile(self, desired: DesiredFirewall) -> None:
-        current = self._ipsets.list_sets()
-        plan = plan_sets(current, desired.sets)
-        self._execute(plan, changed_tables(None, desired), collect_garbage=True)
-        self._applied = desired
-
     def _execute(
         self,
         plan: SetPlan,
         tables: dict[Family, tuple[TableSpec, ...]],
         *,
         collect_garbage: bool,
-        before: DesiredFirewall | None = None,
+        before: dict[Family, dict[str, TableSpec]] | None = None,
     ) -> None:
         """Carry out one change, make-before-break, so that traffic stays covered.
 
@@ -854,7 +1090,7 @@ class IptablesBackend:
         Any failure stops here with the kernel covering at least the old state,
         and makes the next apply a full resync.
         """
-        self._applied = None
+        self._live = None
         self.last_changes = ()
         if collect_garbage or self._sets_uncertain:
             self._set_generation += 1
@@ -863,7 +1099,7 @@ class IptablesBackend:
         changes: list[str] = []
         early_requests = {}
         for family in FAMILIES:
-            early = () if before is None else unbind_first(before.tables[family], tables[family])
+            early = () if before is None else unbind_first(before[family], tables[family])
             if early:
                 early_requests[family] = SyncRequest(
                     tables=early, mode=Mode.EXACT, set_generation=generation

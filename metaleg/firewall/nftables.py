@@ -112,7 +112,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-import itertools
 import json
 import logging
 import re
@@ -125,9 +124,10 @@ from typing import Any, NamedTuple
 
 from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
+from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
 from metaleg.firewall.libnftables import Nft, NftError, trim_heap
-from metaleg.model import Action, Family, NodeDesiredState, ServiceEgress
+from metaleg.model import Action, Family, NodeDesiredState
 
 log = logging.getLogger(__name__)
 
@@ -614,149 +614,62 @@ def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
 
 # --- incremental changes ----------------------------------------------------------------
 
-ServiceKey = tuple[str, str]
-"""``(namespace, name)``: the order of ``NodeDesiredState.services``."""
-
-
-def _service_claims(
-    service: ServiceEgress, fwmask: int, *, whole_state: bool = False
-) -> dict[Family, dict[str, Treatment]]:
-    """The sources one Service claims and their treatments, canonical; within the
-    Service the first entry naming a source wins (as in ``conntrack.source_treatments``).
-
-    ``whole_state``: part of a walk over every Service (a full build), which goes
-    through conntrack's memo; an incremental step computes its few Services
-    directly, so that the memo does not collect the entries of every change.
-    """
-    result: dict[Family, dict[str, Treatment]] = {}
-    treatments_of = (
-        conntrack.entry_treatments if whole_state else conntrack.compute_entry_treatments
-    )
-    for entry in service.families:
-        table = result.setdefault(entry.family, {})
-        for source, treatment in treatments_of(service.key, entry, fwmask):
-            table.setdefault(source, treatment)
-    return result
-
-
-def _changed_services(
-    old: tuple[ServiceEgress, ...],
-    new: tuple[ServiceEgress, ...],
-    by_key: Mapping[ServiceKey, ServiceEgress],
-) -> list[tuple[ServiceKey, ServiceEgress | None, ServiceEgress | None]] | None:
-    """The Services that differ between two states' ``services``, as (key, old, new).
-
-    ``old`` is known to be strictly sorted by key (``by_key`` maps it); None when
-    ``new`` is not, since conflicts are then resolved by an order this cannot follow.
-    Unchanged Services compare equal (immutable Structs), so this is one cheap pass.
-    """
-    if len(old) == len(new):
-        positions = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
-        if all(
-            old[i].namespace == new[i].namespace and old[i].name == new[i].name for i in positions
-        ):
-            # Same keys in the same places: new is ordered like old.
-            return [((new[i].namespace, new[i].name), old[i], new[i]) for i in positions]
-    keys = [(service.namespace, service.name) for service in new]
-    if any(a >= b for a, b in itertools.pairwise(keys)):
-        return None
-    changed: list[tuple[ServiceKey, ServiceEgress | None, ServiceEgress | None]] = []
-    for key, service in zip(keys, new, strict=True):
-        before = by_key.get(key)
-        if before is None or before != service:
-            changed.append((key, before, service))
-    changed += [(key, by_key[key], None) for key in by_key.keys() - set(keys)]
-    return changed
-
-
-@dataclass
-class _SourceChange:
-    family: Family
-    source: str
-    claimants: tuple[ServiceKey, ...]
-    """Every Service claiming the source after the change, sorted (the first owns it)."""
-    before: Treatment | None
-    after: Treatment | None
-
 
 @dataclass
 class LiveChange:
     """One incremental step of a :class:`LiveTable`, computed but not yet committed."""
 
-    state: NodeDesiredState
     script: str
     """The nft transaction (empty: nothing to do in the kernel)."""
-    services: list[tuple[ServiceKey, ServiceEgress | None, ServiceEgress | None]]
-    sources: list[_SourceChange]
+    step: ClaimStep
+    """The Services and sources that change (see :class:`~metaleg.firewall.claims.ClaimStep`)."""
     transit: dict[Family, frozenset[str]] | None
     new_marks: list[int]
     """Gateway slots the step creates (their rules are new to the baseline)."""
-    flush: FlushPlan
-    """The conntrack step: exactly the sources whose treatment changed, with their
-    old and new treatments (the views hold only those: :meth:`FlushPlan.wants`
-    never looks at others)."""
+
+    @property
+    def state(self) -> NodeDesiredState:
+        return self.step.state
+
+    @property
+    def sources(self) -> list[SourceChange]:
+        return self.step.sources
+
+    @property
+    def flush(self) -> FlushPlan:
+        """The conntrack step: exactly the sources whose treatment changed."""
+        return self.step.flush
 
 
 class LiveTable:
     """What the backend last committed, indexed so that a change costs what it changes.
 
-    Holds the applied state, its :class:`TableContent` (mutable sets and maps,
-    patched in place) and, per family, which Services claim each source: the
-    first Service by ``(namespace, name)`` owns it, like ``source_treatments``
-    (which goes by the order of ``state.services``, sorted by the watcher; a
-    state that is not sorted is applied by the full render and diff instead).
-    Owned by one backend; :meth:`change_to` computes a step without touching
-    anything, :meth:`commit` applies it once the kernel took the transaction.
+    Holds the applied state's :class:`~metaleg.firewall.claims.SourceClaims` (which
+    Service owns each source) and its :class:`TableContent` (mutable sets and maps,
+    patched in place). Owned by one backend; :meth:`change_to` computes a step
+    without touching anything, :meth:`commit` applies it once the kernel took the
+    transaction.
     """
 
     def __init__(self, state: NodeDesiredState) -> None:
         """Render ``state`` in full (raises :class:`BackendError` naming a bad entry)."""
-        self.state = state
+        try:
+            self.claims, owned = SourceClaims.build(state)
+        except TreatmentError as error:
+            raise BackendError(f"nftables: {error}") from error
         self.fwmask = state.fwmask
-        self.services: dict[ServiceKey, ServiceEgress] = {}
-        self.owner: dict[Family, dict[str, ServiceKey]] = {f: {} for f in Family}
-        self.contenders: dict[Family, dict[str, tuple[ServiceKey, ...]]] = {f: {} for f in Family}
-        """Sources claimed by several Services: all of them, sorted (rare)."""
         self.mark_refs: Counter[int] = Counter()
         """gateway mark -> sources marked with it (both families): the slots in use."""
-        self.ordered = True
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
         mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
         reject: dict[Family, set[str]] = {f: set() for f in Family}
-        previous: ServiceKey | None = None
-        try:
-            for service in state.services:
-                key = (service.namespace, service.name)
-                if previous is not None and key <= previous:
-                    self.ordered = False
-                previous = key
-                self.services[key] = service
-                for family, claims in _service_claims(
-                    service, state.fwmask, whole_state=True
-                ).items():
-                    owner = self.owner[family]
-                    if owner.keys().isdisjoint(claims):  # the rule: no source of another
-                        owner.update(dict.fromkeys(claims, key))
-                        treatments = set(claims.values())
-                        if len(treatments) == 1:  # the rule: one entry per family
-                            self._render_all(family, claims, treatments.pop(), snat, mark, reject)
-                        else:
-                            self._render(family, claims.items(), snat, mark, reject)
-                        continue
-                    contenders, mine = self.contenders[family], {}
-                    for source, treatment in claims.items():
-                        first = owner.get(source)
-                        if first is None:
-                            owner[source] = key
-                            mine[source] = treatment
-                        else:
-                            contenders[source] = (*contenders.get(source, (first,)), key)
-                    self._render(family, mine.items(), snat, mark, reject)
-        except TreatmentError as error:
-            raise BackendError(f"nftables: {error}") from error
-        for contenders in self.contenders.values():
-            for source, keys in contenders.items():
-                contenders[source] = tuple(sorted(keys))
+        for family, claims in owned:
+            treatments = set(claims.values())
+            if len(treatments) == 1:  # the rule: one entry per family
+                self._render_all(family, claims, treatments.pop(), snat, mark, reject)
+            else:
+                self._render(family, claims.items(), snat, mark, reject)
+        del owned
         self.content = TableContent(
             exclude={
                 Family.IPV4: _checked_cidrs(state.exclude_dst_ipv4, Family.IPV4, "exclude_dst"),
@@ -767,10 +680,11 @@ class LiveTable:
             reject=dict(reject),
             transit={f: set(members) for f, members in _transit(state).items()},
         )
-        self._exclude_networks = {
-            f: conntrack.collapse_cidrs(self.content.exclude[f], f) for f in Family
-        }
-        conntrack.walked_whole_state()  # every entry of the state was looked up above
+
+    @property
+    def state(self) -> NodeDesiredState:
+        """The applied state."""
+        return self.claims.state
 
     def _render_all(
         self,
@@ -816,86 +730,24 @@ class LiveTable:
         """The step from the applied state to ``new``, or None when it needs the full path
         (another mask or exclusion, Services out of order). Raises :class:`BackendError`
         for a bad entry, before anything changes."""
-        old = self.state
-        if (
-            not self.ordered
-            or new.fwmask != self.fwmask
-            or new.exclude_dst_ipv4 != old.exclude_dst_ipv4
-            or new.exclude_dst_ipv6 != old.exclude_dst_ipv6
-        ):
-            return None
-        services = _changed_services(old.services, new.services, self.services)
-        if services is None:
-            return None
         try:
-            old_claims = {
-                key: _service_claims(before, self.fwmask) if before is not None else {}
-                for key, before, _ in services
-            }
-            new_claims = {
-                key: _service_claims(after, self.fwmask) if after is not None else {}
-                for key, _, after in services
-            }
+            step = self.claims.step(new)
         except TreatmentError as error:
             raise BackendError(f"nftables: {error}") from error
+        if step is None:
+            return None
+        old = self.claims.state
         transit = None
         if (new.transit_guard_ipv4, new.transit_guard_ipv6) != (
             old.transit_guard_ipv4,
             old.transit_guard_ipv6,
         ):
             transit = _transit(new)
-
-        unchanged_claims: dict[ServiceKey, dict[Family, dict[str, Treatment]]] = {}
-
-        def claim(key: ServiceKey, family: Family, source: str, after: bool) -> Treatment:
-            claims = (new_claims if after else old_claims).get(key)
-            if claims is None:  # an unchanged Service contending for a changed source
-                claims = unchanged_claims.get(key)
-                if claims is None:
-                    claims = unchanged_claims[key] = _service_claims(
-                        self.services[key], self.fwmask
-                    )
-            return claims[family][source]
-
-        changes: list[_SourceChange] = []
-        for family in Family:
-            claimers: dict[str, list[ServiceKey]] = {}
-            touched: set[str] = set()
-            for key, _, _ in services:
-                touched.update(old_claims[key].get(family, ()))
-                for source in new_claims[key].get(family, ()):
-                    claimers.setdefault(source, []).append(key)
-            touched.update(claimers)
-            owner, contenders = self.owner[family], self.contenders[family]
-            for source in touched:
-                first = owner.get(source)
-                keys = contenders.get(source) or ((first,) if first is not None else ())
-                before = claim(keys[0], family, source, False) if keys else None
-                claimants = tuple(
-                    sorted([*(k for k in keys if k not in new_claims), *claimers.get(source, ())])
-                )
-                after = claim(claimants[0], family, source, True) if claimants else None
-                changes.append(_SourceChange(family, source, claimants, before, after))
-
-        script, new_marks = self._script(changes, transit)
-        moved = [c for c in changes if c.before != c.after]
-        flush = FlushPlan(
-            {f: {c.source for c in moved if c.family == f} for f in Family},
-            self._view(moved, before=True),
-            self._view(moved, before=False),
-        )
-        return LiveChange(new, script, services, changes, transit, new_marks, flush)
-
-    def _view(self, changes: list[_SourceChange], before: bool) -> EgressView:
-        treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
-        for change in changes:
-            treatment = change.before if before else change.after
-            if treatment is not None:
-                treatments[change.family][change.source] = treatment
-        return EgressView(treatments, self._exclude_networks)
+        script, new_marks = self._script(step.sources, transit)
+        return LiveChange(script, step, transit, new_marks)
 
     def _script(
-        self, changes: list[_SourceChange], transit: dict[Family, frozenset[str]] | None
+        self, changes: list[SourceChange], transit: dict[Family, frozenset[str]] | None
     ) -> tuple[str, list[int]]:
         """The transaction, command for command what :func:`diff_script` writes for the
         full contents before and after (elements sorted alike)."""
@@ -957,16 +809,6 @@ class LiveTable:
         for source_change in change.sources:
             family, source = source_change.family, source_change.source
             before, after = source_change.before, source_change.after
-            claimants = source_change.claimants
-            owner, contenders = self.owner[family], self.contenders[family]
-            if not claimants:
-                owner.pop(source, None)
-            else:
-                owner[source] = claimants[0]
-            if len(claimants) > 1:
-                contenders[source] = claimants
-            else:
-                contenders.pop(source, None)
             if before == after:
                 continue
             if before is not None:
@@ -993,12 +835,7 @@ class LiveTable:
         if change.transit is not None:
             for family in Family:
                 content.transit[family] = set(change.transit[family])
-        for key, _, service in change.services:
-            if service is None:
-                del self.services[key]
-            else:
-                self.services[key] = service
-        self.state = change.state
+        self.claims.commit(change.step)
         content.__dict__.pop("view", None)  # the cached conntrack view is outdated
 
 

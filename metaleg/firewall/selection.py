@@ -15,23 +15,25 @@ depend on how rules are rendered:
   neither backend's rules in place;
 - for the iptables backend, it deletes the conntrack entries whose source's
   treatment changed (the nftables backend does this itself): an existing flow
-  keeps its NAT binding and would bypass new rules. The last applied state is
-  kept in METALEG_RUN_DIR, so a restarted worker flushes nothing it does not
-  have to, while a fresh agent on a node where pods already send flushes their
-  node-IP-masqueraded flows.
+  keeps its NAT binding and would bypass new rules. A change's step comes from
+  the Services that changed (:class:`~metaleg.firewall.claims.SourceClaims`). The
+  last applied state is kept in METALEG_RUN_DIR (a snapshot and the changes after
+  it, :mod:`metaleg.firewall.applied_state`), so a restarted worker flushes
+  nothing it does not have to, while a fresh agent on a node where pods already
+  send flushes their node-IP-masqueraded flows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-
-import msgspec
 
 from metaleg.backend import Backend
 from metaleg.config import Config
 from metaleg.firewall import conntrack
+from metaleg.firewall.applied_state import AppliedStateFile
+from metaleg.firewall.claims import SourceClaims
+from metaleg.firewall.conntrack import FlushPlan
 from metaleg.firewall.detect import detect_backend
 from metaleg.metrics import CONNTRACK_FLUSHED, ERRORS
 from metaleg.model import NodeDesiredState
@@ -68,12 +70,12 @@ class ManagedFirewall:
         self.backend = backend
         self.name = backend.name
         self.other = other
-        self.state_path = os.path.join(run_dir, APPLIED_STATE_FILE)
         self.flush_conntrack = backend.name == "iptables"
-        self.applied = self._load_applied()
-        self._applied_view: conntrack.EgressView | None = None
-        """The conntrack view of ``applied``, kept from the apply that made it: computing
-        a view walks every source, and each apply needs the old one and the new one."""
+        self.state_file = AppliedStateFile(os.path.join(run_dir, APPLIED_STATE_FILE))
+        self.applied = self.state_file.load() if self.flush_conntrack else None
+        self._claims: SourceClaims | None = None
+        """Who claims which source in ``applied``, kept from the apply that made it, so
+        that a change's conntrack step costs what the change does."""
 
     def apply(self, state: NodeDesiredState) -> None:
         self.backend.apply(state)
@@ -88,31 +90,36 @@ class ManagedFirewall:
 
     def cleanup(self) -> None:
         self.backend.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.state_path)
+        self.state_file.remove()
+        self.applied, self._claims = None, None
 
     def close(self) -> None:
         self.backend.close()
 
     def _after(self, state: NodeDesiredState) -> None:
-        if self.flush_conntrack and state != self.applied:
-            view = None
-            try:
-                old_view = self._applied_view
-                if old_view is None:
-                    old_view = conntrack.EgressView.of(self.applied)
-                view = conntrack.EgressView.of(state)
-                plan = conntrack.FlushPlan.between(old_view, view)
-                if plan:
-                    CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.flush_plan(plan))
-            except Exception as error:  # the rules are in place; stale flows are the lesser harm
-                ERRORS.labels("firewall", "conntrack").inc()
-                log.error("deleting outdated conntrack entries failed: %s", error)
-            self._applied_view = view
-        if state != self.applied:
-            self.applied = state
-            if self.flush_conntrack:  # only the iptables path reads it back after a restart
-                self._save_applied(state)
+        """Delete the conntrack entries the change outdated, and remember ``state``."""
+        if not self.flush_conntrack or state is self.applied:
+            return
+        claims, self._claims = self._claims, None
+        changes = None
+        try:
+            step = claims.step(state) if claims is not None else None
+            if claims is not None and step is not None:
+                claims.commit(step)
+                plan, changes = step.flush, step.services
+            else:
+                plan = FlushPlan.between(
+                    conntrack.EgressView.of(self.applied), conntrack.EgressView.of(state)
+                )
+                claims = SourceClaims.build(state)[0]
+            self._claims = claims
+            if plan:
+                CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.flush_plan(plan))
+        except Exception as error:  # the rules are in place; stale flows are the lesser harm
+            ERRORS.labels("firewall", "conntrack").inc()
+            log.error("deleting outdated conntrack entries failed: %s", error)
+        self.applied = state
+        self.state_file.save(state, changes)
 
     def _remove_leftovers(self, name: str) -> None:
         other = new_backend(name)
@@ -124,25 +131,6 @@ class ManagedFirewall:
             log.warning("could not remove leftovers of the %s backend: %s", name, error)
         finally:
             other.close()
-
-    def _load_applied(self) -> NodeDesiredState | None:
-        try:
-            with open(self.state_path, "rb") as file:
-                return msgspec.msgpack.decode(file.read(), type=NodeDesiredState)
-        except FileNotFoundError:
-            return None
-        except (OSError, msgspec.DecodeError) as error:
-            log.warning("ignoring unreadable %s: %s", self.state_path, error)
-            return None
-
-    def _save_applied(self, state: NodeDesiredState) -> None:
-        temporary = f"{self.state_path}.tmp"
-        try:
-            with open(temporary, "wb") as file:
-                file.write(msgspec.msgpack.encode(state))
-            os.replace(temporary, self.state_path)
-        except OSError as error:
-            log.warning("cannot save the applied state to %s: %s", self.state_path, error)
 
 
 def build_firewall(config: Config) -> ManagedFirewall:
