@@ -368,6 +368,8 @@ class LiveStep(msgspec.Struct, frozen=True):
     """Per family, the mark set's touched addresses."""
     transit_sets: dict[Family, SetSpec | None] | None
     """The new transit guard sets, or None when the guard is unchanged."""
+    unbinds: bool
+    """Whether a stale binding rule goes (see ``IptablesBackend._execute``, step 1)."""
 
 
 class LiveRules:
@@ -480,7 +482,7 @@ class LiveRules:
             return None
         before_sets: dict[str, SetSpec] = {}
         after_sets: dict[str, SetSpec] = {}
-        rules_changed = False
+        rules_changed = unbinds = False
         new_parts: dict[ServiceKey, _ServiceParts | None] = {}
         # Per family, the mark set's addresses the changed Services claim before or
         # after, and which of them claim it after.
@@ -497,6 +499,8 @@ class LiveRules:
                     after_sets[new_part[0].name] = new_part[0]
                 if _rule_shape(old_part) != _rule_shape(new_part):
                     rules_changed = True
+                    if old_part is not None and old_part[1] == SNAT_CHAIN:
+                        unbinds |= new_part is None or old_part[2][1] not in new_part[2]
                 family_claimed = claimed[family]
                 if old_part is not None:
                     for address, _ in old_part[3]:
@@ -581,6 +585,7 @@ class LiveRules:
             tables=tables,
             marks=marks,
             transit_sets=transit_sets,
+            unbinds=unbinds,
         )
 
     def commit(self, step: LiveStep) -> None:
@@ -985,7 +990,9 @@ class IptablesBackend:
             live.commit(step)
             self.last_changes = ()
             return
-        self._execute(step.plan, tables, collect_garbage=False, before=live.tables)
+        # Without a stale binding rule going, step 1 has nothing to do: skip looking.
+        unbind_from = live.tables if step.unbinds else None
+        self._execute(step.plan, tables, collect_garbage=False, before=unbind_from)
         live.commit(step)
         self._live = live
 
