@@ -247,4 +247,3 @@ def test_random_steps_in_the_kernel_end_as_the_full_render() -> None:
         records = run(ns, *(("apply", state) for state in states))
     for record, state in zip(records, states, strict=True):
         kernel_matches(record, state)
-
