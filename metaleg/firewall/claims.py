@@ -83,6 +83,25 @@ def changed_services(
     return changed
 
 
+def step_services(
+    old: NodeDesiredState,
+    new: NodeDesiredState,
+    by_key: Mapping[ServiceKey, ServiceEgress],
+    ordered: bool,
+) -> list[ServiceChange] | None:
+    """The Services an incremental step from ``old`` to ``new`` changes, or None when the
+    step must go the full way: ``old`` not sorted (``ordered``), another mask or
+    exclusion (they change every source's treatment), or ``new`` not sorted."""
+    if (
+        not ordered
+        or new.fwmask != old.fwmask
+        or new.exclude_dst_ipv4 != old.exclude_dst_ipv4
+        or new.exclude_dst_ipv6 != old.exclude_dst_ipv6
+    ):
+        return None
+    return changed_services(old.services, new.services, by_key)
+
+
 @dataclass
 class SourceChange:
     """One source touched by a step: who claims it afterwards and its treatment before
@@ -187,15 +206,7 @@ class SourceClaims:
         """The step from the applied state to ``new``, or None when it needs the full way
         (another mask or exclusion, Services out of order). Raises
         :class:`~metaleg.firewall.conntrack.TreatmentError` for a bad entry."""
-        old = self.state
-        if (
-            not self.ordered
-            or new.fwmask != self.fwmask
-            or new.exclude_dst_ipv4 != old.exclude_dst_ipv4
-            or new.exclude_dst_ipv6 != old.exclude_dst_ipv6
-        ):
-            return None
-        services = changed_services(old.services, new.services, self.services)
+        services = step_services(self.state, new, self.services, self.ordered)
         if services is None:
             return None
         old_claims = {

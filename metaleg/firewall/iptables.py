@@ -66,7 +66,7 @@ from pathlib import Path
 import msgspec
 
 from metaleg.backend import BackendError
-from metaleg.firewall.claims import ServiceKey, changed_services
+from metaleg.firewall.claims import ServiceKey, step_services
 from metaleg.firewall.ipset_netlink import skbmark_member
 from metaleg.firewall.ipsets import (
     HASH_IP,
@@ -470,14 +470,7 @@ class LiveRules:
         exclusion, Services out of order). Raises :class:`BackendError` for a bad
         entry, before anything changes."""
         old = self.state
-        if (
-            not self.ordered
-            or new.fwmask != self.fwmask
-            or new.exclude_dst_ipv4 != old.exclude_dst_ipv4
-            or new.exclude_dst_ipv6 != old.exclude_dst_ipv6
-        ):
-            return None
-        changes = changed_services(old.services, new.services, self.services)
+        changes = step_services(old, new, self.services, self.ordered)
         if changes is None:
             return None
         before_sets: dict[str, SetSpec] = {}
