@@ -210,10 +210,8 @@ EXPECTED_SETS = {
     "METALEG-EXCLUDE-DST-4": ("hash:net", "inet", {"10.96.0.0/12", "192.168.0.0/16"}),
     "METALEG-EXCLUDE-DST-6": ("hash:net", "inet6", {"fc00::/7"}),
     S4["mail"]: ("hash:ip", "inet", {"10.244.1.5"}),
-    S4["web"]: ("hash:ip", "inet", {"10.244.1.6", "10.244.1.7"}),
     S4["lost"]: ("hash:ip", "inet", {"10.244.1.8"}),
     S6["mail"]: ("hash:ip", "inet6", {"fd00:244::5"}),
-    S6["web"]: ("hash:ip", "inet6", {"fd00:244::6"}),
     S6["lost"]: ("hash:ip", "inet6", {"fd00:244::8"}),
     "METALEG-MARK-4": (
         "hash:ip skbinfo",
@@ -580,39 +578,20 @@ def test_change_is_make_before_break() -> None:
     )
     lost = service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",), fwmark=MARK2))
     backend.apply(node_state(MAIL, web, lost))
-    kinds = [entry[0] for entry in log]
-    assert kinds == [
-        "ipset-add",  # LOST's 10.244.1.8 gets MARK2 (mark set) before anything else
-        "ipset-add",  # WEB gains 10.244.1.8 before anything else
-        "merge",  # IPv4 filter: REJECT of LOST kept while the marks change
-        "merge",  # IPv6 filter: LOST's REJECT kept
-        "exact",  # IPv4 filter: now the REJECT goes
-        "exact",  # IPv6 filter
-        "ipset-remove",  # 10.244.1.7 loses its mark only after all rules are final
-        "ipset-remove",  # WEB loses 10.244.1.7 only after all rules are final
-        "ipset-destroy",  # LOST's IPv6 set, unused now
-    ]
     # 10.244.1.8 is in WEB and LOST: the later Service's mark wins (as with one MARK rule
-    # per Service, where the last matching rule set the mark).
-    assert log[0] == (
-        "ipset-add",
-        "METALEG-MARK-4",
-        frozenset({"10.244.1.8 skbmark 0x200000/0xf00000"}),
-    )
-    assert log[1] == ("ipset-add", S4["web"], frozenset({"10.244.1.8"}))
-    assert log[2:6] == [
-        ("merge", 4, "filter"),
+    # per Service, where the last matching rule set the mark). MARK Services have no
+    # source sets: LOST's go once its REJECT rules are gone.
+    assert log == [
+        # LOST's 10.244.1.8 gets MARK2 (mark set) before anything else
+        ("ipset-add", "METALEG-MARK-4", frozenset({"10.244.1.8 skbmark 0x200000/0xf00000"})),
+        ("merge", 4, "filter"),  # REJECT of LOST kept while the marks change
         ("merge", 6, "filter"),
-        ("exact", 4, "filter"),
+        ("exact", 4, "filter"),  # now the REJECT goes
         ("exact", 6, "filter"),
+        # 10.244.1.7 loses its mark only after all rules are final
+        ("ipset-remove", "METALEG-MARK-4", frozenset({"10.244.1.7 skbmark 0x100000/0xf00000"})),
+        *(("ipset-destroy", name) for name in sorted((S4["lost"], S6["lost"]))),
     ]
-    assert log[6] == (
-        "ipset-remove",
-        "METALEG-MARK-4",
-        frozenset({"10.244.1.7 skbmark 0x100000/0xf00000"}),
-    )
-    assert log[7] == ("ipset-remove", S4["web"], frozenset({"10.244.1.7"}))
-    assert log[8] == ("ipset-destroy", S6["lost"])
 
 
 def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
@@ -862,7 +841,7 @@ def test_incremental_change_touches_only_what_differs() -> None:
         assert kernel_view(after["sets"]) == expected_sets(changed)
         assert S4["mail"] not in after["sets"] and S6["mail"] not in after["sets"]
         # Untouched sets were not recreated (same hash seed), the changed one edited in place.
-        for name in (S4["web"], S4["lost"], S6["lost"], "METALEG-EXCLUDE-DST-4"):
+        for name in (S4["lost"], "METALEG-MARK-4", "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
         # First MAIL's stale binding DROPs go (both families); mangle is untouched in both
         # families: WEB's new IP and LOST's IPv6 source get their marks as members of the
@@ -874,13 +853,11 @@ def test_incremental_change_touches_only_what_differs() -> None:
             "ip6tables table filter: commit",
             "ipset METALEG-MARK-4: +1",
             "ipset METALEG-MARK-6: +1",
-            f"ipset {S4['web']}: +1",
             "iptables table filter: commit",
             "iptables table nat: commit",
             "ip6tables table filter: commit",
             "ip6tables table nat: commit",
-            f"ipset {S4['mail']}: destroy",
-            f"ipset {S6['mail']}: destroy",
+            *(f"ipset {name}: destroy" for name in sorted((S4["mail"], S6["mail"], S6["lost"]))),
         )
         assert "fd00:244::8 skbmark 0x200000/0xf00000" in after["sets"]["METALEG-MARK-6"][2]
 
@@ -1027,8 +1004,11 @@ def tamper(ns: str) -> None:
         "ipset create METALEG-OLD hash:ip",
         "ipset create inet6:METALEG-SRC-0123 hash:ip family inet6",
         "ipset create KEEP-ME hash:ip",
-        f"ipset del {S4['web']} 10.244.1.7",
-        f"ipset add {S4['web']} 10.244.1.99",
+        f"ipset del {S4['lost']} 10.244.1.8",
+        f"ipset add {S4['lost']} 10.244.1.99",
+        "ipset del METALEG-MARK-4 10.244.1.7",
+        "ipset add METALEG-MARK-4 10.244.1.6 skbmark 0x300000/0xf00000 -exist",
+        f"ipset create {S4['web']} hash:ip",  # a MARK Service has no source set
     ]:
         sh(*command.split(), netns=ns)
 

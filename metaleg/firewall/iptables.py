@@ -5,9 +5,10 @@ and cleans up its leftovers), per address family:
 
 * ipsets ``METALEG-EXCLUDE-DST-<4|6>`` (``hash:net``, the excluded destinations),
   ``METALEG-TRANSIT-<4|6>`` (``hash:net``, the transit guard's sources: other
-  nodes' pods), per Service ``METALEG-SRC-<4|6>-<12 hex>`` (``hash:ip``, its
-  source IPs) and ``METALEG-MARK-<4|6>`` (``hash:ip skbinfo``: every source of a
-  MARK Service with its mark, ``<ip> skbmark <mark>/<mask>``);
+  nodes' pods), per SNAT and REJECT Service ``METALEG-SRC-<4|6>-<12 hex>``
+  (``hash:ip``, its source IPs; a MARK Service has none) and
+  ``METALEG-MARK-<4|6>`` (``hash:ip skbinfo``: every source of a MARK Service
+  with its mark, ``<ip> skbmark <mark>/<mask>``);
 * mangle ``PREROUTING -j METALEG-RT-MARK``: exclude RETURN, then (while the
   family has MARK Services) ``-j SET --map-set METALEG-MARK-<f> src
   --map-mark``: one rule marks every source with its member's mark, applied
@@ -133,7 +134,7 @@ def source_set_name(family: Family, namespace: str, name: str) -> str:
     """The ``hash:ip`` set of one Service's source IPs in one family.
 
     Derived from family and ``namespace/name`` only (not the action), so a
-    Service changing between SNAT, MARK and REJECT keeps its set; a hash keeps
+    Service changing between SNAT and REJECT keeps its set; a hash keeps
     it within ipset's 31 characters whatever the names' length.
     """
     digest = hashlib.sha256(f"{int(family)}/{namespace}/{name}".encode()).hexdigest()
@@ -344,8 +345,8 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
     return LiveRules(state).desired()
 
 
-_ServicePart = tuple[SetSpec, str, tuple[Rule, ...], tuple[tuple[str, str], ...]]
-"""One Service in one family: its source set, the chain its rules go to, its rules (SNAT:
+_ServicePart = tuple[SetSpec | None, str, tuple[Rule, ...], tuple[tuple[str, str], ...]]
+"""One Service in one family: its source set (SNAT and REJECT; None for MARK), the chain its rules go to, its rules (SNAT:
 the SNAT rule, the stale binding DROP, the transit guard's RETURN and the reply DROP;
 REJECT: the REJECT rule; MARK: none) and, for MARK, its sources' members of the mark set
 (address, member)."""
@@ -453,7 +454,7 @@ class LiveRules:
                 sets[name] = SetSpec(name, HASH_NET, family, self.excluded[family])
         for parts in self.parts.values():
             for part in parts:
-                if part is not None:
+                if part is not None and part[0] is not None:
                     sets[part[0].name] = part[0]
         for family in FAMILIES:
             if self.marked[family]:
@@ -486,9 +487,9 @@ class LiveRules:
             new_parts[key] = parts
             for index, family in enumerate(FAMILIES):
                 old_part, new_part = was[index], parts[index] if parts is not None else None
-                if old_part is not None:
+                if old_part is not None and old_part[0] is not None:
                     before_sets[old_part[0].name] = old_part[0]
-                if new_part is not None:
+                if new_part is not None and new_part[0] is not None:
                     after_sets[new_part[0].name] = new_part[0]
                 if _rule_shape(old_part) != _rule_shape(new_part):
                     rules_changed = True
@@ -634,12 +635,14 @@ class LiveRules:
                 if part is None:
                     continue
                 set_spec, chain, rules, _ = part
+                if set_spec is None:
+                    continue  # MARK: its sources are members of the mark set
                 if chain == SNAT_CHAIN:
                     snat_rules.append(rules[0])
                     reject_rules.extend((rules[1], rules[3]))
                     guard_returns.append(rules[2])
                     strays.append(stray_reply_rule(set_spec.name, family, excluded))
-                elif chain == REJECT_CHAIN:
+                else:
                     reject_rules.append(rules[0])
                     strays.append(stray_reply_rule(set_spec.name, family, excluded))
             if has_marks[family]:
@@ -734,7 +737,8 @@ def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> _Serv
                 (address, skbmark_member(address, fwmark, fwmask))
                 for address in sorted(set_spec.members)
             )
-            result = (set_spec, MARK_CHAIN, (), marks)
+            # No set of its own: no rule would use it (the mark set marks its sources).
+            result = (None, MARK_CHAIN, (), marks)
         else:  # Action.REJECT, and anything unknown: fail closed
             result = (set_spec, REJECT_CHAIN, (reject_rule(set_name, family),), ())
     return result
