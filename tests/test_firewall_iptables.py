@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from metaleg.backend import Backend, BackendError
@@ -39,6 +40,7 @@ from metaleg.firewall.iptables import (
 )
 from metaleg.firewall.xtables_child import (
     Mode,
+    ReceivedRequest,
     Rule,
     SyncReply,
     SyncRequest,
@@ -442,6 +444,20 @@ def test_plan_sets_changes_members_by_difference() -> None:
     ]
     assert plan.destroy == ("METALEG-GONE",)
     assert plan_sets(desired, desired).empty
+
+
+def test_the_helper_receives_chain_rules_encoded_and_equal() -> None:
+    request = SyncRequest(
+        tables=tuple(render(GUARDED).tables[Family.IPV4].values()), mode=Mode.MERGE
+    )
+    received = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=ReceivedRequest)
+    assert (received.mode, received.collect_garbage) == (Mode.MERGE, False)
+    for sent, got in zip(request.tables, received.tables, strict=True):
+        assert (got.name, got.heads) == (sent.name, sent.heads)
+        assert {
+            chain: tuple(msgspec.msgpack.decode(raw, type=Rule) for raw in rules)
+            for chain, rules in got.chains.items()
+        } == sent.chains
 
 
 def test_changed_tables_lists_only_differences() -> None:

@@ -43,6 +43,9 @@ VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 _SKIP_CHAIN = ("nat", "POSTROUTING")
 """Where the mark skip rule lives (the only RETURN among metaleg's head rules)."""
 
+_DECODED_LIMIT = 20_000
+"""Encoded rules the helper keeps decoded (a few times the rules of 5000 Services)."""
+
 DEFAULT_LOCK_PATH = "/run/xtables.lock"
 """The lock the iptables binaries take (``XTABLES_LOCKFILE`` overrides it)."""
 
@@ -132,6 +135,28 @@ class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Changes whenever ipsets may have been destroyed since the previous request (the
     backend's count of such events; -1: unknown). While it stays the same, the helper
     trusts the set indexes it checked before (see :mod:`metaleg.firewall.xtables_rules`)."""
+
+
+class ReceivedTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A :class:`TableSpec` as the helper decodes it: the chains' rules stay encoded.
+
+    A chain is sent whole with every change of it (hundreds of rules at 1000
+    Services) although few rules change; decoding each into structs cost more
+    than anything else the helper did per rule. The helper keeps what it made of
+    each rule's bytes (:meth:`XtablesServer._desired`)."""
+
+    name: str
+    chains: dict[str, tuple[msgspec.Raw, ...]] = {}
+    heads: dict[str, tuple[Rule, ...]] = {}
+
+
+class ReceivedRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A :class:`SyncRequest` as the helper decodes it (tables as :class:`ReceivedTable`)."""
+
+    tables: tuple[ReceivedTable, ...]
+    mode: Mode = Mode.EXACT
+    collect_garbage: bool = False
+    set_generation: int = -1
 
 
 class TableResult(msgspec.Struct, frozen=True):
@@ -233,12 +258,14 @@ class XtablesServer:
 
         self._codec = RuleCodec(self._rule_class, self._values)
         self._prebuilt: dict[str, tuple[list[bytes], list[RuleKey]]] = {}
+        self._decoded: dict[bytes, Rule] = {}
+        """Rules received encoded, by their bytes (see :class:`ReceivedTable`)."""
         self._heads: dict[Rule, Any] = {}
         """Built head rules (jumps and the mark skip: no sets, so they never go stale)."""
 
     # -- requests ---------------------------------------------------------
 
-    def sync(self, request: SyncRequest) -> SyncReply:
+    def sync(self, request: SyncRequest | ReceivedRequest) -> SyncReply:
         """Apply one request; raises :class:`XtablesError` naming the failing object."""
         if request.collect_garbage and request.mode is not Mode.EXACT:
             raise XtablesError("garbage collection needs mode exact")
@@ -263,7 +290,9 @@ class XtablesServer:
 
     # -- one table --------------------------------------------------------
 
-    def _sync_table(self, spec: TableSpec, mode: Mode, collect_garbage: bool) -> TableResult:
+    def _sync_table(
+        self, spec: TableSpec | ReceivedTable, mode: Mode, collect_garbage: bool
+    ) -> TableResult:
         with xtables_lock(self._lock_path, self._lock_timeout):
             table = self._open(spec.name)
             try:
@@ -292,7 +321,7 @@ class XtablesServer:
         return table
 
     def _edit_table(
-        self, table: Any, spec: TableSpec, mode: Mode, collect_garbage: bool
+        self, table: Any, spec: TableSpec | ReceivedTable, mode: Mode, collect_garbage: bool
     ) -> tuple[bool, bool]:
         changed = False
         exact = True
@@ -339,7 +368,12 @@ class XtablesServer:
         return changed, exact
 
     def _sync_chain(
-        self, table: Any, context: str, chain_name: str, rules: Sequence[Rule], mode: Mode
+        self,
+        table: Any,
+        context: str,
+        chain_name: str,
+        rules: Sequence[Rule | msgspec.Raw],
+        mode: Mode,
     ) -> tuple[bool, bool]:
         """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had).
 
@@ -381,13 +415,29 @@ class XtablesServer:
         self._rewrite(table, context, chain_name, actual_keys, target_rules, target_keys)
         return True, exact
 
-    def _desired(self, context: str, rules: Sequence[Rule]) -> tuple[list[bytes], list[RuleKey]]:
-        """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.xtables_rules.RuleCodec`)."""
+    def _desired(
+        self, context: str, rules: Sequence[Rule | msgspec.Raw]
+    ) -> tuple[list[bytes], list[RuleKey]]:
+        """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.xtables_rules.RuleCodec`),
+        given as structs or still encoded (decoded once per distinct encoding)."""
         from metaleg.firewall.xtables_rules import PartError
 
         desired: list[bytes] = []
         desired_keys: list[RuleKey] = []
-        for rule in rules:
+        decoded = self._decoded
+        if len(decoded) > _DECODED_LIMIT:
+            decoded.clear()  # rules of Services long gone; what is still sent is decoded again
+        for item in rules:
+            if isinstance(item, msgspec.Raw):
+                data = bytes(item)
+                rule = decoded.get(data)
+                if rule is None:
+                    try:
+                        rule = decoded[data] = msgspec.msgpack.decode(data, type=Rule)
+                    except msgspec.DecodeError as error:
+                        raise XtablesError(f"{context}: invalid rule: {error}") from error
+            else:
+                rule = item
             try:
                 buffer, key = self._codec.build(rule)
             except PartError as error:
@@ -670,7 +720,7 @@ def serve(connection: Connection, server: XtablesServer, parent: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            request = msgspec.msgpack.decode(data, type=SyncRequest)
+            request = msgspec.msgpack.decode(data, type=ReceivedRequest)
             reply = server.sync(request)
         except Exception as error:  # reported to the parent, which raises BackendError
             reply = SyncReply(error=plain_error(error))
