@@ -23,6 +23,7 @@ from metaleg.firewall.iptables import (
     render,
     unbind_first,
 )
+from metaleg.firewall.xtables_child import opcodes
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace
 from tests.test_firewall_iptables import expected_sets, expected_tables, kernel_view, run
@@ -244,3 +245,34 @@ def test_random_steps_in_the_kernel_end_as_the_full_render() -> None:
         records = run(ns, *(("apply", state) for state in states))
     for record, state in zip(records, states, strict=True):
         kernel_matches(record, state)
+
+
+def edit(old: list[int], new: list[int], script: list[tuple[str, int, int, int, int]]) -> list[int]:
+    """Carry out opcodes, checking that they cover both sequences in order."""
+    result: list[int] = []
+    i = j = 0
+    for tag, i1, i2, j1, j2 in script:
+        assert (i1, j1) == (i, j)
+        if tag == "equal":
+            assert old[i1:i2] == new[j1:j2]
+            result += old[i1:i2]
+        else:
+            result += new[j1:j2]
+        i, j = i2, j2
+    assert (i, j) == (len(old), len(new))
+    return result
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.integers(0, 30), max_size=25), st.lists(st.integers(0, 30), max_size=25))
+def test_chain_edits_turn_the_old_rules_into_the_new(old: list[int], new: list[int]) -> None:
+    assert edit(old, new, opcodes(old, new)) == new
+
+
+def test_inserted_rules_keep_every_other_rule_in_place() -> None:
+    old = list(range(0, 300, 3))
+    new = sorted({*old, 4, 151, 298})
+    script = opcodes(old, new)
+    assert [tag for tag, *_ in script].count("insert") == 3
+    assert all(tag in ("equal", "insert") for tag, *_ in script)
+    assert edit(old, new, script) == new
