@@ -43,6 +43,9 @@ _IP_SET_OP_GET_BYINDEX = 0x00000007
 _SOL_IP = 0
 _HEADER_SIZE = 32  # xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
+_VERDICT_NAMES = {-1: "DROP", -2: "ACCEPT", -4: "QUEUE", -5: "RETURN"}
+"""The standard target's verdicts (``-NF_<verdict> - 1``; RETURN is ``-NF_REPEAT - 1``)."""
 _CACHE_LIMIT = 20_000
 _COUNTERS_SIZE = 16
 """``struct xt_counters`` (packets, bytes): the last field of an entry's header."""
@@ -297,19 +300,25 @@ class RuleCodec:
             address = ctypes.addressof(entry)
             raw = ctypes.string_at(address, entry.next_offset)
             target_offset = entry.target_offset
+            standard = None
             if raw[target_offset + 2] == 0:  # the standard target has the empty name
-                # Its data is an offset into the table: the name comes from the handle.
-                name = table.get_target(entry)
-                standard = name.decode() if isinstance(name, bytes) else str(name or "")
-                result.append((raw, self.key(raw, standard)))
-            else:
-                # Otherwise the key is a function of the bytes; the counters change
-                # with traffic, so they are no part of the lookup.
-                cache_key = raw[:counters_at] + raw[self._entry_size :]
-                key = known.get(cache_key)
-                if key is None:
-                    key = known[cache_key] = self.key(raw, None)
-                result.append((raw, key))
+                verdict = _I32.unpack_from(raw, target_offset + _HEADER_SIZE)[0]
+                standard = _VERDICT_NAMES.get(verdict)
+                if standard is None:
+                    # A jump: its data is an offset into the table, the name comes
+                    # from the handle.
+                    name = table.get_target(entry)
+                    standard = name.decode() if isinstance(name, bytes) else str(name or "")
+                    result.append((raw, self.key(raw, standard)))
+                    entry = table.next_rule(entry)
+                    continue
+            # Otherwise the key is a function of the bytes; the counters change with
+            # traffic, so they are no part of the lookup.
+            cache_key = raw[:counters_at] + raw[self._entry_size :]
+            key = known.get(cache_key)
+            if key is None:
+                key = known[cache_key] = self.key(raw, standard)
+            result.append((raw, key))
             entry = table.next_rule(entry)
         return result
 
