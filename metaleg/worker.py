@@ -33,6 +33,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import SignalWakeup, release_memory
 from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
+from metaleg.model import NodeDesiredState, share_unchanged_services
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ class DataplaneWorker:
                 log.warning("dropped an unexpected %s message", type(message).__name__)
                 continue
             if self.latest is None or message.generation != self.latest.generation:
+                if self.latest is not None and isinstance(message.state, NodeDesiredState):
+                    state = share_unchanged_services(self.latest.state, message.state)
+                    message = Snapshot(message.generation, state)
                 self.latest = message
                 self.next_attempt = 0.0
                 self.retry_delay = RETRY_INITIAL

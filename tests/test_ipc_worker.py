@@ -35,6 +35,7 @@ from metaleg.model import (
     NodeDesiredState,
     Role,
     ServiceEgress,
+    share_unchanged_services,
 )
 
 
@@ -247,3 +248,33 @@ def test_worker_stops_on_sigterm(worker_env: Any) -> None:
     os.kill(process.pid, signal.SIGTERM)
     process.join(5)
     assert process.exitcode == 0
+
+
+def test_a_new_snapshot_shares_the_unchanged_services_of_the_previous_one() -> None:
+    def service(name: str, *sources: str) -> ServiceEgress:
+        entry = FamilyEgress(Family.IPV4, Action.REJECT, sources, reason="no gateway")
+        return ServiceEgress("ns", name, Role.REJECT, None, (), (entry,))
+
+    previous = NodeDesiredState(
+        "node-a", 0xF00000, (), (), (service("a", "10.244.1.1"), service("b", "10.244.1.2"))
+    )
+
+    def decoded(*services: ServiceEgress) -> NodeDesiredState:
+        state = msgspec.structs.replace(previous, services=services)
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=NodeDesiredState)
+
+    # Same keys: a kept, b changed.
+    new = decoded(service("a", "10.244.1.1"), service("b", "10.244.1.3"))
+    shared = share_unchanged_services(previous, new)
+    assert shared == new
+    assert shared.services[0] is previous.services[0]
+    assert shared.services[1] is new.services[1]
+    # A Service added in front: matched by key.
+    new = decoded(service("0", "10.244.1.9"), *previous.services)
+    shared = share_unchanged_services(previous, new)
+    assert shared == new
+    assert [s is p for s, p in zip(shared.services[1:], previous.services, strict=True)] == [
+        True,
+        True,
+    ]
+    assert share_unchanged_services(None, new) is new

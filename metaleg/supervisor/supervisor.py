@@ -44,7 +44,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
-from metaleg.model import Action, NodeDesiredState
+from metaleg.model import Action, NodeDesiredState, share_unchanged_services
 from metaleg.supervisor import http
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
@@ -222,9 +222,11 @@ class Supervisor:
         if isinstance(message, Publish) and sender == "watcher":
             self.workers["watcher"].working = True
             self.problems = message.problems
-            if self.snapshot is None or message.state != self.snapshot.state:
+            previous = self.snapshot.state if self.snapshot is not None else None
+            state = share_unchanged_services(previous, message.state)
+            if state != previous:
                 generation = (self.snapshot.generation if self.snapshot else 0) + 1
-                self.snapshot = Snapshot(generation, message.state)
+                self.snapshot = Snapshot(generation, state)
                 log.info("new desired state", extra={"generation": generation})
                 for name in DATAPLANE_WORKERS:
                     self._send(name, self.snapshot)
