@@ -41,14 +41,16 @@ and cleans up its leftovers), per address family:
   rejected (see :attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`).
 
 How it works: :func:`render` turns a :class:`~metaleg.model.NodeDesiredState`
-into plain data (sets and per-table specs, pure and unit-testable); the backend
-compares that with what it applied last and changes only what differs. Rules
-are written with python-iptables, one commit per table, by one helper process
-per family (see :mod:`metaleg.firewall.xtables_child` for why; the two work in
-parallel, and build rules from cached parts, :mod:`metaleg.firewall.xtables_rules`);
-sets are edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
-:mod:`metaleg.firewall.ipset_netlink`). :func:`render` reuses what it made of
-each unchanged Service in the previous call.
+into plain data (sets and per-table specs, pure and unit-testable). The backend
+keeps the applied state as a :class:`LiveRules` (each Service's rendered parts,
+the mark set's owners, the tables) and derives each change from the Services
+that differ, so that it costs what it changes: members only, unless a rule
+changes (checked against :func:`render` by ``tests/test_iptables_incremental.py``).
+Rules are written with python-iptables, one commit per table, by one helper
+process per family (see :mod:`metaleg.firewall.xtables_child` for why; they
+build rules from cached parts, :mod:`metaleg.firewall.xtables_rules`); sets are
+edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
+:mod:`metaleg.firewall.ipset_netlink`).
 """
 
 from __future__ import annotations
