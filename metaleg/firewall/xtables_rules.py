@@ -47,8 +47,6 @@ _I32 = struct.Struct("=i")
 _VERDICT_NAMES = {-1: "DROP", -2: "ACCEPT", -4: "QUEUE", -5: "RETURN"}
 """The standard target's verdicts (``-NF_<verdict> - 1``; RETURN is ``-NF_REPEAT - 1``)."""
 _CACHE_LIMIT = 20_000
-_COUNTERS_SIZE = 16
-"""``struct xt_counters`` (packets, bytes): the last field of an entry's header."""
 """Cached rules (and matches) before the caches start over: a few times the rules of
 N=5000 Services (~1300 a family)."""
 
@@ -145,9 +143,6 @@ class RuleCodec:
         self._matches: dict[Match, bytes] = {}
         self._targets: dict[tuple[str, tuple[Option, ...]], bytes] = {}
         self._rules: dict[Rule, tuple[tuple[tuple[str, int], ...], bytes, RawKey]] = {}
-        self._read_keys: dict[bytes, RawKey] = {}
-        """Keys of kernel entries read before, by their bytes without the counters (a
-        changed chain is read whole; most of its entries were read before)."""
         self.indexes = SetIndexes()
         self._generation = -1
 
@@ -161,8 +156,6 @@ class RuleCodec:
             # Rules of Services long gone; what is still wanted is rebuilt once.
             self._rules.clear()
             self._matches.clear()
-        if len(self._read_keys) > _CACHE_LIMIT:
-            self._read_keys.clear()
 
     # -- building --------------------------------------------------------
 
@@ -293,8 +286,6 @@ class RuleCodec:
     def read_chain(self, table: Any, chain_name: str) -> list[tuple[bytes, RawKey]]:
         """The entries of a chain in the (python-iptables) table handle: raw bytes and keys."""
         result = []
-        counters_at = self._entry_size - _COUNTERS_SIZE
-        known = self._read_keys
         entry = table.first_rule(chain_name)
         while entry:
             address = ctypes.addressof(entry)
@@ -302,23 +293,16 @@ class RuleCodec:
             target_offset = entry.target_offset
             standard = None
             if raw[target_offset + 2] == 0:  # the standard target has the empty name
+                # A verdict is in the bytes; a jump's data is an offset into the table,
+                # so its chain's name comes from the handle. (Keys are not cached by
+                # the bytes: besides the counters, name fields hold whatever followed
+                # their NUL in libiptc's buffer, which differs between reads.)
                 verdict = _I32.unpack_from(raw, target_offset + _HEADER_SIZE)[0]
                 standard = _VERDICT_NAMES.get(verdict)
                 if standard is None:
-                    # A jump: its data is an offset into the table, the name comes
-                    # from the handle.
                     name = table.get_target(entry)
                     standard = name.decode() if isinstance(name, bytes) else str(name or "")
-                    result.append((raw, self.key(raw, standard)))
-                    entry = table.next_rule(entry)
-                    continue
-            # Otherwise the key is a function of the bytes; the counters change with
-            # traffic, so they are no part of the lookup.
-            cache_key = raw[:counters_at] + raw[self._entry_size :]
-            key = known.get(cache_key)
-            if key is None:
-                key = known[cache_key] = self.key(raw, standard)
-            result.append((raw, key))
+            result.append((raw, self.key(raw, standard)))
             entry = table.next_rule(entry)
         return result
 
