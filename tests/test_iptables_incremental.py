@@ -27,7 +27,7 @@ from metaleg.firewall.xtables_child import opcodes
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace
 from tests.test_firewall_iptables import expected_sets, expected_tables, kernel_view, run
-from tests.test_nft_incremental import MASK, assert_same_plan, random_state
+from tests.test_nft_incremental import MASK, assert_same_plan, random_states, random_walk
 
 
 def apply_plan(sets: dict[str, SetSpec], plan: SetPlan) -> dict[str, SetSpec]:
@@ -120,25 +120,19 @@ def claims_step(claims: SourceClaims, old: NodeDesiredState, new: NodeDesiredSta
     return claims
 
 
-def first_valid(states: list[NodeDesiredState]) -> list[NodeDesiredState]:
-    while states:
-        try:
-            render(states[0])
-            EgressView.of(states[0])
-        except (BackendError, TreatmentError):
-            states.pop(0)
-            continue
-        break
-    return states
+def _valid(state: NodeDesiredState) -> bool:
+    try:
+        render(state)
+        EgressView.of(state)
+    except (BackendError, TreatmentError):
+        return False
+    return True
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.randoms(use_true_random=False), st.integers(2, 12))
 def test_iptables_steps_equal_the_full_render(rng: random.Random, count: int) -> None:
-    states: list[NodeDesiredState] = []
-    for _ in range(count):
-        states.append(random_state(rng, states[-1] if states else None))
-    states = first_valid(states)
+    states = random_walk(rng, count, _valid)
     if not states:
         return
     live = LiveRules(states[0])
@@ -232,15 +226,7 @@ def kernel_matches(record: dict[str, Any], state: NodeDesiredState) -> None:
 def test_random_steps_in_the_kernel_end_as_the_full_render() -> None:
     """Applies through the incremental path leave the kernel exactly where a fresh
     render says, step after step (sets, members, marks and rules)."""
-    rng = random.Random(20261124)
-    states: list[NodeDesiredState] = []
-    while len(states) < 25:
-        candidate = random_state(rng, states[-1] if states else None)
-        try:
-            render(candidate)
-        except BackendError:
-            continue
-        states.append(candidate)
+    states = random_states(20261124, 25, valid=_valid)
     with namespace("mlipinc") as ns:
         records = run(ns, *(("apply", state) for state in states))
     for record, state in zip(records, states, strict=True):

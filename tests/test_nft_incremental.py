@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
@@ -99,13 +99,28 @@ def random_state(rng: random.Random, previous: NodeDesiredState | None) -> NodeD
     )
 
 
-def random_states(seed: int, count: int) -> list[NodeDesiredState]:
-    """Valid states only (for the kernel)."""
+def random_walk(
+    rng: random.Random, count: int, valid: Callable[[NodeDesiredState], bool]
+) -> list[NodeDesiredState]:
+    """``count`` nearby states (:func:`random_state`), without the invalid ones at the start
+    (a walk must begin from something applied; later invalid ones test refusals)."""
+    states: list[NodeDesiredState] = []
+    for _ in range(count):
+        states.append(random_state(rng, states[-1] if states else None))
+    while states and not valid(states[0]):
+        states.pop(0)
+    return states
+
+
+def random_states(
+    seed: int, count: int, valid: Callable[[NodeDesiredState], bool] | None = None
+) -> list[NodeDesiredState]:
+    """Valid states only (for the kernel; by default valid for the nftables backend)."""
     rng = random.Random(seed)
     states: list[NodeDesiredState] = []
     while len(states) < count:
         state = random_state(rng, states[-1] if states else None)
-        if _valid(state):
+        if (valid or _valid)(state):
             states.append(state)
     return states
 
@@ -166,11 +181,7 @@ def step(live: LiveTable, old: NodeDesiredState, new: NodeDesiredState) -> LiveT
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.randoms(use_true_random=False), st.integers(2, 12))
 def test_incremental_steps_equal_the_full_render(rng: random.Random, count: int) -> None:
-    states: list[NodeDesiredState] = []
-    for _ in range(count):
-        states.append(random_state(rng, states[-1] if states else None))
-    while states and not _valid(states[0]):
-        states.pop(0)
+    states = random_walk(rng, count, _valid)
     if not states:
         return
     live, applied = LiveTable(states[0]), states[0]

@@ -657,7 +657,6 @@ class LiveTable:
             self.claims, owned = SourceClaims.build(state)
         except TreatmentError as error:
             raise BackendError(f"nftables: {error}") from error
-        self.fwmask = state.fwmask
         self.mark_refs: Counter[int] = Counter()
         """gateway mark -> sources marked with it (both families): the slots in use."""
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
@@ -685,6 +684,11 @@ class LiveTable:
     def state(self) -> NodeDesiredState:
         """The applied state."""
         return self.claims.state
+
+    @property
+    def fwmask(self) -> int:
+        """The applied state's mask (a step never changes it)."""
+        return self.claims.fwmask
 
     def _render_all(
         self,
