@@ -125,35 +125,6 @@ class NodeDesiredState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ]
 
 
-def share_unchanged_services(
-    previous: NodeDesiredState | None, new: NodeDesiredState
-) -> NodeDesiredState:
-    """``new``, with each Service equal to ``previous``'s Service of the same key replaced by
-    ``previous``'s object.
-
-    Every snapshot arrives decoded in full, while a process keeps the Services of
-    earlier ones (the backends' indexes hold the objects of the snapshot that last
-    changed them): sharing the unchanged ones keeps one copy of each instead of
-    one per decode, and lets each decode's objects go at once, so that long-lived
-    objects do not pin the memory pools of many decodes. Equal values, so every
-    consumer sees the same state.
-    """
-    if previous is None or not previous.services:
-        return new
-    old, services = previous.services, new.services
-    if len(old) == len(services) and all(
-        a.namespace == b.namespace and a.name == b.name for a, b in zip(old, services, strict=True)
-    ):
-        shared = [a if a == b else b for a, b in zip(old, services, strict=True)]
-    else:
-        by_key = {(service.namespace, service.name): service for service in old}
-        shared = []
-        for service in services:
-            before = by_key.get((service.namespace, service.name))
-            shared.append(before if before is not None and before == service else service)
-    return msgspec.structs.replace(new, services=tuple(shared))
-
-
 def fwmask_shift(fwmask: int) -> int:
     """The bit position of the lowest set bit of a (non-zero) mask."""
     return (fwmask & -fwmask).bit_length() - 1

@@ -26,14 +26,13 @@ from metaleg.ipc import (
     Hello,
     MessageError,
     Snapshot,
+    StateDecoder,
     connect_worker,
-    decode,
     decode_routes_only,
     encode,
 )
 from metaleg.lifecycle import SignalWakeup, release_memory
 from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
-from metaleg.model import NodeDesiredState, share_unchanged_services
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class DataplaneWorker:
         self.process = process
         self.backend = backend
         self.config = config
-        self._decode = decode_routes_only if routes_only else decode
+        self._decode = decode_routes_only if routes_only else StateDecoder().decode
         self.latest: Snapshot | None = None
         self.applied_generation = 0
         self.resynced_once = False
@@ -126,9 +125,6 @@ class DataplaneWorker:
                 log.warning("dropped an unexpected %s message", type(message).__name__)
                 continue
             if self.latest is None or message.generation != self.latest.generation:
-                if self.latest is not None and isinstance(message.state, NodeDesiredState):
-                    state = share_unchanged_services(self.latest.state, message.state)
-                    message = Snapshot(message.generation, state)
                 self.latest = message
                 self.next_attempt = 0.0
                 self.retry_delay = RETRY_INITIAL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import signal
 import tempfile
 import time
@@ -13,6 +14,8 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaleg.backend import BackendError
 from metaleg.config import Config
@@ -22,6 +25,8 @@ from metaleg.ipc import (
     MessageError,
     Publish,
     Snapshot,
+    StateDecoder,
+    _EncodedState,
     bind_supervisor,
     decode,
     decode_routes_only,
@@ -35,8 +40,8 @@ from metaleg.model import (
     NodeDesiredState,
     Role,
     ServiceEgress,
-    share_unchanged_services,
 )
+from tests.test_nft_incremental import random_walk
 
 
 def state(*sources: str) -> NodeDesiredState:
@@ -250,31 +255,63 @@ def test_worker_stops_on_sigterm(worker_env: Any) -> None:
     assert process.exitcode == 0
 
 
-def test_a_new_snapshot_shares_the_unchanged_services_of_the_previous_one() -> None:
-    def service(name: str, *sources: str) -> ServiceEgress:
-        entry = FamilyEgress(Family.IPV4, Action.REJECT, sources, reason="no gateway")
-        return ServiceEgress("ns", name, Role.REJECT, None, (), (entry,))
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_the_state_decoder_gives_a_full_decode_and_shares_what_is_unchanged(seed: int) -> None:
+    decoder = StateDecoder()
+    previous: NodeDesiredState | None = None
+    rng = random.Random(seed)
+    for generation, desired in enumerate(random_walk(rng, 30, lambda _: True), start=1):
+        message = Snapshot(generation, desired) if generation % 2 else Publish(desired, ("p",))
+        decoded = decoder.decode(encode(message))
+        assert decoded == message
+        assert isinstance(decoded, Snapshot | Publish)
+        state = decoded.state
+        if previous is not None:
+            # Same count: matched by position; else by encoding (Services added or removed).
+            before = {msgspec.msgpack.encode(s): s for s in previous.services}
+            same_count = len(state.services) == len(previous.services)
+            for index, service in enumerate(state.services):
+                if same_count:
+                    earlier = previous.services[index]
+                    if msgspec.msgpack.encode(earlier) == msgspec.msgpack.encode(service):
+                        assert service is earlier
+                    else:
+                        assert all(service is not s for s in previous.services)
+                else:
+                    found = before.get(msgspec.msgpack.encode(service))
+                    if found is not None:
+                        assert service is found
+            for field in ("transit_guard_ipv4", "transit_guard_ipv6"):
+                if getattr(state, field) == getattr(previous, field):
+                    assert getattr(state, field) is getattr(previous, field)
+        previous = state
 
-    previous = NodeDesiredState(
-        "node-a", 0xF00000, (), (), (service("a", "10.244.1.1"), service("b", "10.244.1.2"))
-    )
 
-    def decoded(*services: ServiceEgress) -> NodeDesiredState:
-        state = msgspec.structs.replace(previous, services=services)
-        return msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=NodeDesiredState)
+def test_the_state_decoder_refuses_a_bad_service_and_keeps_its_reference() -> None:
+    decoder = StateDecoder()
+    good = decoder.decode(encode(Snapshot(1, state("10.244.1.10"))))
+    assert isinstance(good, Snapshot)
 
-    # Same keys: a kept, b changed.
-    new = decoded(service("a", "10.244.1.1"), service("b", "10.244.1.3"))
-    shared = share_unchanged_services(previous, new)
-    assert shared == new
-    assert shared.services[0] is previous.services[0]
-    assert shared.services[1] is new.services[1]
-    # A Service added in front: matched by key.
-    new = decoded(service("0", "10.244.1.9"), *previous.services)
-    shared = share_unchanged_services(previous, new)
-    assert shared == new
-    assert [s is p for s, p in zip(shared.services[1:], previous.services, strict=True)] == [
-        True,
-        True,
-    ]
-    assert share_unchanged_services(None, new) is new
+    def frame(**fields: Any) -> bytes:
+        encoded = msgspec.to_builtins(good.state)
+        encoded.update(fields)
+        return msgspec.msgpack.encode({"type": "snapshot", "generation": 2, "state": encoded})
+
+    bad_service = frame(services=[msgspec.to_builtins(good.state.services[0]), {"name": 5}])
+    with pytest.raises(
+        MessageError, match=r"state\.services\[1\]: Expected `str`, got `int` - at `\$\.name`"
+    ):
+        decoder.decode(bad_service)
+    with pytest.raises(MessageError, match=r"state\.transit_guard_ipv4: Expected `str`"):
+        decoder.decode(frame(transit_guard_ipv4=[5]))
+    again = decoder.decode(encode(Snapshot(3, good.state)))
+    assert isinstance(again, Snapshot)
+    assert again.state.services[0] is good.state.services[0]
+
+
+def test_the_state_decoder_reads_every_field_of_a_state() -> None:
+    """Its encoded mirror of NodeDesiredState must have the same fields in the same order."""
+    mirror = [(f.name, f.default) for f in msgspec.structs.fields(_EncodedState)]
+    model = [(f.name, f.default) for f in msgspec.structs.fields(NodeDesiredState)]
+    assert [name for name, _ in mirror] == [name for name, _ in model]

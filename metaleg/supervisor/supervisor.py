@@ -34,17 +34,17 @@ from metaleg.ipc import (
     MessageError,
     Publish,
     Snapshot,
+    StateDecoder,
     WatcherStatus,
     bind_control,
     bind_supervisor,
     control_endpoint,
-    decode,
     encode,
     prepare_run_dir,
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
-from metaleg.model import Action, NodeDesiredState, share_unchanged_services
+from metaleg.model import Action, NodeDesiredState
 from metaleg.supervisor import http
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
@@ -120,6 +120,9 @@ class Supervisor:
         self.config = config
         self.workers = {name: Worker(name, module) for name, module in (workers or WORKERS).items()}
         self.snapshot: Snapshot | None = None
+        self.snapshot_frame = b""
+        """``snapshot`` encoded, once per generation for every worker it goes to."""
+        self.decoder = StateDecoder()
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
         self.stopping = False
@@ -190,11 +193,11 @@ class Supervisor:
 
     # --- messages ----------------------------------------------------------------------------
 
-    def _send(self, worker: str, message: Snapshot) -> None:
+    def _send_snapshot(self, worker: str) -> None:
         assert self.socket is not None
         # A full queue means that worker is stuck or gone; it asks again with Hello on restart.
         with contextlib.suppress(zmq.Again):
-            self.socket.send_multipart([worker.encode(), encode(message)], zmq.NOBLOCK)
+            self.socket.send_multipart([worker.encode(), self.snapshot_frame], zmq.NOBLOCK)
 
     def _drop(self, text: str, *args: object) -> None:
         IPC_DROPPED.labels("supervisor").inc()
@@ -212,7 +215,7 @@ class Supervisor:
                 self._drop("dropped a message from unexpected peer %r", identity)
                 continue
             try:
-                message = decode(frames[1])
+                message = self.decoder.decode(frames[1])
             except MessageError as error:
                 self._drop("dropped a message from %s: %s", identity, error)
                 continue
@@ -223,13 +226,14 @@ class Supervisor:
             self.workers["watcher"].working = True
             self.problems = message.problems
             previous = self.snapshot.state if self.snapshot is not None else None
-            state = share_unchanged_services(previous, message.state)
+            state = message.state
             if state != previous:
                 generation = (self.snapshot.generation if self.snapshot else 0) + 1
                 self.snapshot = Snapshot(generation, state)
+                self.snapshot_frame = encode(self.snapshot)
                 log.info("new desired state", extra={"generation": generation})
                 for name in DATAPLANE_WORKERS:
-                    self._send(name, self.snapshot)
+                    self._send_snapshot(name)
         elif isinstance(message, WatcherStatus) and sender == "watcher":
             if message.error != self.watcher_status.error and message.error:
                 log.warning("watcher: %s", message.error)
@@ -238,7 +242,7 @@ class Supervisor:
         elif isinstance(message, Hello) and sender in DATAPLANE_WORKERS:
             self.workers[sender].backend = message.backend
             if self.snapshot is not None:
-                self._send(sender, self.snapshot)
+                self._send_snapshot(sender)
         elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
             worker = self.workers[sender]
             worker.backend = message.backend or worker.backend
