@@ -54,7 +54,7 @@ from bench.common import (
     service_name,
     wire_next_hops,
 )
-from metaleg.firewall.iptables import mark_set_name, source_set_name
+from metaleg.firewall.iptables import mark_set_name, rejected_set_name, source_set_name
 from metaleg.model import Family
 from metaleg.supervisor.metrics import descendants, process_tree
 from metaleg.supervisor.status import StatusReport
@@ -141,7 +141,10 @@ def kernel_target(backend: str, index: int, family: int = 4) -> tuple[str, str]:
     """(kind, set) where Service ``index``'s sources of ``family`` live in the kernel."""
     g = gateway_of(index)
     if backend == "iptables":
-        if g not in (0, NO_GATEWAY):  # a MARK Service's sources are members of the mark set
+        # A MARK (REJECT) Service's sources are members of the mark (REJECT) set.
+        if g == NO_GATEWAY:
+            return "ipset", rejected_set_name(Family(family))
+        if g != 0:
             return "ipset", mark_set_name(Family(family))
         return "ipset", source_set_name(Family(family), NAMESPACE, service_name(index))
     kind = "snat" if g == 0 else "reject" if g == NO_GATEWAY else "mark"

@@ -31,6 +31,7 @@ from metaleg.firewall.iptables import (
     jump_rule,
     mark_skip_rule,
     net_members,
+    rejected_set_name,
     render,
     snat_rule,
     source_return_rule,
@@ -170,13 +171,13 @@ EXPECTED_V4 = {
     "filter": {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
-            stray(S4["mail"], 4),
-            stray(S4["lost"], 4),
+            stray("METALEG-REJECTED-4", 4),
+            stray("METALEG-SNATTED-4", 4),
             stray("METALEG-MARK-4", 4),
             "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+            "-m set --match-set METALEG-REJECTED-4 src -j REJECT --reject-with icmp-port-unreachable",
             stale_drop(S4["mail"], "192.0.2.10"),
-            reply_drop(S4["mail"]),
-            f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
+            reply_drop("METALEG-SNATTED-4"),
         ],
     },
 }
@@ -198,13 +199,13 @@ EXPECTED_V6 = {
     "filter": {
         "FORWARD": ["-j METALEG-REJECT"],
         "METALEG-REJECT": [
-            stray(S6["mail"], 6),
-            stray(S6["lost"], 6),
+            stray("METALEG-REJECTED-6", 6),
+            stray("METALEG-SNATTED-6", 6),
             stray("METALEG-MARK-6", 6),
             "-m set --match-set METALEG-EXCLUDE-DST-6 dst -j RETURN",
+            "-m set --match-set METALEG-REJECTED-6 src -j REJECT --reject-with icmp6-port-unreachable",
             stale_drop(S6["mail"], "2001:db8::10"),
-            reply_drop(S6["mail"]),
-            f"-m set --match-set {S6['lost']} src -j REJECT --reject-with icmp6-port-unreachable",
+            reply_drop("METALEG-SNATTED-6"),
         ],
     },
 }
@@ -212,9 +213,11 @@ EXPECTED_SETS = {
     "METALEG-EXCLUDE-DST-4": ("hash:net", "inet", {"10.96.0.0/12", "192.168.0.0/16"}),
     "METALEG-EXCLUDE-DST-6": ("hash:net", "inet6", {"fc00::/7"}),
     S4["mail"]: ("hash:ip", "inet", {"10.244.1.5"}),
-    S4["lost"]: ("hash:ip", "inet", {"10.244.1.8"}),
     S6["mail"]: ("hash:ip", "inet6", {"fd00:244::5"}),
-    S6["lost"]: ("hash:ip", "inet6", {"fd00:244::8"}),
+    "METALEG-SNATTED-4": ("hash:ip", "inet", {"10.244.1.5"}),
+    "METALEG-SNATTED-6": ("hash:ip", "inet6", {"fd00:244::5"}),
+    "METALEG-REJECTED-4": ("hash:ip", "inet", {"10.244.1.8"}),
+    "METALEG-REJECTED-6": ("hash:ip", "inet6", {"fd00:244::8"}),
     "METALEG-MARK-4": (
         "hash:ip skbinfo",
         "inet",
@@ -276,7 +279,7 @@ def test_render_without_excludes_or_sources_creates_no_sets() -> None:
     empty_sources = service("default", "idle", snat(Family.IPV4, (), "192.0.2.10"))
     v6_only = service("default", "six", reject(Family.IPV6, ("fd00::1",)))
     desired = render(node_state(empty_sources, v6_only, exclude4=(), exclude6=()))
-    assert set(desired.sets) == {source_set_name(Family.IPV6, "default", "six")}
+    assert set(desired.sets) == {rejected_set_name(Family.IPV6)}
     v4 = rules_by_chain(desired, Family.IPV4)
     # Chains and jumps exist even when empty, so that later changes only edit chains.
     assert v4["nat"] == {
@@ -284,7 +287,7 @@ def test_render_without_excludes_or_sources_creates_no_sets() -> None:
         "METALEG-SNAT": [],
     }
     assert v4["filter"]["METALEG-REJECT"] == []
-    six = source_set_name(Family.IPV6, "default", "six")
+    six = rejected_set_name(Family.IPV6)
     assert rules_by_chain(desired, Family.IPV6)["filter"]["METALEG-REJECT"] == [
         # Without exclusions, every stray is dropped.
         f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {six} dst -j DROP",
@@ -338,14 +341,13 @@ TRANSIT6 = ("fd00:244:2::/64",)
 GUARDED = node_state(MAIL, RELAY, WEB, LOST, transit4=TRANSIT4, transit6=TRANSIT6)
 GUARD_V4 = [
     "-m mark ! --mark 0x0/0xf00000 -j RETURN",
-    f"-m set --match-set {S4['mail']} src -j RETURN",
-    f"-m set --match-set {S4['relay']} src -j RETURN",
+    "-m set --match-set METALEG-SNATTED-4 src -j RETURN",
     "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-4 src "
     "-j REJECT --reject-with icmp-port-unreachable",
 ]
 GUARD_V6 = [
     "-m mark ! --mark 0x0/0xf00000 -j RETURN",
-    f"-m set --match-set {S6['mail']} src -j RETURN",
+    "-m set --match-set METALEG-SNATTED-6 src -j RETURN",
     "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-6 src "
     "-j REJECT --reject-with icmp6-port-unreachable",
 ]
@@ -355,19 +357,18 @@ def test_render_transit_guard_after_exclude_and_rejects() -> None:
     desired = render(GUARDED)
     v4 = rules_by_chain(desired, Family.IPV4)
     v6 = rules_by_chain(desired, Family.IPV6)
-    # Stray DROPs, exclude RETURN, the Services' DROPs (SNAT) and REJECT rules in Service
-    # order (RELAY's after MAIL's), then the guard: marked and SNATed sources pass.
+    # Stray DROPs, exclude RETURN, the REJECT, the SNAT Services' stale binding DROPs in
+    # Service order (RELAY's after MAIL's) and their reply DROP, then the guard: marked
+    # and SNATed sources pass.
     assert v4["filter"]["METALEG-REJECT"] == [
-        stray(S4["mail"]),
-        stray(S4["relay"]),
-        stray(S4["lost"]),
+        stray("METALEG-REJECTED-4"),
+        stray("METALEG-SNATTED-4"),
         stray("METALEG-MARK-4"),
         "-m set --match-set METALEG-EXCLUDE-DST-4 dst -j RETURN",
+        "-m set --match-set METALEG-REJECTED-4 src -j REJECT --reject-with icmp-port-unreachable",
         stale_drop(S4["mail"], "192.0.2.10"),
-        reply_drop(S4["mail"]),
         stale_drop(S4["relay"], "192.0.2.11"),
-        reply_drop(S4["relay"]),
-        f"-m set --match-set {S4['lost']} src -j REJECT --reject-with icmp-port-unreachable",
+        reply_drop("METALEG-SNATTED-4"),
         *GUARD_V4,
     ]
     assert v6["filter"]["METALEG-REJECT"] == [*EXPECTED_V6["filter"]["METALEG-REJECT"], *GUARD_V6]
@@ -595,8 +596,8 @@ def test_change_is_make_before_break() -> None:
     lost = service("shop", "lost", mark(Family.IPV4, ("10.244.1.8",), fwmark=MARK2))
     backend.apply(node_state(MAIL, web, lost))
     # 10.244.1.8 is in WEB and LOST: the later Service's mark wins (as with one MARK rule
-    # per Service, where the last matching rule set the mark). MARK Services have no
-    # source sets: LOST's go once its REJECT rules are gone.
+    # per Service, where the last matching rule set the mark). LOST was the only REJECT
+    # Service: the shared REJECT sets go once their rules are gone.
     assert log == [
         # LOST's 10.244.1.8 gets MARK2 (mark set) before anything else
         ("ipset-add", "METALEG-MARK-4", frozenset({"10.244.1.8 skbmark 0x200000/0xf00000"})),
@@ -606,7 +607,8 @@ def test_change_is_make_before_break() -> None:
         ("exact", 6, "filter"),
         # 10.244.1.7 loses its mark only after all rules are final
         ("ipset-remove", "METALEG-MARK-4", frozenset({"10.244.1.7 skbmark 0x100000/0xf00000"})),
-        *(("ipset-destroy", name) for name in sorted((S4["lost"], S6["lost"]))),
+        ("ipset-destroy", "METALEG-REJECTED-4"),
+        ("ipset-destroy", "METALEG-REJECTED-6"),
     ]
 
 
@@ -631,13 +633,33 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
         ("exact", 6, "nat"),
     ]
     log.clear()
-    # And back: the SNAT (nat) exists before its exception and DROP (filter); all only gain.
+    # And back: the SNAT (nat) exists before its exception (the SNATed set's member) and
+    # DROP (filter); all only gain.
     backend.apply(node_state(MAIL, transit4=TRANSIT4))
-    assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
+    assert [entry[:3] for entry in log if entry[0] != "ipset-create"] == [
+        ("ipset-add", S4["mail"], frozenset({"10.244.1.5"})),
+        ("ipset-add", S6["mail"], frozenset({"fd00:244::5"})),
         ("merge", 4, "nat"),
-        ("merge", 4, "filter"),
         ("merge", 6, "nat"),
+        ("ipset-add", "METALEG-SNATTED-4", frozenset({"10.244.1.5"})),
+        ("ipset-add", "METALEG-SNATTED-6", frozenset({"fd00:244::5"})),
+        ("merge", 4, "filter"),
         ("merge", 6, "filter"),
+    ]
+    log.clear()
+    # Another SNAT Service leaves while MAIL stays: its sources leave the exception after
+    # filter (the exception and the stale binding DROP), before nat (its SNAT).
+    backend.apply(node_state(MAIL, RELAY, transit4=TRANSIT4))
+    log.clear()
+    backend.apply(node_state(MAIL, transit4=TRANSIT4))
+    relay = frozenset({"10.244.1.20", "10.244.1.21"})
+    assert log == [
+        ("exact", 4, "filter"),  # the stale binding DROP, early: filter is final now
+        ("merge", 4, "nat"),
+        ("merge", 4, "filter"),  # (compared, nothing to commit)
+        ("ipset-remove", "METALEG-SNATTED-4", relay),
+        ("exact", 4, "nat"),
+        ("ipset-destroy", S4["relay"]),
     ]
     log.clear()
     # The guard goes away: its rules first, then its set.
@@ -857,13 +879,14 @@ def test_incremental_change_touches_only_what_differs() -> None:
         assert kernel_view(after["sets"]) == expected_sets(changed)
         assert S4["mail"] not in after["sets"] and S6["mail"] not in after["sets"]
         # Untouched sets were not recreated (same hash seed), the changed one edited in place.
-        for name in (S4["lost"], "METALEG-MARK-4", "METALEG-EXCLUDE-DST-4"):
+        for name in ("METALEG-REJECTED-4", "METALEG-MARK-4", "METALEG-EXCLUDE-DST-4"):
             assert after["sets"][name][3] == before["sets"][name][3]
         # First MAIL's stale binding DROPs go (both families); mangle is untouched in both
         # families: WEB's new IP and LOST's IPv6 source get their marks as members of the
         # mark sets, before anything else; nothing only gains rules (no merge commit);
-        # then the tables that lose rules (MAIL's stray and reply DROPs, its SNAT, LOST's
-        # IPv6 REJECT) are committed (exact, filter first).
+        # then the tables that lose rules (the SNATed sets' stray and reply DROPs, MAIL's
+        # SNAT, IPv6's REJECT, its only REJECT source gone) are committed (exact, filter
+        # first); the sets no rule uses any more go last.
         assert after["changes"] == (
             "iptables table filter: commit",
             "ip6tables table filter: commit",
@@ -873,7 +896,13 @@ def test_incremental_change_touches_only_what_differs() -> None:
             "iptables table nat: commit",
             "ip6tables table filter: commit",
             "ip6tables table nat: commit",
-            *(f"ipset {name}: destroy" for name in sorted((S4["mail"], S6["mail"], S6["lost"]))),
+            *(
+                f"ipset {name}: destroy"
+                for name in sorted(
+                    {S4["mail"], S6["mail"], "METALEG-SNATTED-4", "METALEG-SNATTED-6"}
+                    | {"METALEG-REJECTED-6"}
+                )
+            ),
         )
         assert "fd00:244::8 skbmark 0x200000/0xf00000" in after["sets"]["METALEG-MARK-6"][2]
 
@@ -897,7 +926,7 @@ def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
         assert first["error"] == ""
         assert first["v4"] == expected_tables(GUARDED, Family.IPV4)
         assert first["v6"] == expected_tables(GUARDED, Family.IPV6)
-        assert first["v4"]["filter"]["METALEG-REJECT"][-4:] == GUARD_V4
+        assert first["v4"]["filter"]["METALEG-REJECT"][-3:] == GUARD_V4
         assert first["v6"]["filter"]["METALEG-REJECT"][-3:] == GUARD_V6
         assert kernel_view(first["sets"]) == expected_sets(GUARDED)
         assert kernel_view(first["sets"])["METALEG-TRANSIT-4"] == (
@@ -914,15 +943,16 @@ def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
         assert kernel_view(second["sets"]) == expected_sets(changed)
         # Edited in place (same hash seed), not recreated.
         assert second["sets"]["METALEG-TRANSIT-4"][3] == first["sets"]["METALEG-TRANSIT-4"][3]
-        # RELAY's stale binding DROP goes first. Then tables only lose rules, so merge
-        # leaves them as they are (RELAY's exception stays in front of the guard's
-        # REJECT); exact takes the exception out first, then the SNAT it stood for.
+        # RELAY's stale binding DROP goes first (IPv4 filter is final then). Tables only
+        # lose rules, so merge leaves them as they are; exact commits IPv6 filter (its
+        # guard goes), then RELAY's sources leave the guard's exception (the SNATed set),
+        # then nat loses the SNAT it stood for.
         assert second["changes"] == (
             "iptables table filter: commit",
             "ipset METALEG-TRANSIT-4: +2",
-            "iptables table filter: commit",
-            "iptables table nat: commit",
             "ip6tables table filter: commit",
+            "ipset METALEG-SNATTED-4: -2",
+            "iptables table nat: commit",
             "ipset METALEG-TRANSIT-4: -1",
             f"ipset {S4['relay']}: destroy",
             "ipset METALEG-TRANSIT-6: destroy",
@@ -1020,8 +1050,11 @@ def tamper(ns: str) -> None:
         "ipset create METALEG-OLD hash:ip",
         "ipset create inet6:METALEG-SRC-0123 hash:ip family inet6",
         "ipset create KEEP-ME hash:ip",
-        f"ipset del {S4['lost']} 10.244.1.8",
-        f"ipset add {S4['lost']} 10.244.1.99",
+        "ipset del METALEG-REJECTED-4 10.244.1.8",
+        "ipset add METALEG-REJECTED-4 10.244.1.99",
+        "ipset add METALEG-SNATTED-4 10.244.1.98",  # an exception too many
+        "ipset del METALEG-SNATTED-6 fd00:244::5",  # and one missing
+        f"ipset create {S4['lost']} hash:ip",  # a REJECT Service has no source set
         "ipset del METALEG-MARK-4 10.244.1.7",
         "ipset add METALEG-MARK-4 10.244.1.6 skbmark 0x300000/0xf00000 -exist",
         f"ipset create {S4['web']} hash:ip",  # a MARK Service has no source set
@@ -1182,7 +1215,7 @@ def test_cleanup_in_untouched_namespace_creates_nothing() -> None:
 def test_errors_name_the_object() -> None:
     with namespace("mlfw") as ns:
         run(ns, ("apply", DUAL_STACK))
-        # A rule outside metaleg's chains keeps LOST's set busy.
+        # A rule outside metaleg's chains keeps the REJECT set busy (LOST its only Service).
         sh(
             "iptables-legacy",
             "-A",
@@ -1190,7 +1223,7 @@ def test_errors_name_the_object() -> None:
             "-m",
             "set",
             "--match-set",
-            S4["lost"],
+            "METALEG-REJECTED-4",
             "src",
             "-j",
             "ACCEPT",
@@ -1201,15 +1234,16 @@ def test_errors_name_the_object() -> None:
             ns, ("apply", without_lost), ("apply", without_lost), ("cleanup", None)
         )
         assert (
-            f"ipset {S4['lost']}: cannot destroy, a rule outside metaleg's chains still uses it"
+            "ipset METALEG-REJECTED-4: cannot destroy, a rule outside metaleg's chains still uses it"
             in gone["error"]
         )
         # Everything else was done; the next apply is a full resync and says the same.
         assert gone["v4"] == expected_tables(without_lost, Family.IPV4)
-        assert S6["lost"] not in gone["sets"]
-        assert f"ipset {S4['lost']}" in retried["error"]
+        assert "METALEG-REJECTED-6" not in gone["sets"]
+        assert "ipset METALEG-REJECTED-4" in retried["error"]
         assert (
-            cleaned["error"].startswith("cleanup incomplete: ") and S4["lost"] in cleaned["error"]
+            cleaned["error"].startswith("cleanup incomplete: ")
+            and "METALEG-REJECTED-4" in cleaned["error"]
         )
 
 

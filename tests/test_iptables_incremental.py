@@ -95,6 +95,7 @@ def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState)
     rebuilt = LiveRules(new)
     assert live.mark_owner == rebuilt.mark_owner
     assert live.mark_contenders == rebuilt.mark_contenders
+    assert live.shared == rebuilt.shared  # how many Services claim each shared member
     assert live.services == rebuilt.services
     return live
 

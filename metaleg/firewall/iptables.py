@@ -5,10 +5,13 @@ and cleans up its leftovers), per address family:
 
 * ipsets ``METALEG-EXCLUDE-DST-<4|6>`` (``hash:net``, the excluded destinations),
   ``METALEG-TRANSIT-<4|6>`` (``hash:net``, the transit guard's sources: other
-  nodes' pods), per SNAT and REJECT Service ``METALEG-SRC-<4|6>-<12 hex>``
-  (``hash:ip``, its source IPs; a MARK Service has none) and
+  nodes' pods), per SNAT Service ``METALEG-SRC-<4|6>-<12 hex>`` (``hash:ip``, its
+  source IPs, for its SNAT and stale binding rules), ``METALEG-SNATTED-<4|6>`` and
+  ``METALEG-REJECTED-<4|6>`` (``hash:ip``: the sources of every SNAT, resp. REJECT
+  Service, for the rules that are the same for all of them) and
   ``METALEG-MARK-<4|6>`` (``hash:ip skbinfo``: every source of a MARK Service
-  with its mark, ``<ip> skbmark <mark>/<mask>``);
+  with its mark, ``<ip> skbmark <mark>/<mask>``). A change of a Service between
+  MARK and REJECT, or of its sources, thus edits members and commits no table;
 * mangle ``PREROUTING -j METALEG-RT-MARK``: exclude RETURN, then (while the
   family has MARK Services) ``-j SET --map-set METALEG-MARK-<f> src
   --map-mark``: one rule marks every source with its member's mark, applied
@@ -20,25 +23,32 @@ and cleans up its leftovers), per address family:
 * nat ``POSTROUTING``: ``-m mark ! --mark 0x0/<mask> -j RETURN`` (marked packets
   skip the node's masquerade), then ``-j METALEG-SNAT``: exclude RETURN, then per
   SNAT Service ``... -j SNAT --to-source <LB IP>``;
-* filter ``FORWARD -j METALEG-REJECT``: first, per SNAT and REJECT Service and for
-  the mark set, ``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set
-  <src> dst -m set ! --match-set METALEG-EXCLUDE-DST-<f> src -j DROP`` (stray
+* filter ``FORWARD -j METALEG-REJECT``: first, for the REJECT, SNAT and mark sets,
+  ``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set
+  <set> dst -m set ! --match-set METALEG-EXCLUDE-DST-<f> src -j DROP`` (stray
   replies after a gateway move, see :func:`stray_reply_rule`); exclude RETURN, then
-  per Service in order: for REJECT ``... -j REJECT --reject-with icmp(6)-port-unreachable``,
-  for SNAT ``-m set --match-set <src> src -m mark --mark 0x0/<mask> -m conntrack
-  ! --ctrepldst <LB IP> --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP`` (a flow
-  whose conntrack entry predates the SNAT and carries another binding: dropped
-  until the conntrack flush after the change, see :func:`stale_binding_rule`,
-  and for its place in a change, ``IptablesBackend._execute``) and ``-m set
-  --match-set <src> src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP`` (the
-  pod's answers in a connection opened to its pod IP, :func:`reply_leak_rule`); then the transit
+  ``-m set --match-set METALEG-REJECTED-<f> src -j REJECT --reject-with
+  icmp(6)-port-unreachable``; per SNAT Service in order ``-m set --match-set <src>
+  src -m mark --mark 0x0/<mask> -m conntrack ! --ctrepldst <LB IP> --ctstatus
+  CONFIRMED --ctdir ORIGINAL -j DROP`` (a flow whose conntrack entry predates the
+  SNAT and carries another binding: dropped until the conntrack flush after the
+  change, see :func:`stale_binding_rule`, and for its place in a change,
+  ``IptablesBackend._execute``); ``-m set --match-set METALEG-SNATTED-<f> src -m
+  conntrack ! --ctstate DNAT --ctdir REPLY -j DROP`` (the pods' answers in a
+  connection opened to their pod IP, :func:`reply_leak_rule`); then the transit
   guard (only while the family's guard list is non-empty): ``-m mark ! --mark
-  0x0/<mask> -j RETURN`` (marked: forwarded to a gateway), per SNAT Service
-  ``-m set --match-set <src> src -j RETURN`` (SNATed here), and finally ``-m
-  conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT``:
-  a new connection of another node's pod that this node neither SNATs nor
-  marks would leave with the node's own (masqueraded) address, so it is
-  rejected (see :attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`).
+  0x0/<mask> -j RETURN`` (marked: forwarded to a gateway), ``-m set --match-set
+  METALEG-SNATTED-<f> src -j RETURN`` (SNATed here), and finally ``-m conntrack
+  --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT``: a new
+  connection of another node's pod that this node neither SNATs nor marks would
+  leave with the node's own (masqueraded) address, so it is rejected (see
+  :attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`).
+
+Rules that are the same for every Service match a shared set, so that filter
+holds one rule per SNAT Service (its stale binding DROP) plus a few: each table
+commit (libiptc reads and writes the whole table) costs less, and the SNATed set
+is the guard's exception, whose members change between table commits
+(``IptablesBackend._execute``).
 
 How it works: :func:`render` turns a :class:`~metaleg.model.NodeDesiredState`
 into plain data (sets and per-table specs, pure and unit-testable). The backend
@@ -65,6 +75,7 @@ import subprocess
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -130,6 +141,18 @@ def exclude_set_name(family: Family) -> str:
 def transit_set_name(family: Family) -> str:
     """The ``hash:net`` set of the transit guard's sources (other nodes' pods)."""
     return f"METALEG-TRANSIT-{int(family)}"
+
+
+def snatted_set_name(family: Family) -> str:
+    """The ``hash:ip`` set of every SNAT Service's sources: the transit guard's exception
+    for them, their reply leak and stray reply DROPs (one rule each for all Services)."""
+    return f"METALEG-SNATTED-{int(family)}"
+
+
+def rejected_set_name(family: Family) -> str:
+    """The ``hash:ip`` set of every REJECT Service's sources (its REJECT and stray reply
+    rules)."""
+    return f"METALEG-REJECTED-{int(family)}"
 
 
 def source_set_name(family: Family, namespace: str, name: str) -> str:
@@ -347,14 +370,30 @@ def render(state: NodeDesiredState) -> DesiredFirewall:
     return LiveRules(state).desired()
 
 
-_ServicePart = tuple[SetSpec | None, str, tuple[Rule, ...], tuple[tuple[str, str], ...]]
-"""One Service in one family: its source set (SNAT and REJECT; None for MARK), the chain its rules go to, its rules (SNAT:
-the SNAT rule, the stale binding DROP, the transit guard's RETURN and the reply DROP;
-REJECT: the REJECT rule; MARK: none) and, for MARK, its sources' members of the mark set
-(address, member)."""
+class _ServicePart(NamedTuple):
+    """One Service in one family, rendered."""
+
+    action: Action
+    source_set: SetSpec | None
+    """SNAT: its ``METALEG-SRC-*`` set, which its SNAT and stale binding rules match;
+    REJECT and MARK Services have none (their sources are members of a shared set)."""
+    rules: tuple[Rule, ...]
+    """SNAT: the SNAT rule (nat) and the stale binding DROP (filter); none otherwise."""
+    sources: frozenset[str]
+    """The canonical source addresses."""
+    marks: tuple[tuple[str, str], ...]
+    """MARK: each source's member of the mark set, (address, member), by address."""
+
+
 _ServiceParts = tuple[_ServicePart | None, _ServicePart | None]
 """Per family (:data:`FAMILIES` order); None without sources in the family."""
 _MarkChange = tuple[tuple[ServiceKey, ...], str | None]
+_SHARED_SETS = {
+    (family, action): name_of(family)
+    for family in FAMILIES
+    for action, name_of in ((Action.SNAT, snatted_set_name), (Action.REJECT, rejected_set_name))
+}
+"""The set each SNAT and REJECT Service's sources are members of, per family."""
 """An address of the mark set after a step: its MARK claimants (sorted) and its member."""
 
 
@@ -369,6 +408,9 @@ class LiveStep(msgspec.Struct, frozen=True):
     """The new tables, or None when no rule changes."""
     marks: dict[Family, dict[str, _MarkChange]]
     """Per family, the mark set's touched addresses."""
+    shared: dict[str, dict[str, int]]
+    """Per shared set (:func:`snatted_set_name`, :func:`rejected_set_name`), the touched
+    addresses and how many Services claim each after the step."""
     transit_sets: dict[Family, SetSpec | None] | None
     """The new transit guard sets, or None when the guard is unchanged."""
     unbinds: bool
@@ -381,11 +423,12 @@ class LiveRules:
 
     Holds each Service's rendered parts, the mark set's owner of every address (the
     *later* MARK Service in order: with one MARK rule per Service, the later rule
-    would set the mark) and the tables. :meth:`step` computes the set plan and,
-    only when some rule changes, the new tables, from the Services that differ
-    between two snapshots (a state whose Services are not sorted by key takes the
-    full path); :meth:`commit` takes a step as applied; :meth:`desired` writes the
-    complete :class:`DesiredFirewall` (for re-syncs and the full path).
+    would set the mark), how many Services claim each member of the shared SNAT and
+    REJECT sets, and the tables. :meth:`step` computes the set plan and, only when
+    some rule changes, the new tables, from the Services that differ between two
+    snapshots (a state whose Services are not sorted by key takes the full path);
+    :meth:`commit` takes a step as applied; :meth:`desired` writes the complete
+    :class:`DesiredFirewall` (for re-syncs and the full path).
     """
 
     def __init__(self, state: NodeDesiredState, previous: LiveRules | None = None) -> None:
@@ -408,6 +451,8 @@ class LiveRules:
         """Addresses of several MARK Services: all of them, sorted (rare)."""
         self.marked: dict[Family, dict[str, str]] = {f: {} for f in FAMILIES}
         """Per family, address -> its member of the mark set."""
+        self.shared: dict[str, dict[str, int]] = {name: {} for name in _SHARED_SETS.values()}
+        """Per shared set, its members and how many Services claim each."""
         in_order: list[_ServiceParts] = []
         previous_key: ServiceKey | None = None
         for service in state.services:
@@ -425,17 +470,23 @@ class LiveRules:
             self.services[key] = service
             self.parts[key] = parts
             in_order.append(parts)
-            for index, family in enumerate(FAMILIES):
-                part = parts[index]
-                if part is None or not part[3]:
+            for family, part in zip(FAMILIES, parts, strict=True):
+                if part is None:
+                    continue
+                shared_name = _SHARED_SETS.get((family, part.action))
+                if shared_name is not None:
+                    claims = self.shared[shared_name]
+                    for address in part.sources:
+                        claims[address] = claims.get(address, 0) + 1
+                if not part.marks:
                     continue
                 owner, contenders = self.mark_owner[family], self.mark_contenders[family]
-                for address, _ in part[3]:
+                for address, _ in part.marks:
                     first = owner.get(address)
                     if first is not None and first != key:
                         contenders[address] = (*contenders.get(address, (first,)), key)
                     owner[address] = key
-                self.marked[family].update(part[3])
+                self.marked[family].update(part.marks)
         for family_contenders in self.mark_contenders.values():
             for address, keys in family_contenders.items():
                 family_contenders[address] = tuple(sorted(set(keys)))
@@ -444,7 +495,10 @@ class LiveRules:
         }
         self.transit_sets = _transit_sets(state)
         self.tables = self._tables(
-            in_order, {f: bool(self.marked[f]) for f in FAMILIES}, self.transit_sets
+            in_order,
+            {f: bool(self.marked[f]) for f in FAMILIES},
+            {name for name, claims in self.shared.items() if claims},
+            self.transit_sets,
         )
 
     def desired(self) -> DesiredFirewall:
@@ -456,8 +510,11 @@ class LiveRules:
                 sets[name] = SetSpec(name, HASH_NET, family, self.excluded[family])
         for parts in self.parts.values():
             for part in parts:
-                if part is not None and part[0] is not None:
-                    sets[part[0].name] = part[0]
+                if part is not None and part.source_set is not None:
+                    sets[part.source_set.name] = part.source_set
+        for (family, _), name in _SHARED_SETS.items():
+            if self.shared[name]:
+                sets[name] = SetSpec(name, HASH_IP, family, frozenset(self.shared[name]))
         for family in FAMILIES:
             if self.marked[family]:
                 name = mark_set_name(family)
@@ -483,26 +540,36 @@ class LiveRules:
         # Per family, the mark set's addresses the changed Services claim before or
         # after, and which of them claim it after.
         claimed: dict[Family, dict[str, list[ServiceKey]]] = {f: {} for f in FAMILIES}
+        # Per shared set, the change of each touched address's count of claims.
+        shared_delta: dict[str, dict[str, int]] = {}
         for key, _, service in changes:
             was = self.parts.get(key, (None, None))
             parts = _render_service(service, self.fwmask) if service is not None else None
             new_parts[key] = parts
             for index, family in enumerate(FAMILIES):
                 old_part, new_part = was[index], parts[index] if parts is not None else None
-                if old_part is not None and old_part[0] is not None:
-                    before_sets[old_part[0].name] = old_part[0]
-                if new_part is not None and new_part[0] is not None:
-                    after_sets[new_part[0].name] = new_part[0]
-                if _rule_shape(old_part) != _rule_shape(new_part):
+                if old_part is not None and old_part.source_set is not None:
+                    before_sets[old_part.source_set.name] = old_part.source_set
+                if new_part is not None and new_part.source_set is not None:
+                    after_sets[new_part.source_set.name] = new_part.source_set
+                if _rules_of(old_part) != _rules_of(new_part):
                     rules_changed = True
-                    if old_part is not None and old_part[1] == SNAT_CHAIN:
-                        unbinds |= new_part is None or old_part[2][1] not in new_part[2]
+                    if old_part is not None and old_part.action is Action.SNAT:
+                        unbinds |= new_part is None or old_part.rules[1] not in new_part.rules
+                for part, sign in ((old_part, -1), (new_part, 1)):
+                    if part is None:
+                        continue
+                    shared_name = _SHARED_SETS.get((family, part.action))
+                    if shared_name is not None:
+                        delta = shared_delta.setdefault(shared_name, {})
+                        for address in part.sources:
+                            delta[address] = delta.get(address, 0) + sign
                 family_claimed = claimed[family]
                 if old_part is not None:
-                    for address, _ in old_part[3]:
+                    for address, _ in old_part.marks:
                         family_claimed.setdefault(address, [])
                 if new_part is not None:
-                    for address, _ in new_part[3]:
+                    for address, _ in new_part.marks:
                         family_claimed.setdefault(address, []).append(key)
         members: dict[tuple[ServiceKey, int], dict[str, str]] = {}
 
@@ -513,7 +580,7 @@ class LiveRules:
                 assert parts is not None
                 part = parts[index]
                 assert part is not None
-                found = members[key, index] = dict(part[3])
+                found = members[key, index] = dict(part.marks)
             return found[address]
 
         marks: dict[Family, dict[str, _MarkChange]] = {}
@@ -549,6 +616,35 @@ class LiveRules:
                 before_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(lost))
             if has_marks[family]:
                 after_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(gained))
+        shared: dict[str, dict[str, int]] = {}
+        present = {name for name, claims in self.shared.items() if claims}
+        for (family, _), name in _SHARED_SETS.items():
+            claim_changes = shared_delta.get(name)
+            if not claim_changes:
+                continue
+            claims = self.shared[name]
+            counts: dict[str, int] = {}
+            lost, gained = set(), set()
+            for address, change in claim_changes.items():
+                if change == 0:
+                    continue
+                before_count = claims.get(address, 0)
+                counts[address] = after_count = before_count + change
+                if before_count == 0:
+                    gained.add(address)
+                elif after_count == 0:
+                    lost.add(address)
+            shared[name] = counts
+            had = bool(claims)
+            if len(claims) + len(gained) - len(lost) > 0:
+                present.add(name)
+                after_sets[name] = SetSpec(name, HASH_IP, family, frozenset(gained))
+            else:
+                present.discard(name)
+            if had:
+                before_sets[name] = SetSpec(name, HASH_IP, family, frozenset(lost))
+            if had != (name in present):
+                rules_changed = True  # the rules that match the set come or go
         transit_sets = None
         if (new.transit_guard_ipv4, new.transit_guard_ipv6) != (
             old.transit_guard_ipv4,
@@ -572,7 +668,10 @@ class LiveRules:
                 assert parts is not None
                 in_order.append(parts)
             tables = self._tables(
-                in_order, has_marks, transit_sets if transit_sets is not None else self.transit_sets
+                in_order,
+                has_marks,
+                present,
+                transit_sets if transit_sets is not None else self.transit_sets,
             )
         return LiveStep(
             state=new,
@@ -580,6 +679,7 @@ class LiveRules:
             plan=plan_sets(before_sets, after_sets),
             tables=tables,
             marks=marks,
+            shared=shared,
             transit_sets=transit_sets,
             unbinds=unbinds,
         )
@@ -609,6 +709,13 @@ class LiveRules:
                     marked.pop(address, None)
                 else:
                     marked[address] = member
+        for name, counts in step.shared.items():
+            claims = self.shared[name]
+            for address, count in counts.items():
+                if count:
+                    claims[address] = count
+                else:
+                    claims.pop(address, None)
         if step.transit_sets is not None:
             self.transit_sets = step.transit_sets
         if step.tables is not None:
@@ -619,34 +726,36 @@ class LiveRules:
         self,
         in_order: list[_ServiceParts],
         has_marks: dict[Family, bool],
+        shared: set[str],
         transit_sets: dict[Family, SetSpec | None],
     ) -> dict[Family, dict[str, TableSpec]]:
-        """The tables of both families from every Service's parts, in Service order."""
+        """The tables of both families from every SNAT Service's rules, in Service order, and
+        the rules over the sets that are not empty (``has_marks``, ``shared``)."""
         fwmask = self.fwmask
         tables: dict[Family, dict[str, TableSpec]] = {}
         for index, family in enumerate(FAMILIES):
             excluded = bool(self.excluded[family])
             head = (exclude_rule(family),) if excluded else ()
+            snatted, rejected = snatted_set_name(family), rejected_set_name(family)
             snat_rules: list[Rule] = list(head)
-            reject_rules: list[Rule] = list(head)
-            mark_rules: list[Rule] = list(head)
-            guard_returns: list[Rule] = []
-            strays: list[Rule] = []
+            stale_bindings: list[Rule] = []
             for parts in in_order:
                 part = parts[index]
-                if part is None:
-                    continue
-                set_spec, chain, rules, _ = part
-                if set_spec is None:
-                    continue  # MARK: its sources are members of the mark set
-                if chain == SNAT_CHAIN:
-                    snat_rules.append(rules[0])
-                    reject_rules.extend((rules[1], rules[3]))
-                    guard_returns.append(rules[2])
-                    strays.append(stray_reply_rule(set_spec.name, family, excluded))
-                else:
-                    reject_rules.append(rules[0])
-                    strays.append(stray_reply_rule(set_spec.name, family, excluded))
+                if part is not None and part.rules:  # SNAT
+                    snat_rules.append(part.rules[0])
+                    stale_bindings.append(part.rules[1])
+            strays: list[Rule] = []
+            reject_rules: list[Rule] = list(head)
+            guard_returns: list[Rule] = []
+            if rejected in shared:
+                strays.append(stray_reply_rule(rejected, family, excluded))
+                reject_rules.append(reject_rule(rejected, family))
+            reject_rules += stale_bindings
+            if snatted in shared:
+                strays.append(stray_reply_rule(snatted, family, excluded))
+                reject_rules.append(reply_leak_rule(snatted))
+                guard_returns.append(source_return_rule(snatted))
+            mark_rules: list[Rule] = list(head)
             if has_marks[family]:
                 mark_rules.append(mark_map_rule(family))
                 strays.append(stray_reply_rule(mark_set_name(family), family, excluded))
@@ -676,9 +785,10 @@ class LiveRules:
         return tables
 
 
-def _rule_shape(part: _ServicePart | None) -> tuple[str, tuple[Rule, ...]] | None:
-    """What of a Service's part the tables depend on (not its members)."""
-    return None if part is None else (part[1], part[2])
+def _rules_of(part: _ServicePart | None) -> tuple[Rule, ...]:
+    """What of a Service's part the tables depend on: its SNAT and stale binding rules
+    (the other Services' rules match shared sets: their members change, not the rules)."""
+    return () if part is None else part.rules
 
 
 def _exclude_cidrs(state: NodeDesiredState, family: Family) -> tuple[str, ...]:
@@ -716,33 +826,21 @@ def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> _Serv
         seen = True
         if not entry.source_ips:
             continue  # nothing to match: no rule and no (empty) set
-        set_name = source_set_name(family, service.namespace, service.name)
-        set_spec = SetSpec(
-            set_name, HASH_IP, family, _source_members(context, family, entry.source_ips)
-        )
+        sources = _source_members(context, family, entry.source_ips)
         if entry.action is Action.SNAT:
             snat_ip = _snat_address(context, family, entry.snat_ip)
-            result = (
-                set_spec,
-                SNAT_CHAIN,
-                (
-                    snat_rule(set_name, snat_ip),
-                    stale_binding_rule(set_name, snat_ip, fwmask),
-                    source_return_rule(set_name),
-                    reply_leak_rule(set_name),
-                ),
-                (),
-            )
+            set_name = source_set_name(family, service.namespace, service.name)
+            rules = (snat_rule(set_name, snat_ip), stale_binding_rule(set_name, snat_ip, fwmask))
+            source_set = SetSpec(set_name, HASH_IP, family, sources)
+            result = _ServicePart(Action.SNAT, source_set, rules, sources, ())
         elif entry.action is Action.MARK:
             fwmark = _fwmark(context, entry.fwmark, fwmask)
             marks = tuple(
-                (address, skbmark_member(address, fwmark, fwmask))
-                for address in sorted(set_spec.members)
+                (address, skbmark_member(address, fwmark, fwmask)) for address in sorted(sources)
             )
-            # No set of its own: no rule would use it (the mark set marks its sources).
-            result = (None, MARK_CHAIN, (), marks)
+            result = _ServicePart(Action.MARK, None, (), sources, marks)
         else:  # Action.REJECT, and anything unknown: fail closed
-            result = (set_spec, REJECT_CHAIN, (reject_rule(set_name, family),), ())
+            result = _ServicePart(Action.REJECT, None, (), sources, ())
     return result
 
 
@@ -1082,11 +1180,17 @@ class IptablesBackend:
            whose mark changes is added to the mark set with its new mark: the
            kernel replaces the mark in place;
         3. commit each changed table with the new rules added and the old ones
-           kept (MERGE), so every table covers old and new;
+           kept (MERGE), so every table covers old and new; the members that
+           the SNATed set (:func:`snatted_set_name`) gains are added after
+           mangle and nat and before filter: the set is the transit guard's
+           exception for sources that nat SNATs, so a source joins it only once
+           its SNAT rule exists;
         4. commit the final rules where step 3 kept something (EXACT; skipped
            for tables that only gained rules), filter first (:data:`BREAK_ORDER`):
            the transit guard lets a source pass because nat SNATs it or mangle
-           marks it, so its exception must go before the SNAT or MARK rule;
+           marks it, so its exception must go before the SNAT or MARK rule; for
+           the same reason the SNATed set loses members after filter and before
+           mangle and nat;
         5. remove members and destroy sets no rule uses any more.
 
         A resync does not know the kernel's old rules, so it skips step 1: should
@@ -1112,38 +1216,64 @@ class IptablesBackend:
                 )
         for family, reply in self._request_all(early_requests).items():
             changes += self._describe(family, reply)
+        plan, exceptions = split_exceptions(plan)
         changes += plan.describe_make()
         self._ipsets.make(plan)
         if plan.recreate:
             self._set_generation += 1
             generation = self._set_generation
-        merges = {
-            family: SyncRequest(tables=tables[family], mode=Mode.MERGE, set_generation=generation)
-            for family in FAMILIES
-            if tables[family]
-        }
+        # MERGE: mangle and nat, the exceptions' new members, filter (one request per
+        # family when no exception is added).
+        merge_phases = [tables]
+        if exceptions.add:
+            filter_specs, other_specs = _split_filter(tables)
+            merge_phases = [other_specs, filter_specs]
         pending: dict[Family, tuple[TableSpec, ...]] = {family: () for family in FAMILIES}
-        for family, reply in self._request_all(merges).items():
-            changes += self._describe(family, reply)
-            pending[family] = tuple(
-                spec
-                for spec, result in zip(tables[family], reply.results, strict=True)
-                if not result.exact
-            )
-        exacts = {}
-        for family in FAMILIES:
-            # Garbage collection looks at every table (stale chains, other tables),
-            # so it gets all specs even where step 3 already reached them.
-            specs = _break_order(tables[family] if collect_garbage else pending[family])
-            if specs or collect_garbage:
-                exacts[family] = SyncRequest(
+        for phase, phase_tables in enumerate(merge_phases):
+            if phase == 1:
+                changes += SetPlan(add=exceptions.add).describe_make()
+                self._ipsets.make(SetPlan(add=exceptions.add))
+            merges = {
+                family: SyncRequest(tables=specs, mode=Mode.MERGE, set_generation=generation)
+                for family, specs in phase_tables.items()
+                if specs
+            }
+            for family, reply in self._request_all(merges).items():
+                changes += self._describe(family, reply)
+                pending[family] += tuple(
+                    spec
+                    for spec, result in zip(phase_tables[family], reply.results, strict=True)
+                    if not result.exact
+                )
+        # Garbage collection looks at every table (stale chains, other tables), so it
+        # gets all specs even where step 3 already reached them.
+        final = {
+            family: _break_order(tables[family] if collect_garbage else pending[family])
+            for family in FAMILIES
+        }
+        # EXACT: filter, the exceptions' members that go, mangle and nat.
+        exact_phases = [final]
+        if exceptions.remove:
+            filter_specs, other_specs = _split_filter(final)
+            # Garbage collection cleans the tables its request does not name: all of them.
+            exact_phases = [filter_specs, final if collect_garbage else other_specs]
+        for phase, phase_tables in enumerate(exact_phases):
+            if phase == 1:
+                self._ipsets.unmake(SetPlan(remove=exceptions.remove))
+                changes += SetPlan(remove=exceptions.remove).describe_break()
+            last = phase == len(exact_phases) - 1
+            exacts = {
+                family: SyncRequest(
                     tables=specs,
                     mode=Mode.EXACT,
-                    collect_garbage=collect_garbage,
+                    collect_garbage=collect_garbage and last,
                     set_generation=generation,
                 )
-        for family, reply in self._request_all(exacts).items():
-            changes += self._describe(family, reply)
+                for family, specs in phase_tables.items()
+                if specs or (collect_garbage and last)
+            }
+            for family, reply in self._request_all(exacts).items():
+                changes += self._describe(family, reply)
         errors = self._ipsets.unmake(plan)
         self._sets_uncertain = bool(plan.destroy)
         changes += plan.describe_break()
@@ -1208,6 +1338,31 @@ def is_stale_binding(rule: Rule) -> bool:
     return rule.target == "DROP" and any(
         option.name == "ctrepldst" for match in rule.matches for option in match.options
     )
+
+
+def split_exceptions(plan: SetPlan) -> tuple[SetPlan, SetPlan]:
+    """``plan`` without the member changes of the SNATed sets, and those changes: they
+    have their own place in a change (``IptablesBackend._execute``, steps 3 and 4)."""
+    exceptions = {snatted_set_name(family) for family in FAMILIES}
+    add = tuple(entry for entry in plan.add if entry[0].name in exceptions)
+    remove = tuple(entry for entry in plan.remove if entry[0].name in exceptions)
+    if not add and not remove:
+        return plan, SetPlan()
+    rest = msgspec.structs.replace(
+        plan,
+        add=tuple(entry for entry in plan.add if entry[0].name not in exceptions),
+        remove=tuple(entry for entry in plan.remove if entry[0].name not in exceptions),
+    )
+    return rest, SetPlan(add=add, remove=remove)
+
+
+def _split_filter(
+    tables: dict[Family, tuple[TableSpec, ...]],
+) -> tuple[dict[Family, tuple[TableSpec, ...]], dict[Family, tuple[TableSpec, ...]]]:
+    """Per family, filter's spec and the other tables' specs (in their order)."""
+    filter_specs = {f: tuple(s for s in specs if s.name == "filter") for f, specs in tables.items()}
+    others = {f: tuple(s for s in specs if s.name != "filter") for f, specs in tables.items()}
+    return filter_specs, others
 
 
 def _break_order(specs: tuple[TableSpec, ...]) -> tuple[TableSpec, ...]:
