@@ -66,7 +66,6 @@ edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import ipaddress
 import os
@@ -292,7 +291,6 @@ def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
     )
 
 
-@functools.lru_cache(maxsize=4096)  # built again for every Service on every render otherwise
 def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
     """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst [-m set !
     --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of ``METALEG-REJECT``.
@@ -321,7 +319,7 @@ def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
 
 def reply_leak_rule(set_name: str) -> Rule:
     """``-m set --match-set <src> src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP``,
-    in ``METALEG-REJECT`` for every SNAT Service (after the exclusion RETURN).
+    in ``METALEG-REJECT`` over the SNATed set (after the exclusion RETURN).
 
     A pod's answers in a connection opened *to* its pod IP (not DNATed) from outside the
     excluded networks leave un-NATed, with the pod IP: such entries come from before the
@@ -348,16 +346,6 @@ def transit_reject_rule(family: Family) -> Rule:
             _set_match(transit_set_name(family), "src"),
         ),
         (Option("reject-with", (_REJECT_WITH[family],)),),
-    )
-
-
-def transit_guard_rules(family: Family, fwmask: int, snat_sets: list[str]) -> tuple[Rule, ...]:
-    """The guard at the end of ``METALEG-REJECT``: exceptions for marked packets and for the
-    sources this node SNATs (``snat_sets``, in order), then the REJECT of new connections."""
-    return (
-        mark_skip_rule(fwmask),
-        *(source_return_rule(name) for name in snat_sets),
-        transit_reject_rule(family),
     )
 
 
