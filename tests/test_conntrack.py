@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metaleg.firewall import conntrack, conntrack_netlink
+from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import (
     EgressView,
     FlushPlan,
@@ -87,6 +88,26 @@ def test_entry_memo_keeps_only_the_entries_of_the_last_two_states() -> None:
     kept = {entry.source_ips for _, entry, _ in (*cache.current, *cache.previous)}
     assert kept <= {SNAT[1][0].source_ips, ("10.244.9.48",), ("10.244.9.49",)}
     # The entry every state uses is carried from one generation to the next.
+    assert any(key[1] == SNAT[1][0] for key in cache.previous)
+
+
+def test_incremental_steps_leave_no_old_entries_in_the_memo() -> None:
+    """Steps do not walk the whole state: what they replace leaves the memo at once (it
+    would keep the old snapshot's entries alive until the next walk, minutes later)."""
+    first = state(SNAT, MARK, ("churn", (egress(Family.IPV4, Action.REJECT, "10.244.9.0"),)))
+    claims, _ = SourceClaims.build(first)
+    current = first
+    for step in range(1, 20):
+        churn = ("churn", (egress(Family.IPV4, Action.REJECT, f"10.244.9.{step}"),))
+        new = state(SNAT, MARK, churn)
+        change = claims.step(new)
+        assert change is not None
+        claims.commit(change)
+        current = new
+    cache = conntrack._ENTRY_CACHE
+    live = {entry for service in current.services for entry in service.families}
+    assert {entry for _, entry, _ in (*cache.current, *cache.previous)} <= live
+    # The unchanged Services' entries stay for the next walk.
     assert any(key[1] == SNAT[1][0] for key in cache.previous)
 
 

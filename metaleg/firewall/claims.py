@@ -275,7 +275,9 @@ class SourceClaims:
                 contenders[source] = claimants
             else:
                 contenders.pop(source, None)
-        for key, _, service in step.services:
+        for key, before, service in step.services:
+            if before is not None:
+                conntrack.forget_entries(before, self.fwmask)
             if service is None:
                 del self.services[key]
             else:

@@ -856,9 +856,10 @@ def _source_members(context: str, family: Family, addresses: tuple[str, ...]) ->
         try:
             # The C parser is ~10x faster than ipaddress and writes the same text
             # (except IPv4 inside IPv6, which ipaddress may write differently).
+            # Interned: one copy of the text however many indexes keep the address.
             canonical = socket.inet_ntop(address_family, socket.inet_pton(address_family, text))
             if "." not in canonical or family is Family.IPV4:
-                members.add(canonical)
+                members.add(sys.intern(canonical))
                 continue
         except OSError:
             pass  # ipaddress decides, and says what is wrong
