@@ -31,7 +31,7 @@ from metaleg.ipc import (
     decode_routes_only,
     encode,
 )
-from metaleg.lifecycle import SignalWakeup, release_memory
+from metaleg.lifecycle import HeapTrimmer, SignalWakeup
 from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class DataplaneWorker:
         self.backend = backend
         self.config = config
         self._decode = decode_routes_only if routes_only else StateDecoder().decode
+        self.trimmer = HeapTrimmer()
         self.latest: Snapshot | None = None
         self.applied_generation = 0
         self.resynced_once = False
@@ -162,7 +163,7 @@ class DataplaneWorker:
             # now (not whenever the oldest generation is next collected), and give the peak
             # back to the kernel.
             gc.collect()
-            release_memory()
+        self.trimmer.after_work(force=full)
         kind = "resync" if full else "apply"
         APPLY_DURATION.labels(self.process, self.backend.name, kind).observe(duration)
         if error:

@@ -22,6 +22,7 @@ import msgspec
 import pytest
 from kubernetes.client.rest import ApiException
 
+from metaleg import lifecycle
 from metaleg.config import Config
 from metaleg.lifecycle import release_memory
 from metaleg.watcher import cluster as parsed
@@ -251,6 +252,23 @@ def test_the_stores_hold_parsed_objects_only() -> None:
 
 def test_release_memory_does_not_fail() -> None:
     assert release_memory() in (True, False)
+
+
+def test_heap_trimmer_releases_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    calls: list[float] = []
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(lifecycle, "release_memory", lambda: calls.append(clock[0]) or True)
+    trimmer = lifecycle.HeapTrimmer(interval=10.0)
+    for step in range(25):  # work every second for 25 s
+        clock[0] = 100.0 + step
+        trimmer.after_work()
+    assert calls == [110.0, 120.0]
+    clock[0] = 121.0
+    trimmer.after_work(force=True)  # after a re-sync: at once, and the interval restarts
+    clock[0] = 130.0
+    trimmer.after_work()
+    assert calls == [110.0, 120.0, 121.0]
 
 
 def test_source_ips_sort_numerically_without_a_cache() -> None:

@@ -42,7 +42,7 @@ from metaleg.ipc import (
     encode,
     prepare_run_dir,
 )
-from metaleg.lifecycle import CONFIG_ENVIRONMENT, SignalWakeup
+from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
 from metaleg.model import Action, NodeDesiredState
 from metaleg.supervisor import http
@@ -123,6 +123,7 @@ class Supervisor:
         self.snapshot_frame = b""
         """``snapshot`` encoded, once per generation for every worker it goes to."""
         self.decoder = StateDecoder()
+        self.trimmer = HeapTrimmer()
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
         self.stopping = False
@@ -234,6 +235,7 @@ class Supervisor:
                 log.info("new desired state", extra={"generation": generation})
                 for name in DATAPLANE_WORKERS:
                     self._send_snapshot(name)
+                self.trimmer.after_work()
         elif isinstance(message, WatcherStatus) and sender == "watcher":
             if message.error != self.watcher_status.error and message.error:
                 log.warning("watcher: %s", message.error)
