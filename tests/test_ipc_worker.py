@@ -123,6 +123,8 @@ class RecordingBackend:
     def _record(self, call: str, state: NodeDesiredState) -> None:
         if os.path.exists(self.fail_path):
             raise BackendError("told to fail")
+        if os.path.exists(self.fail_path + ".slow"):
+            time.sleep(1.2)
         sources = state.services[0].families[0].source_ips if state.services else ()
         with open(self.log_path, "a") as file:
             file.write(f"{call} {','.join(sources)}\n")
@@ -221,6 +223,39 @@ def test_worker_says_hello_resyncs_first_then_applies_and_reports(worker_env: An
     applied = hub.receive_until(lambda m: isinstance(m, Applied))
     assert (applied.generation, applied.error) == (2, "")
     assert calls(log_path) == ["resync 10.244.1.10", "apply 10.244.1.10,10.244.1.11"]
+
+
+def test_a_due_resync_applies_a_pending_snapshot_first() -> None:
+    """A periodic re-sync compares the kernel with what was applied: a snapshot that
+    arrived meanwhile is applied first, never handed to the re-sync as "drift"."""
+    with tempfile.TemporaryDirectory(prefix="mlw") as run_dir:
+        hub = Hub(run_dir)
+        log_path, fail_path = os.path.join(run_dir, "calls"), os.path.join(run_dir, "fail")
+        process = multiprocessing.get_context("spawn").Process(
+            target=_run_worker, args=(run_dir, log_path, fail_path, 1.0)
+        )
+        process.start()
+        try:
+            hub.receive()  # hello
+            hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+            hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 1)
+            open(fail_path + ".slow", "w").close()  # every call takes 1.2 s from now
+            hub.send(encode(Snapshot(2, state("10.244.1.11"))))
+            time.sleep(0.5)  # the worker is applying 2; 3 arrives meanwhile
+            hub.send(encode(Snapshot(3, state("10.244.1.12"))))
+            # When 2 is done, the re-sync (every 1 s) is due and 3 is pending.
+            hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 3, timeout=10)
+        finally:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join(5)
+            hub.close()
+        assert calls(log_path)[:4] == [
+            "resync 10.244.1.10",
+            "apply 10.244.1.11",
+            "apply 10.244.1.12",
+            "resync 10.244.1.12",
+        ]
 
 
 def test_worker_drops_malformed_messages_and_keeps_going(worker_env: Any) -> None:
