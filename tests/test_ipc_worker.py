@@ -26,6 +26,8 @@ from metaleg.ipc import (
     Publish,
     Snapshot,
     StateDecoder,
+    _EncodedPublish,
+    _EncodedSnapshot,
     _EncodedState,
     bind_supervisor,
     decode,
@@ -346,7 +348,14 @@ def test_the_state_decoder_refuses_a_bad_service_and_keeps_its_reference() -> No
 
 
 def test_the_state_decoder_reads_every_field_of_a_state() -> None:
-    """Its encoded mirror of NodeDesiredState must have the same fields in the same order."""
-    mirror = [(f.name, f.default) for f in msgspec.structs.fields(_EncodedState)]
-    model = [(f.name, f.default) for f in msgspec.structs.fields(NodeDesiredState)]
-    assert [name for name, _ in mirror] == [name for name, _ in model]
+    """Its encoded mirrors of the state and of the messages that carry it must have the
+    same fields in the same order (and the same tags)."""
+    for mirror, model in (
+        (_EncodedState, NodeDesiredState),
+        (_EncodedPublish, Publish),
+        (_EncodedSnapshot, Snapshot),
+    ):
+        assert [f.name for f in msgspec.structs.fields(mirror)] == [
+            f.name for f in msgspec.structs.fields(model)
+        ]
+        assert mirror.__struct_config__.tag == model.__struct_config__.tag
