@@ -49,6 +49,7 @@ from bench import baselines
 from bench.common import (
     GATEWAYS,
     NO_GATEWAY,
+    exit_on_sigterm,
     extra_ip4,
     fmt_ratio,
     gateway_of,
@@ -559,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     require_root()
+    exit_on_sigterm()
     info = machine()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [100, 1000, 5000]
     reps = args.reps

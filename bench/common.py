@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -312,3 +313,14 @@ def write_results(name: str, data: dict[str, Any], info: dict[str, Any] | None =
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks need root (network namespaces)")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that a benchmark stopped with ``kill`` unwinds its
+    context managers: agents stopped, namespaces deleted (by default the process just
+    died and left them running)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

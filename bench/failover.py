@@ -59,7 +59,16 @@ from typing import Any
 
 from bench import pyspy
 from bench.agent import LogLine, parse_log_lines
-from bench.common import RESULTS_DIR, machine, ms, require_root, summary, table, write_results
+from bench.common import (
+    RESULTS_DIR,
+    exit_on_sigterm,
+    machine,
+    ms,
+    require_root,
+    summary,
+    table,
+    write_results,
+)
 from tests.lab import INTERNET4, INTERNET6, LB_IP4, LB_IP6, Host, Lab, MasqueradeMode
 from tests.lab.agents import EgressLab
 
@@ -593,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="6 moves, nftables only")
     args = parser.parse_args(argv)
     require_root()
+    exit_on_sigterm()
     info = machine()
     moves, backends = args.moves, [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.quick:

@@ -41,6 +41,7 @@ from bench.agent import AgentBench, KernelPoller, LogLine, kernel_target
 from bench.common import (
     NAMESPACE,
     RESULTS_DIR,
+    exit_on_sigterm,
     extra_ip4,
     extra_ip6,
     machine,
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     require_root()
+    exit_on_sigterm()
     info = machine()
     n, changes = (100, 30) if args.quick else (args.n, args.changes)
     results: dict[str, Any] = {"n": n, "changes": changes, "backends": {}}

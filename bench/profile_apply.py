@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from bench.apply_scale import CHANGES, _firewall, change_sequence
-from bench.common import require_root, scale_state
+from bench.common import exit_on_sigterm, require_root, scale_state
 from bench.pyspy import collapse, record, stop
 from tests.netns import namespace, run_in_netns
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--helpers", action="store_true", help="py-spy the xtables helpers too")
     args = parser.parse_args(argv)
     require_root()
+    exit_on_sigterm()
     with namespace("mlb") as name:
         text = run_in_netns(
             name,

@@ -42,6 +42,7 @@ from typing import Any
 from bench.agent import AgentBench
 from bench.common import (
     NODE,
+    exit_on_sigterm,
     extra_ip4,
     extra_ip6,
     machine,
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     require_root()
+    exit_on_sigterm()
     info = machine()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     churn_n, minutes, idle = args.churn_n, args.minutes, args.idle
