@@ -109,31 +109,6 @@ def _shorten(message: str, width: int = 240, max_lines: int = 12) -> str:
     return "\n".join(result)
 
 
-_trim: Any = None
-
-
-def trim_heap() -> None:
-    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; a no-op
-    elsewhere).
-
-    libnftables builds its cache of the whole table (every set element) for each
-    listing and frees it again, and Python frees the decoded listing; glibc keeps
-    most of that freed memory mapped, so without a trim every full re-sync leaves
-    the process tens of MiB bigger until the next one reuses it.
-    """
-    global _trim
-    if _trim is None:
-        try:
-            function = ctypes.CDLL(None).malloc_trim
-            function.argtypes = [ctypes.c_size_t]
-            function.restype = ctypes.c_int
-            _trim = function
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
 class Nft:
     """One libnftables context: run nft scripts and read JSON listings."""
 

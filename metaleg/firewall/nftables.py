@@ -126,7 +126,8 @@ from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
-from metaleg.firewall.libnftables import Nft, NftError, trim_heap
+from metaleg.firewall.libnftables import Nft, NftError
+from metaleg.lifecycle import release_memory
 from metaleg.model import Action, Family, NodeDesiredState
 
 log = logging.getLogger(__name__)
@@ -1170,7 +1171,7 @@ class NftablesBackend:
         finally:
             # The listing and everything built from it are garbage now: give the
             # memory back instead of keeping the high-water mark of every re-sync.
-            trim_heap()
+            release_memory()
 
     def _resync(self, state: NodeDesiredState) -> None:
         live = self._live
@@ -1253,7 +1254,10 @@ class NftablesBackend:
                 log.warning("cannot read table %s: %s", QUALIFIED, error)
             return None
         finally:
-            trim_heap()
+            # libnftables built its cache of every listed element and freed it, as
+            # Python did the decoded listing; glibc keeps freed memory mapped until
+            # a trim, so without one every re-sync would leave its peak resident.
+            release_memory()
         return table
 
     def _kernel_content(self) -> TableContent | None:
