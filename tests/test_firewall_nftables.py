@@ -772,6 +772,63 @@ def test_resync_repairs_tampering(ns: str, case: str) -> None:
     assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
 
 
+def _resync_reads(state: NodeDesiredState, tampering: list[list[str]], fork: bool) -> list[str]:
+    """Resync three times (fresh, intact, tampered): where the table was read each time.
+
+    ``fork=False``: the child cannot be forked (the backend then compares in process)."""
+    from metaleg import lifecycle
+    from metaleg.firewall import nftables
+
+    reads: list[str] = []
+    read_here = NftablesBackend._read_table
+
+    def counted_read(backend: NftablesBackend) -> ActualTable | None:
+        reads.append("here")
+        return read_here(backend)
+
+    def counted_check(check: Any, *, timeout: float) -> bool:
+        reads.append("child")
+        if not fork:
+            raise lifecycle.ForkedCheckError("cannot fork: [Errno 12] Cannot allocate memory")
+        return lifecycle.check_in_child(check, timeout=timeout)
+
+    NftablesBackend._read_table = counted_read  # type: ignore[method-assign]
+    nftables.check_in_child = counted_check  # type: ignore[assignment]
+    backend = NftablesBackend()
+    try:
+        backend.resync(state)
+        reads.append("|")
+        backend.resync(state)
+        reads.append("|")
+        for command in tampering:
+            subprocess.run(["nft", *command], check=True, capture_output=True)
+        backend.resync(state)
+        assert backend.transactions == 2, "the tampered table was not repaired"
+    finally:
+        backend.close()
+    return reads
+
+
+@pytest.mark.netns
+def test_periodic_resync_reads_the_table_in_a_child(ns: str) -> None:
+    """The listing's peak memory must not stay with the firewall process: an intact table
+    is read and compared by a forked child only; a differing one is read again here, to
+    know what to repair."""
+    tampering = TAMPERING["set element added"]
+    reads = run_in_netns(ns, _resync_reads, dual_stack_state(), tampering, True)
+    # fresh process: read here (recreated once) | intact: child only | tampered: both
+    assert reads == ["here", "|", "child", "|", "child", "here"]
+    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+
+
+@pytest.mark.netns
+def test_periodic_resync_compares_in_process_when_it_cannot_fork(ns: str) -> None:
+    tampering = TAMPERING["foreign rule"]
+    reads = run_in_netns(ns, _resync_reads, dual_stack_state(), tampering, False)
+    assert reads == ["here", "|", "child", "here", "|", "child", "here"]
+    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+
+
 @pytest.mark.netns
 def test_adjacent_and_overlapping_exclusions_are_stable(ns: str) -> None:
     """Interval sets refuse overlaps and may list adjacent prefixes merged: the canonical

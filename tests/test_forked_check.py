@@ -1,0 +1,160 @@
+"""check_in_child: a yes/no check in a short-lived forked child (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from metaleg import lifecycle
+from metaleg.lifecycle import ForkedCheckError, SignalWakeup, check_in_child
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_for(condition: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(params=["pidfd", "pipe"])
+def waiting(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the parent waits: on a pidfd, and on the pipe closing (no pidfd_open)."""
+    if request.param == "pipe":
+
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(lifecycle.os, "pidfd_open", no_pidfd)
+    return str(request.param)
+
+
+def test_the_answer_comes_from_the_child(waiting: str) -> None:
+    parent = os.getpid()
+    assert check_in_child(lambda: os.getpid() != parent, timeout=30) is True
+    assert check_in_child(lambda: os.getpid() == parent, timeout=30) is False
+
+
+def test_what_the_child_allocates_stays_in_the_child(waiting: str) -> None:
+    held: list[bytes] = []
+
+    def allocate() -> bool:
+        held.append(b"x" * (8 << 20))
+        return len(held) == 1
+
+    assert check_in_child(allocate, timeout=30) is True
+    assert check_in_child(allocate, timeout=30) is True  # the first child's list is not ours
+    assert held == []
+
+
+def test_an_exception_is_reported_with_its_type_and_message(waiting: str) -> None:
+    def fail() -> bool:
+        raise ValueError("listing is not JSON")
+
+    with pytest.raises(ForkedCheckError, match=r"failed: ValueError: listing is not JSON"):
+        check_in_child(fail, timeout=30)
+
+
+def test_an_abnormal_exit_is_reported_with_its_status(waiting: str) -> None:
+    with pytest.raises(ForkedCheckError, match=r"ended with status 7"):
+        check_in_child(lambda: os._exit(7), timeout=30)
+
+
+def test_a_slow_child_is_killed_and_reaped(waiting: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+
+    def hang() -> bool:
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(60)
+        return True
+
+    started = time.monotonic()
+    with pytest.raises(ForkedCheckError, match=r"took longer than 0.5s; killed"):
+        check_in_child(hang, timeout=0.5)
+    assert time.monotonic() - started < 30  # not the child's 60 s
+    pid = int(pid_file.read_text())
+    assert _gone(pid), "the child was neither killed nor reaped"
+
+
+@pytest.fixture
+def wakeup() -> Iterator[SignalWakeup]:
+    """A SignalWakeup in this (test) process, as a worker has one; restored afterwards."""
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in signums}
+    waker = SignalWakeup(*signums)
+    try:
+        yield waker
+    finally:
+        signal.set_wakeup_fd(-1)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        waker.reader.close()
+        waker._writer.close()
+
+
+def test_the_child_does_not_use_the_parents_signal_handlers(wakeup: SignalWakeup) -> None:
+    """SIGTERM ends the child (default action); no signal wakes the parent's poller."""
+    with pytest.raises(ForkedCheckError, match=rf"ended with status -{int(signal.SIGTERM)}"):
+        check_in_child(lambda: bool(os.kill(os.getpid(), signal.SIGTERM)), timeout=30)
+
+    def signal_itself() -> bool:
+        os.kill(os.getpid(), signal.SIGUSR1)  # a handler the child keeps
+        return True
+
+    assert check_in_child(signal_itself, timeout=30)
+    with pytest.raises(BlockingIOError):  # no wake-up byte reached the parent's socket
+        wakeup.reader.recv(4096)
+
+
+def test_the_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A worker killed during a check must not leave the child behind."""
+    pid_file = tmp_path / "pid"
+    script = textwrap.dedent(
+        f"""
+        import os, pathlib, time
+        from metaleg.lifecycle import check_in_child
+
+        def hang():
+            pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))
+            time.sleep(60)
+            return True
+
+        check_in_child(hang, timeout=60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        assert _wait_for(lambda: pid_file.exists() and pid_file.read_text()), "no child"
+        child = int(pid_file.read_text())
+        parent.kill()
+        parent.wait(timeout=10)
+        # The child is re-parented (to init or a subreaper) and reaped there.
+        assert _wait_for(lambda: _gone(child) or _zombie(child)), "the child outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=10)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
