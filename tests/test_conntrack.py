@@ -434,6 +434,27 @@ def test_few_entries_take_one_walk_for_both_families(ns: str) -> None:
     assert run_in_netns(ns, _matching_with_counted_dumps, only4) == {"IPv4": 1}
 
 
+def _event_loops_of_three_flushes(sources: dict[Family, list[str]]) -> list[tuple[int, bool]]:
+    """The event loop each socket holds after each of three flushes (id, still open)."""
+    loops = []
+    for _ in range(3):
+        flush_sources(sources)
+        for ct in conntrack._sockets.values():
+            loop = getattr(ct.asyncore.local, "event_loop", None)
+            loops.append((id(loop), loop is not None and not loop.is_closed()))
+    return loops
+
+
+@pytest.mark.netns
+def test_the_conntrack_socket_keeps_its_event_loop(ns: str) -> None:
+    """pyroute2 would set up and close an event loop per dump, leaking a little each time
+    (see conntrack._socket): the socket must keep one loop for all its dumps."""
+    loops = run_in_netns(ns, _event_loops_of_three_flushes, {Family.IPV4: ["10.244.9.9"]})
+    assert len(loops) == 3
+    assert all(is_open for _, is_open in loops), loops
+    assert len({loop for loop, _ in loops}) == 1, loops
+
+
 # --- batched deletion (see conntrack_netlink) ------------------------------------------------
 
 
