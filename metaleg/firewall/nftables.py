@@ -155,11 +155,12 @@ _SLOT_SET = re.compile(r"^mark([46])_([0-9a-f]{8})$")
 _FAMILY_OF = {"4": Family.IPV4, "6": Family.IPV6}
 _OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
 MARK_CHAIN = "fwmark"
-
-CHECK_TIMEOUT = 120.0
-"""Seconds a re-sync's comparison in a child may take (~0.1 s at N=1000, ~0.5 s at N=5000)."""
 """The regular chain that sets the mark, one rule per gateway slot and family ("mark" is an
 nft keyword)."""
+
+CHECK_TIMEOUT = 120.0
+"""Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
+N=5000 Services; see docs/benchmarks.md)."""
 
 
 class SetSpec(NamedTuple):
