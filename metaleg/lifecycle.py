@@ -91,6 +91,39 @@ def release_memory() -> bool:
     return bool(trim(0))
 
 
+_M_MMAP_THRESHOLD = -3
+"""mallopt's parameter number for the mmap threshold (glibc ``malloc.h``)."""
+
+MMAP_THRESHOLD = 128 * 1024
+"""Blocks from this size up get their own mapping (glibc's initial threshold, kept fixed)."""
+
+
+def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Keep glibc's mmap threshold fixed, so that large blocks are always mapped and unmapped.
+
+    glibc starts with a threshold of 128 KiB and raises it to the size of any
+    mapped block that is freed (up to 32 MiB), and its trim threshold to twice
+    that. The first freed snapshot frame (~1 MiB at N=1000; the supervisor
+    sends a complete state per change) thus moves every later frame, and large
+    dict and list tables, into the heap or a thread's arena (ZeroMQ's I/O
+    thread receives the frames), where the blocks allocated between them keep
+    the freed space resident and free tops below the raised trim threshold are
+    never returned. Measured at N=1000 under churn, first 3 minutes: the
+    firewall process grew 3.2 MiB with the dynamic threshold, 1.4 MiB with a
+    fixed one; the supervisor and routing ~1-2 MiB less each. Mapping a block
+    costs a system call and its page faults (~0.3 ms per MiB), a few per
+    snapshot.
+
+    Call it first thing in a process (blocks already in the heap stay there).
+    Returns whether it took effect (False without glibc).
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
 class HeapTrimmer:
     """Calls :func:`release_memory` after work, at most once per ``interval`` seconds.
 
@@ -233,7 +266,8 @@ CONFIG_ENVIRONMENT = "METALEG_WORKER_CONFIG"
 
 
 def start_worker(process: str) -> Config:
-    """Common start of a worker process: config from the supervisor, logging, parent death signal.
+    """Common start of a worker process: large blocks mapped (:func:`map_large_blocks`), config
+    from the supervisor, logging, parent death signal.
 
     Exits with status 2 and a clear message when started other than by the supervisor.
     """
@@ -243,6 +277,7 @@ def start_worker(process: str) -> Config:
 
     from metaleg.logs import setup_logging
 
+    map_large_blocks()
     raw = os.environ.get(CONFIG_ENVIRONMENT)
     if not raw:
         sys.stderr.write(

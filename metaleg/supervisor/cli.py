@@ -18,6 +18,7 @@ import os
 import sys
 
 from metaleg.config import Config, ConfigError, load_config
+from metaleg.lifecycle import map_large_blocks
 from metaleg.logs import setup_logging
 
 EXIT_CONFIG = 2
@@ -38,6 +39,7 @@ def _config(require_node: bool = True) -> Config:
 
 
 def command_run(arguments: argparse.Namespace) -> int:
+    map_large_blocks()
     config = _config()
     setup_logging("supervisor", config.log_level, config.log_format)
     from metaleg.ipc import prepare_run_dir

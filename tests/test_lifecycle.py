@@ -1,4 +1,5 @@
-"""check_in_child: a yes/no check in a short-lived forked child (real processes)."""
+"""Process lifecycle helpers: check_in_child (a yes/no check in a forked child) and
+map_large_blocks (glibc's mmap threshold), with real processes."""
 
 from __future__ import annotations
 
@@ -158,3 +159,44 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError):
         return True
+
+
+# --- map_large_blocks: glibc's mmap threshold kept fixed ------------------------------------
+
+_MAPPED_AFTER_A_FREE = """
+import ctypes, sys
+from metaleg.lifecycle import map_large_blocks
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    assert map_large_blocks()
+frame = bytearray(1 << 20)   # a snapshot frame: mapped (above 128 KiB)
+del frame                    # freeing it raises a dynamic threshold to 1 MiB
+before = libc.mallinfo2().hblkhd
+frame = bytearray(1 << 20)   # the next frame
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.parametrize("threshold", ["dynamic", "fixed"])
+def test_large_blocks_stay_mapped_after_a_free(threshold: str) -> None:
+    """With glibc's dynamic threshold the second 1 MiB block comes from the heap (where it
+    fragments and stays resident); with map_large_blocks it gets its own mapping again."""
+    output = subprocess.run(
+        [sys.executable, "-c", _MAPPED_AFTER_A_FREE, threshold],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    mapped = int(output)
+    if threshold == "fixed":
+        assert mapped >= 1 << 20
+    else:
+        assert mapped < 1 << 20  # the premise: glibc would put it in the heap
