@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 import select
 import signal
@@ -209,6 +210,10 @@ def _run_check(check: Callable[[], bool], reader: int, writer: int) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         die_with_parent(signal.SIGKILL)
+        # No collection of the parent's garbage here: finalizers of unreachable objects
+        # (sockets of another thread, say) must not run in a copy of the process, and
+        # the child lives for one check.
+        gc.disable()
         status = _CHECK_TRUE if check() else _CHECK_FALSE
     except BaseException as error:  # reported to the parent, which decides
         message = f"{type(error).__name__}: {error}".encode(errors="replace")
