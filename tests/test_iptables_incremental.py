@@ -96,6 +96,7 @@ def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState)
     assert live.mark_owner == rebuilt.mark_owner
     assert live.mark_contenders == rebuilt.mark_contenders
     assert live.shared == rebuilt.shared  # how many Services claim each shared member
+    assert live.snat_keys == rebuilt.snat_keys  # the Services the tables are built from
     assert live.services == rebuilt.services
     return live
 

@@ -65,6 +65,7 @@ edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import ipaddress
@@ -403,6 +404,8 @@ class LiveStep(msgspec.Struct, frozen=True):
     """The new transit guard sets, or None when the guard is unchanged."""
     unbinds: bool
     """Whether a stale binding rule goes (see ``IptablesBackend._execute``, step 1)."""
+    snat_keys: list[ServiceKey] | None = None
+    """The new :attr:`LiveRules.snat_keys`, or None when no rule changes."""
 
 
 class LiveRules:
@@ -441,7 +444,9 @@ class LiveRules:
         """Per family, address -> its member of the mark set."""
         self.shared: dict[str, dict[str, int]] = {name: {} for name in _SHARED_SETS.values()}
         """Per shared set, its members and how many Services claim each."""
-        in_order: list[_ServiceParts] = []
+        self.snat_keys: list[ServiceKey] = []
+        """The Services with rules of their own (SNAT in a family), in state order (sorted
+        when the state is): the tables are built from these alone."""
         previous_key: ServiceKey | None = None
         for service in state.services:
             key = (service.namespace, service.name)
@@ -457,7 +462,8 @@ class LiveRules:
                 parts = _render_service(service, state.fwmask)
             self.services[key] = service
             self.parts[key] = parts
-            in_order.append(parts)
+            if _has_rules(parts):
+                self.snat_keys.append(key)
             for family, part in zip(FAMILIES, parts, strict=True):
                 if part is None:
                     continue
@@ -483,7 +489,7 @@ class LiveRules:
         }
         self.transit_sets = _transit_sets(state)
         self.tables = self._tables(
-            in_order,
+            [self.parts[key] for key in self.snat_keys],
             {f: bool(self.marked[f]) for f in FAMILIES},
             {name for name, claims in self.shared.items() if claims},
             self.transit_sets,
@@ -647,11 +653,24 @@ class LiveRules:
                     before_sets[was_set.name] = was_set
                 if now_set is not None:
                     after_sets[now_set.name] = now_set
-        tables = None
+        tables = snat_keys = None
         if rules_changed:
+            # Only the Services with rules of their own (N/16 in the benchmark) are
+            # walked, not all N: the SNAT Services' keys are kept sorted, as the
+            # state's Services are on this path (step_services checked).
+            snat_keys = self.snat_keys
+            for key, _, _ in changes:
+                had, has = _has_rules(self.parts.get(key)), _has_rules(new_parts[key])
+                if had == has:
+                    continue
+                if snat_keys is self.snat_keys:
+                    snat_keys = list(snat_keys)
+                if has:
+                    bisect.insort(snat_keys, key)
+                else:
+                    del snat_keys[bisect.bisect_left(snat_keys, key)]
             in_order: list[_ServiceParts] = []
-            for service in new.services:
-                key = (service.namespace, service.name)
+            for key in snat_keys:
                 parts = new_parts[key] if key in new_parts else self.parts[key]
                 assert parts is not None
                 in_order.append(parts)
@@ -670,6 +689,7 @@ class LiveRules:
             shared=shared,
             transit_sets=transit_sets,
             unbinds=unbinds,
+            snat_keys=snat_keys,
         )
 
     def commit(self, step: LiveStep) -> None:
@@ -708,6 +728,8 @@ class LiveRules:
             self.transit_sets = step.transit_sets
         if step.tables is not None:
             self.tables = step.tables
+        if step.snat_keys is not None:
+            self.snat_keys = step.snat_keys
         self.state = step.state
 
     def _tables(
@@ -717,8 +739,9 @@ class LiveRules:
         shared: set[str],
         transit_sets: dict[Family, SetSpec | None],
     ) -> dict[Family, dict[str, TableSpec]]:
-        """The tables of both families from every SNAT Service's rules, in Service order, and
-        the rules over the sets that are not empty (``has_marks``, ``shared``)."""
+        """The tables of both families from the SNAT Services' rules (``in_order``: their
+        parts, in Service order), and the rules over the sets that are not empty
+        (``has_marks``, ``shared``)."""
         fwmask = self.fwmask
         tables: dict[Family, dict[str, TableSpec]] = {}
         for index, family in enumerate(FAMILIES):
@@ -771,6 +794,11 @@ class LiveRules:
                 ),
             }
         return tables
+
+
+def _has_rules(parts: _ServiceParts | None) -> bool:
+    """Whether a Service has rules of its own in some family (it is SNATed there)."""
+    return parts is not None and any(part is not None and part.rules for part in parts)
 
 
 def _rules_of(part: _ServicePart | None) -> tuple[Rule, ...]:
