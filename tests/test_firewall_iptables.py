@@ -51,6 +51,7 @@ from metaleg.firewall.xtables_child import (
 )
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
+from tests.processes import process_alive
 
 MASK = 0xF00000
 MARK1 = 0x100000
@@ -1307,14 +1308,6 @@ def test_close_stops_the_helpers() -> None:
         pids, alive = run_in_netns(ns, close_stops_helpers)
     assert len(pids) == 2
     assert alive == [False, False, False, False]
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:

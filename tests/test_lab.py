@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,19 +20,12 @@ from tests.lab import (
     wait_until,
 )
 from tests.lab.topology import list_namespaces
+from tests.processes import process_alive
 
 pytestmark = pytest.mark.lab
 
 FAMILIES: tuple[Family, ...] = (4, 6)
 PROTOS: tuple[Proto, ...] = ("udp", "tcp")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module", params=["legacy", "nft"])
@@ -204,7 +196,7 @@ def test_everything_is_removed_after_the_with_block(tmp_path: Path) -> None:
         workdir = lab.workdir
         assert lab.setup_seconds is not None and lab.setup_seconds < 10
     assert not set(names) & set(list_namespaces())
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if process_alive(pid)]
     assert not workdir.exists()
 
 

@@ -16,23 +16,8 @@ import pytest
 
 from metaleg import lifecycle
 from metaleg.lifecycle import ForkedCheckError, SignalWakeup, check_in_child
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def _wait_for(condition: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
+from tests.lab.traffic import wait_until
+from tests.processes import process_alive
 
 
 @pytest.fixture(params=["pidfd", "pipe"])
@@ -91,7 +76,9 @@ def test_a_slow_child_is_killed_and_reaped(waiting: str, tmp_path: Path) -> None
         check_in_child(hang, timeout=0.5)
     assert time.monotonic() - started < 30  # not the child's 60 s
     pid = int(pid_file.read_text())
-    assert _gone(pid), "the child was neither killed nor reaped"
+    assert not process_alive(pid), "the child was not killed"
+    with pytest.raises(ChildProcessError):  # and reaped: no child of ours is left
+        os.waitpid(pid, os.WNOHANG)
 
 
 @pytest.fixture
@@ -142,23 +129,16 @@ def test_the_child_dies_with_its_parent(tmp_path: Path) -> None:
     )
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
-        assert _wait_for(lambda: pid_file.exists() and pid_file.read_text()), "no child"
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), message="the child")
         child = int(pid_file.read_text())
         parent.kill()
         parent.wait(timeout=10)
         # The child is re-parented (to init or a subreaper) and reaped there.
-        assert _wait_for(lambda: _gone(child) or _zombie(child)), "the child outlived its parent"
+        wait_until(lambda: not process_alive(child), message="the child to die with its parent")
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(timeout=10)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
 
 
 # --- map_large_blocks: glibc's mmap threshold kept fixed ------------------------------------

@@ -22,6 +22,7 @@ from metaleg.model import (
 from tests.lab.agents import SUPERVISOR, Agent
 from tests.lab.traffic import wait_until
 from tests.netns import namespace, run_in_netns, sh
+from tests.processes import process_alive
 
 
 def run_cli(
@@ -111,7 +112,7 @@ def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> N
             process.send_signal(signal.SIGTERM)
             assert process.wait(15) == 0
             for pid in survivors.values():
-                assert not _alive(pid), f"worker {pid} outlived the supervisor"
+                assert not process_alive(pid), f"worker {pid} outlived the supervisor"
         finally:
             if process.poll() is None:
                 process.kill()
@@ -121,14 +122,6 @@ def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> N
 def _all_pids(agent: Agent) -> dict[str, int] | None:
     pids = {w: agent.worker_pid(w) for w in ("watcher", "firewall", "routing")}
     return None if None in pids.values() else pids  # type: ignore[return-value]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 STATE = NodeDesiredState(
