@@ -376,10 +376,10 @@ _ICMP_ATTRS = {
 }
 
 _sockets: dict[Family | None, Any] = {}
-_deleter = ConntrackSocket()
+_batcher = ConntrackSocket()
 _sockets_pid = os.getpid()
 _filter_broken: set[Family] = set()
-_FAMILY_OF = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
+_FAMILY_OF: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 
 
 def _socket(family: Family | None) -> Any:
@@ -409,18 +409,19 @@ def _socket(family: Family | None) -> Any:
 
 
 def _check_fork() -> None:
-    global _sockets_pid, _deleter
+    global _sockets_pid, _batcher
     if _sockets_pid != os.getpid():
         # Forked: the inherited sockets belong to the parent (maybe another namespace).
         _sockets.clear()
-        _deleter = ConntrackSocket()
+        _batcher = ConntrackSocket()
         _sockets_pid = os.getpid()
 
 
-def _delete_socket() -> ConntrackSocket:
-    """This process's socket for batched deletions (opened on first use)."""
+def _batch_socket() -> ConntrackSocket:
+    """This process's socket for whole-table dumps and batched deletions (opened on first
+    use)."""
     _check_fork()
-    return _deleter
+    return _batcher
 
 
 def _forget_socket(family: Family | None) -> None:
@@ -454,7 +455,7 @@ def _matching_tuples(
     without a zone looks the tuple up in the default zone, so deleting them
     never worked (and an entry of the default zone with the same tuple is dumped,
     and deleted, on its own). An entry whose zone applies to its ORIGINAL
-    direction only (``CTA_TUPLE_ZONE``, not decoded by pyroute2) is not found by
+    direction only (``CTA_TUPLE_ZONE``, not decoded) is not found by
     its delete request either, which counts as "gone already".
     """
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
@@ -510,18 +511,20 @@ def _matching_tuples(
                 if _canonical(seen, Family.IPV4) != source:
                     _filter_broken.add(Family.IPV4)
                 keep(Family.IPV4, message)  # checked here too: the filter is the kernel's
+    # Whole-table dumps are decoded by conntrack_netlink (the ORIGINAL tuple and the
+    # zone only; pyroute2 decoded every attribute of every entry, ~0.1 ms each).
     if len(unfiltered) == 1:
-        # Raw messages: decoding only the tuple is several times faster than
-        # building pyroute2 ConntrackEntry objects for the whole table.
         family = unfiltered[0]
-        for message in _socket(family).dump():
-            keep(family, message)
+        members = wanted[family]
+        for dumped in _batch_socket().dump(_SOCKET_FAMILY[family]):
+            if not dumped.zoned and dumped.entry.source in members:
+                result[family].append(dumped.entry)
     elif unfiltered:
         # Both families in one walk of the kernel's table (AF_UNSPEC dumps every family).
-        for message in _socket(None).dump():
-            of = _FAMILY_OF.get(message["nfgen_family"])
-            if of is not None and of in wanted:
-                keep(of, message)
+        for dumped in _batch_socket().dump(socket.AF_UNSPEC):
+            of = _FAMILY_OF.get(dumped.entry.family)
+            if of in wanted and not dumped.zoned and dumped.entry.source in wanted[of]:
+                result[of].append(dumped.entry)
     return result
 
 
@@ -547,12 +550,12 @@ def _flush_once(plan: FlushPlan) -> int:
         ]
         # Both families in one batch (each request names its family); ENOENT (gone
         # meanwhile) counts as not deleted, any other refusal raises OSError.
-        return _delete_socket().delete(doomed)
+        return _batch_socket().delete(doomed)
     except Exception:
         # Fresh sockets next time, whatever state these are in.
         for key in (None, *Family):
             _forget_socket(key)
-        _delete_socket().close()
+        _batch_socket().close()
         raise
 
 

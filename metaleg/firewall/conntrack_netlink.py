@@ -15,6 +15,11 @@ error raises ``OSError`` naming the entry.
 
 No zone attribute is sent: the kernel looks the tuple up in the default zone,
 as pyroute2's ``delete`` did (the caller skips entries of other zones).
+
+Dumps (:meth:`ConntrackSocket.dump`) are decoded here too, and only as far as a
+deletion needs: the ORIGINAL tuple and the zone. pyroute2 builds a message
+object with every attribute of every entry (~0.1 ms per entry: ~150 ms for a
+namespace holding 1500 entries, on every change that flushes).
 """
 
 from __future__ import annotations
@@ -23,20 +28,25 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from metaleg.firewall.nfnetlink import (
+    NFGEN,
     NLA_F_NESTED,
     NLM_F_ACK,
+    NLM_F_DUMP,
     NetfilterSocket,
     attr,
     message,
     nested,
+    parse_attributes,
 )
 
 NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
+CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 
 # enum ctattr_type
@@ -169,15 +179,81 @@ def tuple_attribute(entry: Entry) -> bytes:
     return nested(CTA_TUPLE_ORIG, ip + proto)
 
 
+_ADDRESS_ATTRS = {CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST}
+_SOURCES = {CTA_IP_V4_SRC, CTA_IP_V6_SRC}
+_PORT_ATTRS = {CTA_PROTO_SRC_PORT: 0, CTA_PROTO_DST_PORT: 1, CTA_PROTO_ICMP_ID: 2}
+_PORT_ATTRS[CTA_PROTO_ICMPV6_ID] = 2
+_BYTE_ATTRS = {
+    CTA_PROTO_ICMP_TYPE: 3,
+    CTA_PROTO_ICMP_CODE: 4,
+    CTA_PROTO_ICMPV6_TYPE: 3,
+    CTA_PROTO_ICMPV6_CODE: 4,
+}
+
+
+class DumpedEntry(NamedTuple):
+    """One entry of a dump: its ORIGINAL tuple and whether it is in a zone other than the
+    default one (``CTA_ZONE``; the kernel sends it only for a non-zero zone)."""
+
+    entry: Entry
+    zoned: bool
+
+
+def parse_entry(payload: bytes) -> DumpedEntry | None:
+    """Decode one dump answer (nfgenmsg and attributes); None when it has no ORIGINAL
+    tuple of IPv4 or IPv6 with a protocol (not an entry metaleg could delete)."""
+    family = payload[0] if payload else 0
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    original = b""
+    zoned = False
+    for kind, data in parse_attributes(payload, NFGEN.size):
+        if kind == CTA_TUPLE_ORIG:
+            original = data
+        elif kind == CTA_ZONE:
+            zoned = len(data) >= 2 and _BE16_RAW.unpack_from(data)[0] != 0
+    addresses: dict[int, str] = {}
+    protocol: int | None = None
+    fields: list[int | None] = [None, None, None, None, None]
+    for kind, data in parse_attributes(original):
+        if kind == CTA_TUPLE_IP:
+            for ip_kind, address in parse_attributes(data):
+                if ip_kind in _ADDRESS_ATTRS and len(address) in (4, 16):
+                    addresses[ip_kind] = socket.inet_ntop(
+                        socket.AF_INET if len(address) == 4 else socket.AF_INET6, address
+                    )
+        elif kind == CTA_TUPLE_PROTO:
+            for proto_kind, value in parse_attributes(data):
+                if proto_kind == CTA_PROTO_NUM and value:
+                    protocol = value[0]
+                elif proto_kind in _PORT_ATTRS and len(value) >= 2:
+                    fields[_PORT_ATTRS[proto_kind]] = _BE16_RAW.unpack_from(value)[0]
+                elif proto_kind in _BYTE_ATTRS and value:
+                    fields[_BYTE_ATTRS[proto_kind]] = value[0]
+    if family == socket.AF_INET:
+        source, destination = addresses.get(CTA_IP_V4_SRC), addresses.get(CTA_IP_V4_DST)
+    else:
+        source, destination = addresses.get(CTA_IP_V6_SRC), addresses.get(CTA_IP_V6_DST)
+    if source is None or destination is None or protocol is None:
+        return None
+    return DumpedEntry(Entry(family, source, destination, protocol, *fields), zoned)
+
+
+def dump_message(family: int, sequence: int) -> bytes:
+    """An ``IPCTNL_MSG_CT_GET`` dump request of every entry of ``family`` (``AF_UNSPEC``:
+    both families in one walk of the kernel's table)."""
+    return message(CT_GET, NLM_F_DUMP, sequence, family, b"")
+
+
 def delete_message(entry: Entry, sequence: int, flags: int = 0) -> bytes:
     """One ``IPCTNL_MSG_CT_DELETE`` message for ``entry``."""
     return message(CT_DELETE, flags, sequence, entry.family, tuple_attribute(entry))
 
 
 class ConntrackSocket:
-    """Deletes conntrack entries in batches, in the network namespace the process is in
-    when it first does. After an error in the exchange itself (not one the kernel
-    reports for an entry) the socket closes, so the next call starts clean.
+    """Dumps conntrack entries and deletes them in batches, in the network namespace the
+    process is in when it first does. After an error in the exchange itself (not one
+    the kernel reports for an entry) the socket closes, so the next call starts clean.
     """
 
     def __init__(self) -> None:
@@ -186,6 +262,26 @@ class ConntrackSocket:
     def close(self) -> None:
         """Close the socket (it opens again on the next call)."""
         self._netlink.close()
+
+    def dump(self, family: int = socket.AF_UNSPEC) -> Iterator[DumpedEntry]:
+        """Every entry of ``family`` (``AF_UNSPEC``: both), as the kernel dumps them.
+
+        Read it to the end before deleting anything: the dump and the deletions
+        share the socket.
+        """
+        sequence = self._netlink.next_sequence()
+
+        def failed(code: int) -> OSError:
+            return OSError(code, f"cannot dump conntrack entries: {os.strerror(code)}")
+
+        try:
+            for payload in self._netlink.dump(dump_message(family, sequence), sequence, failed):
+                dumped = parse_entry(payload)
+                if dumped is not None:
+                    yield dumped
+        except BaseException:
+            self.close()
+            raise
 
     def delete(self, entries: Sequence[Entry]) -> int:
         """Delete ``entries``; return how many were deleted (ENOENT: gone already).
