@@ -180,9 +180,14 @@ def tuple_attribute(entry: Entry) -> bytes:
 
 
 _ADDRESS_ATTRS = {CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST}
-_SOURCES = {CTA_IP_V4_SRC, CTA_IP_V6_SRC}
-_PORT_ATTRS = {CTA_PROTO_SRC_PORT: 0, CTA_PROTO_DST_PORT: 1, CTA_PROTO_ICMP_ID: 2}
-_PORT_ATTRS[CTA_PROTO_ICMPV6_ID] = 2
+# Where each protocol attribute goes among Entry's last five fields (source_port,
+# destination_port, icmp_id, icmp_type, icmp_code): big-endian u16s, then u8s.
+_PORT_ATTRS = {
+    CTA_PROTO_SRC_PORT: 0,
+    CTA_PROTO_DST_PORT: 1,
+    CTA_PROTO_ICMP_ID: 2,
+    CTA_PROTO_ICMPV6_ID: 2,
+}
 _BYTE_ATTRS = {
     CTA_PROTO_ICMP_TYPE: 3,
     CTA_PROTO_ICMP_CODE: 4,
