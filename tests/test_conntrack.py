@@ -353,7 +353,9 @@ def _count_and_flush_without_sockets(sources: dict[Family, list[str]]) -> tuple[
     def no_socket(family: object) -> None:
         raise AssertionError("an empty namespace needs no conntrack dump")
 
-    conntrack._socket = no_socket  # type: ignore[assignment]  # in the child process only
+    # Neither pyroute2's per-source sockets nor the whole-table dump's (in the child only).
+    conntrack._socket = no_socket  # type: ignore[assignment]
+    conntrack._batch_socket = lambda: no_socket(None)  # type: ignore[assignment]
     return conntrack.entry_count(), flush_sources(sources)
 
 
