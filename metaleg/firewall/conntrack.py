@@ -375,15 +375,16 @@ _ICMP_ATTRS = {
     Family.IPV6: ("CTA_PROTO_ICMPV6_ID", "CTA_PROTO_ICMPV6_TYPE", "CTA_PROTO_ICMPV6_CODE"),
 }
 
-_sockets: dict[Family | None, Any] = {}
+_sockets: dict[Family, Any] = {}
 _batcher = ConntrackSocket()
 _sockets_pid = os.getpid()
 _filter_broken: set[Family] = set()
 _FAMILY_OF: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 
 
-def _socket(family: Family | None) -> Any:
-    """This process's conntrack socket for ``family`` (``None``: both families), opened once.
+def _socket(family: Family) -> Any:
+    """This process's pyroute2 conntrack socket for ``family``, opened once (for the
+    per-source filtered dumps; whole-table dumps go through :func:`_batch_socket`).
 
     Opening a pyroute2 socket costs far more than a dump of a few entries (it
     sets up an event loop and the netlink transport); a flush after every
@@ -402,8 +403,7 @@ def _socket(family: Family | None) -> Any:
     if ct is None:
         from pyroute2 import Conntrack
 
-        af = socket.AF_UNSPEC if family is None else _SOCKET_FAMILY[family]
-        ct = _sockets[family] = Conntrack(nfgen_family=af)
+        ct = _sockets[family] = Conntrack(nfgen_family=_SOCKET_FAMILY[family])
         ct.asyncore.local.keep_event_loop = True
     return ct
 
@@ -424,7 +424,7 @@ def _batch_socket() -> ConntrackSocket:
     return _batcher
 
 
-def _forget_socket(family: Family | None) -> None:
+def _forget_socket(family: Family) -> None:
     ct = _sockets.pop(family, None)
     if ct is not None:
         with contextlib.suppress(Exception):
@@ -512,18 +512,13 @@ def _matching_tuples(
                     _filter_broken.add(Family.IPV4)
                 keep(Family.IPV4, message)  # checked here too: the filter is the kernel's
     # Whole-table dumps are decoded by conntrack_netlink (the ORIGINAL tuple and the
-    # zone only; pyroute2 decoded every attribute of every entry, ~0.1 ms each).
-    if len(unfiltered) == 1:
-        family = unfiltered[0]
-        members = wanted[family]
-        for dumped in _batch_socket().dump(_SOCKET_FAMILY[family]):
-            if not dumped.zoned and dumped.entry.source in members:
-                result[family].append(dumped.entry)
-    elif unfiltered:
-        # Both families in one walk of the kernel's table (AF_UNSPEC dumps every family).
-        for dumped in _batch_socket().dump(socket.AF_UNSPEC):
+    # zone only; pyroute2 decoded every attribute of every entry, ~0.1 ms each); both
+    # families take one walk of the kernel's table (AF_UNSPEC dumps every family).
+    if unfiltered:
+        af = _SOCKET_FAMILY[unfiltered[0]] if len(unfiltered) == 1 else socket.AF_UNSPEC
+        for dumped in _batch_socket().dump(af):
             of = _FAMILY_OF.get(dumped.entry.family)
-            if of in wanted and not dumped.zoned and dumped.entry.source in wanted[of]:
+            if of in unfiltered and not dumped.zoned and dumped.entry.source in wanted[of]:
                 result[of].append(dumped.entry)
     return result
 
@@ -553,8 +548,8 @@ def _flush_once(plan: FlushPlan) -> int:
         return _batch_socket().delete(doomed)
     except Exception:
         # Fresh sockets next time, whatever state these are in.
-        for key in (None, *Family):
-            _forget_socket(key)
+        for family in Family:
+            _forget_socket(family)
         _batch_socket().close()
         raise
 
