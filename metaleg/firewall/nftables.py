@@ -1201,14 +1201,8 @@ class NftablesBackend:
         return True
 
     def resync(self, state: NodeDesiredState) -> None:
-        try:
-            self._resync(state)
-        finally:
-            # The listing and everything built from it are garbage now: give the
-            # memory back instead of keeping the high-water mark of every re-sync.
-            release_memory()
-
-    def _resync(self, state: NodeDesiredState) -> None:
+        # The listing happens in a child, or in _read_table, which trims after it (and
+        # the worker trims after every re-sync).
         live = self._live
         if live is None or live.state != state:
             live = LiveTable(state)
