@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import copy
 import datetime
+import heapq
 import itertools
 import json
 import random
@@ -27,8 +29,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from . import errors
@@ -177,7 +180,10 @@ class Watch:
                 if store._rv > self.pos:
                     if self.pos < store._floor:
                         return None
-                    events = list(itertools.islice(store._history, self.pos - store._floor, None))
+                    # The newest rv - pos events, taken from the right end of the ring (an
+                    # islice from the left would step over the whole retained history).
+                    events = list(itertools.islice(reversed(store._history), store._rv - self.pos))
+                    events.reverse()
                     self.pos = store._rv
                     converted = [e for e in map(self._convert, events) if e is not None]
                     if converted:
@@ -220,6 +226,8 @@ class Store:
         self._changed = threading.Condition(self._lock)
         self._types: dict[str, ResourceType] = {}
         self._objects: dict[str, dict[Key, Object]] = {}
+        self._sorted_keys: dict[str, list[Key]] = {}
+        """Per resource, its objects' keys in order; dropped when a key comes or goes."""
         self._history: deque[WatchEvent] = deque()
         self.history_size = history_size
         self.require_namespaces = require_namespaces
@@ -365,10 +373,14 @@ class Store:
         obj["metadata"]["resourceVersion"] = str(self._rv)
         metadata = obj["metadata"]
         key = (metadata.get("namespace", ""), metadata["name"])
+        objects = self._objects[resource.key]
         if event_type == "DELETED":
-            self._objects[resource.key].pop(key, None)
+            if objects.pop(key, None) is not None:
+                self._sorted_keys.pop(resource.key, None)
         else:
-            self._objects[resource.key][key] = obj
+            if key not in objects:
+                self._sorted_keys.pop(resource.key, None)
+            objects[key] = obj
         self._history.append(WatchEvent(self._rv, event_type, resource.key, key, obj, prev))
         while len(self._history) > self.history_size:
             self._floor = self._history.popleft().rv
@@ -381,20 +393,58 @@ class Store:
             raise errors.not_found(resource.plural, resource.group, name)
         return obj
 
-    def _objects_at(self, resource: ResourceType, rv: int) -> dict[Key, Object]:
-        """The objects of ``resource`` as they were at resourceVersion ``rv``."""
-        state = dict(self._objects[resource.key])
+    def _changes_since(self, resource: ResourceType, rv: int) -> dict[Key, Object | None]:
+        """The objects of ``resource`` that changed after resourceVersion ``rv``, as they were
+        at ``rv`` (None: absent then). The others are as stored now."""
+        changes: dict[Key, Object | None] = {}
         for event in reversed(self._history):
             if event.rv <= rv:
                 break
             if event.resource != resource.key:
                 continue
-            if event.type == "ADDED":
-                state.pop(event.key, None)
-            else:
-                assert event.prev is not None
-                state[event.key] = event.prev
-        return state
+            # Walking back in time: the oldest event after rv leaves the state at rv.
+            changes[event.key] = None if event.type == "ADDED" else event.prev
+        return changes
+
+    def _keys(self, resource: ResourceType) -> list[Key]:
+        """The keys of the objects of ``resource``, sorted (cached until one comes or goes)."""
+        keys = self._sorted_keys.get(resource.key)
+        if keys is None:
+            keys = self._sorted_keys[resource.key] = sorted(self._objects[resource.key])
+        return keys
+
+    def _objects_at(
+        self, resource: ResourceType, rv: int, namespace: str | None, start: Key | None
+    ) -> Iterator[tuple[Key, Object]]:
+        """The objects of ``resource`` as they were at resourceVersion ``rv`` (not newer than
+        the current one), in key order: those in ``namespace`` (any: None) after ``start``."""
+        current = self._objects[resource.key]
+        keys = self._keys(resource)
+        low, high = 0, len(keys)
+        if namespace is not None:
+            low = bisect.bisect_left(keys, namespace, key=itemgetter(0))
+            high = bisect.bisect_right(keys, namespace, lo=low, key=itemgetter(0))
+        if start is not None:
+            low = max(low, bisect.bisect_right(keys, start, lo=low, hi=high))
+        window = itertools.islice(keys, low, high)
+        changes = self._changes_since(resource, rv) if rv < self._rv else {}
+        if not changes:
+            for key in window:
+                yield key, current[key]
+            return
+        # Objects deleted since rv are not among the current keys: merge them in.
+        gone = sorted(
+            k
+            for k, obj in changes.items()
+            if obj is not None
+            and k not in current
+            and (namespace is None or k[0] == namespace)
+            and (start is None or k > start)
+        )
+        for key in heapq.merge(window, gone):
+            obj = changes[key] if key in changes else current[key]
+            if obj is not None:
+                yield key, obj
 
     def _incoming(self, resource: ResourceType, body: Any, namespace: str | None) -> Object:
         """A deep copy of a request body, checked and with kind/apiVersion/namespace set."""
@@ -512,22 +562,20 @@ class Store:
                 rv = _parse_rv(resource_version)
                 if rv < self._floor:
                     raise errors.expired(f"too old resource version: {rv} ({self._floor})")
-            state = self._objects_at(resource, rv) if rv < self._rv else self._objects[resource.key]
-            keys = sorted(state)
-            if namespace is not None:
-                keys = [k for k in keys if k[0] == namespace]
-            if start is not None:
-                keys = [k for k in keys if k > start]
+            selective = not (labels.empty and not fields.requirements)
             items: list[Object] = []
             remaining = 0
             last: Key | None = None
-            for k in keys:
-                obj = state[k]
+            for k, obj in self._objects_at(resource, rv, namespace, start):
                 metadata = obj["metadata"]
-                if not (labels.matches(metadata.get("labels")) and fields.matches(obj)):
+                if selective and not (
+                    labels.matches(metadata.get("labels")) and fields.matches(obj)
+                ):
                     continue
                 if limit and len(items) >= limit:
                     remaining += 1
+                    if selective:
+                        break  # only whether more follow matters (no remainingItemCount)
                     continue
                 items.append(obj)
                 last = k
@@ -596,6 +644,36 @@ class Store:
             if resource.defaulter:
                 resource.defaulter(obj, None, self._others(resource, key))
             return copy.deepcopy(self._commit(resource, "ADDED", obj, None))
+
+    def load(self, resource: ResourceType | str, objects: Iterable[Object]) -> int:
+        """Store complete objects as they are: the fast path for fixtures of large clusters.
+
+        Each object gets ``kind`` and ``apiVersion``, a uid and a creationTimestamp (unless
+        it has them) and a resourceVersion of its own, and is an ADDED event, as with
+        :meth:`create`; but nothing is copied, validated or defaulted and its namespace need
+        not exist. Objects may share nested parts (stored objects are never changed in
+        place), but each needs a ``metadata`` dict of its own, and the caller must not change
+        what it passed afterwards. 409 AlreadyExists as with :meth:`create`. Returns how many
+        objects were stored.
+        """
+        resource = self.resolve(resource)
+        count = 0
+        with self._lock:
+            stored = self._objects[resource.key]
+            for obj in objects:
+                obj["apiVersion"] = resource.api_version
+                obj["kind"] = resource.kind
+                metadata = obj["metadata"]
+                if not resource.namespaced:
+                    metadata.pop("namespace", None)
+                key = (metadata.get("namespace", ""), metadata["name"])
+                if key in stored:
+                    raise errors.already_exists(resource.plural, resource.group, key[1])
+                metadata.setdefault("uid", str(uuid.uuid4()))
+                metadata.setdefault("creationTimestamp", now_rfc3339())
+                self._commit(resource, "ADDED", obj, None)
+                count += 1
+        return count
 
     def _updated(
         self, resource: ResourceType, old: Object, incoming: Object, subresource: str | None
@@ -815,7 +893,7 @@ class Store:
                 pos = self._rv
                 watch = Watch(self, resource, namespace, labels, fields, pos, [], None, info)
                 state = self._objects[resource.key]
-                initial = [state[k] for k in sorted(state) if watch.matches(state[k])]
+                initial = [state[k] for k in self._keys(resource) if watch.matches(state[k])]
                 watch.initial = initial
             else:
                 pos = _parse_rv(resource_version)
