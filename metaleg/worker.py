@@ -1,8 +1,10 @@
 """The loop of a data-plane worker (firewall or routing) around its :class:`Backend`.
 
-It receives numbered snapshots from the supervisor, applies the newest one
-(older ones that queued up meanwhile are skipped: each snapshot is complete),
-reports the result, retries failures with exponential back-off, and runs a full
+It receives a complete numbered snapshot from the supervisor when it starts
+(or has missed a change), then one change per generation, which it folds onto
+the state it holds (:func:`metaleg.ipc.apply_change`: unchanged Services are
+neither decoded nor compared). It applies the newest state (changes that
+queued up meanwhile are folded first, then applied at once), reports the result, retries failures with exponential back-off, and runs a full
 re-sync at start and every RECONCILIATION_INTERVAL. The first application in a
 fresh process is always a full re-sync, so a restarted worker repairs whatever
 happened while it was away.
@@ -23,10 +25,13 @@ from metaleg.backend import Backend, BackendError
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    ChangeError,
     Hello,
     MessageError,
     Snapshot,
+    StateChange,
     StateDecoder,
+    apply_change,
     connect_worker,
     decode_routes_only,
     encode,
@@ -48,19 +53,24 @@ class DataplaneWorker:
         self, process: str, backend: Backend, config: Config, *, routes_only: bool = False
     ) -> None:
         """``routes_only``: the backend reads only the node, mask and routes of a state (the
-        routing worker), so snapshots are decoded without their Services and transit guard."""
+        routing worker), so snapshots are decoded without their Services and transit guard,
+        and changes without their Services."""
         self.process = process
         self.backend = backend
         self.config = config
         self._decode = decode_routes_only if routes_only else StateDecoder().decode
         self.trimmer = HeapTrimmer()
         self.latest: Snapshot | None = None
+        """The newest state received (complete, or folded from changes) and its generation."""
+        self.awaiting_snapshot = False
+        """A change did not follow ``latest``: a complete snapshot was asked for (Hello)."""
         self.applied_generation = 0
         self.resynced_once = False
         self.dropped_messages = 0
         self.retry_delay = RETRY_INITIAL
         self.next_attempt = 0.0
         self.next_resync = 0.0
+        self.next_hello = 0.0
 
     def run(self) -> int:
         """Serve until SIGTERM; returns the exit status."""
@@ -70,12 +80,13 @@ class DataplaneWorker:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(wakeup.fileno(), zmq.POLLIN)
-        next_hello = 0.0
         log.info("started", extra={"backend": self.backend.name, "pid": os.getpid()})
         try:
             while True:
                 now = time.monotonic()
-                if self.latest is None and now >= next_hello:
+                # Hello until a complete state arrives: at start, and after a missed change.
+                wants_snapshot = self.latest is None or self.awaiting_snapshot
+                if wants_snapshot and now >= self.next_hello:
                     socket.send(
                         encode(
                             Hello(
@@ -86,8 +97,8 @@ class DataplaneWorker:
                             )
                         )
                     )
-                    next_hello = now + HELLO_INTERVAL
-                deadlines = [next_hello] if self.latest is None else []
+                    self.next_hello = now + HELLO_INTERVAL
+                deadlines = [self.next_hello] if wants_snapshot else []
                 if self.latest is not None:
                     deadlines.append(max(self.next_attempt, self.next_resync))
                     if self._wants_apply():
@@ -107,6 +118,11 @@ class DataplaneWorker:
             socket.close(0)
             context.term()
 
+    def _drop(self, text: str, *args: object, error: str = "") -> None:
+        self.dropped_messages += 1
+        IPC_DROPPED.labels(self.process).inc()
+        log.warning(text, *args, extra={"error": error} if error else None)
+
     def _receive_all(self, socket: zmq.Socket[Any]) -> None:
         while True:
             try:
@@ -116,19 +132,49 @@ class DataplaneWorker:
             try:
                 message = self._decode(frame)
             except MessageError as error:
-                self.dropped_messages += 1
-                IPC_DROPPED.labels(self.process).inc()
-                log.warning("dropped a message", extra={"error": str(error)})
+                self._drop("dropped a message", error=str(error))
                 continue
-            if not isinstance(message, Snapshot):
-                self.dropped_messages += 1
-                IPC_DROPPED.labels(self.process).inc()
-                log.warning("dropped an unexpected %s message", type(message).__name__)
-                continue
-            if self.latest is None or message.generation != self.latest.generation:
-                self.latest = message
-                self.next_attempt = 0.0
-                self.retry_delay = RETRY_INITIAL
+            if isinstance(message, Snapshot):
+                self.awaiting_snapshot = False
+                if self.latest is None or message.generation != self.latest.generation:
+                    self._take(message)
+            elif isinstance(message, StateChange):
+                self._fold(message)
+            else:
+                self._drop("dropped an unexpected %s message", type(message).__name__)
+
+    def _take(self, latest: Snapshot) -> None:
+        self.latest = latest
+        self.next_attempt = 0.0
+        self.retry_delay = RETRY_INITIAL
+
+    def _fold(self, change: StateChange) -> None:
+        """Fold a change onto the state held, or ask for a complete one (Hello) when it does
+        not follow it; never apply a change to another state than its base."""
+        latest = self.latest
+        if latest is None or change.generation <= latest.generation:
+            return  # before the first snapshot (Hello is on its way), or already in it
+        if not self.awaiting_snapshot:
+            try:
+                if change.base_generation != latest.generation:
+                    raise ChangeError(
+                        f"it follows generation {change.base_generation}, not {latest.generation}"
+                    )
+                state = apply_change(latest.state, change.delta)
+            except ChangeError as error:
+                self.awaiting_snapshot = True
+                self.next_hello = 0.0  # at once
+                self._drop(
+                    "dropped change to generation %d; asking for the complete state",
+                    change.generation,
+                    error=str(error),
+                )
+                return
+            self._take(Snapshot(change.generation, state))
+            return
+        # Changes that arrive while the complete state is on its way: it includes them.
+        self.dropped_messages += 1
+        IPC_DROPPED.labels(self.process).inc()
 
     def _wants_apply(self) -> bool:
         return self.latest is not None and self.latest.generation != self.applied_generation

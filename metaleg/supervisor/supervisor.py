@@ -2,8 +2,10 @@
 
 It outlives every worker, so it holds the current desired state: a restarted
 firewall or routing worker gets it at once, even while the watcher itself is
-restarting. It numbers each distinct state it receives (the generation),
-records what every worker reports, answers ``metaleg-supervisor status`` on its
+restarting. It applies the watcher's changes to that state (asking the watcher
+for a complete one when a change does not follow), numbers each distinct state
+(the generation) and forwards each change, encoded once, to the workers that
+hold the generation before (a complete snapshot to the others). It records what every worker reports, answers ``metaleg-supervisor status`` on its
 control socket and serves the metrics and probe endpoints. On SIGTERM it stops
 the workers and exits; kernel state stays in place (the next start re-syncs
 it), as the original did.
@@ -30,15 +32,22 @@ from prometheus_client import multiprocess
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    ChangeError,
     Hello,
     MessageError,
     Publish,
+    PublishChange,
+    ResendRequest,
     Snapshot,
+    StateChange,
     StateDecoder,
+    StateDelta,
     WatcherStatus,
+    apply_change,
     bind_control,
     bind_supervisor,
     control_endpoint,
+    diff_states,
     encode,
     prepare_run_dir,
 )
@@ -74,6 +83,8 @@ STOP_GRACE = 10.0
 LOOP_TICK = 1.0
 """The loop wakes at least this often, so /healthz can tell a stuck loop from an idle one."""
 METRICS_DIRECTORY = "metrics"
+RESEND_REQUEST_INTERVAL = 2.0
+"""While the watcher's changes do not follow the state held, ask it again this often."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -97,6 +108,9 @@ class Worker:
     crashes: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10))
     working: bool = False
     """It reported success since its last start (applied a snapshot, or published a state)."""
+    sent_generation: int = 0
+    """The generation this data-plane worker holds once it has read what it was sent, so
+    that a change from it is enough; 0: unknown, the next one is a complete snapshot."""
 
     @property
     def pid(self) -> int | None:
@@ -121,8 +135,12 @@ class Supervisor:
         self.workers = {name: Worker(name, module) for name, module in (workers or WORKERS).items()}
         self.snapshot: Snapshot | None = None
         self.snapshot_frame = b""
-        """``snapshot`` encoded, once per generation for every worker it goes to."""
+        """``snapshot`` encoded, once per generation for every worker it goes to (only when
+        a worker needs the complete state: empty until then)."""
         self.decoder = StateDecoder()
+        self.watcher_sequence: int | None = None
+        """The watcher's number of the state held (None: none yet, or a change was missed)."""
+        self.resend_requested_at: float | None = None
         self.trimmer = HeapTrimmer()
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
@@ -152,6 +170,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             worker.process = None
+            worker.sent_generation = 0
             if self.stopping:
                 continue
             worker.crashes.append(now)
@@ -194,11 +213,57 @@ class Supervisor:
 
     # --- messages ----------------------------------------------------------------------------
 
-    def _send_snapshot(self, worker: str) -> None:
+    def _send(self, worker: Worker, frame: bytes, generation: int) -> None:
         assert self.socket is not None
-        # A full queue means that worker is stuck or gone; it asks again with Hello on restart.
+        try:
+            self.socket.send_multipart([worker.name.encode(), frame], zmq.NOBLOCK)
+        except zmq.Again:
+            # A full queue means that worker is stuck or gone; it gets a complete snapshot
+            # next (and asks with Hello on restart).
+            worker.sent_generation = 0
+        else:
+            worker.sent_generation = generation
+
+    def _send_snapshot(self, worker: Worker) -> None:
+        assert self.snapshot is not None
+        if not self.snapshot_frame:
+            self.snapshot_frame = encode(self.snapshot)
+        self._send(worker, self.snapshot_frame, self.snapshot.generation)
+
+    def _new_state(self, state: NodeDesiredState, delta: StateDelta | None) -> None:
+        """Number ``state`` and send it on: ``delta`` (from the state before; None: no
+        change can say it) to each worker that holds the generation before, encoded once,
+        and the complete state to the others."""
+        before = self.snapshot.generation if self.snapshot else 0
+        generation = before + 1
+        self.snapshot = Snapshot(generation, state)
+        self.snapshot_frame = b""
+        log.info("new desired state", extra={"generation": generation})
+        change_frame = b""
+        for name in DATAPLANE_WORKERS:
+            worker = self.workers.get(name)
+            if worker is None:
+                continue
+            if delta is not None and before and worker.sent_generation == before:
+                if not change_frame:
+                    change_frame = encode(StateChange(generation, before, delta))
+                self._send(worker, change_frame, generation)
+            else:
+                self._send_snapshot(worker)
+        self.trimmer.after_work()
+
+    def _request_resend(self, reason: str) -> None:
+        """Ask the watcher for its complete state, at most every RESEND_REQUEST_INTERVAL."""
+        assert self.socket is not None
+        now = time.monotonic()
+        if (
+            self.resend_requested_at is not None
+            and now - self.resend_requested_at < RESEND_REQUEST_INTERVAL
+        ):
+            return
+        self.resend_requested_at = now
         with contextlib.suppress(zmq.Again):
-            self.socket.send_multipart([worker.encode(), self.snapshot_frame], zmq.NOBLOCK)
+            self.socket.send_multipart([b"watcher", encode(ResendRequest(reason))], zmq.NOBLOCK)
 
     def _drop(self, text: str, *args: object) -> None:
         IPC_DROPPED.labels("supervisor").inc()
@@ -226,25 +291,29 @@ class Supervisor:
         if isinstance(message, Publish) and sender == "watcher":
             self.workers["watcher"].working = True
             self.problems = message.problems
+            self.watcher_sequence = message.sequence
+            self.resend_requested_at = None
             previous = self.snapshot.state if self.snapshot is not None else None
             state = message.state
             if state != previous:
-                generation = (self.snapshot.generation if self.snapshot else 0) + 1
-                self.snapshot = Snapshot(generation, state)
-                self.snapshot_frame = encode(self.snapshot)
-                log.info("new desired state", extra={"generation": generation})
-                for name in DATAPLANE_WORKERS:
-                    self._send_snapshot(name)
-                self.trimmer.after_work()
+                # The workers still get a change: a complete Publish comes after the
+                # watcher (re)starts, and mostly differs from the state held by a little.
+                delta = diff_states(previous, state) if previous is not None else None
+                self._new_state(state, delta)
+        elif isinstance(message, PublishChange) and sender == "watcher":
+            self._take_change(message)
         elif isinstance(message, WatcherStatus) and sender == "watcher":
             if message.error != self.watcher_status.error and message.error:
                 log.warning("watcher: %s", message.error)
             self.watcher_status = message
             self.workers["watcher"].last_error = message.error
         elif isinstance(message, Hello) and sender in DATAPLANE_WORKERS:
-            self.workers[sender].backend = message.backend
+            # A (re)started worker, or one that missed a change: the complete state.
+            worker = self.workers[sender]
+            worker.backend = message.backend
+            worker.sent_generation = 0
             if self.snapshot is not None:
-                self._send_snapshot(sender)
+                self._send_snapshot(worker)
         elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
             worker = self.workers[sender]
             worker.backend = message.backend or worker.backend
@@ -256,6 +325,30 @@ class Supervisor:
                 worker.working = True
         else:
             self._drop("dropped an unexpected %s from %s", type(message).__name__, sender)
+
+    def _take_change(self, message: PublishChange) -> None:
+        if self.snapshot is None or message.base_sequence != self.watcher_sequence:
+            self.watcher_sequence = None  # only a complete state is trusted from here on
+            self._drop(
+                "dropped a change from the watcher: it follows state %d, not the one held;"
+                " asking for the complete state",
+                message.base_sequence,
+            )
+            self._request_resend("a change did not follow the state held")
+            return
+        try:
+            state = apply_change(self.snapshot.state, message.delta)
+        except ChangeError as error:
+            self.watcher_sequence = None
+            self._drop("dropped a change from the watcher: %s", error)
+            self._request_resend(str(error))
+            return
+        self.workers["watcher"].working = True
+        self.watcher_sequence = message.sequence
+        if message.problems is not None:
+            self.problems = message.problems
+        if state is not self.snapshot.state and state != self.snapshot.state:
+            self._new_state(state, message.delta)
 
     # --- status, probes, metrics -------------------------------------------------------------
 
