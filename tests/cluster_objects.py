@@ -79,7 +79,9 @@ def node(
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name},
-        "spec": {"podCIDRs": list(pod_cidrs), **({"podCIDR": pod_cidrs[0]} if pod_cidrs else {})},
+        # Without pod CIDRs (Calico-style IPAM, which does not use the node IPAM controller)
+        # the fields are absent, as on such clusters.
+        "spec": {"podCIDRs": list(pod_cidrs), "podCIDR": pod_cidrs[0]} if pod_cidrs else {},
         "status": {"addresses": addresses},
     }
 
@@ -92,7 +94,10 @@ def pod(
     labels: dict[str, str] | None = None,
     host_network: bool = False,
     phase: str = "Running",
+    host_ips: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """``host_ips``: the node's InternalIPs, which the kubelet reports as ``status.hostIP(s)``
+    (for a ``host_network`` Pod they are also its ``ips``)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -104,6 +109,11 @@ def pod(
         },
         "status": {
             "phase": phase,
+            **(
+                {"hostIP": host_ips[0], "hostIPs": [{"ip": ip} for ip in host_ips]}
+                if host_ips
+                else {}
+            ),
             **({"podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]} if ips else {}),
         },
     }

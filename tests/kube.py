@@ -1,7 +1,7 @@
 """Driving cluster objects over real HTTP with the unmodified ``kubernetes`` client.
 
 Tests, the lab scenarios and the demo change Services, EndpointSlices,
-Nodes and ServiceL2Statuses through :class:`ClusterDriver`, against the API
+Nodes, Pods and ServiceL2Statuses through :class:`ClusterDriver`, against the API
 emulator (``tests.kubeapi``), exactly as a user or MetalLB would.
 """
 
@@ -53,17 +53,44 @@ class ClusterDriver:
         node: str,
         ips: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
+        *,
+        host_network: bool = False,
+        host_ips: tuple[str, ...] | None = None,
     ) -> None:
-        """Create a Pod scheduled on ``node``; with ``ips``, set its status as the kubelet would."""
+        """Create a Pod scheduled on ``node``; with ``ips``, set its status as the kubelet would:
+        its IPs and ``status.hostIP(s)``, the node's InternalIPs (read from the Node object
+        unless ``host_ips`` is given). A ``host_network`` Pod without ``ips`` gets the node's."""
         self.ensure_namespace(namespace)
-        body = objects.pod(namespace, name, node, ips, labels)
+        if host_ips is None:
+            host_ips = self.node_internal_ips(node)
+        if host_network and not ips:
+            ips = host_ips
+        body = objects.pod(namespace, name, node, (), labels, host_network=host_network)
         self.core.create_namespaced_pod(namespace, body)
         if ips:
-            self.pod_ips(namespace, name, ips)
+            self.pod_ips(namespace, name, ips, host_ips)
 
-    def pod_ips(self, namespace: str, name: str, ips: tuple[str, ...]) -> None:
-        status = objects.pod(namespace, name, "", ips)["status"]
+    def pod_ips(
+        self,
+        namespace: str,
+        name: str,
+        ips: tuple[str, ...],
+        host_ips: tuple[str, ...] = (),
+    ) -> None:
+        status = objects.pod(namespace, name, "", ips, host_ips=host_ips)["status"]
         self.core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
+    def node_internal_ips(self, name: str) -> tuple[str, ...]:
+        """The Node's InternalIPs (what the kubelet reports as a Pod's ``status.hostIPs``);
+        empty when there is no such Node."""
+        try:
+            node = self.core.read_node(name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            return ()
+        addresses = (node.status.addresses if node.status else None) or []
+        return tuple(a.address for a in addresses if a.type == "InternalIP")
 
     def delete_pod(self, namespace: str, name: str) -> None:
         self.core.delete_namespaced_pod(name, namespace)
