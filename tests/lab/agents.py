@@ -19,12 +19,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import metaleg
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig
 from tests.lab.topology import Lab, Pod
 from tests.lab.traffic import ProbeResult, wait_until
 
 API_PORT = 6443
+#: The agents run the metaleg package these tests import (also from another checkout, for
+#: instance ``git archive`` of an older commit, while the venv installs this one).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(metaleg.__file__)))
 SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
 
 
@@ -67,8 +71,11 @@ class Agent:
 class EgressLab:
     """A lab with the API emulator and metaleg agents; a context manager."""
 
-    def __init__(self, lab: Lab, **agent_env: str) -> None:
+    def __init__(self, lab: Lab, *, pod_cidrs: bool = True, **agent_env: str) -> None:
+        """``pod_cidrs=False``: the Node objects carry no ``spec.podCIDR(s)``, as with
+        Calico-style IPAM (the lab's nodes still route each other's pod networks)."""
         self.lab = lab
+        self.pod_cidrs = pod_cidrs
         self.agent_env = agent_env
         self.api = KubeApiServer(bookmark_interval=5.0)
         self.agents: dict[str, Agent] = {}
@@ -82,7 +89,8 @@ class EgressLab:
             write_kubeconfig(self.kubeconfig, f"http://{self.lab.api.ipv4}:{API_PORT}")
             self.cluster = ClusterDriver(self.api.api_client())
             for node in self.lab.nodes.values():
-                self.cluster.node(node.name, node.ipv4, node.ipv6, (node.pod_cidr4, node.pod_cidr6))
+                cidrs = (node.pod_cidr4, node.pod_cidr6) if self.pod_cidrs else ()
+                self.cluster.node(node.name, node.ipv4, node.ipv6, cidrs)
         except BaseException:
             self.api.stop()
             raise
@@ -96,8 +104,21 @@ class EgressLab:
     def add_pod(self, node: str, name: str, labels: dict[str, str], namespace: str = "mail") -> Pod:
         """A lab pod on ``node`` and its Pod object (with its IPs, as the kubelet reports them)."""
         pod = self.lab.add_pod(node, name)
-        self.cluster.pod(namespace, name, node, (pod.ipv4, pod.ipv6), labels)
+        host = self.lab.node(node)
+        self.cluster.pod(
+            namespace, name, node, (pod.ipv4, pod.ipv6), labels, host_ips=(host.ipv4, host.ipv6)
+        )
         return pod
+
+    def add_host_network_pod(
+        self, node: str, name: str, labels: dict[str, str], namespace: str = "mail"
+    ) -> tuple[str, str]:
+        """A ``hostNetwork: true`` Pod object on ``node``: it has no namespace of its own, its
+        IPs are the node's (as the kubelet reports them). Returns its (IPv4, IPv6)."""
+        host = self.lab.node(node)
+        ips = (host.ipv4, host.ipv6)
+        self.cluster.pod(namespace, name, node, ips, labels, host_network=True, host_ips=ips)
+        return ips
 
     # --- agents ----------------------------------------------------------------------------------
 
@@ -109,6 +130,7 @@ class EgressLab:
         log_path = os.path.join(self.lab.workdir, f"agent-{node}.log")
         environment = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PYTHONPATH": PACKAGE_ROOT,
             "NODE_NAME": node,
             "KUBECONFIG": self.kubeconfig,
             "METALEG_RUN_DIR": run_dir,

@@ -254,6 +254,28 @@ class LeakScenario:
             if r.src != LB_IPS[family]
         ]
 
+    def describe_leaks(self, leaks: list[Record]) -> str:
+        """Leaks counted per event (the last one started before the packet), stream and source."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for record in leaks:
+            event = next(
+                (e.name for e in reversed(self.events) if e.started <= record.time), "before"
+            )
+            stream = next(
+                (
+                    f"{name}/{record.proto}"
+                    for name, (s, _) in self.streams.items()
+                    if (record.token or "").startswith(s.prefix)
+                ),
+                "?",
+            )
+            key = (event, stream, record.src)
+            counts[key] = counts.get(key, 0) + 1
+        return "\n".join(
+            f"{count:5d} during {event!r}: {stream} from {src}"
+            for (event, stream, src), count in counts.items()
+        )
+
     def report(self) -> LeakReport:
         assert self.armed_at is not None
         records = self._records(self.armed_at)
