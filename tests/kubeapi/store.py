@@ -420,13 +420,8 @@ class Store:
         the current one), in key order: those in ``namespace`` (any: None) after ``start``."""
         current = self._objects[resource.key]
         keys = self._keys(resource)
-        low, high = 0, len(keys)
-        if namespace is not None:
-            low = bisect.bisect_left(keys, namespace, key=itemgetter(0))
-            high = bisect.bisect_right(keys, namespace, lo=low, key=itemgetter(0))
-        if start is not None:
-            low = max(low, bisect.bisect_right(keys, start, lo=low, hi=high))
-        window = itertools.islice(keys, low, high)
+        low, high = _window(keys, namespace, start)
+        window = (keys[i] for i in range(low, high))  # (an islice would step to low)
         changes = self._changes_since(resource, rv) if rv < self._rv else {}
         if not changes:
             for key in window:
@@ -445,6 +440,20 @@ class Store:
             obj = changes[key] if key in changes else current[key]
             if obj is not None:
                 yield key, obj
+
+    def _count_at(
+        self, resource: ResourceType, rv: int, namespace: str | None, start: Key | None
+    ) -> int:
+        """How many objects :meth:`_objects_at` yields, without walking them."""
+        keys = self._keys(resource)
+        low, high = _window(keys, namespace, start)
+        count = high - low
+        if rv < self._rv:
+            current = self._objects[resource.key]
+            for key, obj in self._changes_since(resource, rv).items():
+                if (namespace is None or key[0] == namespace) and (start is None or key > start):
+                    count += (obj is not None) - (key in current)
+        return count
 
     def _incoming(self, resource: ResourceType, body: Any, namespace: str | None) -> Object:
         """A deep copy of a request body, checked and with kind/apiVersion/namespace set."""
@@ -573,10 +582,10 @@ class Store:
                 ):
                     continue
                 if limit and len(items) >= limit:
-                    remaining += 1
-                    if selective:
-                        break  # only whether more follow matters (no remainingItemCount)
-                    continue
+                    # With a selector only whether more follow matters (no remainingItemCount);
+                    # without one every object after the last item counts.
+                    remaining = 1 if selective else self._count_at(resource, rv, namespace, last)
+                    break
                 items.append(obj)
                 last = k
         if not resource.custom:
@@ -904,6 +913,17 @@ class Store:
                 self._watches[id(watch)] = info
                 self._changed.notify_all()
             return watch
+
+
+def _window(keys: list[Key], namespace: str | None, start: Key | None) -> tuple[int, int]:
+    """The slice of sorted ``keys`` in ``namespace`` (any: None) after ``start``."""
+    low, high = 0, len(keys)
+    if namespace is not None:
+        low = bisect.bisect_left(keys, namespace, key=itemgetter(0))
+        high = bisect.bisect_right(keys, namespace, lo=low, key=itemgetter(0))
+    if start is not None:
+        low = max(low, bisect.bisect_right(keys, start, lo=low, hi=high))
+    return low, high
 
 
 def _parse_rv(text: str | None) -> int:
