@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
@@ -21,17 +22,25 @@ from metaleg.backend import BackendError
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    ChangeError,
+    ChangePublisher,
     Hello,
     MessageError,
     Publish,
+    PublishChange,
+    ResendRequest,
     Snapshot,
+    StateChange,
     StateDecoder,
+    StateDelta,
     _EncodedPublish,
     _EncodedSnapshot,
     _EncodedState,
+    apply_change,
     bind_supervisor,
     decode,
     decode_routes_only,
+    diff_states,
     encode,
 )
 from metaleg.model import (
@@ -71,6 +80,10 @@ def test_messages_round_trip() -> None:
         Publish(state("10.244.1.10"), ("problem",)),
         Snapshot(7, state("10.244.1.10", "10.244.1.11")),
         Applied("routing", 7, "", 0.01),
+        StateChange(8, 7, StateDelta(upserted=state("10.244.1.12").services, removed=("a/b",))),
+        StateChange(9, 8, StateDelta(routes=(), transit_guard_ipv4=("10.244.2.0/24",))),
+        PublishChange(5, 4, StateDelta(), ("problem",)),
+        ResendRequest("a gap"),
     ):
         assert decode(encode(message)) == message
 
@@ -84,6 +97,13 @@ def test_messages_round_trip() -> None:
         msgspec.msgpack.encode({"type": "hello", "process": "firewall", "pid": "not-a-number"}),
         msgspec.msgpack.encode({"type": "hello", "process": "firewall", "pid": 1, "extra": 1}),
         msgspec.msgpack.encode({"type": "snapshot", "generation": 1, "state": {"node": "x"}}),
+        msgspec.msgpack.encode(
+            {"type": "change", "generation": 2, "base_generation": 1, "delta": {"upserted": [{}]}}
+        ),
+        msgspec.msgpack.encode(
+            {"type": "change", "generation": 2, "base_generation": 1, "delta": {"removed": 5}}
+        ),
+        msgspec.msgpack.encode({"type": "change", "generation": 2, "delta": {}}),
     ],
 )
 def test_malformed_frames_raise_a_specific_error(frame: bytes) -> None:
@@ -102,12 +122,109 @@ def test_the_routing_worker_decodes_snapshots_without_services_and_transit_guard
     assert decoded == Snapshot(7, msgspec.structs.replace(full, services=(), transit_guard_ipv4=()))
     for message in (Hello("routing", 42, 3), Applied("routing", 7, "", 0.01)):
         assert decode_routes_only(encode(message)) == message
+    # A change keeps only its routes: its Services are not even decoded.
+    change = StateChange(
+        8, 7, StateDelta(upserted=full.services, removed=("a/b",), routes=(route,))
+    )
+    assert decode_routes_only(encode(change)) == StateChange(8, 7, StateDelta(routes=(route,)))
+    unparsed = msgspec.msgpack.encode(
+        {"type": "change", "generation": 8, "base_generation": 7, "delta": {"upserted": [5]}}
+    )
+    assert decode_routes_only(unparsed) == StateChange(8, 7, StateDelta())
     for frame in (
         b"\xff\x00garbage",
         msgspec.msgpack.encode({"type": "snapshot", "generation": 1, "state": {"node": "x"}}),
     ):
         with pytest.raises(MessageError, match="invalid message"):
             decode_routes_only(frame)
+
+
+# --- changes ---------------------------------------------------------------------------------
+
+
+def _strictly_sorted(candidate: NodeDesiredState) -> bool:
+    keys = [(service.namespace, service.name) for service in candidate.services]
+    return all(a < b for a, b in itertools.pairwise(keys))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_change_from_diff_states_turns_the_old_state_into_the_new_one(seed: int) -> None:
+    """Along a random walk of states (Services changed, added, removed; sometimes an
+    unsorted or duplicated order, another guard or exclusion), as the supervisor and a
+    worker see them: through the encoded change, sharing what did not change."""
+    walk = random_walk(random.Random(seed), 30, lambda _: True)
+    held = walk[0]
+    for new in walk[1:]:
+        delta = diff_states(held, new)
+        if delta is None:
+            # Only a complete state can say it.
+            assert not (_strictly_sorted(held) and _strictly_sorted(new)) or (
+                new.exclude_dst_ipv4 != held.exclude_dst_ipv4
+            )
+            held = new
+            continue
+        received = decode(encode(StateChange(2, 1, delta)))
+        assert isinstance(received, StateChange)
+        after = apply_change(held, received.delta)
+        assert after == new
+        # Unchanged Services are the objects held before, not decoded copies.
+        before = {(s.namespace, s.name): s for s in held.services}
+        upserted = {(s.namespace, s.name) for s in delta.upserted}
+        for service in after.services:
+            key = (service.namespace, service.name)
+            if key not in upserted:
+                assert service is before[key]
+        assert all(before.get((s.namespace, s.name)) != s for s in delta.upserted)
+        assert diff_states(held, new, old_sorted=True) == delta
+        held = after
+
+
+def test_apply_change_refuses_a_change_that_does_not_fit() -> None:
+    held = state("10.244.1.10")
+    relay = held.services[0]
+    other = msgspec.structs.replace(relay, name="zeta")
+    for delta, fragment in (
+        (StateDelta(removed=("mail/absent",)), "not in the state"),
+        (StateDelta(removed=("no-slash",)), "not namespace/name"),
+        (StateDelta(upserted=(other, relay)), "not strictly sorted"),
+        (StateDelta(upserted=(relay,), removed=("mail/relay",)), "twice"),
+    ):
+        with pytest.raises(ChangeError, match=fragment):
+            apply_change(held, delta)
+    assert apply_change(held, StateDelta()) is held
+
+
+def test_the_change_publisher_sends_a_complete_state_first_then_changes() -> None:
+    publisher = ChangePublisher()
+    first = state("10.244.1.10")
+    second = state("10.244.1.10", "10.244.1.11")
+    complete = decode(publisher.frame(first, ("p",)))
+    assert isinstance(complete, Publish)
+    assert (complete.state, complete.problems) == (first, ("p",))
+    change = decode(publisher.frame(second, ("p",)))
+    assert isinstance(change, PublishChange)
+    assert change.base_sequence == complete.sequence and change.sequence == complete.sequence + 1
+    assert change.delta == StateDelta(upserted=second.services) and change.problems is None
+    # The same state again: a few bytes that only check the sequence.
+    frame = publisher.frame(second, ("p",))
+    assert len(frame) < 100
+    assert decode(frame) == PublishChange(change.sequence, change.sequence, StateDelta())
+    # Only the problems changed: they alone, under a new number.
+    only_problems = decode(publisher.frame(second, ()))
+    assert only_problems == PublishChange(
+        change.sequence + 1, change.sequence, StateDelta(), problems=()
+    )
+    # The supervisor missed something: a complete state next.
+    assert publisher.handle(encode(ResendRequest("gap")))
+    again = decode(publisher.frame(second, ()))
+    assert isinstance(again, Publish) and again.sequence == change.sequence + 2
+    assert isinstance(decode(publisher.frame(first, ())), PublishChange)
+    for frame in (b"\x00garbage", encode(Hello("x", 1))):
+        with pytest.raises(MessageError):
+            publisher.handle(frame)
+    # A new watcher process numbers its states elsewhere.
+    assert abs(ChangePublisher().sequence - publisher.sequence) > 1000
 
 
 # --- the worker loop in a real child process ------------------------------------------------------
@@ -269,6 +386,72 @@ def test_worker_drops_malformed_messages_and_keeps_going(worker_env: Any) -> Non
     applied = hub.receive_until(lambda m: isinstance(m, Applied))
     assert applied.generation == 5 and process.is_alive()
     assert calls(log_path) == ["resync 10.244.1.12"]
+
+
+def change(generation: int, base: int, *sources: str) -> bytes:
+    """A change of the one Service of :func:`state` to ``sources``."""
+    return encode(StateChange(generation, base, StateDelta(upserted=state(*sources).services)))
+
+
+def test_worker_folds_changes_onto_its_state_and_applies_the_newest(worker_env: Any) -> None:
+    hub, log_path, _, _ = worker_env
+    hub.receive()  # hello
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 1)
+    hub.send(change(2, 1, "10.244.1.11"))
+    applied = hub.receive_until(lambda m: isinstance(m, Applied))
+    assert (applied.generation, applied.error) == (2, "")
+    # Changes that queue up are folded in order, the newest applied.
+    hub.send(change(3, 2, "10.244.1.12"))
+    hub.send(change(4, 3, "10.244.1.13"))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 4)
+    assert calls(log_path)[:2] == ["resync 10.244.1.10", "apply 10.244.1.11"]
+    assert calls(log_path)[-1] == "apply 10.244.1.13"
+    assert "apply 10.244.1.10" not in calls(log_path)
+
+
+def test_a_worker_that_missed_a_change_asks_for_the_complete_state(worker_env: Any) -> None:
+    hub, log_path, _, process = worker_env
+    first = hub.receive()
+    assert isinstance(first, Hello)
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 1)
+    # Generation 2 was lost: 3 does not follow 1, and neither does 4 that comes before
+    # the complete state. Nothing of them is applied; the worker says Hello again.
+    hub.send(change(3, 2, "10.244.1.66"))
+    hub.send(change(4, 3, "10.244.1.67"))
+    hello = hub.receive_until(lambda m: isinstance(m, Hello))
+    assert (hello.pid, hello.applied_generation) == (process.pid, 1)
+    hub.send(encode(Snapshot(4, state("10.244.1.12"))))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 4)
+    hub.send(change(5, 4, "10.244.1.13"))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 5)
+    assert calls(log_path) == ["resync 10.244.1.10", "apply 10.244.1.12", "apply 10.244.1.13"]
+
+
+def test_worker_drops_malformed_changes_and_keeps_its_state(worker_env: Any) -> None:
+    hub, log_path, _, process = worker_env
+    hub.receive()  # hello
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    hub.receive_until(lambda m: isinstance(m, Applied) and m.generation == 1)
+    broken_service = msgspec.to_builtins(state("10.244.1.66").services[0])
+    broken_service["families"][0]["action"] = "launch"
+    hub.send(
+        msgspec.msgpack.encode(
+            {
+                "type": "change",
+                "generation": 2,
+                "base_generation": 1,
+                "delta": {"upserted": [broken_service]},
+            }
+        )
+    )
+    hub.send(b"\x00garbage")
+    # The state held is intact: a later change applies on top of it.
+    hub.send(change(2, 1, "10.244.1.11"))
+    applied = hub.receive_until(lambda m: isinstance(m, Applied))
+    assert (applied.generation, applied.error) == (2, "") and process.is_alive()
+    assert calls(log_path) == ["resync 10.244.1.10", "apply 10.244.1.11"]
 
 
 def test_worker_retries_a_failed_apply_with_backoff_until_it_succeeds(worker_env: Any) -> None:

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import Any
 
+import msgspec
 import pytest
+import zmq
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from metaleg.ipc import (
+    Applied,
+    ChangePublisher,
+    Hello,
+    PublishChange,
+    ResendRequest,
+    Snapshot,
+    StateChange,
+    StateDelta,
+    connect_worker,
+    control_endpoint,
+    decode,
+    encode,
+)
 from metaleg.model import (
     Action,
     Family,
@@ -185,3 +208,255 @@ def test_cleanup_removes_every_kernel_object_and_is_idempotent(node_namespace: s
         out = sh(*command, netns=node_namespace)
         assert "METALEG" not in out and "3100" not in out, (command, out)
     assert sh("ip", "route", "show", "table", "100001", netns=node_namespace).strip() == ""
+
+
+# --- the hub: changes through the supervisor, with fake workers on real sockets ---------------
+
+
+def _run_hub(run_dir: str) -> None:
+    """The supervisor's loop in a child process; its "workers" are sleeping processes, and
+    the test speaks for them on DEALER sockets with their identities."""
+    from metaleg.config import Config
+    from metaleg.logs import setup_logging
+    from metaleg.supervisor.supervisor import Supervisor, Worker
+
+    class HubOnly(Supervisor):
+        def _start(self, worker: Worker) -> None:
+            worker.process = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(600)"]
+            )
+            worker.started_at = time.monotonic()
+
+    setup_logging("supervisor", "info", "text")
+    raise SystemExit(HubOnly(Config(node_name="node-a", run_dir=run_dir)).run())
+
+
+class Peer:
+    """One fake worker: a DEALER with the worker's identity."""
+
+    def __init__(self, context: zmq.Context[Any], run_dir: str, name: str) -> None:
+        self.socket = connect_worker(context, run_dir, name)
+
+    def send(self, message: Any) -> None:
+        self.socket.send(message if isinstance(message, bytes) else encode(message))
+
+    def receive(self, timeout: float = 5.0) -> Any:
+        if not self.socket.poll(int(timeout * 1000)):
+            raise TimeoutError("nothing from the supervisor")
+        return decode(self.socket.recv())
+
+    def receive_after(self, generation: int) -> Any:
+        """The next message but a complete snapshot of ``generation``: a Hello that reaches
+        the supervisor after a new state (another connection, no order between them) is
+        answered with a second one."""
+        while True:
+            message = self.receive()
+            if not (isinstance(message, Snapshot) and message.generation == generation):
+                return message
+
+    def quiet(self, timeout: float = 0.3) -> bool:
+        """Nothing arrives within ``timeout`` (a bound, not an expectation of timing)."""
+        return not self.socket.poll(int(timeout * 1000))
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+def _status(context: zmq.Context[Any], run_dir: str) -> dict[str, Any]:
+    request: zmq.Socket[Any] = context.socket(zmq.REQ)
+    request.setsockopt(zmq.LINGER, 0)
+    try:
+        request.connect(control_endpoint(run_dir))
+        request.send(b"status")
+        if not request.poll(5000):
+            raise TimeoutError("no status")
+        report: dict[str, Any] = json.loads(request.recv())
+        return report
+    finally:
+        request.close(0)
+
+
+def _dropped(metrics_dir: str) -> float:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    return sum(
+        sample.value
+        for family in registry.collect()
+        if family.name == "metaleg_ipc_messages_dropped"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("process") == "supervisor"
+    )
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, zmq.Context[Any]]]:
+    """A supervisor hub in a child process: (run dir, metrics dir, a context for peers)."""
+    with tempfile.TemporaryDirectory(prefix="mlhub") as run_dir:
+        metrics_dir = os.path.join(run_dir, "metrics")
+        os.makedirs(metrics_dir)
+        # The child's counters go to files the test reads.
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+        process = multiprocessing.get_context("spawn").Process(target=_run_hub, args=(run_dir,))
+        process.start()
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            wait_until(
+                lambda: os.path.exists(control_endpoint(run_dir).removeprefix("ipc://")),
+                timeout=15,
+                message="the supervisor's control socket",
+            )
+            yield run_dir, metrics_dir, context
+        finally:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+            process.join(15)
+            context.term()
+
+
+def _relay(*sources: str) -> ServiceEgress:
+    return msgspec.structs.replace(
+        STATE.services[1],
+        families=(FamilyEgress(Family.IPV4, Action.SNAT, sources, snat_ip="198.51.100.201"),),
+    )
+
+
+def _with_relay(*sources: str) -> NodeDesiredState:
+    services = tuple(
+        sorted((STATE.services[0], _relay(*sources)), key=lambda s: (s.namespace, s.name))
+    )
+    return msgspec.structs.replace(STATE, services=services)
+
+
+def test_the_supervisor_forwards_a_one_service_change_as_a_change(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, metrics_dir, context = hub
+    watcher, firewall, routing = (
+        Peer(context, run_dir, n) for n in ("watcher", "firewall", "routing")
+    )
+    try:
+        for peer, name in ((firewall, "firewall"), (routing, "routing")):
+            peer.send(Hello(name, os.getpid()))
+        publisher = ChangePublisher()
+        first = _with_relay("10.244.1.11")
+        watcher.send(publisher.frame(first, ("a problem",)))
+        for peer in (firewall, routing):
+            snapshot = peer.receive()
+            assert isinstance(snapshot, Snapshot) and snapshot.generation == 1
+            assert snapshot.state == first
+        # One Service changes: the up-to-date workers get that change, not the state.
+        second = _with_relay("10.244.1.11", "10.244.1.12")
+        watcher.send(publisher.frame(second, ("a problem",)))
+        for peer in (firewall, routing):
+            message = peer.receive_after(1)
+            assert isinstance(message, StateChange)
+            assert (message.generation, message.base_generation) == (2, 1)
+            assert message.delta == StateDelta(upserted=(_relay("10.244.1.11", "10.244.1.12"),))
+        # The same state again (the watcher's liveness resend): no new generation.
+        watcher.send(publisher.frame(second, ("a problem",)))
+        report = _status(context, run_dir)
+        assert report["generation"] == 2 and report["problems"] == ["a problem"]
+        assert [s["source_ips"] for s in report["services"]] == [2, 2]
+        assert firewall.quiet() and routing.quiet()
+        # A restarted worker gets the complete current state at once.
+        firewall.close()
+        firewall = Peer(context, run_dir, "firewall")
+        firewall.send(Hello("firewall", os.getpid()))
+        snapshot = firewall.receive()
+        assert isinstance(snapshot, Snapshot) and (snapshot.generation, snapshot.state) == (
+            2,
+            second,
+        )
+        # Applied generations are reported as before.
+        firewall.send(Applied("firewall", 2))
+        routing.send(Applied("routing", 2))
+        wait_until(
+            lambda: (
+                {p["name"]: p["applied_generation"] for p in _status(context, run_dir)["processes"]}
+                == {"supervisor": None, "watcher": None, "firewall": 2, "routing": 2}
+            ),
+            timeout=5,
+            message="applied generations",
+        )
+        # A removal, forwarded as a change to both.
+        third = msgspec.structs.replace(second, services=second.services[:1])
+        watcher.send(publisher.frame(third, ()))
+        for peer in (firewall, routing):
+            message = peer.receive()
+            assert isinstance(message, StateChange) and message.generation == 3
+            assert message.delta == StateDelta(removed=(second.services[1].key,))
+        assert _status(context, run_dir)["problems"] == []
+        assert _dropped(metrics_dir) == 0
+    finally:
+        for peer in (watcher, firewall, routing):
+            peer.close()
+
+
+def test_the_supervisor_asks_for_a_complete_state_after_a_missed_change(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, metrics_dir, context = hub
+    watcher, firewall = Peer(context, run_dir, "watcher"), Peer(context, run_dir, "firewall")
+    try:
+        firewall.send(Hello("firewall", os.getpid()))
+        publisher = ChangePublisher()
+        first = _with_relay("10.244.1.11")
+        watcher.send(publisher.frame(first))
+        assert isinstance(firewall.receive(), Snapshot)
+        # A change the supervisor never gets: the next one does not follow what it holds.
+        publisher.frame(_with_relay("10.244.1.12"))
+        third = _with_relay("10.244.1.13")
+        watcher.send(publisher.frame(third))
+        request = watcher.receive()
+        assert isinstance(request, ResendRequest)
+        assert publisher.handle(encode(request))
+        watcher.send(publisher.frame(third))
+        message = firewall.receive_after(1)
+        # The firewall held generation 1: the supervisor's own change from it suffices.
+        assert isinstance(message, StateChange) and (
+            message.base_generation,
+            message.generation,
+        ) == (1, 2)
+        assert message.delta == StateDelta(upserted=(_relay("10.244.1.13"),))
+        assert _status(context, run_dir)["generation"] == 2
+        wait_until(lambda: _dropped(metrics_dir) == 1, timeout=5, message="the drop counted")
+    finally:
+        watcher.close()
+        firewall.close()
+
+
+def test_the_supervisor_drops_malformed_changes_and_keeps_its_state(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, metrics_dir, context = hub
+    watcher, firewall = Peer(context, run_dir, "watcher"), Peer(context, run_dir, "firewall")
+    try:
+        firewall.send(Hello("firewall", os.getpid()))
+        publisher = ChangePublisher()
+        watcher.send(publisher.frame(STATE))
+        assert isinstance(firewall.receive(), Snapshot)
+        sequence = publisher.sequence
+        broken = {
+            "type": "publish-change",
+            "sequence": sequence + 1,
+            "base_sequence": sequence,
+            "delta": {"upserted": [{"namespace": "mail"}]},
+        }
+        watcher.send(msgspec.msgpack.encode(broken))
+        watcher.send(b"\x00garbage")
+        # Well-formed but not fitting the state: dropped, and a complete state asked for.
+        watcher.send(PublishChange(sequence + 1, sequence, StateDelta(removed=("mail/absent",))))
+        assert isinstance(watcher.receive(), ResendRequest)
+        wait_until(lambda: _dropped(metrics_dir) == 3, timeout=5, message="three drops counted")
+        report = _status(context, run_dir)
+        assert report["generation"] == 1
+        assert [(s["namespace"], s["name"]) for s in report["services"]] == [
+            ("mail", "relay"),
+            ("mail", "other"),
+        ]
+        while not firewall.quiet():  # at most the second snapshot of generation 1
+            message = firewall.receive()
+            assert isinstance(message, Snapshot) and message.generation == 1
+    finally:
+        watcher.close()
+        firewall.close()
