@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -264,11 +264,22 @@ def parse_log_time(text: str) -> float:
 class AgentBench:
     """The namespace, the emulator in it, and the agent; a context manager."""
 
-    def __init__(self, n: int, backend: str, *, ips: int = 10, **env: str) -> None:
+    def __init__(
+        self,
+        n: int,
+        backend: str,
+        *,
+        ips: int = 10,
+        populate: Callable[[Cluster], None] | None = None,
+        **env: str,
+    ) -> None:
+        """``n`` labelled Services (:meth:`wait_ready` waits for that many); ``populate``
+        fills the store instead of :meth:`Cluster.populate` (a cluster of its own)."""
         self.n = n
         self.ips = ips
         self.backend = backend
         self.env = env
+        self.populate = populate
         self.api = KubeApiServer(bookmark_interval=60.0)
         self.cluster = Cluster(self.api)
         self.netns = ""
@@ -286,7 +297,10 @@ class AgentBench:
             self.api.start()
             self._stack.callback(self.api.stop)
             self.api.add_listener("127.0.0.1", API_PORT, netns=self.netns)
-            self.cluster.populate(self.n, self.ips)
+            if self.populate is not None:
+                self.populate(self.cluster)
+            else:
+                self.cluster.populate(self.n, self.ips)
             write_kubeconfig(self.kubeconfig, f"http://127.0.0.1:{API_PORT}")
         except BaseException:
             self._stack.close()

@@ -2,8 +2,8 @@
 
 Run::
 
-    .venv/bin/python -m bench.latency              # N=1000 Services, 200 changes per backend
-    .venv/bin/python -m bench.latency --quick      # N=100, 30 changes
+    .venv/bin/python -m bench.latency              # N=100, 1000, 5000 Services, 200 changes each
+    .venv/bin/python -m bench.latency --quick      # N=100 and 1000, 30 changes
     .venv/bin/python -m bench.latency --n 5000 --changes 300 --backends nftables
 
 The real agent (``metaleg-supervisor run``: supervisor, watcher, firewall,
@@ -26,12 +26,17 @@ the new generation -> firewall worker logs "applied snapshot".
 With ``--profile`` (and py-spy installed) the watcher, firewall and supervisor
 processes are sampled during the changes and their top functions printed.
 
-Results: a table on stdout and ``bench/results/latency.json``.
+Each N gets a fresh agent. Goals (issue 13): p99 <= 30 ms at N=1000 and
+p99(5000) / p99(100) <= 2, for both backends.
+
+Results: a table on stdout and ``bench/results/latency.json``
+(``backends.<backend>.<N>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -44,10 +49,12 @@ from bench.common import (
     exit_on_sigterm,
     extra_ip4,
     extra_ip6,
+    fmt_ratio,
     machine,
     ms,
     pod_ip4,
     pod_ip6,
+    ratio,
     require_root,
     service_name,
     summary,
@@ -56,16 +63,22 @@ from bench.common import (
 )
 
 STAGES = ("api->watcher", "watcher->supervisor", "supervisor->firewall applied")
+GOAL_P99_1000 = 0.030
+"""Issue 13: p99 at N=1000, both backends."""
+GOAL_GROWTH = 2.0
+"""Issue 13: p99(5000) / p99(100)."""
 
 
-def run_backend(backend: str, n: int, changes: int, ips: int, profile: bool) -> dict[str, Any]:
-    with AgentBench(n, backend, ips=ips) as bench:
+def run_backend(
+    backend: str, n: int, changes: int, ips: int, profile: bool, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    with AgentBench(n, backend, ips=ips, **(env or {})) as bench:
         started = time.monotonic()
         bench.start()
         report = bench.wait_ready(timeout=600)
         ready_seconds = time.monotonic() - started
         print(
-            f"{backend}: agent ready with {len(report.services)} Services in {ready_seconds:.1f} s",
+            f"{backend} N={n}: agent ready with {len(report.services)} Services in {ready_seconds:.1f} s",
             file=sys.stderr,
             flush=True,
         )
@@ -76,7 +89,7 @@ def run_backend(backend: str, n: int, changes: int, ips: int, profile: bool) -> 
         if profile:
             for name, pid in bench.pids().items():
                 if name in ("watcher", "firewall", "supervisor"):
-                    path = str(RESULTS_DIR / f"latency-{backend}-{name}.pyspy")
+                    path = str(RESULTS_DIR / f"latency-{backend}-{n}-{name}.pyspy")
                     spy = pyspy.record(pid, path)
                     if spy is not None:
                         spies[name] = (spy, path)
@@ -176,8 +189,9 @@ def stage_breakdown(lines: list[LogLine], marks: list[tuple[float, str]]) -> dic
 
 
 def render_report(results: dict[str, Any]) -> str:
+    runs = [(backend, r) for backend, by_n in results["backends"].items() for r in by_n.values()]
     rows = []
-    for backend, r in results["backends"].items():
+    for backend, r in runs:
         s = r["latency"]
         rows.append(
             [
@@ -192,17 +206,37 @@ def render_report(results: dict[str, Any]) -> str:
         )
     lines = ["EndpointSlice update -> new pod IP in the node's kernel (end to end)"]
     lines.append(table(["backend", "changes", "p50", "p95", "p99", "max", "timeouts"], rows))
+    goals = []
+    for backend, by_n in results["backends"].items():
+        p99 = {int(n): r["latency"]["p99"] for n, r in by_n.items()}
+        if 1000 in p99:
+            verdict = "met" if p99[1000] <= GOAL_P99_1000 else "MISSED"
+            goals.append(
+                f"{backend}: p99 at N=1000 {ms(p99[1000])} (goal <= {ms(GOAL_P99_1000)}: {verdict})"
+            )
+        low, high = min(p99), max(p99)
+        if high > low:
+            growth = ratio(p99[high], p99[low])
+            verdict = "met" if growth is not None and growth <= GOAL_GROWTH else "MISSED"
+            goals.append(
+                f"{backend}: p99(N={high}) / p99(N={low}) {fmt_ratio(growth)} "
+                f"(goal p99(5000) / p99(100) <= {GOAL_GROWTH:.0f}x: {verdict})"
+            )
+    if goals:
+        lines += ["", *goals]
     rows = []
-    for backend, r in results["backends"].items():
+    for backend, r in runs:
         for stage, s in r["stages"].items():
-            rows.append([f"{backend}: {stage}", s["n"], ms(s["p50"]), ms(s["p95"]), ms(s["p99"])])
+            rows.append(
+                [f"{backend} N={r['n']}: {stage}", s["n"], ms(s["p50"]), ms(s["p95"]), ms(s["p99"])]
+            )
     lines.append("")
     lines.append("Stages from the agent's logs (millisecond timestamps)")
     lines.append(table(["stage", "n", "p50", "p95", "p99"], rows))
-    for backend, r in results["backends"].items():
+    for backend, r in runs:
         for name, text in r.get("profiles", {}).items():
             lines.append("")
-            lines.append(f"py-spy, {backend} agent, {name} process, during the changes")
+            lines.append(f"py-spy, {backend} agent N={r['n']}, {name} process, during the changes")
             lines.append(text)
     return "\n".join(lines)
 
@@ -211,23 +245,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.latency", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--n", type=int, default=1000, help="labelled Services (default 1000)")
+    parser.add_argument(
+        "--n",
+        default="100,1000,5000",
+        help="labelled Services, comma-separated (a fresh agent each)",
+    )
     parser.add_argument("--changes", type=int, default=200, help="changes per backend")
     parser.add_argument("--ips", type=int, default=10, help="dual-stack pods per Service")
     parser.add_argument("--backends", default="iptables,nftables")
-    parser.add_argument("--quick", action="store_true", help="N=100, 30 changes")
+    parser.add_argument("--quick", action="store_true", help="N=100 and 1000, 30 changes")
     parser.add_argument(
         "--profile", action="store_true", help="sample watcher, firewall, supervisor with py-spy"
+    )
+    parser.add_argument(
+        "--code",
+        help="run the agent from the metaleg package in this directory, e.g. a commit's "
+        "export: mkdir D && git archive C metaleg | tar -x -C D",
     )
     args = parser.parse_args(argv)
     require_root()
     exit_on_sigterm()
     info = machine()
-    n, changes = (100, 30) if args.quick else (args.n, args.changes)
-    results: dict[str, Any] = {"n": n, "changes": changes, "backends": {}}
+    sizes = [100, 1000] if args.quick else [int(x) for x in args.n.split(",") if x.strip()]
+    changes = 30 if args.quick else args.changes
+    results: dict[str, Any] = {"n": sizes, "changes": changes, "backends": {}}
+    env: dict[str, str] = {}
+    if args.code:
+        # The agent imports metaleg from there (PYTHONPATH precedes the editable install).
+        env["PYTHONPATH"] = results["code"] = os.path.abspath(args.code)
     started = time.monotonic()
     for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
-        results["backends"][backend] = run_backend(backend, n, changes, args.ips, args.profile)
+        by_n = results["backends"][backend] = {}
+        for n in sizes:
+            by_n[str(n)] = run_backend(backend, n, changes, args.ips, args.profile, env)
     results["wall_seconds"] = time.monotonic() - started
     path = write_results("latency" + ("-quick" if args.quick else ""), results, info)
     print(render_report(results))
