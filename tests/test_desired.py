@@ -277,19 +277,69 @@ def test_transit_guard_holds_the_other_nodes_pods_and_never_this_nodes() -> None
             ("10.250.0.8", None),
         ],
     )
+    objects.append(k.pod("mail", "new", "node-b", ("10.244.2.11",), {"app": "relay"}))
+    # Other nodes' pod CIDRs are not needed (nor watched): the guard lists the labelled
+    # Services' pods on other nodes, from EndpointSlices and Pods; this node's CIDRs and
+    # pods never.
     state = compute_node_state(cluster_of(*CIDR_NODES, *objects), SETTINGS).state
-    assert state.transit_guard_ipv4 == ("10.244.2.0/23", "10.250.0.7/32")
-    assert state.transit_guard_ipv6 == ("fd00:10:244:2::/64",)
-    # Without pod CIDRs on the Nodes, the other nodes' endpoints of labelled Services remain.
+    assert state.transit_guard_ipv4 == ("10.244.2.10/32", "10.244.2.11/32", "10.250.0.7/32")
+    assert state.transit_guard_ipv6 == ()
+    objects.append(k.pod("mail", "reused", "node-c", ("10.244.1.33",), {"app": "relay"}))
+    state = compute_node_state(cluster_of(*CIDR_NODES, *objects), SETTINGS).state
+    assert "10.244.1.33/32" not in state.transit_guard_ipv4  # inside node-a's pod CIDR
     state = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state
-    assert state.transit_guard_ipv4 == ("10.244.2.10/32", "10.250.0.7/32")
+    assert "10.244.1.33/32" in state.transit_guard_ipv4
 
 
-def test_transit_guard_skips_a_cidr_that_overlaps_this_node() -> None:
-    nodes = [*CIDR_NODES, k.node("node-d", "198.51.100.14", None, ("10.244.0.0/16",))]
-    result = compute_node_state(cluster_of(*nodes), SETTINGS)
-    assert "10.244.0.0/16" not in result.state.transit_guard_ipv4
-    assert any("overlaps this node" in p.message for p in result.problems)
+def test_gateway_takes_new_pods_on_every_node_before_their_endpoint_slice() -> None:
+    objects = mail_service("node-a")
+    objects.append(
+        k.pod("mail", "new", "node-c", ("10.244.3.20", "fd00:10:244:3::20"), {"app": "relay"})
+    )
+    (service,) = compute_node_state(cluster_of(*NODES, *objects), SETTINGS).state.services
+    v4, v6 = service.families
+    assert v4.action == Action.SNAT and "10.244.3.20" in v4.source_ips
+    assert v6.action == Action.SNAT and "fd00:10:244:3::20" in v6.source_ips
+    # On a forwarder, another node's pod is no source, but it is guarded.
+    settings = NodeSettings(**{**_settings_dict(), "node_name": "node-b"})
+    objects[-2] = k.l2_status("metallb-system", "l2-relay", "mail", "relay", "node-c")
+    state = compute_node_state(cluster_of(*NODES, *objects), settings).state
+    assert all("10.244.3.20" not in f.source_ips for f in state.services[0].families)
+    assert "10.244.3.20/32" in state.transit_guard_ipv4
+
+
+def test_sources_are_pods_never_nodes() -> None:
+    objects = mail_service("node-a")
+    objects[1] = k.endpoint_slice(
+        "mail",
+        "relay-v4",
+        "relay",
+        "IPv4",
+        [("10.244.1.10", "node-a"), ("198.51.100.12", "node-b"), ("198.51.100.99", "node-x")],
+    )
+    objects.append(
+        k.pod(
+            "mail",
+            "host",
+            "node-x",
+            ("198.51.100.99",),
+            {"app": "relay"},
+            host_network=True,
+            host_ips=("198.51.100.99",),
+        )
+    )
+    result = compute_node_state(cluster_of(*NODES, *objects), SETTINGS)
+    (service,) = result.state.services
+    assert service.families[0].source_ips == ("10.244.1.10",)
+    assert result.state.transit_guard_ipv4 == ()
+    messages = {str(p) for p in result.problems}
+    assert any("198.51.100.12 is a node's address" in m for m in messages)  # a Node's InternalIP
+    assert any("198.51.100.99 is a node's address" in m for m in messages)  # a hostNetwork Pod
+    # The rest of the Service keeps working, on forwarders too.
+    settings = NodeSettings(**{**_settings_dict(), "node_name": "node-b"})
+    objects[-2] = k.l2_status("metallb-system", "l2-relay", "mail", "relay", "node-c")
+    state = compute_node_state(cluster_of(*NODES, *objects), settings).state
+    assert state.services[0].families == ()
 
 
 def _settings_dict() -> dict[str, Any]:
@@ -349,6 +399,14 @@ def raw_clusters(draw: Any) -> list[dict[str, Any]]:
                     pod_ips,
                     {"app": draw(names)},
                     host_network=draw(st.booleans()),
+                    host_ips=tuple(
+                        draw(
+                            st.lists(
+                                st.sampled_from(["198.51.100.11", "198.51.100.12", "10.244.1.10"]),
+                                max_size=1,
+                            )
+                        )
+                    ),
                 ),
                 draw,
             )
@@ -411,6 +469,10 @@ def test_generated_clusters_hold_the_reference_semantics(
 
     seen_sources: set[str] = set()
     routes = {r.node: r for r in state.routes}
+    node_addresses = {a for n in cluster.nodes.values() for a in n.addresses} | {
+        a for p in cluster.pods.values() for a in p.host_ips
+    }
+    node_addresses |= {ip for p in cluster.pods.values() if p.host_network for ip, _ in p.ips}
     for service in state.services:
         info = cluster.services[service.key]
         gateway = service.gateway_node
@@ -436,7 +498,6 @@ def test_generated_clusters_hold_the_reference_semantics(
                     p
                     for p in cluster.pods.values()
                     if p.namespace == info.namespace
-                    and p.node_name == this_node
                     and not p.host_network
                     and not p.finished
                     and info.selector
@@ -444,10 +505,13 @@ def test_generated_clusters_hold_the_reference_semantics(
                     and any(pod_ip == ip for pod_ip, _ in p.ips)
                 ]
                 if pods:
-                    event("source from a local Pod")
-                assert endpoints or pods, "a source that is neither an endpoint nor a local Pod"
+                    event("source from a Pod")
+                assert endpoints or pods, "a source that is neither an endpoint nor a Pod"
+                assert ip not in node_addresses, "a node's address is a source"
                 if filter_endpoints and gateway != this_node:
-                    assert pods or any(e.node_name == this_node for e in endpoints)
+                    assert any(p.node_name == this_node for p in pods) or any(
+                        e.node_name == this_node for e in endpoints
+                    )
             lb = info.lb_ipv4 if entry.family == Family.IPV4 else info.lb_ipv6
             if entry.action == Action.SNAT:
                 assert gateway == this_node and entry.snat_ip == lb is not None
@@ -474,33 +538,48 @@ def test_generated_clusters_hold_the_reference_semantics(
                         )
                     )
                 )
-    # The transit guard never holds this node's pods, and holds every other node's endpoint.
-    local_pods = [
-        ipaddress.ip_address(ip)
+    # The transit guard never holds this node's pods nor a node's address, and holds every
+    # other node's endpoint and Pod of a labelled Service.
+    local_pods = {
+        ip
         for pod in cluster.pods.values()
         if pod.node_name == this_node and not pod.host_network and not pod.finished
         for ip, _ in pod.ips
-    ]
+    }
     own = cluster.nodes.get(this_node)
     own_networks = [ipaddress.ip_network(c) for c in (own.pod_cidrs if own else ())]
-    guard = [ipaddress.ip_network(c) for c in state.transit_guard_ipv4 + state.transit_guard_ipv6]
-    for network in guard:
-        assert not any(address in network for address in local_pods)
-        assert not any(network.overlaps(o) for o in own_networks if o.version == network.version)
+    guard = {c.split("/")[0] for c in state.transit_guard_ipv4 + state.transit_guard_ipv6}
+    assert not guard & local_pods
+    assert not guard & node_addresses
+    for ip in guard:
+        assert not any(ipaddress.ip_address(ip) in o for o in own_networks)
     for key in labelled:
         info = cluster.services[key]
-        for sl in cluster.slices.values():
-            if sl.namespace != info.namespace or sl.service_name != info.name:
+        others = [
+            (e.ip, e.node_name)
+            for sl in cluster.slices.values()
+            if sl.namespace == info.namespace and sl.service_name == info.name
+            for e in sl.endpoints
+        ]
+        others += [
+            (ip, p.node_name)
+            for p in cluster.pods.values()
+            if p.namespace == info.namespace
+            and info.selector
+            and set(info.selector) <= set(p.labels)
+            and not p.host_network
+            and not p.finished
+            for ip, _ in p.ips
+        ]
+        for ip, node in others:
+            if (
+                node in (None, this_node)
+                or ip in local_pods
+                or ip in node_addresses
+                or any(ipaddress.ip_address(ip) in o for o in own_networks)
+            ):
                 continue
-            for e in sl.endpoints:
-                address = ipaddress.ip_address(e.ip)
-                if (
-                    e.node_name in (None, this_node)
-                    or address in local_pods
-                    or any(address in o for o in own_networks)
-                ):
-                    continue
-                assert any(address in n for n in guard), f"{e.ip} on {e.node_name} not guarded"
+            assert ip in guard, f"{ip} on {node} not guarded"
 
     # Routes: exactly the gateways some MARK entry uses, distinct slots within the mask.
     used = {s.gateway_node for s in state.services for f in s.families if f.action == Action.MARK}

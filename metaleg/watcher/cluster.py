@@ -72,11 +72,14 @@ class NodeInfo(msgspec.Struct, frozen=True):
     ipv6: str | None
     pod_cidrs: tuple[str, ...] = ()
     """``spec.podCIDRs`` (or ``spec.podCIDR``), canonical networks."""
+    addresses: tuple[str, ...] = ()
+    """Every InternalIP and ExternalIP, canonical: never a source (see ``node_addresses``)."""
 
 
 class PodInfo(msgspec.Struct, frozen=True):
-    """A Pod on this node (the watcher lists only those): its IPs become sources as soon as the
-    Pod shows them, before an EndpointSlice lists them (which can take seconds)."""
+    """A Pod that a labelled Service's selector may match (the watcher lists only those, on
+    every node): its IPs become sources as soon as the Pod shows them, before an
+    EndpointSlice lists them (which can take seconds)."""
 
     namespace: str
     name: str
@@ -86,6 +89,8 @@ class PodInfo(msgspec.Struct, frozen=True):
     host_network: bool
     finished: bool
     """Phase Succeeded or Failed: the Pod sends nothing any more and its IP may be reused."""
+    host_ips: tuple[str, ...] = ()
+    """``status.hostIPs`` (or ``status.hostIP``): its node's addresses, never a source."""
 
 
 class L2StatusInfo(msgspec.Struct, frozen=True):
@@ -225,9 +230,10 @@ def parse_node(obj: Mapping[str, Any], problems: list[Problem]) -> NodeInfo:
     _, name = _identity(obj, "Node", namespaced=False)
     ipv4: str | None = None
     ipv6: str | None = None
+    addresses: list[str] = []
     for index, address in enumerate(_list(_mapping(obj.get("status")).get("addresses"))):
         address = _mapping(address)
-        if address.get("type") != "InternalIP":
+        if address.get("type") not in ("InternalIP", "ExternalIP"):
             continue
         parsed = canonical_ip(address.get("address"))
         if parsed is None:
@@ -239,6 +245,9 @@ def parse_node(obj: Mapping[str, Any], problems: list[Problem]) -> NodeInfo:
                     f"{address.get('address')!r} is not an IP address; skipped",
                 )
             )
+            continue
+        addresses.append(parsed[0])
+        if address.get("type") != "InternalIP":
             continue
         if parsed[1] == Family.IPV4 and ipv4 is None:
             ipv4 = parsed[0]
@@ -254,7 +263,9 @@ def parse_node(obj: Mapping[str, Any], problems: list[Problem]) -> NodeInfo:
             problems.append(
                 Problem("Node", name, f"spec.podCIDRs[{index}]", f"{raw!r} is not a CIDR; skipped")
             )
-    return NodeInfo(name, ipv4, ipv6, tuple(dict.fromkeys(pod_cidrs)))
+    return NodeInfo(
+        name, ipv4, ipv6, tuple(dict.fromkeys(pod_cidrs)), tuple(sorted(set(addresses)))
+    )
 
 
 def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
@@ -279,6 +290,23 @@ def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
             )
             continue
         ips.append(parsed)
+    raw_host_ips = [_mapping(entry).get("ip") for entry in _list(status.get("hostIPs"))]
+    if not raw_host_ips and status.get("hostIP"):
+        raw_host_ips = [status.get("hostIP")]
+    host_ips: list[str] = []
+    for index, raw in enumerate(raw_host_ips):
+        parsed = canonical_ip(raw)
+        if parsed is None:
+            problems.append(
+                Problem(
+                    "Pod",
+                    f"{namespace}/{name}",
+                    f"status.hostIPs[{index}].ip",
+                    f"{raw!r} is not an IP address; skipped",
+                )
+            )
+            continue
+        host_ips.append(parsed[0])
     node_name = spec.get("nodeName")
     return PodInfo(
         namespace=namespace,
@@ -288,6 +316,7 @@ def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
         labels=_string_pairs(_mapping(obj.get("metadata")).get("labels")),
         host_network=spec.get("hostNetwork") is True,
         finished=status.get("phase") in ("Succeeded", "Failed"),
+        host_ips=tuple(sorted(set(host_ips))),
     )
 
 
@@ -401,6 +430,8 @@ class _WirePodSpec(_Wire):
 class _WirePodStatus(_Wire):
     podIPs: Any = None
     podIP: Any = None
+    hostIPs: Any = None
+    hostIP: Any = None
     phase: Any = None
 
 

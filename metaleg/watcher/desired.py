@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -40,7 +40,17 @@ from metaleg.model import (
     fwmask_shift,
 )
 from metaleg.watcher.allocation import allocate_slots
-from metaleg.watcher.cluster import ClusterState, L2StatusInfo, NodeInfo, Problem, ServiceInfo
+from metaleg.watcher.cluster import (
+    ClusterState,
+    L2StatusInfo,
+    NodeInfo,
+    PodInfo,
+    Problem,
+    ServiceInfo,
+    SliceInfo,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class NodeSettings(msgspec.Struct, frozen=True):
@@ -64,7 +74,7 @@ class Computation(msgspec.Struct, frozen=True):
     problems: tuple[Problem, ...]
 
 
-def _gateway_of(
+def gateway_of(
     service: ServiceInfo,
     statuses: list[L2StatusInfo],
     nodes: Mapping[str, NodeInfo],
@@ -97,12 +107,90 @@ def _gateway_of(
     return known[0].node if known else None
 
 
+def selects(service: ServiceInfo, pod: PodInfo) -> bool:
+    """Whether a Service's selector picks a Pod (same namespace; an empty selector picks none)."""
+    return (
+        bool(service.selector)
+        and pod.namespace == service.namespace
+        and set(service.selector) <= set(pod.labels)
+    )
+
+
+def pod_sources(pod: PodInfo) -> tuple[tuple[str, Family], ...]:
+    """The IPs a Pod sends from, if it may be a source: not hostNetwork, not finished."""
+    if pod.host_network or pod.finished:
+        return ()
+    return pod.ips
+
+
+def node_addresses_of_pod(pod: PodInfo) -> tuple[str, ...]:
+    """Addresses a Pod reveals as its node's: ``status.hostIPs``, and a hostNetwork Pod's IPs."""
+    if pod.host_network:
+        return (*pod.host_ips, *(ip for ip, _ in pod.ips))
+    return pod.host_ips
+
+
+def node_address_problem(service_key: str, ip: str) -> Problem:
+    return Problem(
+        "Service",
+        service_key,
+        "endpoints",
+        f"{ip} is a node's address (a hostNetwork Pod or a node endpoint), not a pod's; "
+        "never a source",
+    )
+
+
+def conflict_problem(service_key: str, ip: str, owner: str) -> Problem:
+    return Problem(
+        "Service",
+        service_key,
+        "endpoints",
+        f"source {ip} also belongs to Service {owner}, which takes precedence",
+    )
+
+
+def guard_entry(ip: str) -> str:
+    """An address of the transit guard as the host network the backends take."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def candidate_sources(
+    service: ServiceInfo,
+    slices: Iterable[SliceInfo],
+    pods: Iterable[PodInfo],
+) -> tuple[tuple[str, Family, str | None], ...]:
+    """A labelled Service's possible sources before this node's filters: its EndpointSlices'
+    endpoints (ready or not) and the IPs of the Pods its selector picks, on every node, each
+    with the node it runs on (None: unknown)."""
+    result: list[tuple[str, Family, str | None]] = []
+    for endpoint_slice in sorted(slices, key=lambda s: (s.namespace, s.name)):
+        result.extend((e.ip, e.family, e.node_name) for e in endpoint_slice.endpoints)
+    for pod in sorted(pods, key=lambda p: (p.namespace, p.name)):
+        if selects(service, pod):
+            result.extend((ip, family, pod.node_name) for ip, family in pod_sources(pod))
+    return tuple(result)
+
+
+def role_of(families: tuple[FamilyEgress, ...], is_gateway: bool) -> Role:
+    if not families:
+        return Role.NONE
+    if is_gateway:
+        return Role.GATEWAY
+    if any(entry.action == Action.MARK for entry in families):
+        return Role.FORWARDER
+    return Role.REJECT
+
+
 def compute_node_state(
     cluster: ClusterState,
     settings: NodeSettings,
     previous_allocation: Mapping[str, int] | None = None,
 ) -> Computation:
-    """Compute this node's complete desired state from the cluster objects. Pure and total."""
+    """Compute this node's complete desired state from the cluster objects. Pure and total.
+
+    The watcher computes the same incrementally (:class:`metaleg.watcher.tracker.EgressTracker`);
+    this whole computation is its oracle in the tests.
+    """
     problems: list[Problem] = []
     node_name = settings.node_name
     capacity = fwmask_capacity(settings.fwmask)
@@ -119,35 +207,31 @@ def compute_node_state(
         if status.service_namespace is None or status.service_name is None:
             continue
         statuses_by_service[(status.service_namespace, status.service_name)].append(status)
-    endpoints_by_service: dict[tuple[str, str], list[tuple[str, Family, str | None]]] = defaultdict(
-        list
+    slices_by_service: dict[tuple[str, str], list[SliceInfo]] = defaultdict(list)
+    for endpoint_slice in cluster.slices.values():
+        if endpoint_slice.service_name is not None:
+            slices_by_service[(endpoint_slice.namespace, endpoint_slice.service_name)].append(
+                endpoint_slice
+            )
+    # Sources are pods, never nodes: a hostNetwork Pod's endpoint is its node's address, and
+    # marking or SNATing it would take the node's own traffic.
+    node_addresses = {address for node in cluster.nodes.values() for address in node.addresses}
+    node_addresses.update(
+        address for pod in cluster.pods.values() for address in node_addresses_of_pod(pod)
     )
-    for endpoint_slice in sorted(cluster.slices.values(), key=lambda s: (s.namespace, s.name)):
-        if endpoint_slice.service_name is None:
-            continue
-        bucket = endpoints_by_service[(endpoint_slice.namespace, endpoint_slice.service_name)]
-        for endpoint in endpoint_slice.endpoints:
-            bucket.append((endpoint.ip, endpoint.family, endpoint.node_name))
-    # This node's Pods count as soon as they show an IP: an EndpointSlice lists a new Pod
-    # only seconds later, and its first packets would leave with the node's IP meanwhile.
-    local_pods = [
-        pod
-        for pod in sorted(cluster.pods.values(), key=lambda p: (p.namespace, p.name))
-        if pod.node_name == node_name and not pod.host_network and not pod.finished and pod.ips
-    ]
-    for service in labelled:
-        if not service.selector:
-            continue
-        wanted = set(service.selector)
-        bucket = endpoints_by_service[(service.namespace, service.name)]
-        for pod in local_pods:
-            if pod.namespace == service.namespace and wanted <= set(pod.labels):
-                bucket.extend((ip, family, node_name) for ip, family in pod.ips)
+    candidates = {
+        (service.namespace, service.name): candidate_sources(
+            service,
+            slices_by_service.get((service.namespace, service.name), []),
+            cluster.pods.values(),
+        )
+        for service in labelled
+    }
 
     gateways: dict[tuple[str, str], str | None] = {}
     for service in labelled:
         key = (service.namespace, service.name)
-        gateways[key] = _gateway_of(
+        gateways[key] = gateway_of(
             service, statuses_by_service.get(key, []), cluster.nodes, problems
         )
 
@@ -175,19 +259,15 @@ def compute_node_state(
         lb_ips = tuple(ip for ip in (service.lb_ipv4, service.lb_ipv6) if ip is not None)
 
         sources: dict[Family, set[str]] = {Family.IPV4: set(), Family.IPV6: set()}
-        for ip, family, endpoint_node in endpoints_by_service.get(key, []):
+        for ip, family, endpoint_node in candidates[key]:
+            if ip in node_addresses:
+                problems.append(node_address_problem(service_key, ip))
+                continue
             if settings.filter_endpoints_for_node and not is_gateway and endpoint_node != node_name:
                 continue
             owner = claimed.setdefault(ip, service_key)
             if owner != service_key:
-                problems.append(
-                    Problem(
-                        "Service",
-                        service_key,
-                        "endpoints",
-                        f"source {ip} also belongs to Service {owner}, which takes precedence",
-                    )
-                )
+                problems.append(conflict_problem(service_key, ip, owner))
                 continue
             sources[family].add(ip)
 
@@ -195,77 +275,108 @@ def compute_node_state(
         for family, lb_ip in ((Family.IPV4, service.lb_ipv4), (Family.IPV6, service.lb_ipv6)):
             if not sources[family]:
                 continue
-            source_ips = tuple(sorted(sources[family], key=_ip_sort_key))
+            source_ips = tuple(sorted(sources[family], key=ip_sort_key))
             families.append(
-                _family_egress(
+                family_egress(
                     family, source_ips, lb_ip, gateway, node_name, cluster.nodes, allocation, shift
                 )
             )
         for entry in families:
             if entry.action == Action.MARK and gateway is not None:
                 used_gateways.add(gateway)
-
-        if not families:
-            role = Role.NONE
-        elif is_gateway:
-            role = Role.GATEWAY
-        elif any(entry.action == Action.MARK for entry in families):
-            role = Role.FORWARDER
-        else:
-            role = Role.REJECT
         services.append(
             ServiceEgress(
                 namespace=service.namespace,
                 name=service.name,
-                role=role,
+                role=role_of(tuple(families), is_gateway),
                 gateway_node=gateway,
                 lb_ips=lb_ips,
                 families=tuple(families),
             )
         )
 
-    routes = []
-    for gateway in sorted(used_gateways, key=lambda node: allocation[node]):
-        slot = allocation[gateway]
-        node = cluster.nodes[gateway]
-        routes.append(
-            GatewayRoute(
-                node=gateway,
-                slot=slot,
-                fwmark=slot << shift,
-                table=settings.route_table_id_offset + slot,
-                next_hop_ipv4=node.ipv4,
-                next_hop_ipv6=node.ipv6,
-            )
-        )
-
-    guard = _transit_guard(
-        cluster,
-        node_name,
-        [ip for pod in local_pods for ip, _ in pod.ips],
-        [
-            (ip, family, endpoint_node)
-            for service in labelled
-            for ip, family, endpoint_node in endpoints_by_service.get(
-                (service.namespace, service.name), []
-            )
-        ],
-        problems,
+    routes = tuple(
+        gateway_route(gateway, allocation[gateway], cluster.nodes[gateway], settings)
+        for gateway in sorted(used_gateways, key=lambda node: allocation[node])
     )
+
+    # The transit guard: the labelled Services' pods on other nodes, never this node's.
+    own = cluster.nodes.get(node_name)
+    own_networks = [ipaddress.ip_network(cidr) for cidr in (own.pod_cidrs if own else ())]
+    local_ips = {
+        ip
+        for pod in cluster.pods.values()
+        if pod.node_name == node_name
+        for ip, _ in pod_sources(pod)
+    }
+    guard: dict[Family, set[str]] = {Family.IPV4: set(), Family.IPV6: set()}
+    for key in candidates:
+        for ip, family, endpoint_node in candidates[key]:
+            if guarded(ip, endpoint_node, node_name, local_ips, node_addresses, own_networks):
+                guard[family].add(ip)
     state = NodeDesiredState(
         node=node_name,
         fwmask=settings.fwmask,
         exclude_dst_ipv4=settings.exclude_dst_ipv4,
         exclude_dst_ipv6=settings.exclude_dst_ipv6,
         services=tuple(services),
-        routes=tuple(routes),
-        transit_guard_ipv4=guard[Family.IPV4],
-        transit_guard_ipv6=guard[Family.IPV6],
+        routes=routes,
+        transit_guard_ipv4=guard_list(guard[Family.IPV4]),
+        transit_guard_ipv6=guard_list(guard[Family.IPV6]),
     )
     return Computation(state=state, allocation=allocation, problems=tuple(problems))
 
 
-def _family_egress(
+def guarded(
+    ip: str,
+    endpoint_node: str | None,
+    node_name: str,
+    local_ips: Container[str],
+    node_addresses: Container[str],
+    own_networks: Sequence[Network],
+) -> bool:
+    """Whether a labelled Service's source belongs in this node's transit guard: it runs on
+    another (known) node and is neither one of this node's pods nor a node's address.
+    Unknown locality must not risk catching this node's own pods."""
+    if endpoint_node is None or endpoint_node == node_name:
+        return False
+    return not guard_excludes(ip, local_ips, node_addresses, own_networks)
+
+
+def guard_excludes(
+    ip: str,
+    local_ips: Container[str],
+    node_addresses: Container[str],
+    own_networks: Sequence[Network],
+) -> bool:
+    """Whether an address must stay out of the transit guard whatever node it is said to run
+    on: one of this node's pods (by IP or by this node's pod CIDRs), or a node's address."""
+    if ip in local_ips or ip in node_addresses:
+        return True
+    if own_networks:
+        address = ipaddress.ip_address(ip)
+        return any(address in network for network in own_networks)
+    return False
+
+
+def guard_list(ips: Iterable[str]) -> tuple[str, ...]:
+    """The transit guard of one family as the state holds it: host networks in address order."""
+    return tuple(guard_entry(ip) for ip in sorted(ips, key=ip_sort_key))
+
+
+def gateway_route(gateway: str, slot: int, node: NodeInfo, settings: NodeSettings) -> GatewayRoute:
+    """Policy routing towards one gateway node in its allocation slot."""
+    return GatewayRoute(
+        node=gateway,
+        slot=slot,
+        fwmark=slot << fwmask_shift(settings.fwmask),
+        table=settings.route_table_id_offset + slot,
+        next_hop_ipv4=node.ipv4,
+        next_hop_ipv6=node.ipv6,
+    )
+
+
+def family_egress(
     family: Family,
     source_ips: tuple[str, ...],
     lb_ip: str | None,
@@ -296,63 +407,7 @@ def _family_egress(
     return FamilyEgress(family, Action.MARK, source_ips, fwmark=slot << shift)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _transit_guard(
-    cluster: ClusterState,
-    node_name: str,
-    local_pod_ips: list[str],
-    labelled_endpoints: list[tuple[str, Family, str | None]],
-    problems: list[Problem],
-) -> dict[Family, tuple[str, ...]]:
-    """Sources of pods on other nodes (see ``NodeDesiredState.transit_guard_ipv4``).
-
-    The other nodes' pod CIDRs, plus the other nodes' endpoints of labelled
-    Services (for clusters whose Nodes carry no pod CIDRs). Never anything of
-    this node: its own pods' forwarded traffic must not be caught.
-    """
-    own = cluster.nodes.get(node_name)
-    local_networks = [ipaddress.ip_network(cidr) for cidr in (own.pod_cidrs if own else ())]
-    local_ips = set(local_pod_ips)
-
-    def overlaps_local(network: Network) -> bool:
-        return any(
-            network.overlaps(local) for local in local_networks if local.version == network.version
-        ) or any(ipaddress.ip_address(ip) in network for ip in local_ips)
-
-    guard: dict[Family, list[Network]] = {Family.IPV4: [], Family.IPV6: []}
-    for node in sorted(cluster.nodes.values(), key=lambda n: n.name):
-        if node.name == node_name:
-            continue
-        for cidr in node.pod_cidrs:
-            network = ipaddress.ip_network(cidr)
-            if overlaps_local(network):
-                problems.append(
-                    Problem(
-                        "Node",
-                        node.name,
-                        "spec.podCIDRs",
-                        f"{cidr} overlaps this node's pods; not guarded",
-                    )
-                )
-                continue
-            guard[Family(network.version)].append(network)
-    for ip, family, endpoint_node in labelled_endpoints:
-        if endpoint_node is None or endpoint_node == node_name or ip in local_ips:
-            continue  # unknown locality must not risk catching this node's own pods
-        address = ipaddress.ip_address(ip)
-        if any(address in local for local in local_networks):
-            continue
-        guard[family].append(ipaddress.ip_network(address))
-    result: dict[Family, tuple[str, ...]] = {}
-    for family, networks in guard.items():
-        collapsed = ipaddress.collapse_addresses(networks)  # type: ignore[type-var]
-        result[family] = tuple(str(network) for network in collapsed)
-    return result
-
-
-def _ip_sort_key(ip: str) -> tuple[int, bytes]:
+def ip_sort_key(ip: str) -> tuple[int, bytes]:
     """Numeric order of canonical IP addresses (what the parsers produce). The packed form
     (big-endian, one length per family) sorts like the number; ``inet_pton`` is a C call,
     so unlike ``ipaddress`` it needs no cache, whose entries outlived the addresses."""
