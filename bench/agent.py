@@ -351,6 +351,9 @@ class AgentBench:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # Not the caller's directory: `python -m metaleg.<worker>` puts the working
+                # directory first on sys.path, ahead of a PYTHONPATH given in ``env``.
+                cwd=self.workdir,
             )
 
     def stop(self) -> None:

@@ -53,6 +53,7 @@ Results: tables on stdout and ``bench/results/cluster_scale.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import ipaddress
 import os
@@ -79,6 +80,7 @@ from bench.common import (
     table,
     write_results,
 )
+from bench.latency import stage_breakdown
 from metaleg.firewall.iptables import mark_set_name, source_set_name
 from metaleg.model import Family
 from metaleg.watcher.cluster import (
@@ -601,6 +603,11 @@ class ScaleCluster:
             body = l2_status(i, 1 + i)
             cluster.create("servicel2statuses", body, METALLB)
             cluster.status("servicel2statuses", l2_name(i), body["status"], METALLB)
+        # The emulator shares this process: a full collection walking millions of stored
+        # objects held the GIL for ~0.2 s and delayed watch events (moves of 180-250 ms in a
+        # quiet cluster). Objects stored so far are never freed: exempt them from collection.
+        gc.collect()
+        gc.freeze()
 
 
 # --- the churn ---------------------------------------------------------------------------------
@@ -673,6 +680,31 @@ class Churn(threading.Thread):
 # --- measurements ------------------------------------------------------------------------------
 
 
+class GcPauses:
+    """Garbage collections of this process (the emulator's) and how long they held the GIL."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started = 0.0
+
+    def start(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            self.pauses.append(time.perf_counter() - self._started)
+
+    def report(self) -> dict[str, Any]:
+        return {"count": len(self.pauses), "max": max(self.pauses, default=0.0)}
+
+
 def cpu_seconds(pid: int | str) -> float:
     """utime + stime of a process (all its threads), seconds."""
     with open(f"/proc/{pid}/stat") as file:
@@ -699,14 +731,17 @@ def kernel_target(backend: str, gateway: int) -> tuple[str, str]:
 
 def gateway_moves(
     bench: AgentBench, poller: KernelPoller, layout: ScaleCluster, moves: int, start: int
-) -> tuple[list[float], int]:
-    """``moves`` gateway moves of the moving Service; (latencies, timeouts)."""
+) -> dict[str, Any]:
+    """``moves`` gateway moves of the moving Service: latencies, timeouts and, from the
+    agent's logs, the stages of each move (as :func:`bench.latency.stage_breakdown`)."""
     samples: list[float] = []
     timeouts = 0
-    bench.log_lines()  # skip to now: the slow moves' log lines are kept
+    marks: list[tuple[float, str]] = []
+    bench.log_lines()  # skip to now
     for k in range(moves):
         gateway = MOVE_TARGETS[(start + k) % len(MOVE_TARGETS)]
         kind, set_name = kernel_target(bench.backend, gateway)
+        wall = time.time()
         before = time.monotonic()
         bench.cluster.status(
             "servicel2statuses", l2_name(MOVING), {"node": node_name(gateway)}, METALLB
@@ -717,12 +752,16 @@ def gateway_moves(
             print(f"move {k} to {node_name(gateway)} not applied within 30 s", file=sys.stderr)
         else:
             samples.append(seen - before)
-        print(
-            f"  move {k} to {node_name(gateway)}: {ms(None if seen is None else seen - before)}",
-            file=sys.stderr,
-        )
+        marks.append((wall, f"{NAMESPACE}/{service_name(MOVING)}"))
         time.sleep(0.3)
-    return samples, timeouts
+    time.sleep(0.5)  # the last "applied" line follows the kernel change
+    stages = stage_breakdown(bench.log_lines(), marks)
+    return {
+        **summary(samples),
+        "timeouts": timeouts,
+        "samples": samples,
+        "stages": {name: summary(values) for name, values in stages.items()},
+    }
 
 
 def settle(bench: AgentBench, seconds: float) -> int:
@@ -779,6 +818,10 @@ def run_big(
         bench.wait_ready(timeout=900)
         result["ready_seconds"] = time.monotonic() - started
         pid = settle(bench, settle_seconds)
+        result["watches"] = sorted(
+            f"{w['resource']} {w['labelSelector'] or '-'} {w['fieldSelector'] or '-'}"
+            for w in store.open_watches()
+        )
         result["watcher_rss_kib"] = status_kib(pid, "VmRSS")
         result["watcher_hwm_kib"] = status_kib(pid, "VmHWM")
         print(
@@ -798,9 +841,9 @@ def run_big(
         }
         poller = KernelPoller(bench.netns)
         churn: Churn | None = None
+        pauses = GcPauses().start()
         try:
-            quiet, quiet_timeouts = gateway_moves(bench, poller, layout, moves, 0)
-            result["moves_quiet"] = {**summary(quiet), "timeouts": quiet_timeouts, "samples": quiet}
+            result["moves_quiet"] = gateway_moves(bench, poller, layout, moves, 0)
             # Under churn: CPU over a window, then the moves while it goes on.
             limit = churn_seconds + 2 + moves * 3 + 60
             churn = Churn(bench.cluster, layout, rate, limit)
@@ -830,15 +873,16 @@ def run_big(
                 "watcher_cpu_per_event": (cpu1 - cpu0) / events if events else None,
                 "emulator_cpu_percent": 100 * (own1 - own0) / (t1 - t0),
             }
-            busy, busy_timeouts = gateway_moves(bench, poller, layout, moves, moves)
-            result["moves_churn"] = {**summary(busy), "timeouts": busy_timeouts, "samples": busy}
+            result["moves_churn"] = gateway_moves(bench, poller, layout, moves, moves)
             result["churn"]["counts"] = dict(churn.counts)
             result["churn"]["late"] = churn.late
             result["watcher_rss_after_churn_kib"] = status_kib(pid, "VmRSS")
             result["watcher_restarts"] = sum(
                 p.restarts for p in (bench.status() or _NoStatus()).processes if p.name == "watcher"
             )
+            result["emulator_gc"] = pauses.report()
         finally:
+            pauses.stop()
             if churn is not None:
                 churn.stopping.set()
                 churn.join(10)
@@ -860,10 +904,13 @@ def mib(kib: float | None) -> str:
 def render_report(results: dict[str, Any]) -> str:
     small, big = results["small"], results["big"]
     scale = results["scale"]
+    watches = big.get("watches") or []
+    shown = ", ".join(watches[:8]) + (f", ... ({len(watches)} in all)" if len(watches) > 8 else "")
     lines = [
         f"Cluster: {scale['nodes']} Nodes, {scale['services']} Services ({LABELLED} labelled), "
         f"{big['objects']['pods']} Pods, {big['objects']['endpointslices']} EndpointSlices; "
-        f"backend {results['backend']}"
+        f"backend {results['backend']}",
+        f"Watches the agent opened (resource, label selector, field selector): {shown}",
     ]
     rss_ratio = big["watcher_rss_kib"] / small["watcher_rss_kib"]
     rows = [
@@ -915,6 +962,11 @@ def render_report(results: dict[str, Any]) -> str:
         )
     )
     share = churn["watcher_cpu_percent"]
+    gc_pauses = big.get("emulator_gc") or {}
+    lines.append(
+        f"emulator garbage collections during the moves and the churn: {gc_pauses.get('count')}, "
+        f"longest {ms(gc_pauses.get('max'))}"
+    )
     lines.append(
         f"watcher share under churn: {share:.2f} % (goal < 1 %: {'met' if share < 1 else 'MISSED'})"
     )
@@ -948,6 +1000,13 @@ def render_report(results: dict[str, Any]) -> str:
     lines.append(
         f"under churn / quiet: p50 {fmt_ratio(r50)}, p99 {fmt_ratio(r99)} (goal <= 1.2x: {verdict})"
     )
+    rows = [
+        [f"{label}: {stage}", s["n"], ms(s["p50"]), ms(s["p99"]), ms(s["max"])]
+        for label, moves in (("quiet", quiet), ("churn", busy))
+        for stage, s in (moves.get("stages") or {}).items()
+    ]
+    lines += ["", "Stages of the moves from the agent's logs (millisecond timestamps)"]
+    lines.append(table(["stage", "n", "p50", "p99", "max"], rows))
     return "\n".join(lines)
 
 
