@@ -40,7 +40,10 @@ class HostNetworkScene:
         self.egress = egress
         self.lab = egress.lab
         self.masquerade = masquerade
+        self.gateway = GATEWAY
         self.relay: dict[str, Pod] = {}
+        #: hostNetwork Pod name -> its node, and its (IPv4, IPv6): its node's.
+        self.host_network_nodes: dict[str, str] = {}
         self.host_network_ips: dict[str, tuple[str, str]] = {}
 
     def nodes(self) -> list[Node]:
@@ -49,48 +52,88 @@ class HostNetworkScene:
     def node_ips(self) -> list[str]:
         return [ip for node in self.nodes() for ip in (node.ipv4, node.ipv6)]
 
+    def add_host_network_pod(self, name: str, node: str) -> None:
+        self.host_network_ips[name] = self.egress.add_host_network_pod(node, name, {"app": SERVICE})
+        self.host_network_nodes[name] = node
+
+    def publish_endpoints(self) -> None:
+        """The EndpointSlices list the hostNetwork Pods next to the normal ones, as the
+        EndpointSlice controller does: their node's addresses, with the node's name."""
+        for index, address_type in enumerate(("IPv4", "IPv6")):
+            endpoints: list[tuple[str, str | None]] = [
+                ((pod.ipv4, pod.ipv6)[index], pod.node) for pod in self.relay.values()
+            ]
+            endpoints += [
+                (self.host_network_ips[name][index], node)
+                for name, node in self.host_network_nodes.items()
+            ]
+            self.egress.cluster.endpoints(NAMESPACE, SERVICE, address_type, endpoints)
+
+    def set_gateway(self, node: str) -> None:
+        self.gateway = node
+        self.egress.cluster.gateway(NAMESPACE, SERVICE, node)
+        self.lab.announce(LB_IP4, node)
+        self.lab.announce(LB_IP6, node)
+
+    def wait_applied(self) -> None:
+        """Every agent is ready (has applied its newest state) with the Service's gateway."""
+        for node in self.lab.nodes:
+            wait_until(
+                lambda node=node: applied_relay(self.egress, node, self.gateway),
+                timeout=30,
+                interval=0.2,
+                message=lambda node=node: f"{node} applied {SERVICE}: {self.egress.status(node)}",
+            )
+
+    def wait_reported(self, node: str, pods: list[str], timeout: float = 15.0) -> None:
+        """Wait until the node's status lists a problem naming each of ``pods`` (its name or
+        its address)."""
+
+        def problems() -> list[str]:
+            _, report = self.egress.status(node)
+            return list((report or {}).get("problems", []))
+
+        def reported() -> bool:
+            found = problems()
+            return all(
+                any(
+                    name in problem
+                    or any(mentions(problem, ip) for ip in self.host_network_ips[name])
+                    for problem in found
+                )
+                for name in pods
+            )
+
+        wait_until(
+            reported,
+            timeout=timeout,
+            interval=0.2,
+            message=lambda: f"{node} reporting {pods}: {problems()}",
+        )
+
 
 @pytest.fixture(scope="module", params=["nft", "legacy"])
 def scene(request: pytest.FixtureRequest) -> Iterator[HostNetworkScene]:
     masquerade = request.param
     with Lab(masquerade=masquerade) as lab, EgressLab(lab) as egress:
         scene = HostNetworkScene(egress, masquerade)
-        cluster = egress.cluster
         for node in lab.nodes:
             scene.relay[node] = egress.add_pod(node, f"relay-{node[-1]}", {"app": SERVICE})
         for name, node in HOST_NETWORK_PODS.items():
-            scene.host_network_ips[name] = egress.add_host_network_pod(node, name, {"app": SERVICE})
+            scene.add_host_network_pod(name, node)
         for node in lab.nodes:
             egress.start_agent(node)
         for node in lab.nodes:
             egress.wait_ready(node)
-        cluster.service(NAMESPACE, SERVICE, (LB_IP4, LB_IP6))
-        # The EndpointSlices list the hostNetwork Pods next to the normal ones, as the
-        # EndpointSlice controller does: their node's addresses, with the node's name.
-        for index, address_type in enumerate(("IPv4", "IPv6")):
-            endpoints: list[tuple[str, str | None]] = [
-                ((pod.ipv4, pod.ipv6)[index], pod.node) for pod in scene.relay.values()
-            ]
-            endpoints += [
-                (scene.host_network_ips[name][index], node)
-                for name, node in HOST_NETWORK_PODS.items()
-            ]
-            cluster.endpoints(NAMESPACE, SERVICE, address_type, endpoints)
-        cluster.gateway(NAMESPACE, SERVICE, GATEWAY)
-        lab.announce(LB_IP4, GATEWAY)
-        lab.announce(LB_IP6, GATEWAY)
-        # Every agent has applied the labelled Service (the slices above came in one go).
-        for node in lab.nodes:
-            wait_until(
-                lambda node=node: applied_relay(egress, node),
-                timeout=30,
-                interval=0.2,
-                message=lambda node=node: f"{node} applied {SERVICE}: {egress.status(node)}",
-            )
+        egress.cluster.service(NAMESPACE, SERVICE, (LB_IP4, LB_IP6))
+        scene.publish_endpoints()
+        scene.set_gateway(GATEWAY)
+        # The slices came in one go: a state with the regular pods has the others too.
+        scene.wait_applied()
         yield scene
 
 
-def applied_relay(egress: EgressLab, node: str) -> dict[str, Any] | None:
+def applied_relay(egress: EgressLab, node: str, gateway: str) -> dict[str, Any] | None:
     """The node's status report once it is ready (the newest state applied) with the relay
     Service's gateway known; else None."""
     code, report = egress.status(node)
@@ -99,7 +142,7 @@ def applied_relay(egress: EgressLab, node: str) -> dict[str, Any] | None:
     services = [
         s for s in report["services"] if (s["namespace"], s["name"]) == (NAMESPACE, SERVICE)
     ]
-    if not services or services[0]["gateway_node"] != GATEWAY:
+    if not services or services[0]["gateway_node"] != gateway:
         return None
     return report  # type: ignore[no-any-return]
 
@@ -176,9 +219,7 @@ def test_regular_pods_keep_the_lb_ip(scene: HostNetworkScene) -> None:
                 scene.egress.wait_for_probe(pod, family, source=lb_ip, proto=proto, timeout=10)
 
 
-def test_every_node_keeps_its_own_egress(scene: HostNetworkScene) -> None:
-    """A packet from the node itself reaches the internet host with the node's address
-    (not the LB IP: not SNATed; not rejected, not dropped, not sent to the gateway)."""
+def own_egress_failures(scene: HostNetworkScene) -> list[str]:
     failures = []
     for node in scene.nodes():
         for family, address in ((4, node.ipv4), (6, node.ipv6)):
@@ -186,11 +227,11 @@ def test_every_node_keeps_its_own_egress(scene: HostNetworkScene) -> None:
                 result = node_egress(scene, node, family, proto)
                 if not (result.ok and result.source == address):
                     failures.append(f"{node.name} IPv{family}/{proto}: {result}")
-    assert failures == []
+    return failures
 
 
-def test_nodes_reach_each_other(scene: HostNetworkScene) -> None:
-    failures = [
+def reachability_failures(scene: HostNetworkScene) -> list[str]:
+    return [
         f"{node.name} -> {other.name} {address}"
         for node in scene.nodes()
         for other in scene.nodes()
@@ -198,49 +239,46 @@ def test_nodes_reach_each_other(scene: HostNetworkScene) -> None:
         for address in (other.ipv4, other.ipv6)
         if not ping(node, address)
     ]
-    assert failures == []
+
+
+def node_addresses_in_state(scene: HostNetworkScene) -> list[str]:
+    """Every node whose metaleg netfilter state holds a node address, with that state; and
+    the regular pods missing from the gateway's sources."""
+    found = []
+    for node in scene.lab.nodes:
+        state = metaleg_kernel_state(scene, node)
+        addresses = [ip for ip in scene.node_ips() if covered(state, ip)]
+        if addresses:
+            found.append(f"{node}: node addresses {addresses} in metaleg's state:\n{state}")
+    gateway_state = metaleg_kernel_state(scene, scene.gateway)
+    for pod in scene.relay.values():
+        if not (mentions(gateway_state, pod.ipv4) and mentions(gateway_state, pod.ipv6)):
+            found.append(f"{pod.name} is no source on {scene.gateway}:\n{gateway_state}")
+    return found
+
+
+def test_every_node_keeps_its_own_egress(scene: HostNetworkScene) -> None:
+    """A packet from the node itself reaches the internet host with the node's address
+    (not the LB IP: not SNATed; not rejected, not dropped, not sent to the gateway)."""
+    assert own_egress_failures(scene) == []
+
+
+def test_nodes_reach_each_other(scene: HostNetworkScene) -> None:
+    assert reachability_failures(scene) == []
 
 
 def test_node_addresses_are_never_sources_nor_guarded(scene: HostNetworkScene) -> None:
     """No node address anywhere in metaleg's netfilter state (sources, SNAT, marks, transit
     guard; also not inside a collapsed network), while the regular pods' addresses are, as
     such (the gateway takes all of them)."""
-    for node in scene.lab.nodes:
-        state = metaleg_kernel_state(scene, node)
-        found = [ip for ip in scene.node_ips() if covered(state, ip)]
-        assert found == [], f"{node}: node addresses in metaleg's state:\n{state}"
-    gateway_state = metaleg_kernel_state(scene, GATEWAY)
-    for pod in scene.relay.values():
-        assert mentions(gateway_state, pod.ipv4) and mentions(gateway_state, pod.ipv6), (
-            f"{pod.name} is no source on {GATEWAY}:\n{gateway_state}"
-        )
+    assert node_addresses_in_state(scene) == []
 
 
 def test_status_names_the_host_network_pods(scene: HostNetworkScene) -> None:
     """The gateway (which takes every endpoint) reports both hostNetwork Pods, node-c its own:
     a problem naming the Pod or its address."""
-
-    def reported(node: str, pods: list[str]) -> bool:
-        _, report = scene.egress.status(node)
-        problems = (report or {}).get("problems", [])
-        return all(
-            any(
-                name in problem or any(mentions(problem, ip) for ip in scene.host_network_ips[name])
-                for problem in problems
-            )
-            for name in pods
-        )
-
-    expected = {GATEWAY: list(HOST_NETWORK_PODS), "node-c": ["relay-hostnet-c"]}
-    for node, pods in expected.items():
-        wait_until(
-            lambda node=node, pods=pods: reported(node, pods),
-            timeout=15,
-            interval=0.2,
-            message=lambda node=node, pods=pods: (
-                f"{node} reporting {pods}: {(scene.egress.status(node)[1] or {}).get('problems')}"
-            ),
-        )
+    scene.wait_reported(GATEWAY, list(HOST_NETWORK_PODS))
+    scene.wait_reported("node-c", ["relay-hostnet-c"])
 
 
 def test_warning_event_on_the_service(scene: HostNetworkScene) -> None:
@@ -269,3 +307,34 @@ def test_warning_event_on_the_service(scene: HostNetworkScene) -> None:
             f"a Warning Event on {NAMESPACE}/{SERVICE} naming a hostNetwork Pod: {warnings()}"
         ),
     )
+
+
+def test_a_host_network_pod_added_while_running(scene: HostNetworkScene) -> None:
+    """A hostNetwork Pod that comes (and enters the EndpointSlice) while the agents run, on
+    node-a, which had none: the same, and node-a and the gateway report it."""
+    scene.add_host_network_pod("relay-hostnet-a", "node-a")
+    scene.publish_endpoints()
+    scene.wait_reported(scene.gateway, ["relay-hostnet-a"])
+    scene.wait_reported("node-a", ["relay-hostnet-a"])
+    scene.wait_applied()
+    assert own_egress_failures(scene) == []
+    assert reachability_failures(scene) == []
+    assert node_addresses_in_state(scene) == []
+    for pod in scene.relay.values():
+        for family, lb_ip in ((4, LB_IP4), (6, LB_IP6)):
+            scene.egress.wait_for_probe(pod, family, source=lb_ip, timeout=10)
+
+
+@pytest.mark.parametrize("gateway", ["node-c", "node-a", GATEWAY])
+def test_gateway_moves_between_nodes_with_host_network_pods(
+    scene: HostNetworkScene, gateway: str
+) -> None:
+    """The gateway moves to each node (every one has a hostNetwork Pod of the Service by
+    now): the regular pods follow with the LB IP, every node keeps its own egress."""
+    scene.set_gateway(gateway)
+    scene.wait_applied()
+    for pod in scene.relay.values():
+        for family, lb_ip in ((4, LB_IP4), (6, LB_IP6)):
+            scene.egress.wait_for_probe(pod, family, source=lb_ip, timeout=10)
+    assert own_egress_failures(scene) == []
+    assert node_addresses_in_state(scene) == []
