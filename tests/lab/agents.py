@@ -27,7 +27,9 @@ from tests.lab.traffic import ProbeResult, wait_until
 
 API_PORT = 6443
 #: The agents run the metaleg package these tests import (also from another checkout, for
-#: instance ``git archive`` of an older commit, while the venv installs this one).
+#: instance ``git archive`` of an older commit, while the venv installs this one): it is
+#: their PYTHONPATH and their working directory (``python -m``, which starts the workers,
+#: puts the working directory ahead of PYTHONPATH).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(metaleg.__file__)))
 SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
 
@@ -149,6 +151,7 @@ class EgressLab:
                 *(f"{k}={v}" for k, v in environment.items()),
                 SUPERVISOR,
                 "run",
+                cwd=PACKAGE_ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
