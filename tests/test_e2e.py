@@ -31,11 +31,12 @@ class Scene:
         self.egress = egress
         self.lab = egress.lab
         self.cluster = egress.cluster
+        # With their Pod objects (IPs, hostIPs), as a kubelet reports them.
         self.relay = {
-            node: self.lab.add_pod(node, f"relay-{node[-1]}")
+            node: egress.add_pod(node, f"relay-{node[-1]}", {"app": SERVICE})
             for node in ("node-a", "node-b", "node-c")
         }
-        self.web = self.lab.add_pod("node-a", "web-a")
+        self.web = egress.add_pod("node-a", "web-a", {"app": "web"})
 
     def publish_endpoints(self, pods: list[Pod] | None = None) -> None:
         pods = list(self.relay.values()) if pods is None else pods
