@@ -36,7 +36,7 @@ import yaml
 from metaleg import rbac
 from metaleg.config import ENVIRONMENT, load_config, parse_bind_address
 from metaleg.firewall.xtables_child import DEFAULT_LOCK_PATH
-from metaleg.watcher.informer import Event, Informer, resource_specs
+from metaleg.watcher.informer import Event, Informer, base_specs, scoped_spec
 from tests.kubeapi import KubeApiServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,7 +334,15 @@ class RecordedRequests:
 
 def exercise_informers(api: KubeApiServer, api_client: Any, recorded: RecordedRequests) -> None:
     """Run the watcher's real informers until each has listed and started watching."""
-    specs = resource_specs(api_client, NAMESPACE, NODE)
+    # The base informers and one scope of each kind the watcher starts (metaleg.watcher.scopes).
+    specs = [
+        *base_specs(api_client, NAMESPACE),
+        scoped_spec(
+            api_client, "endpointslices", ("labelSelector", "kubernetes.io/service-name in (a)")
+        ),
+        scoped_spec(api_client, "pods:app", ("labelSelector", "app in (a)")),
+        scoped_spec(api_client, f"nodes:{NODE}", ("fieldSelector", f"metadata.name={NODE}")),
+    ]
     events: queue.Queue[Event] = queue.Queue()
     informers = [Informer(spec, events) for spec in specs]
     for informer in informers:

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,10 +28,12 @@ from metaleg import lifecycle
 from metaleg.config import Config
 from metaleg.lifecycle import release_memory
 from metaleg.watcher import cluster as parsed
-from metaleg.watcher.informer import Event, Informer, resource_specs
+from metaleg.watcher.feeds import Feeds
+from metaleg.watcher.informer import Event, Informer, scoped_spec
 from metaleg.watcher.kubeclient import KubeCalls
 from metaleg.watcher.main import Watcher
 from tests import cluster_objects as objects
+from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer
 
 Parser = Callable[[Any, list[parsed.Problem]], Any]
@@ -163,8 +167,9 @@ def test_an_object_without_metadata_is_still_rejected_after_slimming() -> None:
 
 def test_a_page_of_another_shape_is_decoded_whole() -> None:
     informer = Informer(
-        resource_specs(None, "metallb-system", "n1")[1], queue.Queue()
-    )  # endpointslices
+        scoped_spec(None, "endpointslices", ("labelSelector", "kubernetes.io/service-name")),
+        queue.Queue(),
+    )
     odd = {"metadata": {}, "items": [{"metadata": "not a map"}, "not an object"]}
     assert informer._decode_page(json.dumps(odd).encode()) == odd
     good = {"items": [objects.endpoint_slice("a", "b", "c", "IPv4", [("10.0.0.1", "n")])]}
@@ -215,10 +220,11 @@ def test_the_watcher_does_not_import_the_generated_api_classes() -> None:
         "from kubernetes import client\n"
         "if 'kubernetes.client.api.core_v1_api' in sys.modules: print('eager'); sys.exit()\n"
         "import metaleg.watcher.main, metaleg.watcher.informer, metaleg.watcher.events\n"
-        "from metaleg.watcher.informer import resource_specs\n"
+        "from metaleg.watcher.informer import base_specs, scoped_spec\n"
         "from metaleg.watcher.events import EventPoster\n"
         "api = client.ApiClient()\n"
-        "resource_specs(api, 'metallb-system', 'n1'); EventPoster(api, 'n1')\n"
+        "base_specs(api, 'metallb-system'); EventPoster(api, 'n1')\n"
+        "scoped_spec(api, 'pods:app', ('labelSelector', 'app in (a)'))\n"
         "print(sorted(m for m in sys.modules if m.startswith('kubernetes.client.api.')))\n"
     )
     output = subprocess.run(
@@ -229,25 +235,35 @@ def test_the_watcher_does_not_import_the_generated_api_classes() -> None:
     assert output.strip() == "[]"
 
 
-def test_the_stores_hold_parsed_objects_only() -> None:
+def test_the_stores_hold_parsed_objects_only(api: KubeApiServer) -> None:
+    driver = ClusterDriver(api.api_client())
+    driver.node("n1", "192.0.2.11")
+    driver.service("mail", "relay", ["192.0.2.1"])
+    driver.endpoints("mail", "relay", "IPv4", [("10.0.0.1", "n1")])
+    driver.pod("mail", "p1", "n1", ("10.0.0.1",), {"app": "relay"})
+    driver.gateway("mail", "relay", "n1")
     with tempfile.TemporaryDirectory() as run_dir:
         watcher = Watcher(Config(node_name="n1", run_dir=run_dir))
-        raw = {
-            "services": [objects.service("mail", "relay", ["192.0.2.1"])],
-            "endpointslices": [
-                objects.endpoint_slice("mail", "relay-v4", "relay", "IPv4", [("10.0.0.1", "n1")])
-            ],
-            "nodes": [objects.node("n1", "192.0.2.11")],
-            "pods": [objects.pod("mail", "p1", "n1", ("10.0.0.1",))],
-            "servicel2statuses": [objects.l2_status("metallb-system", "l2", "mail", "relay", "n1")],
-        }
-        for resource, items in raw.items():
-            watcher.handle(Event(resource, "replace", objects=items))
-        assert watcher.relisted
-        for store in msgspec.structs.asdict(watcher.cluster).values():
-            assert store and all(isinstance(v, msgspec.Struct) for v in store.values())
-        watcher.handle(Event("pods", "upsert", object=objects.pod("mail", "p2", "n1")))
-        assert isinstance(watcher.cluster.pods["mail/p2"], parsed.PodInfo)
+        events: queue.Queue[Event] = queue.Queue()
+        feeds = Feeds(
+            api.api_client(), events, watcher.tracker, watcher.scope_inputs, "metallb-system"
+        )
+        feeds.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not (feeds.synced and feeds.active.keys() >= {"pods:app", "nodes:n1"}):
+                assert time.monotonic() < deadline, f"not synced: {sorted(feeds.active)}"
+                with contextlib.suppress(queue.Empty):
+                    feeds.handle(events.get(timeout=0.2))
+                feeds.follow_scopes()
+            assert feeds.relisted
+            for name, store in feeds.stores.items():
+                assert store, name
+                assert all(isinstance(v, msgspec.Struct) for v in store.values()), name
+            for store in msgspec.structs.asdict(watcher.tracker.cluster).values():
+                assert store and all(isinstance(v, msgspec.Struct) for v in store.values())
+        finally:
+            feeds.stop()
 
 
 def test_release_memory_does_not_fail() -> None:
@@ -275,7 +291,7 @@ def test_source_ips_sort_numerically_without_a_cache() -> None:
     import ipaddress
     import random
 
-    from metaleg.watcher.desired import _ip_sort_key
+    from metaleg.watcher.desired import ip_sort_key
 
     rng = random.Random(7)
     ips = [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(300)]
@@ -284,5 +300,5 @@ def test_source_ips_sort_numerically_without_a_cache() -> None:
     expected = sorted(
         ips, key=lambda ip: (ipaddress.ip_address(ip).version, ipaddress.ip_address(ip))
     )
-    assert sorted(ips, key=_ip_sort_key) == expected
-    assert not hasattr(_ip_sort_key, "cache_info")
+    assert sorted(ips, key=ip_sort_key) == expected
+    assert not hasattr(ip_sort_key, "cache_info")

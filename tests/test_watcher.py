@@ -20,7 +20,14 @@ import pytest
 import zmq
 
 from metaleg.config import Config
-from metaleg.ipc import Publish, WatcherStatus, bind_supervisor, decode
+from metaleg.ipc import (
+    Publish,
+    PublishChange,
+    WatcherStatus,
+    apply_change,
+    bind_supervisor,
+    decode,
+)
 from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from metaleg.model import Action, NodeDesiredState, Role
 from tests.kube import ClusterDriver
@@ -51,6 +58,9 @@ class WatcherUnderTest:
                 [sys.executable, "-m", "metaleg.watcher"], env=env, stderr=log_file
             )
         self.published: list[Publish] = []
+        """Every state the watcher sent, complete or as a change."""
+        self.sequence = -1
+        self.changes = 0
         self.statuses: list[WatcherStatus] = []
 
     def pump(self, timeout: float) -> None:
@@ -64,6 +74,20 @@ class WatcherUnderTest:
                 message = decode(frame)
                 if isinstance(message, Publish):
                     self.published.append(message)
+                elif isinstance(message, PublishChange):
+                    # The supervisor's part: the change applies to the state held.
+                    last = self.published[-1]
+                    assert message.base_sequence == self.sequence, "a change was lost"
+                    self.published.append(
+                        Publish(
+                            apply_change(last.state, message.delta),
+                            last.problems if message.problems is None else message.problems,
+                            message.sequence,
+                        )
+                    )
+                    self.changes += 1
+                if isinstance(message, Publish | PublishChange):
+                    self.sequence = message.sequence
                 elif isinstance(message, WatcherStatus):
                     self.statuses.append(message)
 
@@ -247,13 +271,21 @@ def test_bursts_are_coalesced(
     add_relay(cluster, gateway="node-a")
     watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY)
     before = len(watcher.published)
-    # A burst as the API server delivers it (e.g. a Deployment scaled up): 40 slice updates
-    # within a few milliseconds.
-    for index in range(40):
-        endpoints = [
-            {"addresses": [f"10.244.1.{10 + i}"], "nodeName": "node-a"} for i in range(index + 1)
-        ]
-        api.store.patch("endpointslices", "relay-v4", {"endpoints": endpoints}, namespace="mail")
+    # A burst (e.g. a Deployment scaled up): 40 slice updates that reach the watcher while it
+    # is busy. A lone event is handled at once, so to be sure they arrive together the
+    # watcher is paused (SIGSTOP) while they are written.
+    os.kill(watcher.process.pid, signal.SIGSTOP)
+    try:
+        for index in range(40):
+            endpoints = [
+                {"addresses": [f"10.244.1.{10 + i}"], "nodeName": "node-a"}
+                for i in range(index + 1)
+            ]
+            api.store.patch(
+                "endpointslices", "relay-v4", {"endpoints": endpoints}, namespace="mail"
+            )
+    finally:
+        os.kill(watcher.process.pid, signal.SIGCONT)
     state = watcher.wait_for(
         lambda s: relay(s) is not None and len(relay(s).families[0].source_ips) == 40, timeout=20
     )

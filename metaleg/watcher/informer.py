@@ -19,6 +19,7 @@ Structs of :mod:`metaleg.watcher.cluster`): a relist never holds whole objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -36,7 +37,6 @@ from kubernetes.watch.watch import iter_resp_lines
 from metaleg.metrics import ERRORS, RELISTS, WATCH_EVENTS
 from metaleg.watcher.cluster import (
     REWRITE_LABEL,
-    SERVICE_NAME_LABEL,
     WireEndpointSlice,
     WireL2Status,
     WireNode,
@@ -69,10 +69,13 @@ class Event:
     """
 
     resource: str
+    """The informer's name: a resource (``services``) or a scope (``pods:app``)."""
     kind: str
     objects: list[dict[str, Any]] = field(default_factory=list)
     object: dict[str, Any] | None = None
     message: str = ""
+    tag: int = 0
+    """Which informer sent it: a replaced informer's late events are told apart by it."""
 
 
 ListCall = Callable[..., Any]
@@ -97,18 +100,28 @@ class ResourceSpec:
 class Informer(threading.Thread):
     """Lists and watches one resource forever, reporting :class:`Event` values to ``events``."""
 
-    def __init__(self, spec: ResourceSpec, events: queue.Queue[Event]) -> None:
+    def __init__(self, spec: ResourceSpec, events: queue.Queue[Event], tag: int = 0) -> None:
         super().__init__(name=f"informer-{spec.name}", daemon=True)
         self.spec = spec
         self.events = events
+        self.tag = tag
         self.stopping = threading.Event()
         self.resource_version = ""
         self.relists = 0
         self.watch_events = 0
+        self._response: Any = None
+        """The open watch response, so that :meth:`stop` can end a read that would block for
+        minutes (a replaced scope's informer must not keep its connection)."""
         self._page_decoder = list_decoder(spec.wire) if spec.wire is not None else None
 
     def stop(self) -> None:
+        """Stop at once: the thread ends without reporting anything more."""
         self.stopping.set()
+        response = self._response
+        if response is not None:
+            # urllib3's shutdown() unblocks a read in another thread (close() would not).
+            with contextlib.suppress(Exception):
+                response.shutdown()
 
     def run(self) -> None:
         delay = BACKOFF_INITIAL
@@ -121,24 +134,30 @@ class Informer(threading.Thread):
                 self._watch()
                 delay = BACKOFF_INITIAL  # a watch that ended normally: resume at once
             except Gone:
+                if self.stopping.is_set():
+                    return
                 log.info(
                     "watch history expired (410 Gone); relisting",
                     extra={"resource": self.spec.name},
                 )
                 need_list = True
             except ApiException as error:
+                if self.stopping.is_set():
+                    return
                 ERRORS.labels("watcher", "watch").inc()
                 message = self._describe(error)
-                self.events.put(Event(self.spec.name, "error", message=message))
+                self.events.put(Event(self.spec.name, "error", message=message, tag=self.tag))
                 log.warning(
                     "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
                 )
                 need_list = True
                 delay = self._sleep(delay)
             except Exception as error:  # connection refused/reset, timeouts, bad JSON
+                if self.stopping.is_set():
+                    return
                 ERRORS.labels("watcher", "watch").inc()
                 message = f"cannot reach the API server: {type(error).__name__}: {error}"
-                self.events.put(Event(self.spec.name, "error", message=message))
+                self.events.put(Event(self.spec.name, "error", message=message, tag=self.tag))
                 log.warning(
                     "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
                 )
@@ -154,6 +173,8 @@ class Informer(threading.Thread):
         return f"{self.spec.name}: API error {error.status} {error.reason}"
 
     def _list(self) -> None:
+        if self.stopping.is_set():
+            return
         objects: list[dict[str, Any]] = []
         continue_token = ""
         while True:
@@ -172,8 +193,10 @@ class Informer(threading.Thread):
                 self.resource_version = str(metadata.get("resourceVersion") or "")
                 break
         self.relists += 1
-        RELISTS.labels("watcher", self.spec.name).inc()
-        self.events.put(Event(self.spec.name, "replace", objects=objects))
+        RELISTS.labels("watcher", self.spec.name.partition(":")[0]).inc()
+        if self.stopping.is_set():
+            return
+        self.events.put(Event(self.spec.name, "replace", objects=objects, tag=self.tag))
 
     def _decode_page(self, data: bytes) -> dict[str, Any]:
         if self._page_decoder is not None:
@@ -201,12 +224,16 @@ class Informer(threading.Thread):
             # server-side timeout plus a margin is dead.
             request_timeout=(10, timeout + 30),
         )
+        self._response = response
+        if self.stopping.is_set():  # stopped while connecting: stop() did not see it
+            response.shutdown()
         try:
             for event in self._events_of(response):
                 if self.stopping.is_set():
                     return
                 self._handle(event)
         finally:
+            self._response = None
             response.close()
             response.release_conn()
 
@@ -235,52 +262,54 @@ class Informer(threading.Thread):
         if kind == "BOOKMARK":
             return
         self.watch_events += 1
-        WATCH_EVENTS.labels("watcher", self.spec.name, str(kind)).inc()
+        WATCH_EVENTS.labels("watcher", self.spec.name.partition(":")[0], str(kind)).inc()
         if kind in ("ADDED", "MODIFIED"):
-            self.events.put(Event(self.spec.name, "upsert", object=obj))
+            self.events.put(Event(self.spec.name, "upsert", object=obj, tag=self.tag))
         elif kind == "DELETED":
-            self.events.put(Event(self.spec.name, "delete", object=obj))
+            self.events.put(Event(self.spec.name, "delete", object=obj, tag=self.tag))
 
 
-def resource_specs(api: Any, metallb_namespace: str, node_name: str) -> list[ResourceSpec]:
-    """The resources metaleg watches, bound to an ``ApiClient``."""
+def base_specs(api: Any, metallb_namespace: str) -> list[ResourceSpec]:
+    """The resources watched whatever the scopes: labelled Services and MetalLB's statuses."""
     calls = KubeCalls(api)
-
-    def lister(path: str, *selectors: tuple[str, str]) -> ListCall:
-        def call(query: Query, request_timeout: Any = None) -> Any:
-            return calls.get(path, [*selectors, *query], request_timeout)
-
-        return call
-
     return [
         # Server-side filtering: a Service that loses the label arrives as DELETED.
         ResourceSpec(
             "services",
-            lister("/api/v1/services", ("labelSelector", f"{REWRITE_LABEL}=true")),
+            _lister(calls, "/api/v1/services", ("labelSelector", f"{REWRITE_LABEL}=true")),
             wire=WireService,
         ),
         ResourceSpec(
-            "endpointslices",
-            lister(
-                "/apis/discovery.k8s.io/v1/endpointslices", ("labelSelector", SERVICE_NAME_LABEL)
-            ),
-            wire=WireEndpointSlice,
-        ),
-        ResourceSpec("nodes", lister("/api/v1/nodes"), wire=WireNode),
-        # Only this node's Pods: their IPs count before an EndpointSlice lists them.
-        ResourceSpec(
-            "pods",
-            lister("/api/v1/pods", ("fieldSelector", f"spec.nodeName={node_name}")),
-            wire=WirePod,
-        ),
-        ResourceSpec(
             "servicel2statuses",
-            lister(
+            _lister(
+                calls,
                 f"/apis/metallb.io/v1beta1/namespaces/{quote(metallb_namespace, safe='')}"
-                "/servicel2statuses"
+                "/servicel2statuses",
             ),
             wire=WireL2Status,
             missing_hint="the ServiceL2Status CRD (metallb.io/v1beta1) is missing; MetalLB >= 0.14 is "
             "required. Keeping the current kernel state and retrying",
         ),
     ]
+
+
+_SCOPED_RESOURCES: dict[str, tuple[str, type[msgspec.Struct]]] = {
+    "endpointslices": ("/apis/discovery.k8s.io/v1/endpointslices", WireEndpointSlice),
+    "pods": ("/api/v1/pods", WirePod),
+    "nodes": ("/api/v1/nodes", WireNode),
+}
+
+
+def scoped_spec(api: Any, scope: str, selector: tuple[str, str]) -> ResourceSpec:
+    """The list + watch of one scope (see :mod:`metaleg.watcher.scopes`): ``scope`` is
+    ``endpointslices``, ``pods:<keys>`` or ``nodes:<name>``, ``selector`` its query
+    parameter (``labelSelector`` or ``fieldSelector``) and value."""
+    path, wire = _SCOPED_RESOURCES[scope.partition(":")[0]]
+    return ResourceSpec(scope, _lister(KubeCalls(api), path, selector), wire=wire)
+
+
+def _lister(calls: KubeCalls, path: str, *selectors: tuple[str, str]) -> ListCall:
+    def call(query: Query, request_timeout: Any = None) -> Any:
+        return calls.get(path, [*selectors, *query], request_timeout)
+
+    return call

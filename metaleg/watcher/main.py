@@ -1,15 +1,20 @@
 """The watcher process: cluster objects in, this node's desired state out.
 
-One informer thread per resource feed raw events into a queue; the main thread keeps the
-parsed objects (:class:`ClusterState`), coalesces bursts, recomputes the
-desired state with the pure :func:`compute_node_state` and publishes it to the
-supervisor when it changed. Nothing is published before every resource has
-been listed once: a half-synced view (say, Services without their
-ServiceL2Status) would tear down working kernel state.
+Informer threads (:mod:`metaleg.watcher.feeds`: the labelled Services, MetalLB's
+ServiceL2Statuses, and scoped watches of only the EndpointSlices, Pods and Nodes
+those need) feed raw events into one queue. The main thread parses them, hands them
+to the :class:`~metaleg.watcher.tracker.EgressTracker`, which recomputes only the
+Services an event concerns, and sends the supervisor the change
+(:class:`~metaleg.ipc.ChangePublisher`). A lone event is handled at once; events
+that arrive while one is handled are taken together (a burst costs one
+computation). Nothing is published before every resource and scope has been listed
+once: a half-synced view (say, Services without their ServiceL2Status) would tear
+down working kernel state.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -24,45 +29,27 @@ from kubernetes import client
 from kubernetes import config as kube_config
 
 from metaleg.config import Config
-from metaleg.ipc import Publish, WatcherStatus, connect_worker, encode
+from metaleg.ipc import ChangePublisher, MessageError, WatcherStatus, connect_worker, encode
 from metaleg.lifecycle import release_memory, start_worker
-from metaleg.metrics import ERRORS, PUBLISHED
+from metaleg.metrics import ERRORS, IPC_DROPPED, PUBLISHED
 from metaleg.model import NodeDesiredState, ServiceEgress
-from metaleg.watcher.cluster import (
-    ClusterState,
-    ObjectError,
-    Problem,
-    parse_endpoint_slice,
-    parse_l2_status,
-    parse_node,
-    parse_pod,
-    parse_service,
-)
-from metaleg.watcher.desired import NodeSettings, compute_node_state
+from metaleg.watcher.desired import NodeSettings
 from metaleg.watcher.events import EventPoster, describe_change
-from metaleg.watcher.informer import Event, Informer, resource_specs
+from metaleg.watcher.feeds import Feeds
+from metaleg.watcher.informer import Event
+from metaleg.watcher.scopes import ScopeInputs
+from metaleg.watcher.tracker import EgressTracker, TrackerResult
 
 log = logging.getLogger(__name__)
 
-COALESCE_QUIET = 0.02
-"""Publish once no event arrived for this long..."""
-COALESCE_MAX = 0.2
-"""...or at the latest this long after the first event of a burst."""
 REPUBLISH_INTERVAL = 10.0
-"""Re-send the unchanged state this often: a liveness signal, and repair of a lost message."""
+"""Re-send the unchanged state this often (an empty change of a few bytes): a liveness
+signal, and the supervisor's check that it holds the state the watcher holds."""
 ALLOCATION_FILE = "allocation.json"
+MAX_BATCH = 10000
+"""At most this many queued events are taken before computing (a relist is one event)."""
 
 _STOP = Event("", "stop")
-
-
-def _parsers() -> dict[str, Any]:
-    return {
-        "services": (parse_service, "services"),
-        "endpointslices": (parse_endpoint_slice, "slices"),
-        "nodes": (parse_node, "nodes"),
-        "servicel2statuses": (parse_l2_status, "l2_statuses"),
-        "pods": (parse_pod, "pods"),
-    }
 
 
 class Watcher:
@@ -79,80 +66,34 @@ class Watcher:
             exclude_dst_ipv4=config.exclude_dst_ipv4,
             exclude_dst_ipv6=config.exclude_dst_ipv6,
         )
-        self.cluster = ClusterState()
-        self.object_problems: dict[tuple[str, str], list[Problem]] = {}
-        self.synced: set[str] = set()
-        self.errors: dict[str, str] = {}
         self.allocation = self._load_allocation()
+        self.tracker = EgressTracker(self.settings, self.allocation)
+        self.scope_inputs = ScopeInputs(config.node_name, config.metallb_namespace)
         self.published: NodeDesiredState | None = None
         self.reported_problems: set[str] = set()
         self.events: EventPoster | None = None
-        self.relisted = False
-        """A resource was listed since the last :func:`release_memory`."""
 
-    # --- cluster objects ---------------------------------------------------------------------
+    def problems(self, feeds: Feeds, result: TrackerResult) -> tuple[str, ...]:
+        """Every problem found in cluster objects, sorted; new ones are logged once."""
+        problems = {str(p) for ps in feeds.object_problems.values() for p in ps}
+        problems.update(str(p) for p in result.problems)
+        for problem in sorted(problems - self.reported_problems):
+            log.warning("cluster object problem: %s", problem)
+        self.reported_problems = problems
+        return tuple(sorted(problems))
 
-    def handle(self, event: Event) -> None:
-        """Apply one informer event to the parsed cluster state."""
-        parse, attribute = _parsers()[event.resource]
-        store: dict[str, Any] = getattr(self.cluster, attribute)
-        if event.kind == "error":
-            self.errors[event.resource] = event.message
-            return
-        self.errors.pop(event.resource, None)
-        if event.kind == "replace":
-            store.clear()
-            for stale in [k for k in self.object_problems if k[0] == event.resource]:
-                del self.object_problems[stale]
-            for obj in event.objects:
-                self._upsert(event.resource, parse, store, obj)
-            self.synced.add(event.resource)
-            self.relisted = True
-        elif event.kind == "upsert" and event.object is not None:
-            self._upsert(event.resource, parse, store, event.object)
-        elif event.kind == "delete" and event.object is not None:
-            key = _key_of(event.object)
-            if key is not None:
-                store.pop(key, None)
-                self.object_problems.pop((event.resource, key), None)
-
-    def _upsert(
-        self, resource: str, parse: Any, store: dict[str, Any], obj: dict[str, Any]
-    ) -> None:
-        problems: list[Problem] = []
-        key = _key_of(obj)
-        try:
-            info = parse(obj, problems)
-        except ObjectError as error:
-            log.warning("skipped an object: %s", error, extra={"resource": resource})
-            return
-        assert key is not None  # parse() succeeded, so the object has a name
-        store[key] = info
-        if problems:
-            self.object_problems[(resource, key)] = problems
-        else:
-            self.object_problems.pop((resource, key), None)
-
-    # --- desired state -----------------------------------------------------------------------
-
-    def compute(self) -> Publish:
-        result = compute_node_state(self.cluster, self.settings, self.allocation)
+    def save_allocation(self, result: TrackerResult) -> None:
         if result.allocation != self.allocation:
             self.allocation = dict(result.allocation)
             self._save_allocation()
-        problems = [str(p) for ps in self.object_problems.values() for p in ps]
-        problems += [str(p) for p in result.problems]
-        for problem in sorted(set(problems) - self.reported_problems):
-            log.warning("cluster object problem: %s", problem)
-        self.reported_problems = set(problems)
-        self._log_decisions(result.state)
-        return Publish(state=result.state, problems=tuple(sorted(set(problems))))
 
-    def _log_decisions(self, state: NodeDesiredState) -> None:
+    def log_decisions(self, result: TrackerResult) -> None:
         """One line per Service whose egress on this node changed, with the reason."""
-        before = {s.key: s for s in self.published.services} if self.published else {}
-        after = {s.key: s for s in state.services}
-        for key in sorted(set(before) | set(after)):
+        if not result.changed:
+            return
+        before = _by_key(self.published, result.changed)
+        after = _by_key(result.state, result.changed)
+        for key in result.changed:
             old, new = before.get(key), after.get(key)
             if old == new:
                 continue
@@ -224,16 +165,19 @@ def _summary(service: ServiceEgress) -> tuple[object, ...]:
     )
 
 
-def _key_of(obj: dict[str, Any]) -> str | None:
-    metadata = obj.get("metadata")
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
-        return None
-    namespace = metadata.get("namespace")
-    return (
-        f"{namespace}/{metadata['name']}"
-        if isinstance(namespace, str) and namespace
-        else metadata["name"]
-    )
+def _by_key(state: NodeDesiredState | None, keys: tuple[str, ...]) -> dict[str, ServiceEgress]:
+    """The Services of ``state`` with these keys, found by bisection (Services are sorted by
+    namespace and name)."""
+    found: dict[str, ServiceEgress] = {}
+    if state is None:
+        return found
+    services = state.services
+    for key in keys:
+        wanted = tuple(key.split("/", 1))
+        index = bisect.bisect_left(services, wanted, key=lambda s: (s.namespace, s.name))
+        if index < len(services) and services[index].key == key:
+            found[key] = services[index]
+    return found
 
 
 def _api_client(config: Config) -> Any:
@@ -265,73 +209,96 @@ def run(config: Config) -> int:
         return 1
     watcher.events = EventPoster(_api_client(config), config.node_name)
     watcher.events.start()
-    informers = [
-        Informer(spec, events)
-        for spec in resource_specs(api, config.metallb_namespace, config.node_name)
-    ]
+    feeds = Feeds(api, events, watcher.tracker, watcher.scope_inputs, config.metallb_namespace)
     context: zmq.Context[Any] = zmq.Context()
     socket = connect_worker(context, config.run_dir, "watcher")
-    for informer in informers:
-        informer.start()
+    publisher = ChangePublisher()
+    feeds.start()
+    feeds.follow_scopes()
     log.info("watching the cluster", extra={"node": config.node_name})
     last_sent = 0.0
     last_status: WatcherStatus | None = None
-    last_publish: Publish | None = None
+    last_problems: tuple[str, ...] = ()
     try:
         while True:
+            now = time.monotonic()
+            timeout = REPUBLISH_INTERVAL
+            deadline = feeds.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
             try:
-                event = events.get(timeout=REPUBLISH_INTERVAL)
+                event: Event | None = events.get(timeout=timeout)
             except queue.Empty:
                 event = None
-            if event is _STOP:
-                return 0
-            changed = event is not None
-            if event is not None:
-                watcher.handle(event)
-                # Coalesce a burst: keep taking events until a short quiet spell.
-                deadline = time.monotonic() + COALESCE_MAX
-                while (remaining := deadline - time.monotonic()) > 0:
-                    try:
-                        event = events.get(timeout=min(COALESCE_QUIET, remaining))
-                    except queue.Empty:
-                        break
-                    if event is _STOP:
-                        return 0
-                    watcher.handle(event)
-                # Not kept while idle: a relist's event holds every raw object it listed.
-                event = None
-            all_synced = len(watcher.synced) == len(informers)
+            # Everything queued meanwhile is taken too: a burst costs one computation,
+            # and a lone event waits for nothing.
+            taken = 0
+            while event is not None:
+                if event is _STOP:
+                    return 0
+                feeds.handle(event)
+                feeds.follow_scopes()
+                taken += 1
+                if taken >= MAX_BATCH:
+                    break
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    event = None
             status = WatcherStatus(
-                synced=all_synced, error="; ".join(sorted(watcher.errors.values()))
+                synced=feeds.synced, error="; ".join(sorted(set(feeds.errors.values())))
             )
             if status != last_status:
                 socket.send(encode(status))
                 last_status = status
-            if not all_synced:
-                continue
+            _answer_supervisor(socket, publisher, watcher, last_problems)
             now = time.monotonic()
-            if changed or last_publish is None:
-                publish = watcher.compute()
-                if publish.state != watcher.published:
+            if not feeds.may_publish(now):
+                continue
+            if watcher.tracker.dirty or watcher.published is None or taken:
+                result = watcher.tracker.compute()
+                watcher.save_allocation(result)
+                problems = watcher.problems(feeds, result)
+                if result.state != watcher.published or problems != last_problems:
+                    watcher.log_decisions(result)
                     PUBLISHED.labels("watcher").inc()
-                    socket.send(encode(publish))
-                    watcher.published = publish.state
+                    socket.send(publisher.frame(result.state, problems))
+                    watcher.published = result.state
+                    last_problems = problems
                     last_sent = now
-                last_publish = publish
-                if watcher.relisted:
+                if feeds.relisted:
                     # A relist allocated and freed the raw objects of a whole resource.
-                    watcher.relisted = False
+                    feeds.relisted = False
                     release_memory()
-            if now - last_sent >= REPUBLISH_INTERVAL:
-                # Nothing changed: resend what we have (a liveness signal and the repair of a
-                # lost message) without recomputing it, so that an idle watcher stays idle.
-                socket.send(encode(last_publish))
+            if watcher.published is not None and now - last_sent >= REPUBLISH_INTERVAL:
+                # Nothing changed: an empty change says so (liveness, and the supervisor's
+                # check that it holds our state) without recomputing anything.
+                socket.send(publisher.frame(watcher.published, last_problems))
                 last_sent = now
     finally:
-        for informer in informers:
-            informer.stop()
+        feeds.stop()
         socket.close(0)
         context.term()
+
+
+def _answer_supervisor(
+    socket: zmq.Socket[Any],
+    publisher: ChangePublisher,
+    watcher: Watcher,
+    problems: tuple[str, ...],
+) -> None:
+    """Read what the supervisor sent: a request for the complete state is answered at once."""
+    while True:
+        try:
+            frame = socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            if publisher.handle(frame) and watcher.published is not None:
+                socket.send(publisher.frame(watcher.published, problems))
+        except MessageError as error:
+            IPC_DROPPED.labels("watcher").inc()
+            log.warning("dropped a message", extra={"error": str(error)})
 
 
 def main() -> None:

@@ -118,11 +118,15 @@ class EgressTracker:
         self._shift = fwmask_shift(settings.fwmask)
         # Indexes of the held objects.
         self._labelled: dict[ServiceKey, ServiceInfo] = {}
-        self._labelled_by_namespace: dict[str, set[ServiceKey]] = defaultdict(set)
         self._statuses_by_service: dict[ServiceKey, set[str]] = defaultdict(set)
         self._statuses_by_node: dict[str, set[str]] = defaultdict(set)
         self._slices_by_service: dict[ServiceKey, set[str]] = defaultdict(set)
-        self._pods_by_namespace: dict[str, set[str]] = defaultdict(set)
+        self._pods_by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+        """(namespace, label key, value) -> Pods: a selector's Pods without a scan."""
+        self._services_by_selector_pair: dict[tuple[str, str, str], set[ServiceKey]] = defaultdict(
+            set
+        )
+        """(namespace, key, value) of a labelled Service's selector -> those Services."""
         # Per labelled Service.
         self._inputs: dict[ServiceKey, _ServiceInputs] = {}
         self._wanted: dict[ServiceKey, dict[str, Family]] = {}
@@ -178,9 +182,10 @@ class EgressTracker:
         self._changed(resource, key, old, None)
         return True
 
-    def keys(self, resource: str) -> list[str]:
-        """The keys held of one resource."""
-        return list(getattr(self.cluster, resource))
+    def cluster_object(self, resource: str, key: str) -> object | None:
+        """The object held under ``key``, or None."""
+        store: dict[str, object] = getattr(self.cluster, resource)
+        return store.get(key)
 
     def _changed(self, resource: str, key: str, old: object, new: object) -> None:
         if resource == "services":
@@ -211,13 +216,19 @@ class EgressTracker:
             if info is None:
                 continue
             key = (info.namespace, info.name)
-            self._labelled.pop(key, None)
-            self._labelled_by_namespace[info.namespace].discard(key)
+            previous = self._labelled.pop(key, None)
+            if previous is not None:
+                for pair_key, value in previous.selector:
+                    pair = (previous.namespace, pair_key, value)
+                    self._services_by_selector_pair[pair].discard(key)
+                    if not self._services_by_selector_pair[pair]:
+                        del self._services_by_selector_pair[pair]
             self._dirty_inputs.add(key)
         if new is not None and new.labelled:
             key = (new.namespace, new.name)
             self._labelled[key] = new
-            self._labelled_by_namespace[new.namespace].add(key)
+            for pair_key, value in new.selector:
+                self._services_by_selector_pair[(new.namespace, pair_key, value)].add(key)
 
     def _slice_changed(self, key: str, old: SliceInfo | None, new: SliceInfo | None) -> None:
         for info in (old, new):
@@ -237,16 +248,24 @@ class EgressTracker:
         for info, step in ((old, -1), (new, 1)):
             if info is None:
                 continue
-            if step < 0:
-                self._pods_by_namespace[info.namespace].discard(key)
-            else:
-                self._pods_by_namespace[info.namespace].add(key)
+            for label, value in info.labels:
+                pair = (info.namespace, label, value)
+                if step < 0:
+                    self._pods_by_label[pair].discard(key)
+                    if not self._pods_by_label[pair]:
+                        del self._pods_by_label[pair]
+                else:
+                    self._pods_by_label[pair].add(key)
             self._count_node_addresses(node_addresses_of_pod(info), step)
             if info.node_name == node_name:
                 self._count_local_ips((ip for ip, _ in pod_sources(info)), step)
-            for service in self._labelled_by_namespace.get(info.namespace, ()):
-                if selects(self._labelled[service], info):
-                    self._dirty_inputs.add(service)
+            # The Services whose selector holds one of its labels, and picks it.
+            for label, value in info.labels:
+                for service in self._services_by_selector_pair.get(
+                    (info.namespace, label, value), ()
+                ):
+                    if selects(self._labelled[service], info):
+                        self._dirty_inputs.add(service)
 
     def _node_changed(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
         for info, step in ((old, -1), (new, 1)):
@@ -382,7 +401,7 @@ class EgressTracker:
             )
             gateway = gateway_of(info, statuses, self.cluster.nodes, problems)
             slices = [self.cluster.slices[k] for k in self._slices_by_service.get(service, ())]
-            pods = [self.cluster.pods[k] for k in self._pods_by_namespace.get(info.namespace, ())]
+            pods = [self.cluster.pods[k] for k in self._selected_pods(info)]
             new = _ServiceInputs(
                 info, gateway, tuple(problems), candidate_sources(info, slices, pods)
             )
@@ -422,6 +441,16 @@ class EgressTracker:
             del self._inputs[service]
         else:
             self._inputs[service] = new
+
+    def _selected_pods(self, info: ServiceInfo) -> set[str]:
+        """The keys of the Pods a Service's selector picks, from the label index."""
+        if not info.selector:
+            return set()
+        candidates = sorted(
+            (self._pods_by_label.get((info.namespace, k, v), set()) for k, v in info.selector),
+            key=len,
+        )
+        return candidates[0].intersection(*candidates[1:])
 
     def _compute_wanted(self, service: ServiceKey) -> set[ServiceKey]:
         """Stage 2a: the sources this node would take of one Service, and the claims index.
