@@ -314,3 +314,110 @@ def test_invalid_objects_are_reported_not_fatal(
     assert any("10.244.1.999" in p for p in watcher.published[-1].problems)
     assert watcher.process.poll() is None
     assert relay(state).role == Role.GATEWAY
+
+
+def test_watches_only_what_the_labelled_services_need(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster, gateway="node-a")
+    # Unrelated objects: an unlabelled Service with its slice and pods, another Node.
+    cluster.service("web", "front", ("198.51.100.201",), labelled=False)
+    cluster.endpoints("web", "front", "IPv4", [("10.244.2.77", "node-b")])
+    cluster.pod("web", "front-1", "node-b", ("10.244.2.77",), {"app": "front"})
+    cluster.node("node-z", "198.51.100.99")
+    # A pod of the relay on another node, not yet in any EndpointSlice: the gateway takes it.
+    cluster.pod("mail", "relay-new", "node-b", ("10.244.2.20",), {"app": "relay"})
+    state = watcher.wait_for(
+        lambda s: relay(s) is not None and "10.244.2.20" in relay(s).families[0].source_ips
+    )
+    assert relay(state).role == Role.GATEWAY
+    watches = {
+        (w["resource"], w["labelSelector"], w["fieldSelector"]) for w in api.store.open_watches()
+    }
+    scoped = {w for w in watches if not w[0].endswith(("services", "servicel2statuses"))}
+    assert scoped == {
+        ("discovery.k8s.io/v1/endpointslices", "kubernetes.io/service-name in (relay)", ""),
+        ("v1/pods", "app in (relay)", ""),
+        ("v1/nodes", "", "metadata.name=node-a"),
+    }, watches
+
+
+def test_scopes_follow_new_services_and_gateways_without_a_gap(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster, gateway="node-a")
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY)
+    cluster.node("node-c", "198.51.100.13", "2001:db8:1::13")
+    published_before = len(watcher.published)
+    # While a new Service's scopes (its EndpointSlices, its Pods, its gateway's Node) are
+    # replaced in, the relay's slice keeps changing: no change may be missed.
+    # (MetalLB's status and the slice exist before the label: a Service labelled later.)
+    cluster.ensure_namespace("web")
+    cluster.gateway("web", "front", "node-c")
+    cluster.endpoints("web", "front", "IPv4", [("10.244.1.30", "node-a")])
+    cluster.service("web", "front", ("198.51.100.201",))
+    for index in range(20):
+        endpoints = [
+            {"addresses": [f"10.244.1.{10 + i}"], "nodeName": "node-a"} for i in range(index + 1)
+        ]
+        api.store.patch("endpointslices", "relay-v4", {"endpoints": endpoints}, namespace="mail")
+    cluster.pod("web", "front-new", "node-a", ("10.244.1.31",), {"app": "front"})
+
+    def done(state: NodeDesiredState) -> bool:
+        front = next((s for s in state.services if s.key == "web/front"), None)
+        return (
+            front is not None
+            and front.families[0].source_ips == ("10.244.1.30", "10.244.1.31")
+            and relay(state).families[0].source_ips[-1] == "10.244.1.29"
+        )
+
+    state = watcher.wait_for(done, timeout=20)
+    front = next(s for s in state.services if s.key == "web/front")
+    assert front.role == Role.FORWARDER and state.routes[0].next_hop_ipv4 == "198.51.100.13"
+    assert len(relay(state).families[0].source_ips) == 20
+
+    # The gateway's Node was not watched before; until its watch had listed, nothing was
+    # published, so the Service never read as "gateway unknown".
+    def gateway_unknown(publish: Publish) -> bool:
+        return any(
+            "known gateway node" in family.reason
+            for service in publish.state.services
+            for family in service.families
+        )
+
+    assert not any(map(gateway_unknown, watcher.published[published_before:]))
+    # A gateway move to yet another node that is not watched: straight to the new gateway.
+    cluster.node("node-d", "198.51.100.14", "2001:db8:1::14")
+    published_before = len(watcher.published)
+    cluster.gateway("web", "front", "node-d")
+    state = watcher.wait_for(
+        lambda s: any(r.node == "node-d" for r in s.routes) and len(s.routes) == 1
+    )
+    assert not any(map(gateway_unknown, watcher.published[published_before:]))
+    # The Node no gateway needs any more is no longer watched.
+    deadline = time.monotonic() + 10
+    while any(w["fieldSelector"] == "metadata.name=node-c" for w in api.store.open_watches()):
+        assert time.monotonic() < deadline, "the watch of node-c was not closed"
+        time.sleep(0.05)
+
+
+def test_a_hostnetwork_endpoint_is_a_problem_not_a_source(
+    watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster, gateway="node-a")
+    cluster.endpoints(
+        "mail", "relay", "IPv4", [("10.244.1.10", "node-a"), ("198.51.100.12", "node-b")]
+    )
+    cluster.pod(
+        "mail", "relay-host", "node-b", ("198.51.100.12",), {"app": "relay"}, host_network=True
+    )
+    state = watcher.wait_for(
+        lambda s: (
+            relay(s) is not None
+            and relay(s).families[0].source_ips == ("10.244.1.10",)
+            and any(
+                "198.51.100.12 is a node's address" in p for p in watcher.published[-1].problems
+            )
+        )
+    )
+    assert state.transit_guard_ipv4 == ()

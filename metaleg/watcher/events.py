@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from metaleg.metrics import EVENTS_POSTED
 from metaleg.model import Action, Role, ServiceEgress
+from metaleg.watcher.cluster import Problem
 from metaleg.watcher.kubeclient import KubeCalls
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,18 @@ def describe_change(node: str, service: ServiceEgress | None, key: str) -> Servi
             True,
         )
     return None  # no endpoints on this node: nothing happens here, nothing to tell
+
+
+def describe_problem(node: str, problem: Problem) -> ServiceEvent | None:
+    """A Warning Event for a problem the desired-state computation found in a Service (a
+    node's address among its endpoints, a source shared with another Service, several
+    announcing nodes); None for problems of other objects."""
+    if problem.kind != "Service":
+        return None
+    namespace, _, name = problem.object.partition("/")
+    return ServiceEvent(
+        namespace, name, "EgressProblem", f"{node}: {problem.field}: {problem.message}", True
+    )
 
 
 class EventPoster(threading.Thread):

@@ -34,7 +34,7 @@ from metaleg.lifecycle import release_memory, start_worker
 from metaleg.metrics import ERRORS, IPC_DROPPED, PUBLISHED
 from metaleg.model import NodeDesiredState, ServiceEgress
 from metaleg.watcher.desired import NodeSettings
-from metaleg.watcher.events import EventPoster, describe_change
+from metaleg.watcher.events import EventPoster, describe_change, describe_problem
 from metaleg.watcher.feeds import Feeds
 from metaleg.watcher.informer import Event
 from metaleg.watcher.scopes import ScopeInputs
@@ -79,6 +79,12 @@ class Watcher:
         problems.update(str(p) for p in result.problems)
         for problem in sorted(problems - self.reported_problems):
             log.warning("cluster object problem: %s", problem)
+        if self.events is not None:
+            for found in result.problems:
+                if str(found) not in self.reported_problems:
+                    event = describe_problem(self.config.node_name, found)
+                    if event is not None:
+                        self.events.post(event)
         self.reported_problems = problems
         return tuple(sorted(problems))
 

@@ -81,6 +81,12 @@ class ScopeInputs:
 
     def service(self, old: ServiceInfo | None, new: ServiceInfo | None) -> None:
         """A Service event (objects as the watcher parsed them; None: absent)."""
+        if (
+            old is not None
+            and new is not None
+            and (old.labelled, old.selector) == (new.labelled, new.selector)
+        ):
+            return  # its LB IPs changed, or nothing: no scope depends on those
         if old is not None and old.labelled:
             self._count_service(old, -1)
             self._labelled.discard((old.namespace, old.name))
@@ -92,13 +98,7 @@ class ScopeInputs:
 
     def status(self, key: str, old: L2StatusInfo | None, new: L2StatusInfo | None) -> None:
         """A ServiceL2Status event."""
-        before = self._status_targets.pop(key, None)
-        if before is not None:
-            self._statuses_of_service[before[0]].discard(key)
-            if not self._statuses_of_service[before[0]]:
-                del self._statuses_of_service[before[0]]
-            if before[0] in self._labelled:
-                self._bump(self._gateway_nodes, before[1], -1)
+        target = None
         if (
             new is not None
             and new.namespace == self.metallb_namespace
@@ -106,11 +106,22 @@ class ScopeInputs:
             and new.service_name is not None
             and new.node is not None
         ):
-            service = (new.service_namespace, new.service_name)
-            self._status_targets[key] = (service, new.node)
+            target = ((new.service_namespace, new.service_name), new.node)
+        if target == self._status_targets.get(key):
+            return  # what a status says besides its Service and node does not matter here
+        before = self._status_targets.pop(key, None)
+        if before is not None:
+            self._statuses_of_service[before[0]].discard(key)
+            if not self._statuses_of_service[before[0]]:
+                del self._statuses_of_service[before[0]]
+            if before[0] in self._labelled:
+                self._bump(self._gateway_nodes, before[1], -1)
+        if target is not None:
+            service, node = target
+            self._status_targets[key] = target
             self._statuses_of_service.setdefault(service, set()).add(key)
             if service in self._labelled:
-                self._bump(self._gateway_nodes, new.node, 1)
+                self._bump(self._gateway_nodes, node, 1)
 
     def _count_gateways_of(self, service: tuple[str, str], step: int) -> None:
         for key in self._statuses_of_service.get(service, ()):
