@@ -251,7 +251,11 @@ def test_the_stores_hold_parsed_objects_only(api: KubeApiServer) -> None:
         feeds.start()
         try:
             deadline = time.monotonic() + 10
-            while not (feeds.synced and feeds.active.keys() >= {"pods:app", "nodes:n1"}):
+            while not (
+                feeds.synced(time.monotonic())
+                and not feeds.pending
+                and feeds.active.keys() >= {"pods:app", "nodes:n1"}
+            ):
                 assert time.monotonic() < deadline, f"not synced: {sorted(feeds.active)}"
                 with contextlib.suppress(queue.Empty):
                     feeds.handle(events.get(timeout=0.2))

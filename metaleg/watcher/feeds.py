@@ -105,6 +105,7 @@ class Feeds:
         self.relisted = False
         """A resource was listed since the caller last reset this (memory to give back)."""
         self._tags = itertools.count(1)
+        self._synced_once = False
 
     # --- informers -------------------------------------------------------------------------------
 
@@ -153,10 +154,17 @@ class Feeds:
 
     # --- readiness -------------------------------------------------------------------------------
 
-    @property
-    def synced(self) -> bool:
-        """Every informer listed once, and no scope waits for its first list."""
-        return all(feed.synced for feed in self.active.values()) and not self.pending
+    def synced(self, now: float) -> bool:
+        """Every informer listed once, and no scope has waited for its first list longer than
+        :data:`SCOPE_SYNC_TIMEOUT` (a scope replaced as the cluster changes is not a loss of
+        sync: readiness must not flicker at every gateway move). At start, every scope must
+        have listed."""
+        if not all(feed.synced for feed in self.active.values()):
+            return False
+        if not self._synced_once:
+            self._synced_once = not self.pending
+            return self._synced_once
+        return all(now - feed.started < SCOPE_SYNC_TIMEOUT for feed in self.pending.values())
 
     def may_publish(self, now: float) -> bool:
         """The Services and statuses listed, and every scope too, or a new scope waited

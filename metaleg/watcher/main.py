@@ -252,7 +252,8 @@ def run(config: Config) -> int:
                 except queue.Empty:
                     event = None
             status = WatcherStatus(
-                synced=feeds.synced, error="; ".join(sorted(set(feeds.errors.values())))
+                synced=feeds.synced(time.monotonic()),
+                error="; ".join(sorted(set(feeds.errors.values()))),
             )
             if status != last_status:
                 socket.send(encode(status))
