@@ -5,15 +5,19 @@ made fail-closed where it was silent):
 
 - A Service takes part when its label ``metaleg.de/rewriteSrcIP`` is exactly
   ``"true"``. Its SNAT addresses are the first IPv4 and IPv6 ingress IPs.
-- Sources are the IPs of its EndpointSlices' endpoints, ready or not. With
-  FILTER_ENDPOINTS_FOR_NODE only the endpoints on this node count, except on
-  the gateway node, which takes all (the others forward to it).
+- Sources are the IPs of its EndpointSlices' endpoints, ready or not, and of
+  the Pods its selector picks, on every node, as soon as they show an IP. With
+  FILTER_ENDPOINTS_FOR_NODE only those on this node count, except on the
+  gateway node, which takes all (the others forward to it).
+- Sources are pods, never nodes: a Node's address (a hostNetwork Pod, an
+  endpoint pointing at a node) is skipped and reported.
 - The gateway is ``status.node`` of the ServiceL2Status in METALLB_NAMESPACE
   whose labels name the Service; it must be a known Node.
 - Per address family: gateway here -> SNAT to the LB IP; gateway elsewhere with
   an InternalIP of that family -> MARK towards it; anything else (no gateway,
   no LB IP of that family, no next hop, no free mark) -> REJECT, with a reason.
   A labelled Service's pods never leave with a node or pod IP.
+- The transit guard lists the labelled Services' sources on other nodes.
 - A source IP claimed by two labelled Services goes to the first by
   namespace/name (the kernel can only do one thing with it); the conflict is
   reported.
