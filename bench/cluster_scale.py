@@ -603,9 +603,9 @@ class ScaleCluster:
             body = l2_status(i, 1 + i)
             cluster.create("servicel2statuses", body, METALLB)
             cluster.status("servicel2statuses", l2_name(i), body["status"], METALLB)
-        # The emulator shares this process: a full collection walking millions of stored
-        # objects held the GIL for ~0.2 s and delayed watch events (moves of 180-250 ms in a
-        # quiet cluster). Objects stored so far are never freed: exempt them from collection.
+        # The emulator shares this process: a full collection walks the ~2 million objects
+        # of the big cluster with the GIL held (~1.1 s here), delaying every watch event.
+        # Objects stored so far are never freed: exempt them from collection.
         gc.collect()
         gc.freeze()
 
