@@ -34,6 +34,7 @@ ENVIRONMENT: dict[str, str | None] = {
     "ROUTE_BACKEND": "netlink",
     "ROUTE_TABLE_ID_OFFSET": "100000",
     "RECONCILIATION_INTERVAL": "5m",
+    "WATCH_IDLE_TIMEOUT": "75s",
     "METRICS_BIND_ADDRESS": ":21793",
     "HEALTH_PROBE_BIND_ADDRESS": ":21794",
     "KUBECONFIG": None,
@@ -87,6 +88,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     route_backend: Literal["netlink"] = "netlink"
     route_table_id_offset: int = 100000
     reconciliation_interval: float = 300.0
+    watch_idle_timeout: float = 75.0
+    """A watch connection that carries nothing (no event, no bookmark) this long is dead."""
     metrics_bind_address: BindAddress | None = None
     health_probe_bind_address: BindAddress | None = None
     kubeconfig: str | None = None
@@ -290,6 +293,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         route_backend=get("ROUTE_BACKEND", _choice(ROUTE_BACKENDS)),  # type: ignore[arg-type]
         route_table_id_offset=offset,
         reconciliation_interval=get("RECONCILIATION_INTERVAL", _positive_duration),
+        watch_idle_timeout=get("WATCH_IDLE_TIMEOUT", _positive_duration),
         metrics_bind_address=get("METRICS_BIND_ADDRESS", parse_bind_address),
         health_probe_bind_address=get("HEALTH_PROBE_BIND_ADDRESS", parse_bind_address),
         kubeconfig=kubeconfig,
