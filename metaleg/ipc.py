@@ -139,6 +139,8 @@ class Applied(msgspec.Struct, tag="applied", frozen=True, forbid_unknown_fields=
     error: str = ""
     duration_seconds: float = 0.0
     backend: str = ""
+    drift: str = ""
+    """Non-empty when this application repaired drift: what was found (``kind: detail; ...``)."""
 
 
 class WatcherStatus(msgspec.Struct, tag="watcher-status", frozen=True, forbid_unknown_fields=True):

@@ -58,3 +58,10 @@ CONNTRACK_FLUSHED = Counter(
     "Conntrack entries deleted because their source's egress treatment changed.",
     ["process"],
 )
+DRIFT_REPAIRS = Counter(
+    "metaleg_drift_repairs_total",
+    "Full re-syncs run at once because metaleg's kernel objects were changed by someone else "
+    "(kind: nft_table, nft_chain, nft_set, nft_element, nft_rule, iptables_chain, "
+    "iptables_jump, ipset, policy_rule, route).",
+    ["process", "kind"],
+)

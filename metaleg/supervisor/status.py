@@ -30,6 +30,11 @@ class ProcessStatus(msgspec.Struct, frozen=True):
     """For data-plane workers: the last snapshot generation applied without error."""
     last_error: str
     crash_looping: bool = False
+    drift_repairs: int = 0
+    """Data-plane workers: repairs of kernel objects someone else changed (drift)."""
+    last_drift: str = ""
+    """What the last drift repair found (``kind: detail``)."""
+    last_drift_seconds_ago: float | None = None
 
 
 class ServiceStatus(msgspec.Struct, frozen=True):
@@ -146,6 +151,12 @@ def render_table(report: StatusReport) -> str:
             for p in report.processes
         ],
     )
+    lines += [
+        f"{p.name}: {p.drift_repairs} drift repair(s), the last {_age(p.last_drift_seconds_ago)} "
+        f"ago: {p.last_drift[:160]}"
+        for p in report.processes
+        if p.drift_repairs and p.last_drift_seconds_ago is not None
+    ]
     lines.append("")
     if report.services:
         lines += _table(

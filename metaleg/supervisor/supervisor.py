@@ -108,6 +108,11 @@ class Worker:
     crashes: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10))
     working: bool = False
     """It reported success since its last start (applied a snapshot, or published a state)."""
+    drift_repairs: int = 0
+    """Drift repairs this data-plane worker reported (every process of it)."""
+    last_drift: str = ""
+    last_drift_at: float = 0.0
+    """time.monotonic() when the last drift repair was reported."""
     sent_generation: int = 0
     """The generation this data-plane worker holds once it has read what it was sent, so
     that a change from it is enough; 0: unknown, the next one is a complete snapshot."""
@@ -317,6 +322,10 @@ class Supervisor:
         elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
             worker = self.workers[sender]
             worker.backend = message.backend or worker.backend
+            if message.drift:
+                worker.drift_repairs += 1
+                worker.last_drift = message.drift
+                worker.last_drift_at = time.monotonic()
             if message.error:
                 worker.last_error = message.error
             else:
@@ -384,6 +393,11 @@ class Supervisor:
                     else None,
                     last_error=worker.last_error,
                     crash_looping=worker.crash_looping(now),
+                    drift_repairs=worker.drift_repairs,
+                    last_drift=worker.last_drift,
+                    last_drift_seconds_ago=now - worker.last_drift_at
+                    if worker.drift_repairs
+                    else None,
                 )
             )
         generation = self.snapshot.generation if self.snapshot else 0
