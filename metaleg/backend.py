@@ -7,7 +7,7 @@ backend owns the kernel objects.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from metaleg.model import NodeDesiredState
 
@@ -44,3 +44,49 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release sockets and helper processes."""
+
+
+class Drift(NamedTuple):
+    """A change to metaleg's kernel objects that metaleg did not make."""
+
+    kind: str
+    """What drifted, the label of ``metaleg_drift_repairs_total``: ``nft_table``,
+    ``nft_chain``, ``nft_set``, ``nft_element``, ``nft_rule``, ``iptables_chain``,
+    ``iptables_jump``, ``ipset``, ``policy_rule``, ``route``."""
+    detail: str
+    """What was found, for the log and the status (one line)."""
+
+
+class DriftDetector(Protocol):
+    """Notices, between re-syncs, that someone else changed metaleg's kernel objects.
+
+    The worker polls :meth:`fds` for readability (kernel notifications) and
+    calls :meth:`check` when one is readable, every :attr:`check_interval`
+    seconds (for kernel objects without notifications), and after each of its
+    own applications (so that its own writes' notifications are consumed while
+    the detector's idea of the desired state matches them). A drift found makes
+    the worker run the backend's full :meth:`Backend.resync` at once.
+    """
+
+    check_interval: float | None
+    """Seconds between periodic checks; None: notifications only."""
+
+    def fds(self) -> list[int]:
+        """File descriptors to poll for readability (opened on first call)."""
+
+    def check(self) -> list[Drift]:
+        """Consume pending notifications (never blocks) and return the foreign changes found."""
+
+    def close(self) -> None:
+        """Release the sockets."""
+
+
+@runtime_checkable
+class DriftDetecting(Protocol):
+    """A backend that can watch its kernel objects for drift between re-syncs."""
+
+    def drift_detector(self) -> DriftDetector | None:
+        """The backend's detector (the same object every call), or None when it has none.
+
+        Called in the worker's process and network namespace, before the first apply.
+        """

@@ -8,6 +8,14 @@ queued up meanwhile are folded first, then applied at once), reports the result,
 re-sync at start and every RECONCILIATION_INTERVAL. The first application in a
 fresh process is always a full re-sync, so a restarted worker repairs whatever
 happened while it was away.
+
+Between re-syncs, a backend that offers a :class:`metaleg.backend.DriftDetector`
+has its kernel objects watched (notifications polled with the bus, or a cheap
+periodic check): a change someone else made to them (drift) makes the worker run
+the full re-sync at once, which repairs and logs what differs. Each such repair is
+logged, counted (``metaleg_drift_repairs_total{kind}``) and reported to the
+supervisor in ``Applied.drift``. Repairs that keep being undone are spaced out
+(:class:`DriftRepairLimiter`), so a component fighting metaleg cannot make it spin.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from metaleg.backend import Backend, BackendError
+from metaleg.backend import Backend, BackendError, Drift, DriftDetecting, DriftDetector
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
@@ -37,13 +45,44 @@ from metaleg.ipc import (
     encode,
 )
 from metaleg.lifecycle import HeapTrimmer, SignalWakeup
-from metaleg.metrics import APPLY_DURATION, ERRORS, IPC_DROPPED
+from metaleg.metrics import APPLY_DURATION, DRIFT_REPAIRS, ERRORS, IPC_DROPPED
 
 log = logging.getLogger(__name__)
 
 HELLO_INTERVAL = 2.0
 RETRY_INITIAL = 0.5
 RETRY_MAX = 30.0
+FIGHT_WINDOW = 2.0
+"""Drift found within this many seconds of the last drift repair counts as a fight..."""
+FIGHT_DELAY_INITIAL = 0.5
+FIGHT_DELAY_MAX = 60.0
+"""...and spaces the next repair out: 0.5 s, doubling up to 60 s, until a quiet window."""
+
+
+class DriftRepairLimiter:
+    """When the next drift repair may run: at once, unless drift keeps coming right back.
+
+    A repair that something undoes within :data:`FIGHT_WINDOW` (a controller that
+    owns the same objects, a script in a loop) doubles the wait before the next
+    one, from :data:`FIGHT_DELAY_INITIAL` up to :data:`FIGHT_DELAY_MAX`; drift
+    after a quiet window is repaired at once again.
+    """
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.last_repair = float("-inf")
+
+    def next_allowed(self, found_at: float) -> float:
+        """The earliest time a repair of drift found at ``found_at`` may start."""
+        if found_at - self.last_repair > FIGHT_WINDOW + self.delay:
+            self.delay = 0.0
+        return self.last_repair + self.delay if self.delay else found_at
+
+    def repaired(self, at: float, found_at: float) -> None:
+        """Record a repair that ran at ``at`` for drift found at ``found_at``."""
+        if found_at - self.last_repair <= FIGHT_WINDOW + self.delay:
+            self.delay = min(max(FIGHT_DELAY_INITIAL, self.delay * 2), FIGHT_DELAY_MAX)
+        self.last_repair = at
 
 
 class DataplaneWorker:
@@ -71,6 +110,14 @@ class DataplaneWorker:
         self.next_attempt = 0.0
         self.next_resync = 0.0
         self.next_hello = 0.0
+        self.detector: DriftDetector | None = None
+        self.next_drift_check = float("inf")
+        self.drift: list[Drift] = []
+        """Drift found and not yet repaired."""
+        self.drift_found_at = 0.0
+        self.drift_limiter = DriftRepairLimiter()
+        self.drift_repairs = 0
+        """Drift repairs done by this process."""
 
     def run(self) -> int:
         """Serve until SIGTERM; returns the exit status."""
@@ -80,6 +127,9 @@ class DataplaneWorker:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(wakeup.fileno(), zmq.POLLIN)
+        drift_fds = self._start_drift_detection()
+        for fd in drift_fds:
+            poller.register(fd, zmq.POLLIN)
         log.info("started", extra={"backend": self.backend.name, "pid": os.getpid()})
         try:
             while True:
@@ -103,7 +153,13 @@ class DataplaneWorker:
                     deadlines.append(max(self.next_attempt, self.next_resync))
                     if self._wants_apply():
                         deadlines.append(self.next_attempt)
-                timeout_ms = max(0, int((min(deadlines) - now) * 1000)) if deadlines else None
+                    if self.drift:
+                        deadlines.append(max(self.next_attempt, self._drift_repair_at()))
+                deadlines.append(self.next_drift_check)
+                deadline = min(deadlines)
+                timeout_ms = (
+                    max(0, int((deadline - now) * 1000)) if deadline != float("inf") else None
+                )
                 events = dict(poller.poll(timeout_ms))
                 if wakeup.fileno() in events and {signal.SIGTERM, signal.SIGINT} & set(
                     wakeup.drain()
@@ -112,11 +168,70 @@ class DataplaneWorker:
                     return 0
                 if socket in events:
                     self._receive_all(socket)
+                if any(fd in events for fd in drift_fds) or time.monotonic() >= (
+                    self.next_drift_check
+                ):
+                    self._check_drift()
                 self._work(socket)
         finally:
+            if self.detector is not None:
+                self.detector.close()
             self.backend.close()
             socket.close(0)
             context.term()
+
+    def _start_drift_detection(self) -> list[int]:
+        """Open the backend's drift detector, if it has one; the descriptors to poll."""
+        if not isinstance(self.backend, DriftDetecting):
+            return []
+        try:
+            detector = self.backend.drift_detector()
+            fds = detector.fds() if detector is not None else []
+        except Exception:  # detection is an optimisation: the periodic re-sync remains
+            log.exception("cannot watch for drift; relying on the periodic re-sync")
+            return []
+        if detector is None:
+            return []
+        self.detector = detector
+        if detector.check_interval is not None:
+            self.next_drift_check = time.monotonic() + detector.check_interval
+        log.info(
+            "watching kernel objects for drift",
+            extra={"fds": len(fds), "check_interval": detector.check_interval},
+        )
+        return fds
+
+    def _check_drift(self) -> None:
+        """Ask the detector; drift found once the kernel state is ours becomes a repair to run."""
+        detector = self.detector
+        if detector is None:
+            return
+        if detector.check_interval is not None:
+            self.next_drift_check = time.monotonic() + detector.check_interval
+        try:
+            found = detector.check()
+        except Exception:
+            log.exception("drift check failed")
+            return
+        if not found or not self.resynced_once:
+            return  # before the first re-sync, which repairs everything anyway
+        now = time.monotonic()
+        if not self.drift:
+            self.drift_found_at = now
+        self.drift.extend(found)
+        for drift in found:
+            log.warning(
+                "kernel objects changed by someone else",
+                extra={"kind": drift.kind, "drift": drift.detail},
+            )
+        if self._drift_repair_at() > now:
+            log.warning(
+                "drift keeps coming back; next repair in %.1fs",
+                self._drift_repair_at() - now,
+            )
+
+    def _drift_repair_at(self) -> float:
+        return self.drift_limiter.next_allowed(self.drift_found_at)
 
     def _drop(self, text: str, *args: object, error: str = "") -> None:
         self.dropped_messages += 1
@@ -186,7 +301,8 @@ class DataplaneWorker:
             return
         if now < self.next_attempt:
             return  # backing off after a failure; a new snapshot resets this
-        full = not self.resynced_once or now >= self.next_resync
+        repairing = bool(self.drift) and now >= self._drift_repair_at()
+        full = not self.resynced_once or now >= self.next_resync or repairing
         if not full and not self._wants_apply():
             return
         started = time.monotonic()
@@ -211,6 +327,12 @@ class DataplaneWorker:
             log.exception("unexpected error while applying")
             error = f"{type(failure).__name__}: {failure}"
         duration = time.monotonic() - started
+        drift_report = ""
+        if repairing and not error:  # a failed repair is retried with the back-off below
+            drift_report = self._repaired_drift(started)
+        # Consume the notifications of our own writes now, while the detector's idea of the
+        # desired state is the one they were made for.
+        self._check_drift()
         if full:
             # A re-sync reads the whole kernel state: free what it left in reference cycles
             # now (not whenever the oldest generation is next collected), and give the peak
@@ -240,5 +362,34 @@ class DataplaneWorker:
             self.retry_delay = RETRY_INITIAL
             self.next_attempt = 0.0
         socket.send(
-            encode(Applied(self.process, latest.generation, error, duration, self.backend.name))
+            encode(
+                Applied(
+                    self.process,
+                    latest.generation,
+                    error,
+                    duration,
+                    self.backend.name,
+                    drift=drift_report,
+                )
+            )
         )
+
+    def _repaired_drift(self, started: float) -> str:
+        """Log and count the repair of the drift pending; its one-line report for the status."""
+        repaired = self.drift
+        self.drift = []
+        self.drift_limiter.repaired(started, self.drift_found_at)
+        kinds = list(dict.fromkeys(drift.kind for drift in repaired))
+        for kind in kinds:
+            DRIFT_REPAIRS.labels(self.process, kind).inc()
+        self.drift_repairs += 1
+        details = list(dict.fromkeys(drift.detail for drift in repaired))
+        report = "; ".join(f"{drift.kind}: {drift.detail}" for drift in repaired[:3])
+        if len(repaired) > 3:
+            report += f"; and {len(repaired) - 3} more"
+        log.warning(
+            "drift repaired by a full re-sync %.3fs after it was found",
+            time.monotonic() - self.drift_found_at,
+            extra={"kinds": kinds, "drift": details[:10]},
+        )
+        return report
