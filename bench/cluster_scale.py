@@ -775,7 +775,8 @@ def settle(bench: AgentBench, seconds: float) -> int:
 
 def run_small(backend: str, settle_seconds: float, env: dict[str, str]) -> dict[str, Any]:
     layout = ScaleCluster(None)
-    with AgentBench(LABELLED, backend, populate=layout, **env) as bench:
+    with AgentBench(LABELLED, backend, populate=layout) as bench:
+        bench.env.update(env)  # the agent's environment (PYTHONPATH of --code)
         started = time.monotonic()
         bench.start()
         bench.wait_ready(timeout=300)
@@ -804,7 +805,8 @@ def run_big(
     layout = ScaleCluster(scale)
     result: dict[str, Any] = {}
     built = time.monotonic()
-    with AgentBench(LABELLED, backend, populate=layout, **env) as bench:
+    with AgentBench(LABELLED, backend, populate=layout) as bench:
+        bench.env.update(env)  # the agent's environment (PYTHONPATH of --code)
         result["build_seconds"] = time.monotonic() - built
         store = bench.api.store
         result["objects"] = {

@@ -72,7 +72,8 @@ GOAL_GROWTH = 2.0
 def run_backend(
     backend: str, n: int, changes: int, ips: int, profile: bool, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    with AgentBench(n, backend, ips=ips, **(env or {})) as bench:
+    with AgentBench(n, backend, ips=ips) as bench:
+        bench.env.update(env or {})  # (not as **kwargs: they would reach ips= for mypy)
         started = time.monotonic()
         bench.start()
         report = bench.wait_ready(timeout=600)
