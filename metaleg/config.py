@@ -10,7 +10,9 @@ environment themselves.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from typing import Literal, TypeVar
 
@@ -230,6 +232,64 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
+UNIX_PATH_MAX = 107
+"""Bytes of a Unix socket path (``sun_path`` is 108 bytes with its terminating NUL)."""
+RUN_DIR_SOCKETS = ("bus.sock", "control.sock")
+"""The Unix sockets the supervisor binds in METALEG_RUN_DIR (:mod:`metaleg.ipc`)."""
+
+
+def _run_dir(text: str) -> str:
+    """METALEG_RUN_DIR: non-empty, and short enough for the socket paths in it."""
+    if not text:
+        raise ValueError("must not be empty")
+    if "\0" in text:
+        raise ValueError("must not contain a NUL byte")
+    longest = max(len(os.path.join(text, name).encode()) for name in RUN_DIR_SOCKETS)
+    if longest > UNIX_PATH_MAX:
+        raise ValueError(
+            f"too long for a Unix socket path: {os.path.join(text, 'control.sock')!r} is "
+            f"{longest} bytes, at most {UNIX_PATH_MAX} are possible"
+        )
+    return text
+
+
+def check_run_dir(path: str) -> None:
+    """Whether the supervisor can use ``path`` as METALEG_RUN_DIR; raises :class:`ConfigError`.
+
+    Reads the file system, changes nothing: ``path`` is a directory this user owns and
+    may write and enter, or it does not exist and its nearest existing parent is a
+    directory this user may write and enter (the supervisor creates it with mode 0700).
+    """
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError("METALEG_RUN_DIR", path, problem)
+
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent) and parent != os.path.dirname(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise refuse(f"cannot be created: {parent} is not a directory") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise refuse(f"cannot be created: no permission to write in {parent}") from None
+        return
+    except NotADirectoryError:
+        raise refuse("cannot be created: a parent is not a directory") from None
+    except OSError as error:
+        raise refuse(f"cannot be read: {error.strerror or error}") from None
+    if not stat.S_ISDIR(status.st_mode):
+        raise refuse("exists and is not a directory")
+    if status.st_uid != os.geteuid():
+        raise refuse(
+            f"is owned by uid {status.st_uid}, not by this user (uid {os.geteuid()}); its "
+            "sockets accept any local peer that can reach them"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise refuse("no permission to write in it (read-only file system or mode)")
+
+
 def _table_offset(text: str) -> int:
     if not re.fullmatch(r"\d+", text):
         raise ValueError("expected a non-negative decimal integer")
@@ -264,11 +324,6 @@ def load_config(environ: Mapping[str, str]) -> Config:
             raise ValueError("not a valid namespace name (RFC 1123 label)")
         return text
 
-    def nonempty(text: str) -> str:
-        if not text:
-            raise ValueError("must not be empty")
-        return text
-
     firewall_mask = get("FIREWALL_MASK", parse_mask)
     offset = get("ROUTE_TABLE_ID_OFFSET", _table_offset)
     capacity = fwmask_capacity(firewall_mask)
@@ -297,7 +352,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         metrics_bind_address=get("METRICS_BIND_ADDRESS", parse_bind_address),
         health_probe_bind_address=get("HEALTH_PROBE_BIND_ADDRESS", parse_bind_address),
         kubeconfig=kubeconfig,
-        run_dir=get("METALEG_RUN_DIR", nonempty),
+        run_dir=get("METALEG_RUN_DIR", _run_dir),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS)),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS)),
     )

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -8,6 +13,7 @@ from metaleg.config import (
     ENVIRONMENT,
     BindAddress,
     ConfigError,
+    check_run_dir,
     load_config,
     parse_go_duration,
     parse_mask,
@@ -158,3 +164,62 @@ def test_environment_table_lists_every_variable_read() -> None:
         "LOG_LEVEL",
         "LOG_FORMAT",
     }
+
+
+def test_run_dir_must_fit_the_socket_paths() -> None:
+    # "/" + 94 characters + "/control.sock": 108 bytes, one too many.
+    longest = "/" + "r" * 93
+    assert load_config({"NODE_NAME": "n", "METALEG_RUN_DIR": longest}).run_dir == longest
+    for value in (longest + "r", "/" + "é" * 47):
+        with pytest.raises(ConfigError) as caught:
+            load_config({"NODE_NAME": "n", "METALEG_RUN_DIR": value})
+        message = str(caught.value)
+        assert f"METALEG_RUN_DIR={value!r}" in message and "too long" in message
+        assert "\n" not in message
+    with pytest.raises(ConfigError, match="METALEG_RUN_DIR='': must not be empty"):
+        load_config({"NODE_NAME": "n", "METALEG_RUN_DIR": ""})
+
+
+def test_check_run_dir(tmp_path: pathlib.Path) -> None:
+    check_run_dir(str(tmp_path))  # exists
+    check_run_dir(str(tmp_path / "new" / "deeper"))  # can be created
+    afile = tmp_path / "file"
+    afile.write_text("")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 12345, 12345)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    for path, fragment in (
+        (afile, "exists and is not a directory"),
+        (afile / "sub", "cannot be created: a parent is not a directory"),
+        (foreign, "owned by uid 12345"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            check_run_dir(str(path))
+        assert f"METALEG_RUN_DIR={str(path)!r}" in str(caught.value)
+        assert fragment in str(caught.value)
+    # A read-only file system: a read-only bind mount, in a mount namespace of its own.
+    probe = (
+        "import sys\n"
+        "from metaleg.config import ConfigError, check_run_dir\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        check_run_dir(path)\n"
+        "    except ConfigError as error:\n"
+        "        print(error)\n"
+    )
+    script = (
+        f"mount --bind {readonly} {readonly} && mount -o remount,bind,ro {readonly} && "
+        f'{sys.executable} -c "$0" {readonly}/sub {readonly}'
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, (result.stdout, result.stderr)
+    assert "cannot be created: no permission to write in" in lines[0]
+    assert "no permission to write in it" in lines[1]
