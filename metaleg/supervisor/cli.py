@@ -1,6 +1,7 @@
 """``metaleg-supervisor``: the agent's command line.
 
-- ``run``: start the watcher, firewall and routing workers and supervise them.
+- ``run``: start the watcher, firewall and routing workers and supervise them; exit 4
+  when another agent is active on this node (one line on stderr, nothing touched).
 - ``cleanup``: remove every kernel object metaleg owns (idempotent, exit 0).
 - ``status [--json]``: ask the running supervisor; exit 1 when none runs, 3 when
   it is unhealthy or not ready.
@@ -17,13 +18,15 @@ import logging
 import os
 import sys
 
-from metaleg.config import Config, ConfigError, load_config
+from metaleg.config import Config, ConfigError, check_run_dir, load_config
 from metaleg.lifecycle import map_large_blocks
 from metaleg.logs import setup_logging
 
 EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 1
 EXIT_UNHEALTHY = 3
+EXIT_NEIGHBOUR = 4
+"""``run``: another agent is active on this node (:mod:`metaleg.supervisor.neighbours`)."""
 STATUS_TIMEOUT = 3.0
 
 
@@ -43,13 +46,28 @@ def command_run(arguments: argparse.Namespace) -> int:
     config = _config()
     setup_logging("supervisor", config.log_level, config.log_format)
     from metaleg.ipc import prepare_run_dir
+    from metaleg.supervisor.neighbours import NeighbourFound, claim_node
 
     try:
+        check_run_dir(config.run_dir)
         prepare_run_dir(config.run_dir)
+    except ConfigError as error:
+        sys.stderr.write(f"metaleg-supervisor: {error}\n")
+        return EXIT_CONFIG
     except OSError as error:
         sys.stderr.write(
-            f"metaleg-supervisor: cannot create METALEG_RUN_DIR {config.run_dir}: {error}\n"
+            f"metaleg-supervisor: invalid configuration: METALEG_RUN_DIR={config.run_dir!r}: "
+            f"cannot be created: {error.strerror or error}\n"
         )
+        return EXIT_CONFIG
+    # One agent per node, found before anything is touched (metrics, sockets, kernel).
+    try:
+        claim = claim_node(config)
+    except NeighbourFound as error:
+        sys.stderr.write(f"metaleg-supervisor: {error}\n")
+        return EXIT_NEIGHBOUR
+    except ConfigError as error:
+        sys.stderr.write(f"metaleg-supervisor: {error}\n")
         return EXIT_CONFIG
     # Before anything imports prometheus-client: it picks its storage at import time.
     from metaleg.supervisor.supervisor import prepare_metrics_directory
@@ -61,7 +79,9 @@ def command_run(arguments: argparse.Namespace) -> int:
         return Supervisor(config).run()
     except AlreadyRunning as error:
         sys.stderr.write(f"metaleg-supervisor: {error}\n")
-        return EXIT_NOT_RUNNING
+        return EXIT_NEIGHBOUR
+    finally:
+        claim.release()
 
 
 def command_status(arguments: argparse.Namespace) -> int:
