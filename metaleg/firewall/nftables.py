@@ -131,6 +131,7 @@ from metaleg.firewall import conntrack
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
 from metaleg.firewall.libnftables import Nft, NftError
+from metaleg.firewall.nft_drift import NftDriftWatch
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
 from metaleg.model import Action, Family, NodeDesiredState
 
@@ -1139,6 +1140,13 @@ class NftablesBackend:
         """Seconds the last nft transaction took (for metrics and tests)."""
         self.transactions = 0
         """nft transactions committed by this backend (for metrics and tests)."""
+        self._drift: NftDriftWatch | None = None
+
+    def drift_detector(self) -> NftDriftWatch:
+        """Watches the kernel's nftables notifications for others' changes to our table."""
+        if self._drift is None:
+            self._drift = NftDriftWatch(TABLE)
+        return self._drift
 
     # The context is opened lazily so that a backend built before entering a
     # namespace (or before a fork) acts where it is used.
@@ -1292,6 +1300,8 @@ class NftablesBackend:
         finally:
             self.last_duration = time.monotonic() - started
         self.transactions += 1
+        if self._drift is not None:
+            self._drift.after_own_write()  # so that our own transaction is not drift
         return output
 
     def _read_table(self) -> ActualTable | None:

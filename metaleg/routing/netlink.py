@@ -39,13 +39,16 @@ import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
 
 from metaleg.backend import BackendError
 from metaleg.model import Family, NodeDesiredState, fwmask_capacity
+
+if TYPE_CHECKING:
+    from metaleg.routing.drift import RoutingDriftWatch
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +572,7 @@ class NetlinkRoutingBackend:
         self._families: tuple[Family, ...] = tuple(Family)
         self._rules: set[RuleSpec] = set()
         self._routes: set[RouteSpec] = set()
+        self._drift: RoutingDriftWatch | None = None
 
     # -- the Backend protocol ------------------------------------------------
 
@@ -627,6 +631,14 @@ class NetlinkRoutingBackend:
         if self._ipr is not None:
             ipr, self._ipr = self._ipr, None
             ipr.close()
+
+    def drift_detector(self) -> RoutingDriftWatch:
+        """Watches rtnetlink notifications for changes that contradict what is applied."""
+        if self._drift is None:
+            from metaleg.routing.drift import RoutingDriftWatch  # it imports this module
+
+            self._drift = RoutingDriftWatch(lambda: (self._rules, self._routes), self.owned_tables)
+        return self._drift
 
     # -- internals -----------------------------------------------------------
 
