@@ -284,11 +284,16 @@ def connect_worker(context: zmq.Context[Any], run_dir: str, process: str) -> zmq
     return socket
 
 
-def bind_supervisor(context: zmq.Context[Any], run_dir: str) -> zmq.Socket[Any]:
+def bind_supervisor(
+    context: zmq.Context[Any], run_dir: str, send_hwm: int = 1000
+) -> zmq.Socket[Any]:
     """The supervisor's ROUTER socket. A restarted worker reuses its identity, so the new
-    connection takes over the old one (ROUTER_HANDOVER) instead of being refused."""
+    connection takes over the old one (ROUTER_HANDOVER) instead of being refused.
+    ``send_hwm``: frames queued per worker (set before bind: connections accepted later
+    take the options the socket had when it was bound)."""
     socket: zmq.Socket[Any] = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    socket.setsockopt(zmq.SNDHWM, send_hwm)
     socket.setsockopt(zmq.LINGER, 0)
     _bind_fresh(socket, bus_endpoint(run_dir))
     return socket

@@ -213,9 +213,10 @@ def test_cleanup_removes_every_kernel_object_and_is_idempotent(node_namespace: s
 # --- the hub: changes through the supervisor, with fake workers on real sockets ---------------
 
 
-def _run_hub(run_dir: str) -> None:
+def _run_hub(run_dir: str, options: dict[str, Any] | None = None) -> None:
     """The supervisor's loop in a child process; its "workers" are sleeping processes, and
-    the test speaks for them on DEALER sockets with their identities."""
+    the test speaks for them on DEALER sockets with their identities. ``options``: class
+    attributes of the supervisor to change (``bus_send_hwm``, ``lag_resend_after``)."""
     from metaleg.config import Config
     from metaleg.logs import setup_logging
     from metaleg.supervisor.supervisor import Supervisor, Worker
@@ -227,6 +228,8 @@ def _run_hub(run_dir: str) -> None:
             )
             worker.started_at = time.monotonic()
 
+    for name, value in (options or {}).items():
+        setattr(HubOnly, name, value)
     setup_logging("supervisor", "info", "text")
     raise SystemExit(HubOnly(Config(node_name="node-a", run_dir=run_dir)).run())
 
@@ -289,14 +292,20 @@ def _dropped(metrics_dir: str) -> float:
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, zmq.Context[Any]]]:
-    """A supervisor hub in a child process: (run dir, metrics dir, a context for peers)."""
+def hub(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, str, zmq.Context[Any]]]:
+    """A supervisor hub in a child process: (run dir, metrics dir, a context for peers).
+    Indirect parameters: the supervisor's class attributes to change (see ``_run_hub``)."""
+    options = getattr(request, "param", None)
     with tempfile.TemporaryDirectory(prefix="mlhub") as run_dir:
         metrics_dir = os.path.join(run_dir, "metrics")
         os.makedirs(metrics_dir)
         # The child's counters go to files the test reads.
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-        process = multiprocessing.get_context("spawn").Process(target=_run_hub, args=(run_dir,))
+        process = multiprocessing.get_context("spawn").Process(
+            target=_run_hub, args=(run_dir, options)
+        )
         process.start()
         context: zmq.Context[Any] = zmq.Context()
         try:
@@ -457,6 +466,87 @@ def test_the_supervisor_drops_malformed_changes_and_keeps_its_state(
         while not firewall.quiet():  # at most the second snapshot of generation 1
             message = firewall.receive()
             assert isinstance(message, Snapshot) and message.generation == 1
+    finally:
+        watcher.close()
+        firewall.close()
+
+
+def _many_sources(round_: int, count: int = 3000) -> tuple[str, ...]:
+    return tuple(f"10.{100 + round_ % 100}.{i // 250}.{i % 250 + 1}" for i in range(count))
+
+
+@pytest.mark.parametrize("hub", [{"bus_send_hwm": 2}], indirect=True)
+def test_a_worker_whose_queue_was_full_gets_the_current_state_once_it_reads(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, _, context = hub
+    watcher = Peer(context, run_dir, "watcher")
+    # A firewall that stops reading, with a small queue of its own.
+    firewall: zmq.Socket[Any] = context.socket(zmq.DEALER)
+    firewall.setsockopt(zmq.IDENTITY, b"firewall")
+    firewall.setsockopt(zmq.LINGER, 0)
+    firewall.setsockopt(zmq.RCVHWM, 2)
+    firewall.connect(control_endpoint(run_dir).replace("control.sock", "bus.sock"))
+    try:
+        firewall.send(encode(Hello("firewall", os.getpid())))
+        publisher = ChangePublisher()
+        watcher.send(publisher.frame(_with_relay("10.244.1.11")))
+        assert firewall.poll(5000)
+        assert isinstance(decode(firewall.recv()), Snapshot)
+        # Changes of ~45 KB each, far more than the queues and socket buffers hold.
+        rounds = 60
+        for round_ in range(rounds):
+            watcher.send(publisher.frame(_with_relay(*_many_sources(round_))))
+        newest = rounds + 1
+        wait_until(
+            lambda: _status(context, run_dir)["generation"] == newest,
+            timeout=30,
+            message="every change numbered",
+        )
+        received: list[Any] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if firewall.poll(500):
+                received.append(decode(firewall.recv()))
+                if isinstance(received[-1], Snapshot) and received[-1].generation == newest:
+                    break
+        generations = [message.generation for message in received]
+        assert set(range(2, newest + 1)) - set(generations), "no frame was dropped: no test"
+        last = received[-1]
+        assert isinstance(last, Snapshot), generations
+        assert (last.generation, last.state) == (newest, _with_relay(*_many_sources(rounds - 1)))
+    finally:
+        watcher.close()
+        firewall.close(0)
+
+
+@pytest.mark.parametrize("hub", [{"lag_resend_after": 1.0}], indirect=True)
+def test_a_worker_that_lags_behind_gets_the_complete_state_again(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, _, context = hub
+    watcher, firewall = Peer(context, run_dir, "watcher"), Peer(context, run_dir, "firewall")
+    try:
+        firewall.send(Hello("firewall", os.getpid()))
+        publisher = ChangePublisher()
+        watcher.send(publisher.frame(_with_relay("10.244.1.11")))
+        assert isinstance(firewall.receive(), Snapshot)
+        firewall.send(Applied("firewall", 1))
+        second = _with_relay("10.244.1.12")
+        watcher.send(publisher.frame(second))
+        assert isinstance(firewall.receive_after(1), StateChange)
+        # The change is lost with that connection: the next one (the same identity, as a
+        # worker's DEALER reconnecting) still holds generation 1 and says so.
+        firewall.close()
+        firewall = Peer(context, run_dir, "firewall")
+        firewall.send(Applied("firewall", 1))
+        message = firewall.receive_after(1)
+        assert isinstance(message, Snapshot) and (message.generation, message.state) == (
+            2,
+            second,
+        )
+        firewall.send(Applied("firewall", 2))
+        assert firewall.quiet(2.5)  # caught up: nothing more
     finally:
         watcher.close()
         firewall.close()

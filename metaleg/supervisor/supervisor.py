@@ -85,6 +85,9 @@ LOOP_TICK = 1.0
 METRICS_DIRECTORY = "metrics"
 RESEND_REQUEST_INTERVAL = 2.0
 """While the watcher's changes do not follow the state held, ask it again this often."""
+LAG_RESEND_AFTER = 10.0
+"""A data-plane worker that has not reported the newest generation this long after it was
+sent gets the complete state again (a frame lost on the way, e.g. across a reconnection)."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -116,6 +119,13 @@ class Worker:
     sent_generation: int = 0
     """The generation this data-plane worker holds once it has read what it was sent, so
     that a change from it is enough; 0: unknown, the next one is a complete snapshot."""
+    owes_snapshot: bool = False
+    """A frame for this data-plane worker could not be queued (its queue was full, or it
+    was not connected): the complete current state goes to it as soon as it can take it."""
+    reported_generation: int = 0
+    """The generation its last ``Applied`` said it holds (applied or failed)."""
+    last_sent_at: float = 0.0
+    """time.monotonic() of the last frame queued for it."""
 
     @property
     def pid(self) -> int | None:
@@ -135,6 +145,10 @@ class Worker:
 
 
 class Supervisor:
+    bus_send_hwm = 1000
+    """Frames queued per worker on the bus (ZeroMQ's default); a test makes it small."""
+    lag_resend_after = LAG_RESEND_AFTER
+
     def __init__(self, config: Config, workers: dict[str, str] | None = None) -> None:
         self.config = config
         self.workers = {name: Worker(name, module) for name, module in (workers or WORKERS).items()}
@@ -176,6 +190,9 @@ class Supervisor:
                 multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             worker.process = None
             worker.sent_generation = 0
+            worker.owes_snapshot = False
+            worker.reported_generation = 0
+            worker.last_sent_at = 0.0
             if self.stopping:
                 continue
             worker.crashes.append(now)
@@ -222,12 +239,59 @@ class Supervisor:
         assert self.socket is not None
         try:
             self.socket.send_multipart([worker.name.encode(), frame], zmq.NOBLOCK)
-        except zmq.Again:
-            # A full queue means that worker is stuck or gone; it gets a complete snapshot
-            # next (and asks with Hello on restart).
+        except zmq.ZMQError as error:
+            # A full queue (Again) or no connection (EHOSTUNREACH: ROUTER_MANDATORY): the
+            # frame is lost, so the complete current state is owed; _catch_up sends it
+            # once the worker can take it (and a restarted worker asks with Hello).
+            if not worker.owes_snapshot:
+                log.warning(
+                    "could not queue a frame for %s (%s); it gets the complete state when it"
+                    " can take it",
+                    worker.name,
+                    "queue full" if isinstance(error, zmq.Again) else error.strerror,
+                )
             worker.sent_generation = 0
+            worker.owes_snapshot = True
         else:
             worker.sent_generation = generation
+            worker.owes_snapshot = False
+            worker.last_sent_at = time.monotonic()
+
+    def _catch_up(self) -> None:
+        """Send the complete current state to each running data-plane worker that missed
+        a frame (its queue was full), or that has not reported the newest generation for
+        ``lag_resend_after`` seconds since the last frame queued for it."""
+        if self.snapshot is None:
+            return
+        now = time.monotonic()
+        generation = self.snapshot.generation
+        for name in DATAPLANE_WORKERS:
+            worker = self.workers.get(name)
+            if worker is None or not worker.running:
+                continue
+            if worker.owes_snapshot:
+                self._send_snapshot(worker)
+                if not worker.owes_snapshot:
+                    log.info(
+                        "sent %s the complete state it missed",
+                        worker.name,
+                        extra={"generation": generation},
+                    )
+            elif (
+                worker.reported_generation != generation
+                and worker.last_sent_at
+                and now - worker.last_sent_at > self.lag_resend_after
+            ):
+                log.warning(
+                    "%s reports generation %d, %.0fs after it was sent generation %d;"
+                    " sending the complete state again",
+                    worker.name,
+                    worker.reported_generation,
+                    now - worker.last_sent_at,
+                    generation,
+                    extra={"generation": generation},
+                )
+                self._send_snapshot(worker)
 
     def _send_snapshot(self, worker: Worker) -> None:
         assert self.snapshot is not None
@@ -267,7 +331,7 @@ class Supervisor:
         ):
             return
         self.resend_requested_at = now
-        with contextlib.suppress(zmq.Again):
+        with contextlib.suppress(zmq.ZMQError):  # full, or not connected (ROUTER_MANDATORY)
             self.socket.send_multipart([b"watcher", encode(ResendRequest(reason))], zmq.NOBLOCK)
 
     def _drop(self, text: str, *args: object) -> None:
@@ -322,6 +386,7 @@ class Supervisor:
         elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
             worker = self.workers[sender]
             worker.backend = message.backend or worker.backend
+            worker.reported_generation = message.generation
             if message.drift:
                 worker.drift_repairs += 1
                 worker.last_drift = message.drift
@@ -494,7 +559,10 @@ class Supervisor:
         prepare_run_dir(self.config.run_dir)
         context: zmq.Context[Any] = zmq.Context()
         self._check_not_running(context)
-        self.socket = bind_supervisor(context, self.config.run_dir)
+        self.socket = bind_supervisor(context, self.config.run_dir, self.bus_send_hwm)
+        # A frame that cannot be queued raises (Again, EHOSTUNREACH) instead of vanishing,
+        # so that _send knows the worker is owed the complete state.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         control = bind_control(context, self.config.run_dir)
         wakeup = SignalWakeup(signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
         poller = zmq.Poller()
@@ -524,6 +592,7 @@ class Supervisor:
                 self._reap()
                 if self.socket in events:
                     self._receive_all()
+                self._catch_up()
                 if control in events:
                     self._answer_control(control)
                 self._restart_due()
