@@ -9,13 +9,18 @@ import msgspec
 import pytest
 
 from metaleg.firewall.detect import (
+    BackendName,
     Detection,
+    KernelSupport,
     ModeEvidence,
+    choose,
+    choose_for_node,
     decide,
     detect_backend,
     evidence,
     gather,
     parse_save,
+    probe_kernel,
 )
 from tests.netns import namespace, run_in_netns, sh
 
@@ -207,3 +212,88 @@ def test_kube_proxy_hint_chain_decides(ns: str) -> None:
     detection = run_in_netns(ns, detect_backend)
     assert detection.backend == "nftables"
     assert detection.reason == "hint chain in iptables-nft"
+
+
+# --- a kernel that cannot run a backend: the choice (pure) and the probes -------------------
+
+NOTHING = ((), ())
+LEGACY_ONLY = ((KUBE_ROUTER_LEGACY,), ())
+NFT_HINT = ((), (KUBE_PROXY_NFT_HINT,))
+MORE_LEGACY_RULES = (("*filter\n:INPUT ACCEPT\n-A INPUT -j ACCEPT\n",), ())
+BOTH = KernelSupport(nftables=True, iptables=True)
+NO_NFT = KernelSupport(nftables=False, iptables=True, nftables_error="no nf_tables")
+NO_LEGACY = KernelSupport(nftables=True, iptables=False, iptables_error="no ip_set")
+NEITHER = KernelSupport(False, False, "no nf_tables", "no ip_set")
+
+
+@pytest.mark.parametrize(
+    ("configured", "rules", "support", "backend", "fragment"),
+    [
+        # What the node uses, when the kernel can run it.
+        ("auto", NOTHING, BOTH, "nftables", "no iptables rules in either mode"),
+        ("auto", LEGACY_ONLY, BOTH, "iptables", "KUBE-* chains only in iptables-legacy"),
+        # No rules at all on a kernel without nf_tables: iptables (the case).
+        ("auto", NOTHING, NO_NFT, "iptables", "no iptables rules in either mode, but nf_tables cannot be used on this node (no nf_tables): using iptables"),
+        # Rule counts alone (no component seen): the other backend is acceptable.
+        ("auto", MORE_LEGACY_RULES, NO_LEGACY, "nftables", "but legacy ip_tables and ip_set cannot be used on this node (no ip_set): using nftables"),
+        # A component seen in one mode: never the other backend (its masquerade would win).
+        ("auto", LEGACY_ONLY, NO_LEGACY, None, "the node's components use the iptables backend's mode (KUBE-* chains only in iptables-legacy), but legacy ip_tables and ip_set cannot be used on this node (no ip_set)"),
+        ("auto", NFT_HINT, NO_NFT, None, "use the nftables backend's mode (hint chain in iptables-nft), but nf_tables cannot"),
+        # Neither can run.
+        ("auto", NOTHING, NEITHER, None, "no usable firewall backend: nf_tables: no nf_tables; legacy ip_tables and ip_set: no ip_set"),
+        # Forced: that one, or none.
+        ("iptables", NOTHING, BOTH, "iptables", "set by FIREWALL_BACKEND"),
+        ("nftables", LEGACY_ONLY, NO_LEGACY, "nftables", "set by FIREWALL_BACKEND"),
+        ("nftables", NOTHING, NO_NFT, None, "FIREWALL_BACKEND=nftables, but nf_tables cannot be used on this node: no nf_tables"),
+        ("iptables", NOTHING, NO_LEGACY, None, "FIREWALL_BACKEND=iptables, but legacy ip_tables and ip_set cannot be used on this node: no ip_set"),
+    ],
+)  # fmt: skip
+def test_choice_by_kernel_support(
+    configured: str,
+    rules: tuple[tuple[str, ...], tuple[str, ...]],
+    support: KernelSupport,
+    backend: str | None,
+    fragment: str,
+) -> None:
+    detection = decide(mode("legacy", *rules[0]), mode("nft", *rules[1]))
+    choice = choose(configured, detection if configured == "auto" else None, support)
+    assert choice.backend == backend
+    assert fragment in choice.reason, choice.reason
+    assert "\n" not in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("configured", "rules", "broken", "probed", "backend"),
+    [
+        ("auto", NOTHING, (), ["nftables"], "nftables"),
+        ("auto", NOTHING, ("nftables",), ["nftables", "iptables"], "iptables"),
+        ("auto", LEGACY_ONLY, ("iptables",), ["iptables"], None),
+        ("iptables", NOTHING, (), ["iptables"], "iptables"),
+        ("nftables", NOTHING, ("nftables",), ["nftables"], None),
+    ],
+)
+def test_only_what_the_choice_needs_is_probed(
+    configured: str,
+    rules: tuple[tuple[str, ...], tuple[str, ...]],
+    broken: tuple[str, ...],
+    probed: list[str],
+    backend: str | None,
+) -> None:
+    tried: list[str] = []
+
+    def probe(name: BackendName) -> str:
+        tried.append(name)
+        return f"{name} broken" if name in broken else ""
+
+    detection = decide(mode("legacy", *rules[0]), mode("nft", *rules[1]))
+    choice = choose_for_node(configured, lambda: detection, probe)
+    assert (tried, choice.backend) == (probed, backend)
+
+
+@pytest.mark.netns
+def test_probes_find_both_backends_and_leave_nothing(ns: str) -> None:
+    support = run_in_netns(ns, probe_kernel)
+    assert support == KernelSupport(nftables=True, iptables=True), support
+    assert sh("nft", "list", "ruleset", netns=ns).strip() == ""
+    assert sh("ipset", "list", "-n", netns=ns).strip() == ""
+    assert "-A " not in sh("iptables-legacy-save", netns=ns)

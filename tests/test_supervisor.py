@@ -550,3 +550,58 @@ def test_a_worker_that_lags_behind_gets_the_complete_state_again(
     finally:
         watcher.close()
         firewall.close()
+
+
+def _run_firewall_without_kernel_support(run_dir: str) -> None:
+    """The real firewall worker on a "kernel" where neither backend's probe succeeds."""
+    from metaleg.config import Config
+    from metaleg.firewall.detect import choose_for_node, decide, evidence
+    from metaleg.firewall.selection import UNUSABLE, build_firewall
+    from metaleg.logs import setup_logging
+    from metaleg.worker import DataplaneWorker
+
+    def without_modules(configured: str) -> tuple[str, str]:
+        nothing = decide(evidence("legacy", []), evidence("nft", []))
+        choice = choose_for_node(configured, lambda: nothing, lambda name: f"{name}: no module")
+        return choice.backend or UNUSABLE, choice.reason
+
+    setup_logging("firewall", "info", "text")
+    config = Config(node_name="node-a", run_dir=run_dir)
+    firewall = build_firewall(config, without_modules)
+    raise SystemExit(DataplaneWorker("firewall", firewall, config).run())
+
+
+def test_no_usable_firewall_backend_is_an_error_in_status(
+    hub: tuple[str, str, zmq.Context[Any]],
+) -> None:
+    run_dir, _, context = hub
+    watcher = Peer(context, run_dir, "watcher")
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_run_firewall_without_kernel_support, args=(run_dir,)
+    )
+    worker.start()
+    try:
+        watcher.send(ChangePublisher().frame(STATE))
+
+        def firewall() -> dict[str, Any]:
+            report = _status(context, run_dir)
+            return next(p for p in report["processes"] if p["name"] == "firewall")
+
+        wait_until(lambda: firewall()["last_error"], timeout=20, message="the firewall's error")
+        expected = (
+            "no usable firewall backend: nf_tables: nftables: no module; "
+            "legacy ip_tables and ip_set: iptables: no module"
+        )
+        assert firewall()["last_error"] == expected
+        report = _status(context, run_dir)
+        assert report["firewall_backend"] == "none"
+        assert not report["ready"]
+        assert f"firewall applied generation 0 of 1: {expected}" in report["reasons"]
+    finally:
+        watcher.close()
+        if worker.pid is not None and worker.is_alive():
+            os.kill(worker.pid, signal.SIGTERM)
+        worker.join(15)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)

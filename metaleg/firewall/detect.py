@@ -27,6 +27,7 @@ lists.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -192,3 +193,192 @@ def gather(mode: Mode, run: Runner = run_save) -> ModeEvidence:
 def detect_backend(run: Runner = run_save) -> Detection:
     """Look at the node's iptables rules (both modes, both families) and choose a backend."""
     return decide(gather("legacy", run), gather("nft", run))
+
+
+# --- can this kernel run a backend at all? -----------------------------------------------
+#
+# A kernel without nf_tables (or a container without libnftables) cannot run the
+# nftables backend; one without legacy ip_tables or ip_set cannot run the iptables
+# backend. :func:`probe_kernel` finds out by doing what each backend needs, with
+# throwaway objects deleted at once; :func:`choose` decides with the detection
+# (a pure function, tested by table). The kernel loads the modules on the first
+# request if it can (nfnetlink and ip_tables ask for them); a node that needs a
+# manual ``modprobe`` shows the probe's error.
+
+
+class KernelSupport(msgspec.Struct, frozen=True):
+    """Which backends this kernel (and this image) can run, and why not."""
+
+    nftables: bool
+    iptables: bool
+    nftables_error: str = ""
+    iptables_error: str = ""
+
+    def error(self, backend: BackendName) -> str:
+        return self.nftables_error if backend == "nftables" else self.iptables_error
+
+    def usable(self, backend: BackendName) -> bool:
+        return self.nftables if backend == "nftables" else self.iptables
+
+
+class Choice(msgspec.Struct, frozen=True):
+    """The backend to run (None: none can run here) and why."""
+
+    backend: BackendName | None
+    reason: str
+
+
+_NEEDS: dict[BackendName, str] = {
+    "nftables": "nf_tables",
+    "iptables": "legacy ip_tables and ip_set",
+}
+
+
+def strong_evidence(detection: Detection) -> bool:
+    """The node's components were seen in one mode (a hint chain, or ``KUBE-*`` chains in
+    one mode only): the other backend would leave their masquerade in effect."""
+    legacy, nft = detection.legacy, detection.nft
+    return legacy.hint or nft.hint or bool(legacy.kube_chains) != bool(nft.kube_chains)
+
+
+def choose(configured: str, detection: Detection | None, support: KernelSupport) -> Choice:
+    """The backend for FIREWALL_BACKEND ``configured``, the node's ``detection`` (for
+    ``auto``) and what the kernel supports.
+
+    A forced backend is used if it can run, else none. ``auto``: the detected backend
+    if it can run; else the other one only when the detection rests on rule counts
+    alone (no component of the node was seen in the detected mode — e.g. no rules at
+    all on a kernel without nf_tables); else none.
+    """
+    if configured in ("iptables", "nftables"):
+        forced: BackendName = "iptables" if configured == "iptables" else "nftables"
+        if support.usable(forced):
+            return Choice(forced, "set by FIREWALL_BACKEND")
+        return Choice(
+            None,
+            f"FIREWALL_BACKEND={forced}, but {_NEEDS[forced]} cannot be used on this node: "
+            f"{support.error(forced)}",
+        )
+    assert detection is not None, "auto needs the detection"
+    detected = detection.backend
+    other: BackendName = "iptables" if detected == "nftables" else "nftables"
+    if support.usable(detected):
+        return Choice(detected, detection.describe())
+    unusable = f"{_NEEDS[detected]} cannot be used on this node ({support.error(detected)})"
+    if strong_evidence(detection):
+        return Choice(
+            None,
+            f"the node's components use the {detected} backend's mode ({detection.reason}), "
+            f"but {unusable}",
+        )
+    if support.usable(other):
+        return Choice(other, f"{detection.reason}, but {unusable}: using {other}")
+    return Choice(
+        None,
+        f"no usable firewall backend: {_NEEDS[detected]}: {support.error(detected)}; "
+        f"{_NEEDS[other]}: {support.error(other)}",
+    )
+
+
+def probe_nftables() -> str:
+    """ "" if nf_tables works here (a throwaway table with a nat chain, added and deleted
+    in one transaction), else the error."""
+    try:
+        from metaleg.firewall.libnftables import Nft
+
+        table = f"metaleg_probe_{os.getpid()}"
+        with Nft() as nft:
+            nft.run(
+                f"add table inet {table}\n"
+                f"add chain inet {table} probe {{ type nat hook postrouting priority 100; }}\n"
+                f"delete table inet {table}\n"
+            )
+    except Exception as error:
+        return _one_line(error)
+    return ""
+
+
+def probe_iptables(run: Callable[[list[str]], None] | None = None) -> str:
+    """ "" if legacy ip_tables (the nat, mangle and filter tables) and ip_set work here (a
+    throwaway hash:ip set, created and destroyed), else the first error."""
+    commands = [["iptables-legacy", "-w", "5", "-t", table, "-S"] for table in TABLES]
+    try:
+        for command in commands:
+            (run or _run_quietly)(command)
+    except Exception as error:
+        return _one_line(error)
+    try:
+        from metaleg.firewall.ipset_netlink import IpsetSocket
+
+        name = f"metaleg-probe-{os.getpid()}"[:31]
+        ipsets = IpsetSocket()
+        try:
+            failed = ipsets.run([ipsets.create(name, "hash:ip", 2), ipsets.destroy(name)])
+        finally:
+            ipsets.close()
+        if failed:
+            return f"ip_set: {failed[0].error}"
+    except Exception as error:
+        return f"ip_set: {_one_line(error)}"
+    return ""
+
+
+TABLES = ("nat", "mangle", "filter")
+
+
+def _run_quietly(command: list[str]) -> None:
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=SAVE_TIMEOUT, check=False
+    )
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(
+            f"{' '.join(command)}: exit {result.returncode}: {detail[0] if detail else ''}"
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+PROBES: dict[BackendName, Callable[[], str]] = {
+    "nftables": probe_nftables,
+    "iptables": probe_iptables,
+}
+
+
+def support_of(errors: dict[BackendName, str]) -> KernelSupport:
+    """The :class:`KernelSupport` of probe results (a backend not probed: not usable)."""
+    return KernelSupport(
+        nftables=errors.get("nftables", "not tried") == "",
+        iptables=errors.get("iptables", "not tried") == "",
+        nftables_error=errors.get("nftables", "not tried"),
+        iptables_error=errors.get("iptables", "not tried"),
+    )
+
+
+def probe_kernel() -> KernelSupport:
+    """Try both backends' kernel interfaces in the current network namespace."""
+    return support_of({backend: probe() for backend, probe in PROBES.items()})
+
+
+def choose_for_node(
+    configured: str,
+    detect: Callable[[], Detection] = detect_backend,
+    probe: Callable[[BackendName], str] = lambda backend: PROBES[backend](),
+) -> Choice:
+    """Detect (for ``auto``), probe and :func:`choose`. Only what the choice needs is
+    probed, after the detection has read the rule sets (a probe may create empty
+    tables): the detected or forced backend, and the other one only when :func:`choose`
+    could fall back to it."""
+    detection = detect() if configured == "auto" else None
+    if detection is None:
+        first: BackendName = "iptables" if configured == "iptables" else "nftables"
+    else:
+        first = detection.backend
+    errors = {first: probe(first)}
+    if errors[first] and detection is not None and not strong_evidence(detection):
+        other: BackendName = "iptables" if first == "nftables" else "nftables"
+        errors[other] = probe(other)
+    return choose(configured, detection, support_of(errors))

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
-from metaleg.backend import Backend
+from metaleg.backend import Backend, BackendError
 from metaleg.config import Config
 from metaleg.firewall import conntrack
 from metaleg.firewall.applied_state import AppliedStateFile
 from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import FlushPlan
-from metaleg.firewall.detect import detect_backend
+from metaleg.firewall.detect import choose_for_node
 from metaleg.metrics import CONNTRACK_FLUSHED, ERRORS
 from metaleg.model import NodeDesiredState
 
@@ -44,14 +45,41 @@ APPLIED_STATE_FILE = "firewall-applied.msgpack"
 
 
 def choose_backend(configured: str) -> tuple[str, str]:
-    """(backend, why): the configured one, or the detected one for ``auto``."""
-    if configured != "auto":
-        return configured, "set by FIREWALL_BACKEND"
-    detection = detect_backend()
-    return detection.backend, detection.describe()
+    """(backend, why): the configured one, or the detected one for ``auto``, if this kernel
+    can run it (:func:`metaleg.firewall.detect.choose_for_node`); ``none`` when none can."""
+    choice = choose_for_node(configured)
+    return choice.backend or UNUSABLE, choice.reason
 
 
-def new_backend(name: str) -> Backend:
+UNUSABLE = "none"
+
+
+class UnusableBackend:
+    """Stands in when no backend can run on this node: every apply fails with the reason,
+    so the worker reports it (``last_error``, not ready) and retries with back-off,
+    touching nothing. Loading the missing module and restarting the pod fixes it."""
+
+    name = UNUSABLE
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def apply(self, state: NodeDesiredState) -> None:
+        raise BackendError(self.reason)
+
+    def resync(self, state: NodeDesiredState) -> None:
+        raise BackendError(self.reason)
+
+    def cleanup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def new_backend(name: str, reason: str = "") -> Backend:
+    if name == UNUSABLE:
+        return UnusableBackend(reason)
     if name == "iptables":
         from metaleg.firewall.iptables import IptablesBackend
 
@@ -133,9 +161,15 @@ class ManagedFirewall:
             other.close()
 
 
-def build_firewall(config: Config) -> ManagedFirewall:
-    """The firewall worker's backend, chosen and logged once at start."""
-    name, why = choose_backend(config.firewall_backend)
+def build_firewall(
+    config: Config, choose: Callable[[str], tuple[str, str]] = choose_backend
+) -> ManagedFirewall:
+    """The firewall worker's backend, chosen and logged once at start (``choose``: a test
+    injects the choice, e.g. that none can run)."""
+    name, why = choose(config.firewall_backend)
+    if name == UNUSABLE:
+        log.error("no firewall backend can run on this node: %s", why, extra={"backend": name})
+        return ManagedFirewall(new_backend(name, why), None, config.run_dir)
     log.info("using the %s firewall backend: %s", name, why, extra={"backend": name})
     other = "nftables" if name == "iptables" else "iptables"
     return ManagedFirewall(new_backend(name), other, config.run_dir)
