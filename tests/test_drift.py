@@ -334,3 +334,79 @@ def test_routing_changes_outside_metaleg_tables_are_not_drift() -> None:
         )
         assert worker.receive(1.5) is None
         assert worker.drift_repairs("route") == worker.drift_repairs("policy_rule") == 0
+
+
+# --- iptables (legacy) and ipsets ---------------------------------------------------------------
+
+IPTABLES_CASES = {
+    # case: (tampering, (command listing the object, what must hold again), drift kind)
+    "jump-deleted": (
+        ("iptables-legacy", "-t", "nat", "-D", "POSTROUTING", "-j", "METALEG-SNAT"),
+        (("iptables-legacy", "-t", "nat", "-S", "POSTROUTING"), "-j METALEG-SNAT"),
+        "iptables_jump",
+    ),
+    "jump-preceded": (
+        ("iptables-legacy", "-t", "nat", "-I", "POSTROUTING", "1", "-j", "MASQUERADE"),
+        (("iptables-legacy", "-t", "nat", "-S", "POSTROUTING"), "first:-m mark ! --mark"),
+        "iptables_jump",
+    ),
+    "jump-deleted-v6": (
+        ("ip6tables-legacy", "-D", "FORWARD", "-j", "METALEG-REJECT"),
+        (("ip6tables-legacy", "-S", "FORWARD"), "-j METALEG-REJECT"),
+        "iptables_jump",
+    ),
+    "mark-jump-deleted": (
+        ("iptables-legacy", "-t", "mangle", "-D", "PREROUTING", "-j", "METALEG-RT-MARK"),
+        (("iptables-legacy", "-t", "mangle", "-S", "PREROUTING"), "-j METALEG-RT-MARK"),
+        "iptables_jump",
+    ),
+    "chain-flushed": (
+        ("iptables-legacy", "-t", "nat", "-F", "METALEG-SNAT"),
+        (("iptables-legacy", "-t", "nat", "-S", "METALEG-SNAT"), "--to-source 198.51.100.200"),
+        "iptables_chain",
+    ),
+    "ipset-member-deleted": (
+        ("ipset", "del", "METALEG-MARK-4", "10.244.1.11"),
+        (("ipset", "list", "METALEG-MARK-4"), "10.244.1.11"),
+        "ipset",
+    ),
+    "ipset-flushed-v6": (
+        ("ipset", "flush", "METALEG-SNATTED-6"),
+        (("ipset", "list", "METALEG-SNATTED-6"), "fd00:1::10"),
+        "ipset",
+    ),
+}
+
+
+def _iptables_holds(ns: str, command: tuple[str, ...], expected: str) -> bool:
+    listing = run(ns, *command)
+    if expected.startswith("first:"):
+        rules = [line for line in listing.splitlines() if line.startswith("-A ")]
+        return bool(rules) and expected[6:] in rules[0]
+    return expected in listing
+
+
+@pytest.mark.parametrize("case", list(IPTABLES_CASES))
+def test_iptables_drift_is_repaired_reported_and_counted(case: str) -> None:
+    tampering, (command, expected), kind = IPTABLES_CASES[case]
+    with running_worker("firewall", "iptables", firewall_state()) as worker:
+        assert _iptables_holds(worker.ns, command, expected)
+        sh(*tampering, netns=worker.ns)
+        wait_until(lambda: _iptables_holds(worker.ns, command, expected), " ".join(tampering))
+        report = worker.wait_for_drift_report()
+        assert report.drift.startswith(kind + ":"), report.drift
+        assert not report.error
+        assert worker.drift_repairs(kind) >= 1
+        # The repair is the new baseline: no repair follows it.
+        assert worker.receive(2.5) is None
+
+
+def test_iptables_changes_outside_metaleg_objects_are_not_drift() -> None:
+    with running_worker("firewall", "iptables", firewall_state()) as worker:
+        sh("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE", netns=worker.ns)
+        sh("iptables-legacy", "-N", "KUBE-FORWARD", netns=worker.ns)
+        sh("iptables-legacy", "-A", "FORWARD", "-j", "KUBE-FORWARD", netns=worker.ns)
+        sh("ipset", "create", "KUBE-OTHER", "hash:ip", netns=worker.ns)
+        assert worker.receive(2.5) is None
+        for kind in ("iptables_jump", "iptables_chain", "ipset"):
+            assert worker.drift_repairs(kind) == 0

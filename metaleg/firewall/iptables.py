@@ -91,6 +91,7 @@ from metaleg.firewall.ipsets import (
     SetSpec,
     plan_sets,
 )
+from metaleg.firewall.iptables_drift import IptablesDriftCheck
 from metaleg.firewall.xtables_child import (
     Match,
     Mode,
@@ -1066,10 +1067,22 @@ class IptablesBackend:
         (or recreated) since the previous request, see ``SyncRequest.set_generation``."""
         self._sets_uncertain = True
         self.last_changes: tuple[str, ...] = ()
+        self._drift: IptablesDriftCheck | None = None
 
     def helper_pids(self) -> dict[Family, int | None]:
         """The process ids of the running helper processes (for health checks and tests)."""
         return {family: helper.pid for family, helper in self._helpers.items()}
+
+    def drift_detector(self) -> IptablesDriftCheck:
+        """A check once a second of metaleg's jumps, chains and ipsets against what it wrote."""
+        if self._drift is None:
+            self._drift = IptablesDriftCheck()
+        return self._drift
+
+    def _after_write(self, changed: bool) -> None:
+        """Take what the kernel holds now as the drift check's baseline (we just wrote it)."""
+        if self._drift is not None and changed:
+            self._drift.rebaseline()
 
     def apply(self, state: NodeDesiredState) -> None:
         """Change what differs from the last applied state; an unchanged state touches nothing.
@@ -1079,9 +1092,17 @@ class IptablesBackend:
         costs what it changes (:class:`LiveRules`), except when the mask or
         the exclusions change: then both states are rendered in full and compared.
         """
+        failed = True
+        try:
+            self._apply(state)
+            failed = False
+        finally:
+            self._after_write(failed or bool(self.last_changes) or self._live is None)
+
+    def _apply(self, state: NodeDesiredState) -> None:
         live = self._live
         if live is None:
-            self.resync(state)
+            self._resync(state)
             return
         step = live.step(state)
         if step is None:
@@ -1112,6 +1133,12 @@ class IptablesBackend:
 
     def resync(self, state: NodeDesiredState) -> None:
         """Compare with the kernel, repair every difference and delete stale metaleg objects."""
+        try:
+            self._resync(state)
+        finally:
+            self._after_write(True)
+
+    def _resync(self, state: NodeDesiredState) -> None:
         self._start_helpers()
         live = LiveRules(state, self._live)
         current = self._ipsets.list_sets()
@@ -1150,6 +1177,8 @@ class IptablesBackend:
 
     def close(self) -> None:
         """Stop the helper processes and close the netlink socket."""
+        if self._drift is not None:
+            self._drift.close()
         for helper in self._helpers.values():
             helper.stop()
         self._ipsets.close()
