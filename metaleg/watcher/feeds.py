@@ -37,7 +37,14 @@ from metaleg.watcher.cluster import (
     parse_pod,
     parse_service,
 )
-from metaleg.watcher.informer import Event, Informer, ResourceSpec, base_specs, scoped_spec
+from metaleg.watcher.informer import (
+    DEFAULT_IDLE_TIMEOUT,
+    Event,
+    Informer,
+    ResourceSpec,
+    base_specs,
+    scoped_spec,
+)
 from metaleg.watcher.scopes import ScopeInputs
 from metaleg.watcher.tracker import EgressTracker
 
@@ -89,8 +96,10 @@ class Feeds:
         tracker: EgressTracker,
         scope_inputs: ScopeInputs,
         metallb_namespace: str,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.api = api
+        self.idle_timeout = idle_timeout
         self.events = events
         self.tracker = tracker
         self.scope_inputs = scope_inputs
@@ -115,7 +124,7 @@ class Feeds:
             self.active[spec.name] = self._start(spec, None)
 
     def _start(self, spec: ResourceSpec, selector: tuple[str, str] | None) -> _Feed:
-        informer = Informer(spec, self.events, tag=next(self._tags))
+        informer = Informer(spec, self.events, next(self._tags), self.idle_timeout)
         informer.start()
         return _Feed(informer, selector, time.monotonic())
 
@@ -197,6 +206,8 @@ class Feeds:
             self.errors[name] = event.message
             return
         self.errors.pop(name, None)
+        if event.kind == "ok":
+            return
         if event.kind == "replace":
             self._replace(name, event.objects)
             feed.synced = True

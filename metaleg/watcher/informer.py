@@ -25,6 +25,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,23 @@ LIST_PAGE_SIZE = 500
 WATCH_TIMEOUT_SECONDS = (240, 480)  # randomised per watch, like client-go, to spread reconnects
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+SHORT_WATCH = 1.0
+"""A watch that ends sooner than this with nothing in it is resumed with back-off."""
+DEFAULT_IDLE_TIMEOUT = 75.0
+"""WATCH_IDLE_TIMEOUT's default: the API server's bookmark interval (1 min) plus a margin."""
+RETRY_AFTER_MAX = 60.0
+
+
+def _retry_after(error: ApiException) -> float:
+    """Seconds a 429 asks to wait (``Retry-After``, seconds form), 1 s when it says nothing
+    usable, at most :data:`RETRY_AFTER_MAX`."""
+    headers = error.headers or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        return 1.0
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
 class Gone(Exception):
@@ -64,8 +82,8 @@ class Event:
     """What an informer reports to the watcher's main thread.
 
     ``kind`` is ``replace`` (a complete list: ``objects``), ``upsert``/``delete``
-    (one ``object``), ``error`` (``message``; the informer keeps retrying) or
-    ``synced`` is implied by ``replace``.
+    (one ``object``), ``error`` (``message``; the informer keeps retrying), ``ok`` (the API
+    server answers again after an error); ``synced`` is implied by ``replace``.
     """
 
     resource: str
@@ -100,15 +118,29 @@ class ResourceSpec:
 class Informer(threading.Thread):
     """Lists and watches one resource forever, reporting :class:`Event` values to ``events``."""
 
-    def __init__(self, spec: ResourceSpec, events: queue.Queue[Event], tag: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ResourceSpec,
+        events: queue.Queue[Event],
+        tag: int = 0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         super().__init__(name=f"informer-{spec.name}", daemon=True)
         self.spec = spec
         self.events = events
         self.tag = tag
+        self.idle_timeout = idle_timeout
         self.stopping = threading.Event()
         self.resource_version = ""
         self.relists = 0
         self.watch_events = 0
+        self.failing = False
+        """An error was reported and no request succeeded since."""
+        self.list_version = "0"
+        """The resourceVersion the next list asks for, as client-go's reflector chooses it:
+        "0" at first (any version, from the API server's watch cache: a DaemonSet's agents
+        must not all read etcd), then the newest version seen (not older than what we hold,
+        still from the cache), "" (the newest, from etcd) after that was gone (410)."""
         self._response: Any = None
         """The open watch response, so that :meth:`stop` can end a read that would block for
         minutes (a replaced scope's informer must not keep its connection)."""
@@ -127,12 +159,23 @@ class Informer(threading.Thread):
         delay = BACKOFF_INITIAL
         need_list = True
         while not self.stopping.is_set():
+            started = time.monotonic()
             try:
                 if need_list:
                     self._list()
                     need_list = False
-                self._watch()
-                delay = BACKOFF_INITIAL  # a watch that ended normally: resume at once
+                events = self._watch()
+                if events or time.monotonic() - started >= SHORT_WATCH:
+                    delay = BACKOFF_INITIAL  # a watch that served and ended: resume at once
+                else:
+                    # Ended at once with nothing (a proxy closing every stream, an API
+                    # server shedding load): resuming at once again would hammer it.
+                    log.info(
+                        "watch ended at once; resuming in %.1fs",
+                        delay,
+                        extra={"resource": self.spec.name},
+                    )
+                    delay = self._sleep(delay)
             except Gone:
                 if self.stopping.is_set():
                     return
@@ -146,22 +189,47 @@ class Informer(threading.Thread):
                     return
                 ERRORS.labels("watcher", "watch").inc()
                 message = self._describe(error)
-                self.events.put(Event(self.spec.name, "error", message=message, tag=self.tag))
+                self._report_error(message)
+                wait = _retry_after(error) if error.status == 429 else None
+                if error.status == 410:
+                    # The list's resourceVersion is gone too: list the newest (from etcd).
+                    self.list_version = ""
+                    need_list = True
+                elif error.status != 429 and not (error.status or 0) >= 500:
+                    # 429 and 5xx leave what we hold valid: retry the same request. Anything
+                    # else (a CRD removed, permissions changed) starts again with a list.
+                    need_list = True
                 log.warning(
-                    "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
+                    "%s; retrying in %.1fs",
+                    message,
+                    wait if wait is not None else delay,
+                    extra={"resource": self.spec.name},
                 )
-                need_list = True
-                delay = self._sleep(delay)
+                if wait is not None:
+                    self.stopping.wait(wait)
+                else:
+                    delay = self._sleep(delay)
             except Exception as error:  # connection refused/reset, timeouts, bad JSON
                 if self.stopping.is_set():
                     return
                 ERRORS.labels("watcher", "watch").inc()
-                message = f"cannot reach the API server: {type(error).__name__}: {error}"
-                self.events.put(Event(self.spec.name, "error", message=message, tag=self.tag))
+                message = f"{self.spec.name}: cannot reach the API server: {type(error).__name__}: {error}"
+                self._report_error(message)
                 log.warning(
                     "%s; retrying in %.1fs", message, delay, extra={"resource": self.spec.name}
                 )
                 delay = self._sleep(delay)
+
+    def _report_error(self, message: str) -> None:
+        self.failing = True
+        self.events.put(Event(self.spec.name, "error", message=message, tag=self.tag))
+
+    def _report_answer(self) -> None:
+        """The API server answered: an error reported before is over (the watcher clears it
+        even if no object changes afterwards)."""
+        if self.failing:
+            self.failing = False
+            self.events.put(Event(self.spec.name, "ok", tag=self.tag))
 
     def _sleep(self, delay: float) -> float:
         self.stopping.wait(delay * random.uniform(0.8, 1.2))
@@ -181,7 +249,10 @@ class Informer(threading.Thread):
             query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
             if continue_token:
                 query.append(("continue", continue_token))
-            response = self.spec.list_call(query)
+            elif self.list_version:
+                query.append(("resourceVersion", self.list_version))
+            response = self.spec.list_call(query, request_timeout=(10, self.idle_timeout))
+            self._report_answer()
             try:
                 body = self._decode_page(response.data)
             finally:
@@ -191,6 +262,7 @@ class Informer(threading.Thread):
             continue_token = metadata.get("continue") or ""
             if not continue_token:
                 self.resource_version = str(metadata.get("resourceVersion") or "")
+                self.list_version = self.resource_version
                 break
         self.relists += 1
         RELISTS.labels("watcher", self.spec.name.partition(":")[0]).inc()
@@ -211,7 +283,8 @@ class Informer(threading.Thread):
             raise ValueError(f"a list answer is not a JSON object but {type(body).__name__}")
         return body
 
-    def _watch(self) -> None:
+    def _watch(self) -> int:
+        """Watch until the stream ends; returns how many events and bookmarks it carried."""
         timeout = random.randint(*WATCH_TIMEOUT_SECONDS)
         response = self.spec.list_call(
             [
@@ -220,18 +293,23 @@ class Informer(threading.Thread):
                 ("timeoutSeconds", timeout),
                 ("watch", True),
             ],
-            # Bookmarks arrive about once a minute; a silent connection longer than the
-            # server-side timeout plus a margin is dead.
-            request_timeout=(10, timeout + 30),
+            # The read timeout applies to every read: the API server sends a bookmark about
+            # once a minute, so a connection silent for longer than that plus a margin is
+            # dead (one that lost its peer fails sooner, by TCP keepalive).
+            request_timeout=(10, self.idle_timeout),
         )
         self._response = response
+        self._report_answer()
+        received = 0
         if self.stopping.is_set():  # stopped while connecting: stop() did not see it
             response.shutdown()
         try:
             for event in self._events_of(response):
                 if self.stopping.is_set():
-                    return
+                    return received
+                received += 1
                 self._handle(event)
+            return received
         finally:
             self._response = None
             response.close()

@@ -25,8 +25,6 @@ from types import FrameType
 from typing import Any
 
 import zmq
-from kubernetes import client
-from kubernetes import config as kube_config
 
 from metaleg.config import Config
 from metaleg.ipc import ChangePublisher, MessageError, WatcherStatus, connect_worker, encode
@@ -37,6 +35,7 @@ from metaleg.watcher.desired import NodeSettings
 from metaleg.watcher.events import EventPoster, describe_change, describe_problem
 from metaleg.watcher.feeds import Feeds
 from metaleg.watcher.informer import Event
+from metaleg.watcher.kubeclient import api_client
 from metaleg.watcher.scopes import ScopeInputs
 from metaleg.watcher.tracker import EgressTracker, TrackerResult
 
@@ -186,13 +185,6 @@ def _by_key(state: NodeDesiredState | None, keys: tuple[str, ...]) -> dict[str, 
     return found
 
 
-def _api_client(config: Config) -> Any:
-    if config.kubeconfig:
-        return kube_config.new_client_from_config(config_file=config.kubeconfig)
-    kube_config.load_incluster_config()
-    return client.ApiClient()
-
-
 def run(config: Config) -> int:
     """Watch until SIGTERM; returns the exit status."""
     events: queue.Queue[Event] = queue.Queue()
@@ -205,7 +197,7 @@ def run(config: Config) -> int:
 
     watcher = Watcher(config)
     try:
-        api = _api_client(config)
+        api = api_client(config.kubeconfig)
     except Exception as error:  # a missing or broken kubeconfig, no in-cluster service account
         ERRORS.labels("watcher", "kubeconfig").inc()
         source = (
@@ -213,9 +205,16 @@ def run(config: Config) -> int:
         )
         log.error("cannot load the Kubernetes client configuration (%s): %s", source, error)
         return 1
-    watcher.events = EventPoster(_api_client(config), config.node_name)
+    watcher.events = EventPoster(api_client(config.kubeconfig), config.node_name)
     watcher.events.start()
-    feeds = Feeds(api, events, watcher.tracker, watcher.scope_inputs, config.metallb_namespace)
+    feeds = Feeds(
+        api,
+        events,
+        watcher.tracker,
+        watcher.scope_inputs,
+        config.metallb_namespace,
+        config.watch_idle_timeout,
+    )
     context: zmq.Context[Any] = zmq.Context()
     socket = connect_worker(context, config.run_dir, "watcher")
     publisher = ChangePublisher()
