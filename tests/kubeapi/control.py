@@ -16,8 +16,11 @@ import urllib.request
 from typing import Any
 
 
-def write_kubeconfig(path: str, server_url: str, *, namespace: str = "default") -> str:
-    """Write a kubeconfig for ``server_url`` (plain http, no credentials); return ``path``.
+def write_kubeconfig(
+    path: str, server_url: str, *, namespace: str = "default", token_file: str | None = None
+) -> str:
+    """Write a kubeconfig for ``server_url`` (plain http; no credentials, or the bearer token
+    in ``token_file``, which clients read from there); return ``path``.
 
     It is JSON, which is YAML too: the ``kubernetes`` client's
     ``config.load_kube_config`` and ``kubectl --kubeconfig`` both read it.
@@ -26,7 +29,7 @@ def write_kubeconfig(path: str, server_url: str, *, namespace: str = "default") 
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "emulator", "cluster": {"server": server_url}}],
-        "users": [{"name": "emulator", "user": {}}],
+        "users": [{"name": "emulator", "user": {"tokenFile": token_file} if token_file else {}}],
         "contexts": [
             {
                 "name": "emulator",

@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -252,6 +253,15 @@ class KubeApiServer:
         self.watch_timeout = watch_timeout
         self.verbose = verbose
         self.latency = 0.0
+        self.token: str | None = None
+        """When set, API requests must carry ``Authorization: Bearer <token>`` (else 401)."""
+        self.watch_requests = 0
+        """Watch requests served so far (a client's reconnect rate, for tests)."""
+        self.end_watches_at_once = False
+        self._faults: list[_Fault] = []
+        self._faults_lock = threading.Lock()
+        self._last_stream = 0
+        self._silenced_upto = 0
         self.listeners: list[Listener] = [Listener(self, host, port, None)]
         self.restarts = 0
         self._started_before = False
@@ -362,6 +372,61 @@ class KubeApiServer:
         """Delay every API request (not the control endpoints) by ``seconds``."""
         self.latency = max(0.0, float(seconds))
 
+    def silence_watches(self) -> None:
+        """The watch streams open now stop carrying anything (no event, no bookmark) without
+        closing, as when a NAT, a load balancer or a moved VIP forgot their flows while the
+        client's side still looks open; new requests are served as usual."""
+        with self._faults_lock:
+            self._silenced_upto = self._last_stream
+
+    def fail_requests(
+        self,
+        code: int,
+        count: int = 1,
+        *,
+        retry_after: int | None = None,
+        path_contains: str = "",
+        watch: bool | None = None,
+    ) -> None:
+        """Answer the next ``count`` API requests whose path contains ``path_contains`` (and
+        that are watches, or not, if ``watch`` says so) with ``code`` and a Status body, as an
+        overloaded (429, with ``Retry-After`` seconds) or failing (5xx) API server does."""
+        with self._faults_lock:
+            self._faults.append(_Fault(code, count, retry_after, path_contains, watch))
+
+    def take_fault(self, path: str, is_watch: bool) -> _Fault | None:
+        """The injected failure the request with this path gets, if any (used by handlers)."""
+        with self._faults_lock:
+            for fault in self._faults:
+                if fault.path_contains not in path:
+                    continue
+                if fault.watch is not None and fault.watch != is_watch:
+                    continue
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def next_stream(self) -> int:
+        """Number a new watch stream (see :meth:`silence_watches`)."""
+        with self._faults_lock:
+            self._last_stream += 1
+            self.watch_requests += 1
+            return self._last_stream
+
+    def silenced(self, stream: int) -> bool:
+        return stream <= self._silenced_upto
+
+    def delete_custom_resource_definition(self, group: str) -> None:
+        """Delete a CRD's group as the API server does: every object of its resources is
+        deleted (watchers get DELETED events), then the resources are gone (404, watches
+        end). :meth:`set_group_available` brings the group back, empty."""
+        for resource in self.store.resource_types():
+            if resource.group == group:
+                self.store.delete_collection(resource)
+        self.store.set_group_available(group, False)
+
     def state(self) -> dict[str, Any]:
         """What ``GET /_emulator/state`` answers."""
         return {
@@ -394,6 +459,24 @@ class KubeApiServer:
         from .control import api_client
 
         return api_client(self.url)
+
+
+@dataclass
+class _Fault:
+    """An injected failure (see :meth:`KubeApiServer.fail_requests`)."""
+
+    code: int
+    count: int
+    retry_after: int | None
+    path_contains: str
+    watch: bool | None
+
+
+_FAULT_REASONS = {
+    429: ("TooManyRequests", "Too many requests, please try again later."),
+    500: ("InternalError", "Internal error occurred: injected failure"),
+    503: ("ServiceUnavailable", "The server is currently unable to handle the request"),
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -471,6 +554,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if self.emulator.latency:
                 time.sleep(self.emulator.latency)
+            token = self.emulator.token
+            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            fault = self.emulator.take_fault(url.path, query.get("watch", "") in _TRUE)
+            if fault is not None:
+                self._send_fault(fault)
+                return
             self._route(method, parts, query, body)
         except ApiError as error:
             self._send_json(error.code, error.status())
@@ -481,6 +571,20 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:
             traceback.print_exc()
             self._send_json(500, ApiError(500, "InternalError", f"{error}").status())
+
+    def _send_fault(self, fault: _Fault) -> None:
+        reason, message = _FAULT_REASONS.get(fault.code, ("InternalError", "injected failure"))
+        details: dict[str, Any] = {}
+        if fault.retry_after is not None:
+            details = {"retryAfterSeconds": fault.retry_after}
+        data = json.dumps(ApiError(fault.code, reason, message, details).status()).encode()
+        self.send_response(fault.code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if fault.retry_after is not None:
+            self.send_header("Retry-After", str(fault.retry_after))
+        self.end_headers()
+        self.wfile.write(data)
 
     # --- routing --------------------------------------------------------------
 
@@ -691,6 +795,12 @@ class _Handler(BaseHTTPRequestHandler):
             obj = table
         self._send_event(event_type, obj)
 
+    def _hold_silent(self) -> None:
+        """Keep a silenced stream open, sending nothing, until the client gives up on it."""
+        while self.emulator.running and not self._client_gone():
+            time.sleep(0.1)
+        raise ConnectionAbortedError("silenced watch: the client went away")
+
     def _client_gone(self) -> bool:
         """True once the client closed its end (checked while a watch is idle)."""
         try:
@@ -742,10 +852,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("Cache-Control", "no-cache, private")
             self.end_headers()
+            stream = emulator.next_stream()
             if watch.expired is not None:
                 self._send_event("ERROR", watch.expired.status())
-            else:
-                self._stream(watch, timeout or emulator.watch_timeout, bookmarks, send_initial)
+            elif not emulator.end_watches_at_once:
+                self._stream(
+                    watch, timeout or emulator.watch_timeout, bookmarks, send_initial, stream
+                )
             self._write_chunk(b"")  # the terminating zero-length chunk
         except OSError:
             self.close_connection = True  # cut: the client sees a broken stream
@@ -766,7 +879,9 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def _stream(self, watch: Watch, timeout: float, bookmarks: bool, send_initial: bool) -> None:
+    def _stream(
+        self, watch: Watch, timeout: float, bookmarks: bool, send_initial: bool, stream: int = 0
+    ) -> None:
         """Send the initial objects, then events until timeout, a fault or the client leaves."""
         emulator = self.emulator
         deadline = time.monotonic() + timeout
@@ -776,6 +891,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._bookmark(watch, initial_end=True)
         next_bookmark = time.monotonic() + emulator.bookmark_interval
         while True:
+            if emulator.silenced(stream):
+                self._hold_silent()
             now = time.monotonic()
             if now >= deadline:
                 return
@@ -783,6 +900,8 @@ class _Handler(BaseHTTPRequestHandler):
             if bookmarks:
                 wake = min(wake, next_bookmark)
             events = watch.wait(max(0.0, wake - now))
+            if emulator.silenced(stream):
+                self._hold_silent()  # what arrived meanwhile is never sent
             if events is None:
                 if not emulator.running:
                     raise ConnectionAbortedError("API server stopped")

@@ -175,7 +175,7 @@ class Watch:
         deadline = time.monotonic() + timeout
         with store._changed:
             while True:
-                if not self.open:
+                if not self.open and not self._owed_before_group_left():
                     return None
                 if store._rv > self.pos:
                     if self.pos < store._floor:
@@ -193,6 +193,17 @@ class Watch:
                 if remaining <= 0:
                     return []
                 store._changed.wait(remaining)
+
+    def _owed_before_group_left(self) -> bool:
+        """Events written before the watch's API group went away (the objects a deleted CRD
+        took with it) are still delivered, as the API server does before it ends the watch."""
+        store = self._store
+        return (
+            not self._closed
+            and store._epoch == self._epoch
+            and store._rv > self.pos
+            and self.resource.group in store._unavailable_groups
+        )
 
     def close(self) -> None:
         with self._store._changed:
