@@ -30,6 +30,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from metaleg.model import Action, NodeDesiredState, Role
+from metaleg.watcher.informer import DEFAULT_IDLE_TIMEOUT
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig
 
@@ -39,17 +40,25 @@ LB = ("198.51.100.200", "2001:db8:1::200")
 class WatcherUnderTest:
     """A watcher process, its hub socket and the messages it sent."""
 
-    def __init__(self, api: KubeApiServer, run_dir: str) -> None:
+    def __init__(
+        self,
+        api: KubeApiServer,
+        run_dir: str,
+        *,
+        watch_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        token_file: str | None = None,
+    ) -> None:
         self.context: zmq.Context[Any] = zmq.Context()
         self.socket = bind_supervisor(self.context, run_dir)
         kubeconfig = os.path.join(run_dir, "kubeconfig")
-        write_kubeconfig(kubeconfig, api.url)
+        write_kubeconfig(kubeconfig, api.url, token_file=token_file)
         config = Config(
             node_name="node-a",
             run_dir=run_dir,
             kubeconfig=kubeconfig,
             log_format="text",
             log_level="debug",
+            watch_idle_timeout=watch_idle_timeout,
         )
         env = {**os.environ, CONFIG_ENVIRONMENT: msgspec.json.encode(config).decode()}
         self.log_path = os.path.join(run_dir, "watcher.log")
@@ -105,11 +114,12 @@ class WatcherUnderTest:
         )
 
     def wait_for_status(
-        self, predicate: Callable[[WatcherStatus], bool], timeout: float = 10.0
+        self, predicate: Callable[[WatcherStatus], bool], timeout: float = 10.0, since: int = 0
     ) -> WatcherStatus:
+        """The first status from the ``since``-th on that meets ``predicate``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for status in self.statuses:
+            for status in self.statuses[since:]:
                 if predicate(status):
                     return status
             self.pump(0.2)
@@ -242,7 +252,10 @@ def test_api_outage_keeps_publishing_the_last_good_state(
         timeout=30,
     )
     assert relay(state).role == Role.FORWARDER
-    watcher.wait_for_status(lambda st: st.synced and not st.error, timeout=10)
+    # The error clears once the API answers again, for every resource (most see no event
+    # after the outage), and only statuses sent after it count.
+    since = next(i for i, st in enumerate(watcher.statuses) if "cannot reach" in st.error)
+    watcher.wait_for_status(lambda st: st.synced and not st.error, timeout=10, since=since)
 
 
 def test_missing_servicel2status_crd_is_reported_and_nothing_is_published_until_it_appears(
@@ -421,3 +434,162 @@ def test_a_hostnetwork_endpoint_is_a_problem_not_a_source(
         )
     )
     assert state.transit_guard_ipv4 == ()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="mlwt") as path:
+        yield path
+
+
+def test_a_silently_dead_watch_is_replaced_and_a_change_made_meanwhile_arrives(
+    api: KubeApiServer, cluster: ClusterDriver, run_dir: str
+) -> None:
+    # The emulator sends a bookmark every second (the fixture), a real API server about once a
+    # minute: the idle timeout is scaled down alike (75 s by default, see the next test).
+    watcher = WatcherUnderTest(api, run_dir, watch_idle_timeout=4.0)
+    try:
+        add_relay(cluster)
+        watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+        watcher.pump(6.0)  # healthy idle watches outlive the idle timeout: bookmarks keep them
+        assert "cannot reach" not in watcher.log()
+        # Every open watch goes silent without a FIN; new connections would work.
+        api.silence_watches()
+        cluster.gateway("mail", "relay", "node-a")
+        state = watcher.wait_for(
+            lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY, timeout=30
+        )
+        assert relay(state).gateway_node == "node-a"
+        with open(watcher.log_path) as file:
+            log = file.read()
+        assert "Read timed out" in log, log[-3000:]
+    finally:
+        watcher.stop()
+
+
+def test_the_default_timeouts_notice_a_dead_connection_within_a_minute() -> None:
+    from metaleg.config import load_config
+    from metaleg.watcher import kubeclient
+
+    # A connection whose peer is gone (no FIN, no RST: packets are dropped) fails by TCP
+    # keepalive: idle, then unanswered probes.
+    keepalive = (
+        kubeclient.KEEPALIVE_IDLE + kubeclient.KEEPALIVE_COUNT * kubeclient.KEEPALIVE_INTERVAL
+    )
+    assert keepalive <= 60
+    # A connection that stays up but carries nothing: past the API server's bookmark interval
+    # (about a minute), with a margin so that healthy idle watches are not recycled.
+    config = load_config({"NODE_NAME": "n1"})
+    assert config.watch_idle_timeout == DEFAULT_IDLE_TIMEOUT == 75.0
+    options = {(level, name): value for level, name, value in kubeclient.socket_options()}
+    import socket
+
+    assert options[(socket.SOL_SOCKET, socket.SO_KEEPALIVE)] == 1
+    assert options[(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)] == kubeclient.KEEPALIVE_IDLE
+    assert options[(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)] == kubeclient.KEEPALIVE_COUNT
+
+
+def test_the_api_client_keeps_connections_alive(api: KubeApiServer, run_dir: str) -> None:
+    from metaleg.watcher.kubeclient import api_client, socket_options
+
+    kubeconfig = write_kubeconfig(os.path.join(run_dir, "kubeconfig"), api.url)
+    client = api_client(kubeconfig)
+    assert client.rest_client.pool_manager.connection_pool_kw["socket_options"] == socket_options()
+
+
+def test_watches_that_end_at_once_are_resumed_with_back_off(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    watcher.wait_for(lambda s: relay(s) is not None)
+    api.end_watches_at_once = True
+    api.drop_watches()
+    before = api.watch_requests
+    watcher.pump(6.0)
+    requests = api.watch_requests - before
+    # Six watches (services, statuses, slices, pods, two nodes) resumed without a pause would
+    # make thousands of requests in 6 s; with back-off from 0.5 s doubling, at most ~5 each.
+    assert requests <= 6 * 6, requests
+    api.end_watches_at_once = False
+    cluster.gateway("mail", "relay", "node-a")
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY, timeout=40)
+
+
+def test_429_and_5xx_are_retried_and_reported_until_the_api_answers(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+    since = len(watcher.statuses)
+    # (watch requests only: the test's own writes must not take the failures). urllib3 itself
+    # retries a 429 with Retry-After up to three times, after the delay it asks for: only the
+    # fifth answer reaches the informer, which waits as asked too.
+    api.fail_requests(429, count=6, retry_after=1, path_contains="servicel2statuses", watch=True)
+    api.fail_requests(503, count=2, path_contains="endpointslices", watch=True)
+    api.drop_watches()
+    watcher.wait_for_status(lambda st: "429" in st.error, timeout=15, since=since)
+    cluster.gateway("mail", "relay", "node-a")
+    cluster.endpoints("mail", "relay", "IPv4", [("10.244.1.12", "node-a")])
+    state = watcher.wait_for(
+        lambda s: (
+            relay(s) is not None
+            and relay(s).role == Role.GATEWAY
+            and relay(s).families[0].source_ips == ("10.244.1.12",)
+        ),
+        timeout=40,
+    )
+    assert relay(state).gateway_node == "node-a"
+    errors = [st.error for st in watcher.statuses[since:]]
+    assert any("503" in e for e in errors), errors
+    last_error = max(i for i, st in enumerate(watcher.statuses) if st.error)
+    watcher.wait_for_status(lambda st: st.synced and not st.error, since=last_error)
+
+
+def test_a_rotated_token_is_read_again(api: KubeApiServer, run_dir: str) -> None:
+    token_file = os.path.join(run_dir, "token")
+    with open(token_file, "w") as file:
+        file.write("first-token\n")
+    # The test's own client carries the current token too.
+    driver_client = api.api_client()
+    driver_client.configuration.api_key["BearerToken"] = "Bearer first-token"
+    cluster = ClusterDriver(driver_client)
+    api.token = "first-token"
+    cluster.node("node-a", "198.51.100.11", "2001:db8:1::11")
+    cluster.node("node-b", "198.51.100.12", "2001:db8:1::12")
+    watcher = WatcherUnderTest(api, run_dir, token_file=token_file)
+    try:
+        add_relay(cluster)
+        watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+        # The token is rotated (the kubelet rewrites a projected token file); the old one is
+        # refused from now on, and the streams that used it end.
+        with open(token_file + ".new", "w") as file:
+            file.write("second-token\n")
+        os.replace(token_file + ".new", token_file)
+        driver_client.configuration.api_key["BearerToken"] = "Bearer second-token"
+        api.token = "second-token"
+        api.drop_watches()
+        since = len(watcher.statuses)
+        cluster.gateway("mail", "relay", "node-a")
+        state = watcher.wait_for(
+            lambda s: relay(s) is not None and relay(s).role == Role.GATEWAY, timeout=30
+        )
+        assert relay(state).gateway_node == "node-a"
+        assert not any("401" in st.error for st in watcher.statuses[since:])
+    finally:
+        api.token = None
+        watcher.stop()
+
+
+def test_a_deleted_servicel2status_crd_fails_closed_and_is_reported(
+    api: KubeApiServer, watcher: WatcherUnderTest, cluster: ClusterDriver
+) -> None:
+    add_relay(cluster)
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER)
+    # MetalLB uninstalled: its objects are deleted (DELETED events), then the resource is gone.
+    api.delete_custom_resource_definition("metallb.io")
+    state = watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.REJECT)
+    assert {f.action for f in relay(state).families} == {Action.REJECT}
+    watcher.wait_for_status(lambda st: "ServiceL2Status CRD" in st.error, timeout=15)
+    api.set_group_available("metallb.io", True)
+    cluster.gateway("mail", "relay", "node-b")
+    watcher.wait_for(lambda s: relay(s) is not None and relay(s).role == Role.FORWARDER, timeout=40)
