@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from metaleg.backend import Backend, BackendError
+from metaleg.backend import Backend, BackendError, DriftDetecting, DriftDetector
 from metaleg.config import Config
 from metaleg.firewall import conntrack
 from metaleg.firewall.applied_state import AppliedStateFile
@@ -123,6 +123,12 @@ class ManagedFirewall:
 
     def close(self) -> None:
         self.backend.close()
+
+    def drift_detector(self) -> DriftDetector | None:
+        """The chosen backend's drift detector, if it has one."""
+        if isinstance(self.backend, DriftDetecting):
+            return self.backend.drift_detector()
+        return None
 
     def _after(self, state: NodeDesiredState) -> None:
         """Delete the conntrack entries the change outdated, and remember ``state``."""
