@@ -7,10 +7,12 @@ on a node with hostNetwork pods).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -219,3 +221,23 @@ def test_run_dir_problems_exit_2_with_one_line(node: Node, make: object, fragmen
     assert result.returncode == 2
     line = _one_line(result)
     assert f"METALEG_RUN_DIR={run_dir!r}" in line and fragment in line
+
+
+def test_a_refused_agent_posts_a_warning_event_on_its_node(node: Node) -> None:
+    from tests.kubeapi.control import write_kubeconfig
+    from tests.kubeapi.server import KubeApiServer
+
+    with KubeApiServer() as api:
+        api.add_listener("127.0.0.1", 6443, netns=node.netns)
+        write_kubeconfig(node.kubeconfig, "http://127.0.0.1:6443")
+        node.start(os.path.join(node.scratch, "one"))
+        result = node.run(os.path.join(node.scratch, "two"))
+        assert result.returncode == 4
+        line = _one_line(result).removeprefix("metaleg-supervisor: ")
+        with urllib.request.urlopen(f"{api.url}/api/v1/namespaces/default/events", timeout=10) as r:
+            events = json.loads(r.read())["items"]
+        assert [
+            (e["type"], e["reason"], e["involvedObject"]["kind"], e["involvedObject"]["name"])
+            for e in events
+        ] == [("Warning", "SecondAgentRefused", "Node", "node-a")]
+        assert events[0]["message"] == line

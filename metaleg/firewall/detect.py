@@ -23,6 +23,10 @@ run cannot vote for itself.
 Reading the rule sets changes nothing: ``iptables-legacy-save`` lists only
 tables that exist (it does not load ip_tables), ``iptables-nft-save`` only
 lists.
+
+The chosen backend must also be able to run on this kernel: :func:`choose_for_node`
+probes it (throwaway objects, see the section below) and :func:`choose`, a pure
+function, decides what to use when it cannot — possibly nothing.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def command_run(arguments: argparse.Namespace) -> int:
     config = _config()
     setup_logging("supervisor", config.log_level, config.log_format)
     from metaleg.ipc import prepare_run_dir
-    from metaleg.supervisor.neighbours import NeighbourFound, claim_node
+    from metaleg.supervisor.neighbours import NeighbourFound, claim_node, post_refusal_event
 
     try:
         check_run_dir(config.run_dir)
@@ -65,6 +65,10 @@ def command_run(arguments: argparse.Namespace) -> int:
         claim = claim_node(config)
     except NeighbourFound as error:
         sys.stderr.write(f"metaleg-supervisor: {error}\n")
+        sys.stderr.flush()
+        failure = post_refusal_event(config, str(error))
+        if failure:
+            logging.getLogger("metaleg.supervisor").debug("no Event posted: %s", failure)
         return EXIT_NEIGHBOUR
     except ConfigError as error:
         sys.stderr.write(f"metaleg-supervisor: {error}\n")
