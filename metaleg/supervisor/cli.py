@@ -73,6 +73,9 @@ def command_run(arguments: argparse.Namespace) -> int:
     except ConfigError as error:
         sys.stderr.write(f"metaleg-supervisor: {error}\n")
         return EXIT_CONFIG
+    except OSError as error:
+        sys.stderr.write(f"metaleg-supervisor: cannot check for another agent: {error}\n")
+        return EXIT_NOT_RUNNING
     # Before anything imports prometheus-client: it picks its storage at import time.
     from metaleg.supervisor.supervisor import prepare_metrics_directory
 

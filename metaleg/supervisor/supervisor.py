@@ -244,7 +244,9 @@ class Supervisor:
             # frame is lost, so the complete current state is owed; _catch_up sends it
             # once the worker can take it (and a restarted worker asks with Hello).
             if not worker.owes_snapshot:
-                log.warning(
+                # Not connected yet is normal for a worker that is still starting.
+                log.log(
+                    logging.WARNING if isinstance(error, zmq.Again) else logging.INFO,
                     "could not queue a frame for %s (%s); it gets the complete state when it"
                     " can take it",
                     worker.name,
