@@ -171,7 +171,7 @@ class RunningWorker:
     def drift_repairs(self, kind: str) -> float:
         """``metaleg_drift_repairs_total{kind}`` as the supervisor's /metrics would show it."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.metrics_dir)
+        MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
         for line in generate_latest(registry).decode().splitlines():
             if line.startswith("metaleg_drift_repairs_total{") and f'kind="{kind}"' in line:
                 return float(line.rsplit(" ", 1)[1])

@@ -1074,7 +1074,7 @@ class IptablesBackend:
         return {family: helper.pid for family, helper in self._helpers.items()}
 
     def drift_detector(self) -> IptablesDriftCheck:
-        """A check once a second of metaleg's jumps, chains and ipsets against what it wrote."""
+        """A periodic check of metaleg's jumps, chains and ipsets against what it last wrote."""
         if self._drift is None:
             self._drift = IptablesDriftCheck()
         return self._drift

@@ -1,7 +1,7 @@
 """Drift detection for the ``iptables`` backend: a cheap check once a second.
 
 Legacy iptables and ipsets send no notifications, so, like kube-proxy's canary
-chains, the worker looks. What it compares is metaleg's part of the kernel as
+chains, the worker looks. What it compares (twice a second) is metaleg's part of the kernel as
 it was right after metaleg's own last write (the *baseline*, taken by
 :meth:`IptablesDriftCheck.rebaseline`):
 
@@ -44,9 +44,10 @@ from metaleg.firewall.ipset_netlink import (
 from metaleg.firewall.nfnetlink import NFGEN, attr, parse_attributes
 from metaleg.model import Family
 
-CHECK_INTERVAL = 1.0
-FULL_EVERY = 10
-"""Read the rules of an unchanged-looking table every this many checks."""
+CHECK_INTERVAL = 0.5
+"""Seconds between checks: drift is found within this, and repaired a re-sync later."""
+FULL_EVERY = 20
+"""Read the rules of an unchanged-looking table every this many checks (10 s)."""
 PREFIX = b"METALEG-"
 TABLE_HEADS = {"mangle": ("PREROUTING", 0), "nat": ("POSTROUTING", 4), "filter": ("FORWARD", 2)}
 """Per table, the built-in chain metaleg puts its jumps at the top of, and its hook number."""
@@ -268,7 +269,7 @@ def _is_metaleg_set(name: str) -> bool:
 
 
 class IptablesDriftCheck:
-    """Compares metaleg's iptables rules and ipsets with the baseline once a second."""
+    """Compares metaleg's iptables rules and ipsets with the baseline every :data:`CHECK_INTERVAL`."""
 
     check_interval: float | None = CHECK_INTERVAL
 
