@@ -118,6 +118,7 @@ class DataplaneWorker:
         self.drift_limiter = DriftRepairLimiter()
         self.drift_repairs = 0
         """Drift repairs done by this process."""
+        self.drift_check_failing = False
 
     def run(self) -> int:
         """Serve until SIGTERM; returns the exit status."""
@@ -211,8 +212,14 @@ class DataplaneWorker:
         try:
             found = detector.check()
         except Exception:
-            log.exception("drift check failed")
+            # Logged once per run of failures, not every check; the periodic re-sync remains.
+            if not self.drift_check_failing:
+                log.exception("drift check failed; relying on the periodic re-sync until it works")
+            self.drift_check_failing = True
             return
+        if self.drift_check_failing:
+            log.info("drift check works again")
+            self.drift_check_failing = False
         if not found or not self.resynced_once:
             return  # before the first re-sync, which repairs everything anyway
         now = time.monotonic()

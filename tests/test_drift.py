@@ -12,6 +12,7 @@ periodic re-sync is an hour away, so only drift detection can repair in time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -410,3 +411,29 @@ def test_iptables_changes_outside_metaleg_objects_are_not_drift() -> None:
         assert worker.receive(2.5) is None
         for kind in ("iptables_jump", "iptables_chain", "ipset"):
             assert worker.drift_repairs(kind) == 0
+
+
+# --- the back-off against a component that fights metaleg ------------------------------------
+
+
+def test_repairs_are_spaced_out_while_drift_keeps_coming_back_and_at_once_after_quiet() -> None:
+    from metaleg.worker import FIGHT_DELAY_INITIAL, FIGHT_DELAY_MAX, DriftRepairLimiter
+
+    limiter = DriftRepairLimiter()
+    assert limiter.next_allowed(100.0) == 100.0  # first drift: at once
+    limiter.repaired(100.0, 100.0)
+    now, delays = 100.0, []
+    for _ in range(14):  # undone right after each repair
+        found = now + 0.05
+        start = limiter.next_allowed(found)
+        delays.append(start - now)
+        limiter.repaired(max(start, found), found)
+        now = max(start, found)
+    # Undone once: repaired at once again; then the wait doubles up to the maximum.
+    assert delays[0] == pytest.approx(0.05)
+    assert delays[1] == pytest.approx(FIGHT_DELAY_INITIAL)
+    assert all(later >= earlier - 1e-9 for earlier, later in itertools.pairwise(delays))
+    assert delays[-1] == pytest.approx(FIGHT_DELAY_MAX)
+    # Quiet for longer than the window plus the delay: the next drift is repaired at once.
+    later = now + FIGHT_DELAY_MAX + 10
+    assert limiter.next_allowed(later) == later
