@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -158,8 +159,9 @@ class DataplaneWorker:
                         deadlines.append(max(self.next_attempt, self._drift_repair_at()))
                 deadlines.append(self.next_drift_check)
                 deadline = min(deadlines)
+                # Rounded up: woken a fraction of a millisecond early, the loop would spin.
                 timeout_ms = (
-                    max(0, int((deadline - now) * 1000)) if deadline != float("inf") else None
+                    max(0, math.ceil((deadline - now) * 1000)) if deadline != float("inf") else None
                 )
                 events = dict(poller.poll(timeout_ms))
                 if wakeup.fileno() in events and {signal.SIGTERM, signal.SIGINT} & set(
