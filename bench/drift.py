@@ -73,6 +73,8 @@ from tests.test_drift import (
 
 SPACING = FIGHT_WINDOW + 0.5
 """Seconds from one repair to the next tampering."""
+NEW_FLOW_WINDOW = 1.0
+"""Seconds after a tampering during which the lab measurement opens new flows."""
 
 
 def firewall_state_with(n: int) -> NodeDesiredState:
@@ -204,7 +206,13 @@ def idle_cpu(running: dict[str, RunningWorker], seconds: float) -> dict[str, flo
 
 
 def wrong_sources(masquerade: str, repeat: int, rate: float) -> dict[str, Any]:
-    """Stream from the gateway's pod while its SNAT is deleted; count non-LB sources."""
+    """Traffic from the gateway's pod while its SNAT is deleted: what leaves with a wrong source.
+
+    Two kinds of traffic: one long-lived UDP flow (``rate`` datagrams per second; its
+    conntrack entry keeps the LB IP binding it got before the tampering) and new flows
+    (one probe after another, each from a new socket, for :data:`NEW_FLOW_WINDOW` seconds
+    after each tampering: a new flow gets its binding from the rules of the moment).
+    """
     from tests.lab import LB_IP4, LB_IP6, Lab
     from tests.lab.agents import EgressLab
 
@@ -223,9 +231,11 @@ def wrong_sources(masquerade: str, repeat: int, rate: float) -> dict[str, Any]:
         egress.cluster.gateway("mail", "relay", "node-b")
         lab.announce(LB_IP4, "node-b")
         lab.announce(LB_IP6, "node-b")
-        egress.wait_for_probe(pods["node-b"], 4, source=LB_IP4)
+        pod = pods["node-b"]
+        egress.wait_for_probe(pod, 4, source=LB_IP4)
+        new_flows: dict[str, int] = {}
         since = time.time()
-        with lab.stream(pods["node-b"], 4, rate=rate, tcp=False):
+        with lab.stream(pod, 4, rate=rate, tcp=False) as stream:
             for _ in range(repeat):
                 if masquerade == "nft":
                     lab.exec("node-b", "nft", "delete", "table", "inet", "metaleg")
@@ -233,25 +243,28 @@ def wrong_sources(masquerade: str, repeat: int, rate: float) -> dict[str, Any]:
                     lab.exec(
                         "node-b",
                         "iptables-legacy",
-                        "-t",
-                        "nat",
-                        "-D",
-                        "POSTROUTING",
-                        "-j",
-                        "METALEG-SNAT",
+                        *("-t", "nat", "-D", "POSTROUTING", "-j", "METALEG-SNAT"),
                     )
-                egress.wait_for_probe(pods["node-b"], 4, source=LB_IP4, timeout=10)
+                window_end = time.monotonic() + NEW_FLOW_WINDOW
+                while time.monotonic() < window_end:
+                    result = lab.probe(pod, family=4, timeout=1.0)
+                    key = result.source if result.outcome == "ok" else result.outcome
+                    new_flows[str(key)] = new_flows.get(str(key), 0) + 1
+                egress.wait_for_probe(pod, 4, source=LB_IP4, timeout=10)
                 time.sleep(SPACING)  # spacing between tamperings
-            time.sleep(1.0)  # let the last datagrams arrive
-        seen = lab.sources_seen(since=since)
+        time.sleep(1.0)  # the last datagrams on their way
+        seen = lab.sources_seen(since=since, token_prefix=stream.prefix)
     wrong = {source: count for source, count in seen.items() if source != LB_IP4}
     return {
         "tamperings": repeat,
         "rate": rate,
-        "received": sum(seen.values()),
-        "wrong_source": sum(wrong.values()),
-        "wrong_sources": wrong,
-        "per_tampering": sum(wrong.values()) / repeat,
+        "flow_datagrams": sum(seen.values()),
+        "flow_wrong_source": sum(wrong.values()),
+        "new_flow_window_seconds": NEW_FLOW_WINDOW,
+        "new_flows": new_flows,
+        "new_flows_wrong_source": sum(
+            count for key, count in new_flows.items() if key not in (LB_IP4, "rejected", "timeout")
+        ),
     }
 
 
@@ -274,6 +287,7 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only-packets", action="store_true", help="skip the workers' cases")
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.repeat, arguments.idle = 5, 10.0
@@ -288,11 +302,13 @@ def main() -> None:
     }
     rows = []
     results["foreign_rules"] = arguments.foreign_rules
-    with workers(arguments.backends, arguments.n) as running:
+    backends = [] if arguments.only_packets else arguments.backends
+    with workers(backends, arguments.n) as running:
         for worker in running.values():
             add_foreign_rules(worker.ns, arguments.foreign_rules)
-        time.sleep(2.0)  # let start-up work (helpers, first re-sync) settle before sampling
-        results["idle_cpu_percent"] = idle_cpu(running, arguments.idle)
+        if running:
+            time.sleep(2.0)  # let start-up work (helpers, first re-sync) settle before sampling
+            results["idle_cpu_percent"] = idle_cpu(running, arguments.idle)
         for backend, worker in running.items():
             results["cases"][backend] = {}
             for case, (tampering, check) in cases(backend).items():
@@ -310,7 +326,7 @@ def main() -> None:
                     )
                 )
                 print(rows[-1], flush=True)
-    if arguments.packets:
+    if arguments.packets or arguments.only_packets:
         results["packets"] = {
             masquerade: wrong_sources(masquerade, arguments.repeat, arguments.rate)
             for masquerade in ("nft", "legacy")
@@ -318,14 +334,20 @@ def main() -> None:
     print(table(("case", "kind", "p50", "p99", "max", "command p50"), rows))
     print(
         "idle CPU (% of one core): "
-        + ", ".join(f"{b} {v:.2f}" for b, v in results["idle_cpu_percent"].items())
+        + ", ".join(f"{b} {v:.2f}" for b, v in results.get("idle_cpu_percent", {}).items())
     )
     for masquerade, packets in results.get("packets", {}).items():
         print(
-            f"{masquerade}: {packets['wrong_source']} of {packets['received']} datagrams with a wrong "
-            f"source over {packets['tamperings']} tamperings at {packets['rate']:.0f}/s"
+            f"{masquerade}: established flow: {packets['flow_wrong_source']} of "
+            f"{packets['flow_datagrams']} datagrams with a wrong source; new flows in the "
+            f"{NEW_FLOW_WINDOW:.0f} s after each of {packets['tamperings']} tamperings: "
+            f"{packets['new_flows']}"
         )
     name = "drift-quick" if arguments.quick else "drift"
+    if arguments.only_packets:
+        name += "-packets"
+    elif arguments.n or arguments.foreign_rules:
+        name += f"-n{arguments.n}-foreign{arguments.foreign_rules}"
     print(write_results(name, results, info))
 
 
