@@ -82,6 +82,14 @@ class NftDriftWatch:
         self._pending: list[Drift] = []
         """Drift found while consuming our own notifications, reported by the next check."""
         self._lost = False
+        self.foreign_seen = False
+        """A foreign transaction on our table was reported since the backend last took this
+        (:meth:`take_foreign`): its re-sync need not first ask whether the table differs."""
+
+    def take_foreign(self) -> bool:
+        """Whether drift was reported since the last call (and forget it)."""
+        seen, self.foreign_seen = self.foreign_seen, False
+        return seen
 
     def fds(self) -> list[int]:
         """The notification socket (opened in the caller's network namespace)."""
@@ -112,6 +120,8 @@ class NftDriftWatch:
         if self._lost:
             self._lost = False
             found.append(Drift("nft_table", "nftables notifications lost (receive buffer overrun)"))
+        if found:
+            self.foreign_seen = True
         return found
 
     def after_own_write(self) -> None:
