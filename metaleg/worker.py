@@ -339,9 +339,6 @@ class DataplaneWorker:
         drift_report = ""
         if repairing and not error:  # a failed repair is retried with the back-off below
             drift_report = self._repaired_drift(started)
-        # Consume the notifications of our own writes now, while the detector's idea of the
-        # desired state is the one they were made for.
-        self._check_drift()
         if full:
             # A re-sync reads the whole kernel state: free what it left in reference cycles
             # now (not whenever the oldest generation is next collected), and give the peak
@@ -382,6 +379,10 @@ class DataplaneWorker:
                 )
             )
         )
+        # Consume the notifications of our own writes now, while the detector's idea of the
+        # desired state is the one they were made for (and let a periodic check take its new
+        # baseline): after the report, so that this work is not part of the change's latency.
+        self._check_drift()
 
     def _repaired_drift(self, started: float) -> str:
         """Log and count the repair of the drift pending; its one-line report for the status."""

@@ -1080,9 +1080,9 @@ class IptablesBackend:
         return self._drift
 
     def _after_write(self, changed: bool) -> None:
-        """Take what the kernel holds now as the drift check's baseline (we just wrote it)."""
+        """Have the drift check take what the kernel holds as its new baseline (we just wrote it)."""
         if self._drift is not None and changed:
-            self._drift.rebaseline()
+            self._drift.after_own_write()
 
     def apply(self, state: NodeDesiredState) -> None:
         """Change what differs from the last applied state; an unchanged state touches nothing.
