@@ -30,7 +30,7 @@ from bench.common import NODE
 from metaleg.config import load_config
 from metaleg.watcher.cluster import ClusterState, Problem
 from metaleg.watcher.desired import compute_node_state
-from metaleg.watcher.feeds import _KINDS, object_key
+from metaleg.watcher.feeds import PARSERS, object_key
 from metaleg.watcher.main import Watcher
 from tests.kubeapi import KubeApiServer
 
@@ -43,7 +43,7 @@ def build(n: int, run_dir: str) -> tuple[Watcher, list[dict[str, Any]]]:
     watcher = Watcher(config)
     slices: list[dict[str, Any]] = []
     for kind in ("services", "endpointslices", "nodes", "servicel2statuses", "pods"):
-        parse, resource = _KINDS[kind]
+        parse, resource = PARSERS[kind]
         for obj in api.store.list(kind)["items"]:
             problems: list[Problem] = []
             watcher.tracker.upsert(resource, str(object_key(obj)), parse(obj, problems))
@@ -54,7 +54,7 @@ def build(n: int, run_dir: str) -> tuple[Watcher, list[dict[str, Any]]]:
 
 def one_event(watcher: Watcher, slices: list[dict[str, Any]], index: int) -> None:
     """One EndpointSlice gains or loses its first endpoint's IP (alternating), then compute."""
-    parse, resource = _KINDS["endpointslices"]
+    parse, resource = PARSERS["endpointslices"]
     obj = slices[index % len(slices)]
     endpoint = obj["endpoints"][0]
     address = endpoint["addresses"][0]

@@ -55,7 +55,7 @@ SCOPE_SYNC_TIMEOUT = 5.0
 
 Parser = Callable[[dict[str, Any], list[Problem]], Any]
 
-_KINDS: dict[str, tuple[Parser, str]] = {
+PARSERS: dict[str, tuple[Parser, str]] = {
     "services": (parse_service, "services"),
     "servicel2statuses": (parse_l2_status, "l2_statuses"),
     "endpointslices": (parse_endpoint_slice, "slices"),
@@ -237,7 +237,7 @@ class Feeds:
             self._remove(name, key)
 
     def _upsert(self, name: str, obj: dict[str, Any]) -> str | None:
-        parse, resource = _KINDS[name.partition(":")[0]]
+        parse, resource = PARSERS[name.partition(":")[0]]
         problems: list[Problem] = []
         try:
             info = parse(obj, problems)
@@ -267,7 +267,7 @@ class Feeds:
     def _settle(self, name: str, key: str) -> None:
         """After a scope lost an object: hold another scope's copy, or none."""
         kind = name.partition(":")[0]
-        _, resource = _KINDS[kind]
+        _, resource = PARSERS[kind]
         for other, store in self.stores.items():
             if other != name and other.partition(":")[0] == kind and key in store:
                 self.tracker.upsert(resource, key, store[key])
