@@ -273,40 +273,9 @@ def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
     namespace, name = _identity(obj, "Pod", namespaced=True)
     spec = _mapping(obj.get("spec"))
     status = _mapping(obj.get("status"))
-    raw_ips = [_mapping(entry).get("ip") for entry in _list(status.get("podIPs"))]
-    if not raw_ips and status.get("podIP"):
-        raw_ips = [status.get("podIP")]
-    ips: list[tuple[str, Family]] = []
-    for index, raw in enumerate(raw_ips):
-        parsed = canonical_ip(raw)
-        if parsed is None:
-            problems.append(
-                Problem(
-                    "Pod",
-                    f"{namespace}/{name}",
-                    f"status.podIPs[{index}].ip",
-                    f"{raw!r} is not an IP address; skipped",
-                )
-            )
-            continue
-        ips.append(parsed)
-    raw_host_ips = [_mapping(entry).get("ip") for entry in _list(status.get("hostIPs"))]
-    if not raw_host_ips and status.get("hostIP"):
-        raw_host_ips = [status.get("hostIP")]
-    host_ips: list[str] = []
-    for index, raw in enumerate(raw_host_ips):
-        parsed = canonical_ip(raw)
-        if parsed is None:
-            problems.append(
-                Problem(
-                    "Pod",
-                    f"{namespace}/{name}",
-                    f"status.hostIPs[{index}].ip",
-                    f"{raw!r} is not an IP address; skipped",
-                )
-            )
-            continue
-        host_ips.append(parsed[0])
+    pod = f"{namespace}/{name}"
+    ips = _status_ips(status, "podIPs", "podIP", pod, problems)
+    host_ips = [ip for ip, _ in _status_ips(status, "hostIPs", "hostIP", pod, problems)]
     node_name = spec.get("nodeName")
     return PodInfo(
         namespace=namespace,
@@ -318,6 +287,35 @@ def parse_pod(obj: Mapping[str, Any], problems: list[Problem]) -> PodInfo:
         finished=status.get("phase") in ("Succeeded", "Failed"),
         host_ips=tuple(sorted(set(host_ips))),
     )
+
+
+def _status_ips(
+    status: Mapping[str, Any],
+    plural: str,
+    singular: str,
+    pod: str,
+    problems: list[Problem],
+) -> list[tuple[str, Family]]:
+    """A Pod status's ``podIPs``/``hostIPs`` (else ``podIP``/``hostIP``), canonical; entries
+    that are not IP addresses are skipped and reported."""
+    raw_ips = [_mapping(entry).get("ip") for entry in _list(status.get(plural))]
+    if not raw_ips and status.get(singular):
+        raw_ips = [status.get(singular)]
+    ips: list[tuple[str, Family]] = []
+    for index, raw in enumerate(raw_ips):
+        parsed = canonical_ip(raw)
+        if parsed is None:
+            problems.append(
+                Problem(
+                    "Pod",
+                    pod,
+                    f"status.{plural}[{index}].ip",
+                    f"{raw!r} is not an IP address; skipped",
+                )
+            )
+            continue
+        ips.append(parsed)
+    return ips
 
 
 def parse_l2_status(obj: Mapping[str, Any], problems: list[Problem]) -> L2StatusInfo:
