@@ -10,17 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metaleg.model import Action, Role
-from metaleg.watcher.cluster import (
-    ClusterState,
-    ObjectError,
-    Problem,
-    parse_endpoint_slice,
-    parse_l2_status,
-    parse_node,
-    parse_pod,
-    parse_service,
-)
+from metaleg.watcher.cluster import ClusterState, ObjectError
 from metaleg.watcher.desired import NodeSettings, compute_node_state
+from metaleg.watcher.feeds import PARSERS, object_key
 from metaleg.watcher.tracker import EgressTracker
 from tests import cluster_objects as k
 from tests.test_desired import (
@@ -32,33 +24,30 @@ from tests.test_desired import (
     raw_clusters,
 )
 
+KINDS = {
+    "Service": "services",
+    "EndpointSlice": "endpointslices",
+    "Node": "nodes",
+    "Pod": "pods",
+    "ServiceL2Status": "servicel2statuses",
+}
 Item = tuple[str, str, Any]
 """(resource, key, parsed object) as the watcher hands them to the tracker."""
 
 
 def parsed(objects: list[dict[str, Any]]) -> list[Item]:
+    """Parse raw objects with the watcher's parsers (``feeds.PARSERS``); nameless ones skipped."""
     items: list[Item] = []
-    problems: list[Problem] = []
     for obj in objects:
-        kind = obj.get("kind")
+        kind = KINDS.get(str(obj.get("kind")))
+        if kind is None:
+            continue
+        parse, resource = PARSERS[kind]
         try:
-            if kind == "Service":
-                s = parse_service(obj, problems)
-                items.append(("services", f"{s.namespace}/{s.name}", s))
-            elif kind == "EndpointSlice":
-                sl = parse_endpoint_slice(obj, problems)
-                items.append(("slices", f"{sl.namespace}/{sl.name}", sl))
-            elif kind == "Node":
-                n = parse_node(obj, problems)
-                items.append(("nodes", n.name, n))
-            elif kind == "Pod":
-                p = parse_pod(obj, problems)
-                items.append(("pods", f"{p.namespace}/{p.name}", p))
-            elif kind == "ServiceL2Status":
-                st_ = parse_l2_status(obj, problems)
-                items.append(("l2_statuses", f"{st_.namespace}/{st_.name}", st_))
+            info = parse(obj, [])
         except ObjectError:
             continue
+        items.append((resource, str(object_key(obj)), info))
     return items
 
 
