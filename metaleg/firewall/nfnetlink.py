@@ -4,8 +4,8 @@
 encode their requests with ``struct`` instead of pyroute2's generic message
 classes (~250 us of Python per message there), and send many in one datagram.
 What they share lives here: the netlink and nfgenmsg headers, attribute
-encoding and parsing, and :class:`NetfilterSocket`, pyroute2's
-``NETLINK_NETFILTER`` socket used for raw ``send`` and ``recv`` only.
+encoding and parsing, and :class:`NetfilterSocket`, a plain ``NETLINK_NETFILTER``
+socket (the standard library's) for raw ``send`` and ``recv``.
 
 Batches: every message of a datagram has its own sequence number and only the
 last asks for an acknowledgement. The kernel processes the messages in order
@@ -17,7 +17,6 @@ message by sequence number (:meth:`NetfilterSocket.exchange`).
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,12 @@ HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, por
 NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id (big-endian, 0)
 ATTR = struct.Struct("=HH")
 ERROR = struct.Struct("=i")
+
+RECEIVE_BUFFER = 1 << 20
+"""Bytes of the one buffer every datagram is received into, reused: a new 1 MiB
+buffer per ``recv`` is an mmap and a munmap each time (blocks this large are
+mapped, see :func:`metaleg.lifecycle.map_large_blocks`), and a dump is one
+``recv`` per message for some subsystems (ipset lists one set per message)."""
 
 RECEIVE_TIMEOUT = 30.0
 """Seconds to wait for the kernel's answer before giving up (the socket is then closed)."""
@@ -105,12 +110,12 @@ def parse_attributes(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]
 
 
 class NetfilterSocket:
-    """pyroute2's ``NETLINK_NETFILTER`` socket of the current network namespace, opened on
-    first use; raw ``send`` and ``recv`` only, so nothing else may use it meanwhile.
+    """A ``NETLINK_NETFILTER`` socket of the current network namespace, opened on
+    first use; raw ``send`` and ``recv`` only.
 
-    ``receive_buffer``: bytes to ask for (every error answer of a batch is a buffer
-    of its own, and they all queue during the send). ``opener`` replaces pyroute2's
-    socket (tests).
+    ``receive_buffer``: socket receive buffer to ask for (every error answer of a
+    batch is a datagram of its own, and they all queue during the send).
+    ``opener`` replaces the socket (tests).
     """
 
     def __init__(
@@ -123,6 +128,8 @@ class NetfilterSocket:
         self._opener = opener
         self._socket: Any = None
         self._sequence = 0
+        self._buffer = bytearray(RECEIVE_BUFFER)
+        self._view = memoryview(self._buffer)
 
     @property
     def is_open(self) -> bool:
@@ -134,10 +141,12 @@ class NetfilterSocket:
         if self._opener is not None:
             self._socket = self._opener()
             return
-        from pyroute2.netlink.nlsocket import NetlinkSocket
-
-        sock = NetlinkSocket(family=NETLINK_NETFILTER)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
+            sock.bind((0, 0))
+            # The kernel answers during send (and continues a dump during recv), so
+            # data is normally waiting; wait for it, but not forever.
+            sock.settimeout(RECEIVE_TIMEOUT)
             if self._receive_buffer is not None:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._receive_buffer)
@@ -168,18 +177,12 @@ class NetfilterSocket:
         self._socket.send(data)
 
     def receive(self) -> bytes:
-        """The next datagram. The kernel answers during ``send`` (and continues a dump
-        during ``recv``), so data is normally waiting; pyroute2's socket is
-        non-blocking, so wait for it, but not forever."""
-        while True:
-            try:
-                return bytes(self._socket.recv(1 << 20))
-            except BlockingIOError:
-                ready, _, _ = select.select([self._socket.fileno()], [], [], RECEIVE_TIMEOUT)
-                if not ready:
-                    raise TimeoutError(
-                        f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s"
-                    ) from None
+        """The next datagram (``TimeoutError`` after :data:`RECEIVE_TIMEOUT` without one)."""
+        try:
+            received = self._socket.recv_into(self._buffer)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s") from None
+        return bytes(self._view[:received])
 
     def exchange(self, messages: Sequence[tuple[int, bytes]]) -> dict[int, tuple[int, bytes]]:
         """Send ``(sequence, message)`` pairs in one datagram (only the last one asking
