@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metaleg.firewall import conntrack, conntrack_netlink
+from metaleg.firewall import conntrack
 from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import (
     EgressView,
@@ -24,7 +24,8 @@ from metaleg.firewall.conntrack import (
     flush_sources,
     source_treatments,
 )
-from metaleg.firewall.conntrack_netlink import Entry
+from metaleg.firewall.wire import conntrack as conntrack_netlink
+from metaleg.firewall.wire.conntrack import Entry
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 

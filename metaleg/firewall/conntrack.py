@@ -39,7 +39,7 @@ Only the current network namespace is touched, over netlink; the ``conntrack``
 binary is not needed. The entries are found with pyroute2's ``Conntrack`` dumps
 (filtered in the kernel where that pays off, see :func:`_matching_tuples`) and
 deleted in batches of hand-encoded requests, many per ``send``
-(:mod:`metaleg.firewall.conntrack_netlink`; one pyroute2 request per entry cost
+(:mod:`metaleg.firewall.wire.conntrack`; one pyroute2 request per entry cost
 ~0.5 ms). Entries in a non-default conntrack zone are skipped (see :func:`flush_plan`).
 """
 
@@ -56,7 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from metaleg.firewall.conntrack_netlink import ConntrackSocket, Entry
+from metaleg.firewall.wire.conntrack import ConntrackSocket, Entry
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, ServiceEgress
 
 log = logging.getLogger(__name__)
@@ -511,7 +511,7 @@ def _matching_tuples(
                 if _canonical(seen, Family.IPV4) != source:
                     _filter_broken.add(Family.IPV4)
                 keep(Family.IPV4, message)  # checked here too: the filter is the kernel's
-    # Whole-table dumps are decoded by conntrack_netlink (the ORIGINAL tuple and the
+    # Whole-table dumps are decoded by metaleg.firewall.wire.conntrack (the ORIGINAL tuple and the
     # zone only; pyroute2 decoded every attribute of every entry, ~0.1 ms each); both
     # families take one walk of the kernel's table (AF_UNSPEC dumps every family).
     if unfiltered:
@@ -560,7 +560,7 @@ def flush_plan(plan: FlushPlan) -> int:
     Entries that vanish meanwhile (expired, deleted by someone else) are
     skipped, and so are entries in a non-default conntrack zone (not pod
     traffic; deleting them would need the zone). The deletions go in batches
-    (:mod:`metaleg.firewall.conntrack_netlink`). Raises ``OSError`` (naming the
+    (:mod:`metaleg.firewall.wire.conntrack`). Raises ``OSError`` (naming the
     entry when the kernel refuses one) when the conntrack interface fails
     otherwise; nothing outside the plan is ever deleted.
     """

@@ -312,7 +312,7 @@ def probe_iptables(run: Callable[[list[str]], None] | None = None) -> str:
     except Exception as error:
         return _one_line(error)
     try:
-        from metaleg.firewall.ipset_netlink import IpsetSocket
+        from metaleg.firewall.wire.ipset import IpsetSocket
 
         name = f"metaleg-probe-{os.getpid()}"[:31]
         ipsets = IpsetSocket()

@@ -6,7 +6,7 @@ are any) and one ``hash:ip`` set of source addresses per Service. This module ho
 the plain description of a set (:class:`SetSpec`), the pure planning of how to
 get from the kernel's sets to the desired ones (:func:`plan_sets`), and a
 client that reads and edits sets in batches of netlink requests
-(:class:`IpsetClient`, over :mod:`metaleg.firewall.ipset_netlink`). Every error
+(:class:`IpsetClient`, over :mod:`metaleg.firewall.wire.ipset`). Every error
 is a :class:`~metaleg.backend.BackendError` that names the set (and the member).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import msgspec
 
 from metaleg.backend import BackendError
-from metaleg.firewall.ipset_netlink import (
+from metaleg.firewall.wire.ipset import (
     CMD_ADD,
     CMD_CREATE,
     CMD_DEL,
@@ -183,7 +183,7 @@ def _mark_changes(
 class IpsetClient:
     """Reads and edits ipsets of the current network namespace over netlink, in batches.
 
-    Requests go out many to a datagram through :class:`~metaleg.firewall.ipset_netlink.IpsetSocket`
+    Requests go out many to a datagram through :class:`~metaleg.firewall.wire.ipset.IpsetSocket`
     (a pyroute2 socket); errors name the set and, for members, the member. The
     socket opens on first use and is closed after any error (a failed exchange
     can leave it out of step), so the next call starts clean.

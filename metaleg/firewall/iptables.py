@@ -60,7 +60,7 @@ Rules are written with python-iptables, one commit per table, by one helper
 process per family (see :mod:`metaleg.firewall.xtables_child` for why; they
 build rules from cached parts, :mod:`metaleg.firewall.xtables_rules`); sets are
 edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
-:mod:`metaleg.firewall.ipset_netlink`).
+:mod:`metaleg.firewall.wire.ipset`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ import msgspec
 
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import ServiceKey, step_services
-from metaleg.firewall.ipset_netlink import skbmark_member
 from metaleg.firewall.ipsets import (
     HASH_IP,
     HASH_IP_MARK,
@@ -92,6 +91,7 @@ from metaleg.firewall.ipsets import (
     plan_sets,
 )
 from metaleg.firewall.iptables_drift import IptablesDriftCheck
+from metaleg.firewall.wire.ipset import skbmark_member
 from metaleg.firewall.xtables_child import (
     Match,
     Mode,

@@ -32,7 +32,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 from metaleg.backend import Drift
-from metaleg.firewall.ipset_netlink import (
+from metaleg.firewall.wire.ipset import (
     ATTR_DATA,
     ATTR_FLAGS,
     ATTR_PROTOCOL,
@@ -41,7 +41,7 @@ from metaleg.firewall.ipset_netlink import (
     IpsetSocket,
     _u8,
 )
-from metaleg.firewall.nfnetlink import NFGEN, attr, parse_attributes
+from metaleg.firewall.wire.nfnetlink import NFGEN, attr, parse_attributes
 from metaleg.model import Family
 
 CHECK_INTERVAL = 0.5

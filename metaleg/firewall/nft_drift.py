@@ -23,7 +23,7 @@ import socket
 import struct
 
 from metaleg.backend import Drift
-from metaleg.firewall.nfnetlink import (
+from metaleg.firewall.wire.nfnetlink import (
     HEADER,
     NETLINK_NETFILTER,
     SO_RCVBUFFORCE,

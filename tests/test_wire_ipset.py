@@ -14,15 +14,6 @@ from typing import Any
 import pytest
 
 from metaleg.backend import BackendError
-from metaleg.firewall import ipset_netlink
-from metaleg.firewall.ipset_netlink import (
-    CMD_ADD,
-    IpsetSocket,
-    address_text,
-    member_data,
-    parse_attributes,
-    parse_messages,
-)
 from metaleg.firewall.ipsets import (
     HASH_IP,
     HASH_IP_MARK,
@@ -32,6 +23,15 @@ from metaleg.firewall.ipsets import (
     SetSpec,
     canonical_member,
     plan_sets,
+)
+from metaleg.firewall.wire import ipset as ipset_netlink
+from metaleg.firewall.wire.ipset import (
+    CMD_ADD,
+    IpsetSocket,
+    address_text,
+    member_data,
+    parse_attributes,
+    parse_messages,
 )
 from metaleg.model import Family
 from tests.netns import namespace, run_in_netns

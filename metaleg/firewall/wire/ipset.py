@@ -15,7 +15,7 @@ and the member. Reading is one dump of all sets (``IPSET_CMD_LIST``) parsed
 by a decoder of just the attributes metaleg needs.
 
 Framing, the socket and the matching of a batch's answers are
-:mod:`metaleg.firewall.nfnetlink`'s.
+:mod:`metaleg.firewall.wire.nfnetlink`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metaleg.firewall.nfnetlink import (
+from metaleg.firewall.wire.nfnetlink import (
     ATTR,
     HEADER,
     NFGEN,
@@ -44,8 +44,8 @@ from metaleg.firewall.nfnetlink import (
     parse_attributes,
     parse_messages,
 )
-from metaleg.firewall.nfnetlink import attr as _attr
-from metaleg.firewall.nfnetlink import nested as _nested
+from metaleg.firewall.wire.nfnetlink import attr as _attr
+from metaleg.firewall.wire.nfnetlink import nested as _nested
 
 NFNL_SUBSYS_IPSET = 6
 

@@ -1,6 +1,6 @@
 """nfnetlink on the wire: message framing, attributes and a socket for batches.
 
-:mod:`metaleg.firewall.ipset_netlink` and :mod:`metaleg.firewall.conntrack_netlink`
+:mod:`metaleg.firewall.wire.ipset` and :mod:`metaleg.firewall.wire.conntrack`
 encode their requests with ``struct`` instead of pyroute2's generic message
 classes (~250 us of Python per message there), and send many in one datagram.
 What they share lives here: the netlink and nfgenmsg headers, attribute

@@ -8,7 +8,7 @@ kernel's ``include/uapi/linux/netfilter/nfnetlink_conntrack.h``): an
 ``nfgenmsg`` holds the address family, with one attribute ``CTA_TUPLE_ORIG``
 (``CTA_TUPLE_IP`` {source, destination}, ``CTA_TUPLE_PROTO`` {protocol, ports
 or ICMP id/type/code}). So this module writes them itself and sends them in
-batches (:mod:`metaleg.firewall.nfnetlink`: framing, the socket, and how the
+batches (:mod:`metaleg.firewall.wire.nfnetlink`: framing, the socket, and how the
 answers of a batch are matched to its messages). ``ENOENT`` (the entry is gone
 already: expired, deleted by someone else) counts as "not deleted"; any other
 error raises ``OSError`` naming the entry.
@@ -31,7 +31,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from metaleg.firewall.nfnetlink import (
+from metaleg.firewall.wire.nfnetlink import (
     NFGEN,
     NLA_F_NESTED,
     NLM_F_ACK,
