@@ -160,7 +160,7 @@ def _poller_main(conn: Any, netns: str, interval: float) -> None:
     pyroute2_netns.setns(netns, flags=0)
     from pyroute2 import IPSet
 
-    from metaleg.firewall.libnftables import Nft, NftError
+    from metaleg.firewall.nftables.libnftables import Nft, NftError
 
     nft = Nft()
     ipset = IPSet()

@@ -178,7 +178,7 @@ def restore_limit(state: NodeDesiredState) -> dict[str, Any]:
 
 def nft_limit(state: NodeDesiredState) -> dict[str, Any]:
     """One ``nft -f`` of the nftables backend's full script; run inside a fresh namespace."""
-    from metaleg.firewall.nftables import NftablesBackend, TableContent, full_script
+    from metaleg.firewall.nftables.backend import NftablesBackend, TableContent, full_script
 
     backend = NftablesBackend()
     script = full_script(TableContent.of(state), state.fwmask, backend.reject_with)

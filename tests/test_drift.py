@@ -105,7 +105,7 @@ def serve(process: str, backend: str, run_dir: str) -> None:
         routing = NetlinkRoutingBackend(config.route_table_id_offset, MASK)
         raise SystemExit(DataplaneWorker("routing", routing, config, routes_only=True).run())
     if backend == "nftables":
-        from metaleg.firewall.nftables import NftablesBackend
+        from metaleg.firewall.nftables.backend import NftablesBackend
 
         raise SystemExit(DataplaneWorker("firewall", NftablesBackend(), config).run())
     from metaleg.firewall.iptables import IptablesBackend

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metaleg.backend import Backend, BackendError
-from metaleg.firewall.nftables import (
+from metaleg.firewall.nftables.backend import (
     ActualTable,
     NftablesBackend,
     TableContent,
@@ -777,7 +777,7 @@ def _resync_reads(state: NodeDesiredState, tampering: list[list[str]], fork: boo
 
     ``fork=False``: the child cannot be forked (the backend then compares in process)."""
     from metaleg import lifecycle
-    from metaleg.firewall import nftables
+    from metaleg.firewall.nftables import backend as nftables_backend
 
     reads: list[str] = []
     read_here = NftablesBackend._read_table
@@ -793,7 +793,7 @@ def _resync_reads(state: NodeDesiredState, tampering: list[list[str]], fork: boo
         return lifecycle.check_in_child(check, timeout=timeout)
 
     NftablesBackend._read_table = counted_read  # type: ignore[method-assign]
-    nftables.check_in_child = counted_check  # type: ignore[assignment]
+    nftables_backend.check_in_child = counted_check  # type: ignore[assignment]
     backend = NftablesBackend()
     try:
         backend.resync(state)

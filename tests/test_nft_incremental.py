@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from metaleg.backend import BackendError
 from metaleg.firewall import claims as source_claims
 from metaleg.firewall.conntrack import FlushPlan
-from metaleg.firewall.nftables import (
+from metaleg.firewall.nftables.backend import (
     ActualTable,
     LiveTable,
     NftablesBackend,

@@ -288,7 +288,7 @@ def probe_nftables() -> str:
     """ "" if nf_tables works here (a throwaway table with a nat chain, added and deleted
     in one transaction), else the error."""
     try:
-        from metaleg.firewall.libnftables import Nft
+        from metaleg.firewall.nftables.libnftables import Nft
 
         table = f"metaleg_probe_{os.getpid()}"
         with Nft() as nft:

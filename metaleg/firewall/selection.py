@@ -85,7 +85,7 @@ def new_backend(name: str, reason: str = "") -> Backend:
 
         return IptablesBackend()
     if name == "nftables":
-        from metaleg.firewall.nftables import NftablesBackend
+        from metaleg.firewall.nftables.backend import NftablesBackend
 
         return NftablesBackend()
     raise ValueError(f"unknown firewall backend {name!r}")

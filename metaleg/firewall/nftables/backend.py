@@ -130,8 +130,8 @@ from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
-from metaleg.firewall.libnftables import Nft, NftError
-from metaleg.firewall.nft_drift import NftDriftWatch
+from metaleg.firewall.nftables.drift import NftDriftWatch
+from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
 from metaleg.model import Action, Family, NodeDesiredState
 
