@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -552,11 +554,11 @@ def test_a_worker_that_lags_behind_gets_the_complete_state_again(
         firewall.close()
 
 
-def _run_firewall_without_kernel_support(run_dir: str) -> None:
+def _run_firewall_without_kernel_support(run_dir: str, kubeconfig: str) -> None:
     """The real firewall worker on a "kernel" where neither backend's probe succeeds."""
     from metaleg.config import Config
     from metaleg.firewall.detect import choose_for_node, decide, evidence
-    from metaleg.firewall.selection import UNUSABLE, build_firewall
+    from metaleg.firewall.selection import UNUSABLE, build_firewall, report_unusable
     from metaleg.logs import setup_logging
     from metaleg.worker import DataplaneWorker
 
@@ -566,18 +568,26 @@ def _run_firewall_without_kernel_support(run_dir: str) -> None:
         return choice.backend or UNUSABLE, choice.reason
 
     setup_logging("firewall", "info", "text")
-    config = Config(node_name="node-a", run_dir=run_dir)
+    config = Config(node_name="node-a", run_dir=run_dir, kubeconfig=kubeconfig)
     firewall = build_firewall(config, without_modules)
+    report_unusable(config, firewall)
     raise SystemExit(DataplaneWorker("firewall", firewall, config).run())
 
 
-def test_no_usable_firewall_backend_is_an_error_in_status(
-    hub: tuple[str, str, zmq.Context[Any]],
+def test_no_usable_firewall_backend_is_an_error_in_status_and_an_event(
+    hub: tuple[str, str, zmq.Context[Any]], tmp_path: Path
 ) -> None:
+    from tests.kubeapi.control import write_kubeconfig
+    from tests.kubeapi.server import KubeApiServer
+
     run_dir, _, context = hub
+    api = KubeApiServer()
+    api.start()
+    kubeconfig = str(tmp_path / "kubeconfig")
+    write_kubeconfig(kubeconfig, api.url)
     watcher = Peer(context, run_dir, "watcher")
     worker = multiprocessing.get_context("spawn").Process(
-        target=_run_firewall_without_kernel_support, args=(run_dir,)
+        target=_run_firewall_without_kernel_support, args=(run_dir, kubeconfig)
     )
     worker.start()
     try:
@@ -597,7 +607,16 @@ def test_no_usable_firewall_backend_is_an_error_in_status(
         assert report["firewall_backend"] == "none"
         assert not report["ready"]
         assert f"firewall applied generation 0 of 1: {expected}" in report["reasons"]
+        # ... and the Node carries a Warning Event saying why, posted once at start.
+        with urllib.request.urlopen(f"{api.url}/api/v1/namespaces/default/events", timeout=10) as r:
+            events = json.loads(r.read())["items"]
+        assert [
+            (e["type"], e["reason"], e["involvedObject"]["kind"], e["involvedObject"]["name"])
+            for e in events
+        ] == [("Warning", "NoFirewallBackend", "Node", "node-a")]
+        assert events[0]["message"] == (f"metaleg cannot program egress on this node: {expected}")
     finally:
+        api.stop()
         watcher.close()
         if worker.pid is not None and worker.is_alive():
             os.kill(worker.pid, signal.SIGTERM)

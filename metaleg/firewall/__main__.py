@@ -6,9 +6,11 @@ from metaleg.worker import DataplaneWorker
 
 def main() -> None:
     config = start_worker("firewall")
-    from metaleg.firewall.selection import build_firewall
+    from metaleg.firewall.selection import build_firewall, report_unusable
 
-    raise SystemExit(DataplaneWorker("firewall", build_firewall(config), config).run())
+    firewall = build_firewall(config)
+    report_unusable(config, firewall)
+    raise SystemExit(DataplaneWorker("firewall", firewall, config).run())
 
 
 main()

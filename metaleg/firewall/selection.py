@@ -38,6 +38,7 @@ from metaleg.firewall.conntrack import FlushPlan
 from metaleg.firewall.detect import choose_for_node
 from metaleg.metrics import CONNTRACK_FLUSHED, ERRORS
 from metaleg.model import NodeDesiredState
+from metaleg.node_events import post_node_event
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +180,18 @@ def build_firewall(
     log.info("using the %s firewall backend: %s", name, why, extra={"backend": name})
     other = "nftables" if name == "iptables" else "iptables"
     return ManagedFirewall(new_backend(name), other, config.run_dir)
+
+
+NO_BACKEND_EVENT_REASON = "NoFirewallBackend"
+
+
+def report_unusable(config: Config, firewall: ManagedFirewall) -> None:
+    """When no backend can run here, say so on the Node too (a Warning Event, posted once
+    at the worker's start): status and readiness show it on the node, the Event shows it
+    to whoever looks at the cluster."""
+    if not isinstance(firewall.backend, UnusableBackend):
+        return
+    message = f"metaleg cannot program egress on this node: {firewall.backend.reason}"
+    failure = post_node_event(config, NO_BACKEND_EVENT_REASON, message)
+    if failure:
+        log.warning("could not post the Event about the missing firewall backend: %s", failure)

@@ -46,7 +46,8 @@ def command_run(arguments: argparse.Namespace) -> int:
     config = _config()
     setup_logging("supervisor", config.log_level, config.log_format)
     from metaleg.ipc import prepare_run_dir
-    from metaleg.supervisor.neighbours import NeighbourFound, claim_node, post_refusal_event
+    from metaleg.node_events import post_node_event
+    from metaleg.supervisor.neighbours import EVENT_REASON, NeighbourFound, claim_node
 
     try:
         check_run_dir(config.run_dir)
@@ -66,7 +67,7 @@ def command_run(arguments: argparse.Namespace) -> int:
     except NeighbourFound as error:
         sys.stderr.write(f"metaleg-supervisor: {error}\n")
         sys.stderr.flush()
-        failure = post_refusal_event(config, str(error))
+        failure = post_node_event(config, EVENT_REASON, str(error))
         if failure:
             logging.getLogger("metaleg.supervisor").debug("no Event posted: %s", failure)
         return EXIT_NEIGHBOUR

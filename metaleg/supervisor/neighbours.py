@@ -27,23 +27,19 @@ starts a worker. Three kinds of neighbour are refused:
 
 A refusal is one line on stderr and exit status 4 (``EXIT_NEIGHBOUR``), and a
 Warning Event on this node's Node object where the API server can be reached
-(:func:`post_refusal_event`; the Events of a Node are in namespace ``default``,
+(:func:`metaleg.node_events.post_node_event`; the Events of a Node are in namespace ``default``,
 ``kubectl describe node`` shows them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import fcntl
-import logging
 import os
-import secrets
 import socket
 import struct
 import urllib.request
-from typing import Any
 
 from metaleg.config import BindAddress, Config, ConfigError
 
@@ -57,8 +53,8 @@ controller-runtime) serves and metaleg's never does."""
 
 
 EVENT_REASON = "SecondAgentRefused"
-EVENT_TIMEOUT = (3.0, 5.0)
-"""Connect and read timeouts of the Event's POST: a refusal must not hang."""
+"""The reason of the Warning Event a refusal posts on the Node
+(:func:`metaleg.node_events.post_node_event`)."""
 
 
 class NeighbourFound(RuntimeError):
@@ -213,50 +209,3 @@ def _serves_go_metrics(address: BindAddress) -> bool:
     except (OSError, ValueError):
         return False
     return any(sign in body for sign in GO_SIGNS)
-
-
-def refusal_event(node: str, message: str) -> dict[str, Any]:
-    """A core/v1 Warning Event on Node ``node`` (its uid is its name, as the kubelet's
-    Events have it, which is what ``kubectl describe node`` looks for)."""
-    now = datetime.datetime.now(datetime.UTC)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{node}.{secrets.token_hex(8)}", "namespace": "default"},
-        "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node},
-        "reason": EVENT_REASON,
-        "message": message,
-        "type": "Warning",
-        "source": {"component": "metaleg-agent", "host": node},
-        "reportingComponent": "metaleg.de/agent",
-        "reportingInstance": node,
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "action": "Start",
-        "count": 1,
-    }
-
-
-def post_refusal_event(config: Config, message: str) -> str:
-    """Post :func:`refusal_event` with KUBECONFIG or the in-cluster configuration; returns
-    "" or why it could not be posted (never raises: the refusal stands either way)."""
-    # urllib3 logs each retry; the refusal stays one line (the process ends right after).
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-    try:
-        from metaleg.watcher.kubeclient import KubeCalls, api_client
-
-        client = api_client(config.kubeconfig)
-        try:
-            KubeCalls(client).post(
-                "/api/v1/namespaces/default/events",
-                refusal_event(config.node_name, message),
-                request_timeout=EVENT_TIMEOUT,
-            )
-        finally:
-            client.close()
-    except Exception as error:
-        text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0] if text else ''}"
-    return ""
