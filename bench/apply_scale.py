@@ -67,7 +67,7 @@ from bench.common import (
     wire_next_hops,
     write_results,
 )
-from metaleg.firewall.iptables import render
+from metaleg.firewall.iptables.backend import render
 from metaleg.model import NodeDesiredState
 from tests.netns import namespace, run_in_netns
 
@@ -192,7 +192,7 @@ def measure_routing(reps: int) -> dict[str, Any]:
     """The routing backend: full apply of 14 gateway routes (both families), one route
     removed and added again (incremental), and a no-op resync. Independent of N."""
     from bench.common import FWMASK, TABLE_OFFSET
-    from metaleg.routing.netlink import NetlinkRoutingBackend
+    from metaleg.routing.plan import NetlinkRoutingBackend
 
     state = scale_state(0)
     fewer = NodeDesiredState(

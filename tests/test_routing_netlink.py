@@ -17,7 +17,7 @@ import pytest
 
 from metaleg.backend import BackendError
 from metaleg.model import Family, GatewayRoute, NodeDesiredState
-from metaleg.routing.netlink import (
+from metaleg.routing.plan import (
     CATCHALL_PRIORITY,
     FR_ACT_TO_TBL,
     FR_ACT_UNREACHABLE,

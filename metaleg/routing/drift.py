@@ -26,7 +26,7 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from metaleg.backend import Drift
-from metaleg.routing.netlink import (
+from metaleg.routing.plan import (
     RouteSpec,
     RuleSpec,
     owns_rule,
