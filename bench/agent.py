@@ -54,7 +54,7 @@ from bench.common import (
     service_name,
     wire_next_hops,
 )
-from metaleg.firewall.iptables import mark_set_name, rejected_set_name, source_set_name
+from metaleg.firewall.iptables.backend import mark_set_name, rejected_set_name, source_set_name
 from metaleg.model import Family
 from metaleg.supervisor.metrics import descendants, process_tree
 from metaleg.supervisor.status import StatusReport
@@ -438,11 +438,11 @@ def _cmdline(pid: int) -> str:
 
 
 def _short(argv: str) -> str:
-    if "xtables_child" in argv:
+    if "metaleg.firewall.iptables.helper" in argv:
         words = argv.split()
         index = (
-            words.index("metaleg.firewall.xtables_child")
-            if "metaleg.firewall.xtables_child" in words
+            words.index("metaleg.firewall.iptables.helper")
+            if "metaleg.firewall.iptables.helper" in words
             else -1
         )
         family = words[index + 1] if 0 <= index < len(words) - 1 else "?"

@@ -13,7 +13,7 @@ import pytest
 
 from metaleg.firewall.applied_state import AppliedStateFile
 from metaleg.firewall.claims import SourceClaims
-from metaleg.firewall.iptables import IptablesBackend
+from metaleg.firewall.iptables.backend import IptablesBackend
 from metaleg.firewall.selection import APPLIED_STATE_FILE, ManagedFirewall
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns

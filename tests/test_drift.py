@@ -108,7 +108,7 @@ def serve(process: str, backend: str, run_dir: str) -> None:
         from metaleg.firewall.nftables.backend import NftablesBackend
 
         raise SystemExit(DataplaneWorker("firewall", NftablesBackend(), config).run())
-    from metaleg.firewall.iptables import IptablesBackend
+    from metaleg.firewall.iptables.backend import IptablesBackend
 
     raise SystemExit(DataplaneWorker("firewall", IptablesBackend(), config).run())
 

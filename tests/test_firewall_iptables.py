@@ -22,8 +22,7 @@ import msgspec
 import pytest
 
 from metaleg.backend import Backend, BackendError
-from metaleg.firewall.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
-from metaleg.firewall.iptables import (
+from metaleg.firewall.iptables.backend import (
     DesiredFirewall,
     IptablesBackend,
     changed_tables,
@@ -39,7 +38,7 @@ from metaleg.firewall.iptables import (
     transit_set_name,
     unbind_first,
 )
-from metaleg.firewall.xtables_child import (
+from metaleg.firewall.iptables.helper import (
     Mode,
     ReceivedRequest,
     Rule,
@@ -49,6 +48,7 @@ from metaleg.firewall.xtables_child import (
     TableSpec,
     XtablesServer,
 )
+from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 from tests.processes import process_alive
@@ -1249,7 +1249,7 @@ def test_errors_name_the_object() -> None:
 
 
 def helper_error() -> str:
-    from metaleg.firewall.iptables import XtablesHelper
+    from metaleg.firewall.iptables.backend import XtablesHelper
 
     helper = XtablesHelper(Family.IPV4, timeout=30)
     spec = TableSpec(

@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, TreatmentError
-from metaleg.firewall.ipsets import SetPlan, SetSpec, plan_sets
-from metaleg.firewall.iptables import (
+from metaleg.firewall.iptables.backend import (
     LiveRules,
     LiveStep,
     changed_tables,
     render,
     unbind_first,
 )
-from metaleg.firewall.xtables_child import opcodes
+from metaleg.firewall.iptables.helper import opcodes
+from metaleg.firewall.iptables.ipsets import SetPlan, SetSpec, plan_sets
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace
 from tests.test_firewall_iptables import expected_sets, expected_tables, kernel_view, run

@@ -35,7 +35,7 @@ import yaml
 
 from metaleg import rbac
 from metaleg.config import ENVIRONMENT, load_config, parse_bind_address
-from metaleg.firewall.xtables_child import DEFAULT_LOCK_PATH
+from metaleg.firewall.iptables.helper import DEFAULT_LOCK_PATH
 from metaleg.watcher.informer import Event, Informer, base_specs, scoped_spec
 from tests.kubeapi import KubeApiServer
 

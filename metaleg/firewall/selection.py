@@ -82,7 +82,7 @@ def new_backend(name: str, reason: str = "") -> Backend:
     if name == UNUSABLE:
         return UnusableBackend(reason)
     if name == "iptables":
-        from metaleg.firewall.iptables import IptablesBackend
+        from metaleg.firewall.iptables.backend import IptablesBackend
 
         return IptablesBackend()
     if name == "nftables":

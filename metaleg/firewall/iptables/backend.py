@@ -57,9 +57,9 @@ the mark set's owners, the tables) and derives each change from the Services
 that differ, so that it costs what it changes: members only, unless a rule
 changes (checked against :func:`render` by ``tests/test_iptables_incremental.py``).
 Rules are written with python-iptables, one commit per table, by one helper
-process per family (see :mod:`metaleg.firewall.xtables_child` for why; they
-build rules from cached parts, :mod:`metaleg.firewall.xtables_rules`); sets are
-edited over netlink in batches (:mod:`metaleg.firewall.ipsets`,
+process per family (see :mod:`metaleg.firewall.iptables.helper` for why; they
+build rules from cached parts, :mod:`metaleg.firewall.iptables.codec`); sets are
+edited over netlink in batches (:mod:`metaleg.firewall.iptables.ipsets`,
 :mod:`metaleg.firewall.wire.ipset`).
 """
 
@@ -81,18 +81,8 @@ import msgspec
 
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import ServiceKey, step_services
-from metaleg.firewall.ipsets import (
-    HASH_IP,
-    HASH_IP_MARK,
-    HASH_NET,
-    IpsetClient,
-    SetPlan,
-    SetSpec,
-    plan_sets,
-)
-from metaleg.firewall.iptables_drift import IptablesDriftCheck
-from metaleg.firewall.wire.ipset import skbmark_member
-from metaleg.firewall.xtables_child import (
+from metaleg.firewall.iptables.drift import IptablesDriftCheck
+from metaleg.firewall.iptables.helper import (
     Match,
     Mode,
     Option,
@@ -101,6 +91,16 @@ from metaleg.firewall.xtables_child import (
     SyncRequest,
     TableSpec,
 )
+from metaleg.firewall.iptables.ipsets import (
+    HASH_IP,
+    HASH_IP_MARK,
+    HASH_NET,
+    IpsetClient,
+    SetPlan,
+    SetSpec,
+    plan_sets,
+)
+from metaleg.firewall.wire.ipset import skbmark_member
 from metaleg.model import Action, Family, NodeDesiredState, ServiceEgress
 
 MARK_CHAIN = "METALEG-RT-MARK"
@@ -927,7 +927,7 @@ def _fwmark(context: str, fwmark: int | None, fwmask: int) -> int:
 
 
 class XtablesHelper:
-    """One long-lived ``metaleg.firewall.xtables_child`` process for one address family.
+    """One long-lived ``metaleg.firewall.iptables.helper`` process for one address family.
 
     Started on first use and again on the next call after it died; a request
     that fails (helper error, death, timeout) raises :class:`BackendError`.
@@ -996,7 +996,7 @@ class XtablesHelper:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         environment = dict(os.environ)
         # Make sure the helper imports this very metaleg, installed or not.
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[3])
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, (root, environment.get("PYTHONPATH")))
         )
@@ -1008,7 +1008,7 @@ class XtablesHelper:
         command = [
             sys.executable,
             "-m",
-            "metaleg.firewall.xtables_child",
+            "metaleg.firewall.iptables.helper",
             str(int(self.family)),
             str(child_end.fileno()),
             str(os.getpid()),

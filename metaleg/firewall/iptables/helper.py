@@ -3,7 +3,7 @@
 python-iptables (``iptc``) can serve only one address family per process: the
 SNAT target (libxt_NAT) loads for the first family used and then fails for the
 other one, and loading it again aborts the process. So the iptables backend
-runs one long-lived helper per family (``python -m metaleg.firewall.xtables_child
+runs one long-lived helper per family (``python -m metaleg.firewall.iptables.helper
 4 <fd>``) and talks to it over a socket pair with msgspec-encoded messages:
 
 * the parent sends a :class:`SyncRequest` ("make these tables look like this");
@@ -134,7 +134,7 @@ class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     set_generation: int = -1
     """Changes whenever ipsets may have been destroyed since the previous request (the
     backend's count of such events; -1: unknown). While it stays the same, the helper
-    trusts the set indexes it checked before (see :mod:`metaleg.firewall.xtables_rules`)."""
+    trusts the set indexes it checked before (see :mod:`metaleg.firewall.iptables.codec`)."""
 
 
 class ReceivedTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -254,7 +254,7 @@ class XtablesServer:
         self._blank_fields = self._entry_fields(blank)
         self._match_base = ctypes.sizeof(iptc.xtables.xt_entry_match)
         self._target_base = ctypes.sizeof(iptc.xtables.xt_entry_target)
-        from metaleg.firewall.xtables_rules import RuleCodec
+        from metaleg.firewall.iptables.codec import RuleCodec
 
         self._codec = RuleCodec(self._rule_class, self._values)
         self._prebuilt: dict[str, tuple[list[bytes], list[RuleKey]]] = {}
@@ -377,7 +377,7 @@ class XtablesServer:
     ) -> tuple[bool, bool]:
         """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had).
 
-        Rules are compared as raw entries (:mod:`metaleg.firewall.xtables_rules`):
+        Rules are compared as raw entries (:mod:`metaleg.firewall.iptables.codec`):
         desired ones assembled from cached parts, the kernel's read without
         building python-iptables objects for them.
         """
@@ -418,9 +418,9 @@ class XtablesServer:
     def _desired(
         self, context: str, rules: Sequence[Rule | msgspec.Raw]
     ) -> tuple[list[bytes], list[RuleKey]]:
-        """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.xtables_rules.RuleCodec`),
+        """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.iptables.codec.RuleCodec`),
         given as structs or still encoded (decoded once per distinct encoding)."""
-        from metaleg.firewall.xtables_rules import PartError
+        from metaleg.firewall.iptables.codec import PartError
 
         desired: list[bytes] = []
         desired_keys: list[RuleKey] = []
@@ -773,11 +773,11 @@ def serve(connection: Connection, server: XtablesServer, parent: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m metaleg.firewall.xtables_child <4|6> <fd> <parent pid>``."""
+    """Entry point: ``python -m metaleg.firewall.iptables.helper <4|6> <fd> <parent pid>``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or args[0] not in ("4", "6"):
         print(
-            "usage: python -m metaleg.firewall.xtables_child <4|6> <fd> <parent pid>",
+            "usage: python -m metaleg.firewall.iptables.helper <4|6> <fd> <parent pid>",
             file=sys.stderr,
         )
         return 2
