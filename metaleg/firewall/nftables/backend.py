@@ -1,88 +1,7 @@
 """The nftables firewall backend: one private table, a few static rules, dynamic sets and maps.
 
-Layout (``table inet metaleg``; IPv4 and IPv6 in one table), in the style of
-kube-proxy's nftables mode: the rules never change with the Services, only the
-elements of the sets and maps they look up do, so N Services cost O(1) rules
-(plus two rules and two sets per gateway slot in use)::
-
-    set exclude4/exclude6  (interval)   FIREWALL_EXCLUDE_DST_CIDRS
-    map snat4/snat6        source -> LoadBalancer IP        (this node is the gateway)
-    map mark4/mark6        source -> mark                   (another node is the gateway)
-    set mark4_<mark>/mark6_<mark>  sources of one gateway slot  (<mark>: 8 hex digits)
-    set reject4/reject6    sources                          (gateway unknown: fail closed)
-    set transit4/transit6  (interval)   other nodes' pods   (the transit guard)
-
-    chain fwmark       regular, per slot in use and family:
-        saddr @mark<f>_<mark> meta mark set meta mark & ~fwmask | <mark>
-    chain prerouting   filter/prerouting  priority mangle - 10:
-        daddr @exclude return; saddr @mark jump fwmark
-    chain postrouting  nat/postrouting    priority srcnat - 10:
-        daddr @exclude return;
-        meta mark & fwmask != 0 snat to saddr      (null binding, see below)
-        snat to saddr map @snat
-    chain forward      filter/forward     priority filter - 10:
-        new, not DNATed, daddr a key of @snat/@mark/@reject, saddr not @exclude: drop;
-        daddr @exclude return; saddr @reject reject with icmpx admin-prohibited;
-        ct state new saddr @transit meta mark & fwmask == 0 saddr != @snat reject ...
-    chain egress       filter/postrouting priority srcnat + 10 (after all NAT):
-        daddr @exclude return;
-        unmarked and still a source of @snat, @mark or @transit: drop
-
-The transit guard (last rule of ``forward``, see
-:attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`): a *new* forwarded
-connection from another node's pod to a non-excluded destination is rejected
-unless this node marks it (prerouting ran before, so the mark is set) or SNATs
-it (its source is a key of the SNAT map: nft looks a map up as a set, so no
-parallel set is needed). Only ``ct state new`` is checked, so flows that were
-established before a source entered the guard go on; the guard therefore needs
-no conntrack flush of its own (:mod:`metaleg.firewall.conntrack` is unchanged).
-
-Stray replies: when the gateway moves, the old gateway still holds the flow's
-SNAT binding for a moment and forwards the peer's answers, translated back to
-the pod IP, to the pod's node. If that node has just deleted the flow's
-conntrack entry (its treatment changed), such an answer creates a *new* entry
-with the peer as originator; the pod's own packets then match it in the reply
-direction, where no NAT is ever decided, and would leave with the pod IP for as
-long as the flow lives (UDP streams refresh it forever). So the forward chain
-drops new connections to our sources that are not DNATed (traffic into the
-Service through its LB IP, NodePorts or ClusterIPs is) and come from outside
-the excluded networks (cluster traffic does not); dropped, the entry is never
-confirmed, and the pod's next packet opens a correct one. The egress check
-covers both directions for the same reason.
-
-Why these priorities: each base chain runs just before the hook's iptables
-chains (legacy or nft: mangle -150, srcnat 100, filter 0). NAT is decided by the
-first NAT chain at the hook that creates a binding, across tables and across
-legacy/nft; an ``accept``/``return`` does not stop later tables. So a marked
-packet gets a *null binding* here (SNAT to its own source address): it keeps the
-pod IP, and the node's masquerade (kube-router/kube-proxy, either mode) no longer
-applies to it; on the gateway node the SNAT map binds the LB IP first.
-
-Setting the mark: nft 1.0.6 cannot take the right hand side of
-``meta mark & ~mask |`` from a map (it must be constant), and overwriting the
-whole mark would clobber bits outside FIREWALL_MASK that other components use.
-So each gateway slot (a mark in use) has one plain set per family and one rule
-per family in ``fwmark`` with its mark as the constant; sources move between
-slots as set elements. There is no verdict map: adding a ``jump`` element to a
-verdict map makes nf_tables validate the whole table, looping over every element
-of every verdict map (measured with nft 1.0.6 at 10,000 sources per family: 1.25
-ms per added element against 0.14 ms for a plain set element and its map entry),
-which made a change at N=1000 cost 3.4 times one at N=100. Plain set and data
-map elements trigger no validation.
-
-Which sources are marked at all, one lookup: the aggregate maps ``mark4`` /
-``mark6`` (source -> mark, kept alongside the slot sets in the same transaction),
-rather than per-slot rules in ``forward`` and ``egress``. ``forward`` sees every
-forwarded packet and ``egress`` every outgoing one; per-slot rules there would
-cost up to two lookups per slot and family for each packet and would make those
-chains change with the slots. With the aggregate, they stay static, and
-prerouting sends only marked sources' packets through ``fwmark``; everything
-else pays one lookup per family whatever the number of slots. A map rather than
-a plain set: it lists which mark each source gets in one place (``nft list map
-inet metaleg mark4``), for one more element change per moved source. Rules that
-refer to the aggregate are never rewritten incrementally: adding a rule that
-refers to a map costs time in its number of elements (0.4 ms at 10,000), while
-``fwmark``'s rules refer only to slot sets.
+The table's layout, and why it is so, is described in
+:mod:`metaleg.firewall.nftables.layout`.
 
 Transactions: every :meth:`NftablesBackend.apply` is ONE nft transaction
 (libnftables sends a script as one netlink batch; the kernel commits all or
@@ -103,8 +22,6 @@ covers exactly the sources whose treatment changed (both checked against the
 full render by ``tests/test_nft_incremental.py``). In the kernel, too, an
 element change costs the same at any N (no verdict map, see above).
 
-Every rule carries a comment ``metaleg:<hash of chain and rule text>`` so that
-a re-sync can tell our rules (in order) from edited, removed or foreign ones.
 A periodic re-sync lists and compares the table in a short-lived forked child
 (:func:`metaleg.lifecycle.check_in_child`), so that the listing's peak memory
 does not stay with the long-lived firewall process; only a table that differs
@@ -114,7 +31,6 @@ is read again here, to repair it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import json
 import logging
@@ -124,240 +40,41 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
 from metaleg.firewall.nftables.drift import NftDriftWatch
+from metaleg.firewall.nftables.layout import (
+    FAMILY_OF_SUFFIX,
+    MARK_CHAIN,
+    QUALIFIED,
+    REJECT_WITH,
+    SETS,
+    SLOT_SET_NAME,
+    SUFFIX,
+    TABLE,
+    SetSpec,
+    expected_sets,
+    mark_chain,
+    set_order,
+    slot_set_name,
+    slot_sets,
+    table_chains,
+)
 from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
 from metaleg.model import Action, Family, NodeDesiredState
 
 log = logging.getLogger(__name__)
 
-FAMILY = "inet"
-TABLE = "metaleg"
-QUALIFIED = f"{FAMILY} {TABLE}"
-
-REJECT_WITH = (
-    "icmpx admin-prohibited",
-    "icmpx port-unreachable",
-    "icmpx host-unreachable",
-    "icmpx no-route",
-)
-"""Allowed ``reject with`` arguments (icmpx works for both families in an inet table)."""
-
-_SUFFIX = {Family.IPV4: "4", Family.IPV6: "6"}
-_IP = {Family.IPV4: "ip", Family.IPV6: "ip6"}
-_ADDR = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
-_SLOT_SET = re.compile(r"^mark([46])_([0-9a-f]{8})$")
-_FAMILY_OF = {"4": Family.IPV4, "6": Family.IPV6}
 _OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
-MARK_CHAIN = "fwmark"
-"""The regular chain that sets the mark, one rule per gateway slot and family ("mark" is an
-nft keyword)."""
 
 CHECK_TIMEOUT = 120.0
 """Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
 N=5000 Services; see docs/benchmarks.md)."""
-
-
-class SetSpec(NamedTuple):
-    """A set or map of the table as nft lists it."""
-
-    kind: str  # "set" or "map"
-    type: str
-    map: str | None
-    flags: tuple[str, ...]
-
-    def declaration(self, name: str) -> str:
-        type_ = f"{self.type} : {self.map}" if self.map else self.type
-        flags = f" flags {', '.join(self.flags)};" if self.flags else ""
-        return f"add {self.kind} {QUALIFIED} {name} {{ type {type_};{flags} }}"
-
-
-SETS: dict[str, SetSpec] = {}
-for _family in Family:
-    _s, _a = _SUFFIX[_family], _ADDR[_family]
-    SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
-    SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
-    SETS[f"mark{_s}"] = SetSpec("map", _a, "mark", ())
-    SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
-    SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
-
-
-class ChainSpec(NamedTuple):
-    """A chain of the table: a base chain (with hook) or a regular one, and its rules."""
-
-    name: str
-    type: str | None
-    hook: str | None
-    priority: str | None
-    """The priority as written (nft syntax)."""
-    prio: int | None
-    """The priority as nft lists it (numeric)."""
-    rules: tuple[str, ...]
-
-    def declaration(self) -> str:
-        if self.hook is None:
-            return f"add chain {QUALIFIED} {self.name}"
-        return (
-            f"add chain {QUALIFIED} {self.name} {{ type {self.type} hook {self.hook} "
-            f"priority {self.priority}; policy accept; }}"
-        )
-
-    def rule_commands(self) -> list[str]:
-        return [
-            f'add rule {QUALIFIED} {self.name} {rule} comment "{rule_comment(self.name, rule)}"'
-            for rule in self.rules
-        ]
-
-    def comments(self) -> list[str]:
-        return [rule_comment(self.name, rule) for rule in self.rules]
-
-
-def rule_comment(chain: str, rule: str) -> str:
-    """The tag of a rule: changes whenever the rule's text (or its chain) does."""
-    digest = hashlib.sha256(f"{chain}\n{rule}".encode()).hexdigest()[:16]
-    return f"metaleg:{digest}"
-
-
-@functools.lru_cache(maxsize=1024)
-def slot_set_name(family: Family, fwmark: int) -> str:
-    """``mark4_00100000``: the plain set of one gateway slot's sources of one family."""
-    return f"mark{_SUFFIX[family]}_{fwmark:08x}"
-
-
-def slot_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
-    """The per-slot sets of ``fwmarks`` (both families each, in :func:`set_order`)."""
-    return {
-        slot_set_name(f, m): SetSpec("set", _ADDR[f], None, ())
-        for m in sorted(fwmarks)
-        for f in Family
-    }
-
-
-def expected_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
-    """Every set and map of the table when ``fwmarks`` are the gateway slots in use."""
-    return {**SETS, **slot_sets(fwmarks)}
-
-
-def set_order(fwmarks: Iterable[int]) -> list[str]:
-    """The order in which scripts touch the sets' elements (the full and the incremental
-    path write the same transaction, command for command)."""
-    order = [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("exclude", "reject", "transit")]
-    order += [f"{kind}{_SUFFIX[f]}" for f in Family for kind in ("snat", "mark")]
-    order += [slot_set_name(f, m) for m in sorted(fwmarks) for f in Family]
-    return order
-
-
-def mark_chain(fwmarks: Iterable[int], fwmask: int) -> ChainSpec:
-    """The chain ``fwmark``: per gateway slot and family, sources of the slot's set get the
-    slot's mark; bits outside ``fwmask`` are kept (nft 1.0.6 cannot take the right hand
-    side of ``|`` from a map, hence one rule and one set per slot)."""
-    keep = ~fwmask & 0xFFFFFFFF
-    rules = tuple(
-        f"{_IP[f]} saddr @{slot_set_name(f, m)} meta mark set meta mark & {keep:#010x} | {m:#010x}"
-        for m in sorted(fwmarks)
-        for f in Family
-    )
-    return ChainSpec(MARK_CHAIN, None, None, None, None, rules)
-
-
-def table_chains(fwmask: int, reject_with: str, fwmarks: Iterable[int]) -> tuple[ChainSpec, ...]:
-    """Every chain of the table, jump targets first (the order of :func:`full_script`)."""
-    return (mark_chain(fwmarks, fwmask), *base_chains(fwmask, reject_with))
-
-
-def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
-    """The four static base chains; their rules depend only on the mask and reject type."""
-    mask = f"{fwmask:#010x}"
-    # The transit guard: cheapest tests first (most forwarded packets are not
-    # new; the SNAT map is looked up as a set of its keys).
-    guard = tuple(
-        f"ct state new {_IP[f]} saddr @transit{_SUFFIX[f]} meta mark & {mask} == 0 "
-        f"{_IP[f]} saddr != @snat{_SUFFIX[f]} reject with {reject_with}"
-        for f in Family
-    )
-    excludes = tuple(f"{_IP[f]} daddr @exclude{_SUFFIX[f]} return" for f in Family)
-    # Stray replies (see the module doc, "Stray replies"): a new, not DNATed
-    # connection *to* one of our sources from outside the excluded networks.
-    stray = tuple(
-        f"ct state new ct status ! dnat {_IP[f]} daddr @{name}{_SUFFIX[f]} "
-        f"{_IP[f]} saddr != @exclude{_SUFFIX[f]} drop"
-        for f in Family
-        for name in ("snat", "mark", "reject")
-    )
-    return (
-        ChainSpec(
-            "prerouting",
-            "filter",
-            "prerouting",
-            "mangle - 10",
-            -160,
-            # Only sources of the aggregate map go through the per-slot rules: other
-            # packets pay one lookup per family, whatever the number of slots.
-            (*excludes, *(f"{_IP[f]} saddr @mark{_SUFFIX[f]} jump {MARK_CHAIN}" for f in Family)),
-        ),
-        ChainSpec(
-            "postrouting",
-            "nat",
-            "postrouting",
-            "srcnat - 10",
-            90,
-            (
-                *excludes,
-                # The null binding: marked packets keep their source, and no later
-                # NAT chain (the node's masquerade) gets to bind them.
-                *(
-                    f"meta nfproto ipv{int(f)} meta mark & {mask} != 0 "
-                    f"snat {_IP[f]} to {_IP[f]} saddr"
-                    for f in Family
-                ),
-                *(f"snat {_IP[f]} to {_IP[f]} saddr map @snat{_SUFFIX[f]}" for f in Family),
-            ),
-        ),
-        ChainSpec(
-            "forward",
-            "filter",
-            "forward",
-            "filter - 10",
-            -10,
-            (
-                *stray,
-                *excludes,
-                *(f"{_IP[f]} saddr @reject{_SUFFIX[f]} reject with {reject_with}" for f in Family),
-                *guard,
-            ),
-        ),
-        # The egress check, after every NAT chain has run: what leaves here with a pod
-        # IP of ours (or an other node's) and no mark did not get the translation it
-        # should have. That happens when a flow's conntrack entry still carries the
-        # binding of its old treatment (a null binding from when the source was
-        # marked, say) in the moment between a transaction and the conntrack flush
-        # that follows it. Drop: fail closed, never out with a pod IP. Replies are
-        # checked too: a reply leaves with the pod IP only if the connection was
-        # opened *to* the pod IP from outside the excluded networks, which the
-        # forward chain refuses (stray replies) and metaleg must not let out.
-        ChainSpec(
-            "egress",
-            "filter",
-            "postrouting",
-            "srcnat + 10",
-            110,
-            (
-                *excludes,
-                *(f"meta mark & {mask} == 0 {_IP[f]} saddr @snat{_SUFFIX[f]} drop" for f in Family),
-                *(f"meta mark & {mask} == 0 {_IP[f]} saddr @mark{_SUFFIX[f]} drop" for f in Family),
-                *(
-                    f"meta mark & {mask} == 0 {_IP[f]} saddr @transit{_SUFFIX[f]} drop"
-                    for f in Family
-                ),
-            ),
-        ),
-    )
 
 
 def canonical_cidrs(cidrs: Iterable[str], family: Family) -> frozenset[str]:
@@ -396,7 +113,7 @@ def _checked_cidrs(
 ) -> frozenset[str]:
     """:func:`canonical_cidrs`, raising :class:`BackendError` for a malformed CIDR (and,
     with ``strict``, for one of the other family instead of skipping it)."""
-    suffix = _SUFFIX[family]
+    suffix = SUFFIX[family]
     for cidr in cidrs:
         try:
             network = ipaddress.ip_network(cidr, strict=False)
@@ -501,7 +218,7 @@ class TableContent:
         static ones and one per gateway slot and family."""
         result: dict[str, AbstractSet[str]] = {}
         for family in Family:
-            s = _SUFFIX[family]
+            s = SUFFIX[family]
             result[f"exclude{s}"] = self.exclude[family]
             result[f"reject{s}"] = self.reject[family]
             result[f"transit{s}"] = self.transit[family]
@@ -515,7 +232,7 @@ class TableContent:
     def element_maps(self) -> dict[str, dict[str, str]]:
         result: dict[str, dict[str, str]] = {}
         for family in Family:
-            s = _SUFFIX[family]
+            s = SUFFIX[family]
             result[f"snat{s}"] = self.snat[family]
             result[f"mark{s}"] = {k: _mark_value(v) for k, v in self.mark[family].items()}
         return result
@@ -523,7 +240,7 @@ class TableContent:
     def counts(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
         for family in Family:
-            s = _SUFFIX[family]
+            s = SUFFIX[family]
             sizes[f"exclude{s}"] = len(self.exclude[family])
             sizes[f"reject{s}"] = len(self.reject[family])
             sizes[f"transit{s}"] = len(self.transit[family])
@@ -773,7 +490,7 @@ class LiveTable:
             if before == after:
                 continue
             family = change.family
-            s = _SUFFIX[family]
+            s = SUFFIX[family]
             if before is not None:
                 if before.action == Action.SNAT:
                     deletions.setdefault(f"snat{s}", []).append(change.source)
@@ -802,7 +519,7 @@ class LiveTable:
                     additions.setdefault(f"reject{s}", []).append(change.source)
         if transit is not None:
             for family in Family:
-                s, have = _SUFFIX[family], self.content.transit[family]
+                s, have = SUFFIX[family], self.content.transit[family]
                 deletions[f"transit{s}"] = list(have - transit[family])
                 additions[f"transit{s}"] = list(transit[family] - have)
         current = self.mark_refs
@@ -952,21 +669,21 @@ class ActualTable:
         marks as the slot sets hold them (what sets the mark)."""
         content = TableContent()
         for family in Family:
-            s = _SUFFIX[family]
+            s = SUFFIX[family]
             content.exclude[family] = self.set_members(f"exclude{s}")
             content.reject[family] = self.set_members(f"reject{s}")
             content.transit[family] = self.set_members(f"transit{s}")
             content.snat[family].update(self.map_members(f"snat{s}"))
         for name in self.elements:
-            match = _SLOT_SET.match(name)
+            match = SLOT_SET_NAME.match(name)
             if match:
-                family, fwmark = _FAMILY_OF[match.group(1)], int(match.group(2), 16)
+                family, fwmark = FAMILY_OF_SUFFIX[match.group(1)], int(match.group(2), 16)
                 content.mark[family].update(dict.fromkeys(self.set_members(name), fwmark))
         # The layout before slot sets: verdict maps jumping to one chain per mark. Read
         # so that the first re-sync after an upgrade (a recreate) knows the sources were
         # marked already and flushes none of their flows.
         for family in Family:
-            for key, value in _pairs(self.elements.get(f"mark{_SUFFIX[family]}", [])):
+            for key, value in _pairs(self.elements.get(f"mark{SUFFIX[family]}", [])):
                 target = value.get("jump", {}).get("target") if isinstance(value, dict) else None
                 old = _OLD_MARK_CHAIN.match(target) if isinstance(target, str) else None
                 if old and (source := _address(key, family)):
@@ -978,8 +695,8 @@ _PLAIN = SetSpec("set", "", None, ())
 
 
 def _set_family(name: str) -> Family:
-    match = _SLOT_SET.match(name)
-    return _FAMILY_OF[match.group(1) if match else name[-1]]
+    match = SLOT_SET_NAME.match(name)
+    return FAMILY_OF_SUFFIX[match.group(1) if match else name[-1]]
 
 
 def _unwrap(element: Any) -> Any:
@@ -1093,7 +810,7 @@ def read_table(nft: Nft) -> ActualTable | None:
     try:
         table = ActualTable.parse(nft.json(f"list table {QUALIFIED}", terse=True))
         for name, spec in table.sets.items():
-            if name in SETS or _SLOT_SET.match(name):
+            if name in SETS or SLOT_SET_NAME.match(name):
                 listed = nft.json(f"list {spec.kind} {QUALIFIED} {name}")
                 table.elements[name] = ActualTable.parse(listed).elements.get(name, [])
                 del listed

@@ -1,0 +1,336 @@
+"""The table's layout: its sets, maps and chains, and the static rules.
+
+Layout (``table inet metaleg``; IPv4 and IPv6 in one table), in the style of
+kube-proxy's nftables mode: the rules never change with the Services, only the
+elements of the sets and maps they look up do, so N Services cost O(1) rules
+(plus two rules and two sets per gateway slot in use)::
+
+    set exclude4/exclude6  (interval)   FIREWALL_EXCLUDE_DST_CIDRS
+    map snat4/snat6        source -> LoadBalancer IP        (this node is the gateway)
+    map mark4/mark6        source -> mark                   (another node is the gateway)
+    set mark4_<mark>/mark6_<mark>  sources of one gateway slot  (<mark>: 8 hex digits)
+    set reject4/reject6    sources                          (gateway unknown: fail closed)
+    set transit4/transit6  (interval)   other nodes' pods   (the transit guard)
+
+    chain fwmark       regular, per slot in use and family:
+        saddr @mark<f>_<mark> meta mark set meta mark & ~fwmask | <mark>
+    chain prerouting   filter/prerouting  priority mangle - 10:
+        daddr @exclude return; saddr @mark jump fwmark
+    chain postrouting  nat/postrouting    priority srcnat - 10:
+        daddr @exclude return;
+        meta mark & fwmask != 0 snat to saddr      (null binding, see below)
+        snat to saddr map @snat
+    chain forward      filter/forward     priority filter - 10:
+        new, not DNATed, daddr a key of @snat/@mark/@reject, saddr not @exclude: drop;
+        daddr @exclude return; saddr @reject reject with icmpx admin-prohibited;
+        ct state new saddr @transit meta mark & fwmask == 0 saddr != @snat reject ...
+    chain egress       filter/postrouting priority srcnat + 10 (after all NAT):
+        daddr @exclude return;
+        unmarked and still a source of @snat, @mark or @transit: drop
+
+The transit guard (last rule of ``forward``, see
+:attr:`~metaleg.model.NodeDesiredState.transit_guard_ipv4`): a *new* forwarded
+connection from another node's pod to a non-excluded destination is rejected
+unless this node marks it (prerouting ran before, so the mark is set) or SNATs
+it (its source is a key of the SNAT map: nft looks a map up as a set, so no
+parallel set is needed). Only ``ct state new`` is checked, so flows that were
+established before a source entered the guard go on; the guard therefore needs
+no conntrack flush of its own (:mod:`metaleg.firewall.conntrack` is unchanged).
+
+Stray replies: when the gateway moves, the old gateway still holds the flow's
+SNAT binding for a moment and forwards the peer's answers, translated back to
+the pod IP, to the pod's node. If that node has just deleted the flow's
+conntrack entry (its treatment changed), such an answer creates a *new* entry
+with the peer as originator; the pod's own packets then match it in the reply
+direction, where no NAT is ever decided, and would leave with the pod IP for as
+long as the flow lives (UDP streams refresh it forever). So the forward chain
+drops new connections to our sources that are not DNATed (traffic into the
+Service through its LB IP, NodePorts or ClusterIPs is) and come from outside
+the excluded networks (cluster traffic does not); dropped, the entry is never
+confirmed, and the pod's next packet opens a correct one. The egress check
+covers both directions for the same reason.
+
+Why these priorities: each base chain runs just before the hook's iptables
+chains (legacy or nft: mangle -150, srcnat 100, filter 0). NAT is decided by the
+first NAT chain at the hook that creates a binding, across tables and across
+legacy/nft; an ``accept``/``return`` does not stop later tables. So a marked
+packet gets a *null binding* here (SNAT to its own source address): it keeps the
+pod IP, and the node's masquerade (kube-router/kube-proxy, either mode) no longer
+applies to it; on the gateway node the SNAT map binds the LB IP first.
+
+Setting the mark: nft 1.0.6 cannot take the right hand side of
+``meta mark & ~mask |`` from a map (it must be constant), and overwriting the
+whole mark would clobber bits outside FIREWALL_MASK that other components use.
+So each gateway slot (a mark in use) has one plain set per family and one rule
+per family in ``fwmark`` with its mark as the constant; sources move between
+slots as set elements. There is no verdict map: adding a ``jump`` element to a
+verdict map makes nf_tables validate the whole table, looping over every element
+of every verdict map (measured with nft 1.0.6 at 10,000 sources per family: 1.25
+ms per added element against 0.14 ms for a plain set element and its map entry),
+which made a change at N=1000 cost 3.4 times one at N=100. Plain set and data
+map elements trigger no validation.
+
+Which sources are marked at all, one lookup: the aggregate maps ``mark4`` /
+``mark6`` (source -> mark, kept alongside the slot sets in the same transaction),
+rather than per-slot rules in ``forward`` and ``egress``. ``forward`` sees every
+forwarded packet and ``egress`` every outgoing one; per-slot rules there would
+cost up to two lookups per slot and family for each packet and would make those
+chains change with the slots. With the aggregate, they stay static, and
+prerouting sends only marked sources' packets through ``fwmark``; everything
+else pays one lookup per family whatever the number of slots. A map rather than
+a plain set: it lists which mark each source gets in one place (``nft list map
+inet metaleg mark4``), for one more element change per moved source. Rules that
+refer to the aggregate are never rewritten incrementally: adding a rule that
+refers to a map costs time in its number of elements (0.4 ms at 10,000), while
+``fwmark``'s rules refer only to slot sets.
+
+Every rule carries a comment ``metaleg:<hash of chain and rule text>``
+(:func:`rule_comment`), so that a re-sync can tell our rules (in order) from
+edited, removed or foreign ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from metaleg.model import Family
+
+FAMILY = "inet"
+TABLE = "metaleg"
+QUALIFIED = f"{FAMILY} {TABLE}"
+
+REJECT_WITH = (
+    "icmpx admin-prohibited",
+    "icmpx port-unreachable",
+    "icmpx host-unreachable",
+    "icmpx no-route",
+)
+"""Allowed ``reject with`` arguments (icmpx works for both families in an inet table)."""
+
+SUFFIX = {Family.IPV4: "4", Family.IPV6: "6"}
+"""The suffix of a family's sets and maps (``snat4``, ``snat6``)."""
+FAMILY_OF_SUFFIX = {"4": Family.IPV4, "6": Family.IPV6}
+IP_KEYWORD = {Family.IPV4: "ip", Family.IPV6: "ip6"}
+"""nft's protocol keyword for a family's addresses (``ip saddr``, ``ip6 saddr``)."""
+ADDRESS_TYPE = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
+"""nft's element type for a family's addresses."""
+SLOT_SET_NAME = re.compile(r"^mark([46])_([0-9a-f]{8})$")
+"""The name of a gateway slot's set (:func:`slot_set_name`): family suffix, mark."""
+MARK_CHAIN = "fwmark"
+"""The regular chain that sets the mark, one rule per gateway slot and family ("mark" is an
+nft keyword)."""
+
+
+class SetSpec(NamedTuple):
+    """A set or map of the table as nft lists it."""
+
+    kind: str  # "set" or "map"
+    type: str
+    map: str | None
+    flags: tuple[str, ...]
+
+    def declaration(self, name: str) -> str:
+        type_ = f"{self.type} : {self.map}" if self.map else self.type
+        flags = f" flags {', '.join(self.flags)};" if self.flags else ""
+        return f"add {self.kind} {QUALIFIED} {name} {{ type {type_};{flags} }}"
+
+
+SETS: dict[str, SetSpec] = {}
+for _family in Family:
+    _s, _a = SUFFIX[_family], ADDRESS_TYPE[_family]
+    SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
+    SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
+    SETS[f"mark{_s}"] = SetSpec("map", _a, "mark", ())
+    SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
+    SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
+
+
+class ChainSpec(NamedTuple):
+    """A chain of the table: a base chain (with hook) or a regular one, and its rules."""
+
+    name: str
+    type: str | None
+    hook: str | None
+    priority: str | None
+    """The priority as written (nft syntax)."""
+    prio: int | None
+    """The priority as nft lists it (numeric)."""
+    rules: tuple[str, ...]
+
+    def declaration(self) -> str:
+        if self.hook is None:
+            return f"add chain {QUALIFIED} {self.name}"
+        return (
+            f"add chain {QUALIFIED} {self.name} {{ type {self.type} hook {self.hook} "
+            f"priority {self.priority}; policy accept; }}"
+        )
+
+    def rule_commands(self) -> list[str]:
+        return [
+            f'add rule {QUALIFIED} {self.name} {rule} comment "{rule_comment(self.name, rule)}"'
+            for rule in self.rules
+        ]
+
+    def comments(self) -> list[str]:
+        return [rule_comment(self.name, rule) for rule in self.rules]
+
+
+def rule_comment(chain: str, rule: str) -> str:
+    """The tag of a rule: changes whenever the rule's text (or its chain) does."""
+    digest = hashlib.sha256(f"{chain}\n{rule}".encode()).hexdigest()[:16]
+    return f"metaleg:{digest}"
+
+
+@functools.lru_cache(maxsize=1024)
+def slot_set_name(family: Family, fwmark: int) -> str:
+    """``mark4_00100000``: the plain set of one gateway slot's sources of one family."""
+    return f"mark{SUFFIX[family]}_{fwmark:08x}"
+
+
+def slot_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
+    """The per-slot sets of ``fwmarks`` (both families each, in :func:`set_order`)."""
+    return {
+        slot_set_name(f, m): SetSpec("set", ADDRESS_TYPE[f], None, ())
+        for m in sorted(fwmarks)
+        for f in Family
+    }
+
+
+def expected_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
+    """Every set and map of the table when ``fwmarks`` are the gateway slots in use."""
+    return {**SETS, **slot_sets(fwmarks)}
+
+
+def set_order(fwmarks: Iterable[int]) -> list[str]:
+    """The order in which scripts touch the sets' elements (the full and the incremental
+    path write the same transaction, command for command)."""
+    order = [f"{kind}{SUFFIX[f]}" for f in Family for kind in ("exclude", "reject", "transit")]
+    order += [f"{kind}{SUFFIX[f]}" for f in Family for kind in ("snat", "mark")]
+    order += [slot_set_name(f, m) for m in sorted(fwmarks) for f in Family]
+    return order
+
+
+def mark_chain(fwmarks: Iterable[int], fwmask: int) -> ChainSpec:
+    """The chain ``fwmark``: per gateway slot and family, sources of the slot's set get the
+    slot's mark; bits outside ``fwmask`` are kept (nft 1.0.6 cannot take the right hand
+    side of ``|`` from a map, hence one rule and one set per slot)."""
+    keep = ~fwmask & 0xFFFFFFFF
+    rules = tuple(
+        f"{IP_KEYWORD[f]} saddr @{slot_set_name(f, m)} meta mark set meta mark & {keep:#010x} | {m:#010x}"
+        for m in sorted(fwmarks)
+        for f in Family
+    )
+    return ChainSpec(MARK_CHAIN, None, None, None, None, rules)
+
+
+def table_chains(fwmask: int, reject_with: str, fwmarks: Iterable[int]) -> tuple[ChainSpec, ...]:
+    """Every chain of the table, jump targets first (the order of :func:`full_script`)."""
+    return (mark_chain(fwmarks, fwmask), *base_chains(fwmask, reject_with))
+
+
+def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
+    """The four static base chains; their rules depend only on the mask and reject type."""
+    mask = f"{fwmask:#010x}"
+    # The transit guard: cheapest tests first (most forwarded packets are not
+    # new; the SNAT map is looked up as a set of its keys).
+    guard = tuple(
+        f"ct state new {IP_KEYWORD[f]} saddr @transit{SUFFIX[f]} meta mark & {mask} == 0 "
+        f"{IP_KEYWORD[f]} saddr != @snat{SUFFIX[f]} reject with {reject_with}"
+        for f in Family
+    )
+    excludes = tuple(f"{IP_KEYWORD[f]} daddr @exclude{SUFFIX[f]} return" for f in Family)
+    # Stray replies (see the module doc, "Stray replies"): a new, not DNATed
+    # connection *to* one of our sources from outside the excluded networks.
+    stray = tuple(
+        f"ct state new ct status ! dnat {IP_KEYWORD[f]} daddr @{name}{SUFFIX[f]} "
+        f"{IP_KEYWORD[f]} saddr != @exclude{SUFFIX[f]} drop"
+        for f in Family
+        for name in ("snat", "mark", "reject")
+    )
+    return (
+        ChainSpec(
+            "prerouting",
+            "filter",
+            "prerouting",
+            "mangle - 10",
+            -160,
+            # Only sources of the aggregate map go through the per-slot rules: other
+            # packets pay one lookup per family, whatever the number of slots.
+            (
+                *excludes,
+                *(f"{IP_KEYWORD[f]} saddr @mark{SUFFIX[f]} jump {MARK_CHAIN}" for f in Family),
+            ),
+        ),
+        ChainSpec(
+            "postrouting",
+            "nat",
+            "postrouting",
+            "srcnat - 10",
+            90,
+            (
+                *excludes,
+                # The null binding: marked packets keep their source, and no later
+                # NAT chain (the node's masquerade) gets to bind them.
+                *(
+                    f"meta nfproto ipv{int(f)} meta mark & {mask} != 0 "
+                    f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr"
+                    for f in Family
+                ),
+                *(
+                    f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr map @snat{SUFFIX[f]}"
+                    for f in Family
+                ),
+            ),
+        ),
+        ChainSpec(
+            "forward",
+            "filter",
+            "forward",
+            "filter - 10",
+            -10,
+            (
+                *stray,
+                *excludes,
+                *(
+                    f"{IP_KEYWORD[f]} saddr @reject{SUFFIX[f]} reject with {reject_with}"
+                    for f in Family
+                ),
+                *guard,
+            ),
+        ),
+        # The egress check, after every NAT chain has run: what leaves here with a pod
+        # IP of ours (or an other node's) and no mark did not get the translation it
+        # should have. That happens when a flow's conntrack entry still carries the
+        # binding of its old treatment (a null binding from when the source was
+        # marked, say) in the moment between a transaction and the conntrack flush
+        # that follows it. Drop: fail closed, never out with a pod IP. Replies are
+        # checked too: a reply leaves with the pod IP only if the connection was
+        # opened *to* the pod IP from outside the excluded networks, which the
+        # forward chain refuses (stray replies) and metaleg must not let out.
+        ChainSpec(
+            "egress",
+            "filter",
+            "postrouting",
+            "srcnat + 10",
+            110,
+            (
+                *excludes,
+                *(
+                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @snat{SUFFIX[f]} drop"
+                    for f in Family
+                ),
+                *(
+                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @mark{SUFFIX[f]} drop"
+                    for f in Family
+                ),
+                *(
+                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @transit{SUFFIX[f]} drop"
+                    for f in Family
+                ),
+            ),
+        ),
+    )
