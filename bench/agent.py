@@ -54,7 +54,7 @@ from bench.common import (
     service_name,
     wire_next_hops,
 )
-from metaleg.firewall.iptables.backend import mark_set_name, rejected_set_name, source_set_name
+from metaleg.firewall.iptables.rules import mark_set_name, rejected_set_name, source_set_name
 from metaleg.model import Family
 from metaleg.supervisor.metrics import descendants, process_tree
 from metaleg.supervisor.status import StatusReport

@@ -31,7 +31,7 @@ from collections import Counter
 from typing import Any
 
 from metaleg.firewall.iptables.backend import FAMILIES, TABLES, DesiredFirewall, render
-from metaleg.firewall.iptables.helper import TableSpec
+from metaleg.firewall.iptables.rules import TableSpec
 from metaleg.model import Family, NodeDesiredState
 
 IPTABLES = {Family.IPV4: "iptables-legacy", Family.IPV6: "ip6tables-legacy"}

@@ -81,7 +81,7 @@ from bench.common import (
     write_results,
 )
 from bench.latency import stage_breakdown
-from metaleg.firewall.iptables.backend import mark_set_name, source_set_name
+from metaleg.firewall.iptables.rules import mark_set_name, source_set_name
 from metaleg.model import Family
 from metaleg.watcher.cluster import (
     L2_SERVICE_NAME_LABEL,

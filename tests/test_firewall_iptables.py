@@ -27,28 +27,30 @@ from metaleg.firewall.iptables.backend import (
     IptablesBackend,
     changed_tables,
     exclude_networks,
+    net_members,
+    render,
+    unbind_first,
+)
+from metaleg.firewall.iptables.helper import XtablesServer
+from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
+from metaleg.firewall.iptables.protocol import (
+    Mode,
+    ReceivedRequest,
+    SyncReply,
+    SyncRequest,
+    TableResult,
+)
+from metaleg.firewall.iptables.rules import (
+    Rule,
+    TableSpec,
     jump_rule,
     mark_skip_rule,
-    net_members,
     rejected_set_name,
-    render,
     snat_rule,
     source_return_rule,
     source_set_name,
     transit_set_name,
-    unbind_first,
 )
-from metaleg.firewall.iptables.helper import (
-    Mode,
-    ReceivedRequest,
-    Rule,
-    SyncReply,
-    SyncRequest,
-    TableResult,
-    TableSpec,
-    XtablesServer,
-)
-from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 from tests.processes import process_alive

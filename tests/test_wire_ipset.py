@@ -277,8 +277,8 @@ def stale_index() -> dict[str, Any]:
     """A cached rule whose set was destroyed and created again (another index) is rebuilt."""
     import iptc
 
-    from metaleg.firewall.iptables.backend import mark_map_rule, snat_rule, stale_binding_rule
     from metaleg.firewall.iptables.helper import XtablesServer
+    from metaleg.firewall.iptables.rules import mark_map_rule, snat_rule, stale_binding_rule
 
     for name in ("METALEG-A", "METALEG-B"):
         subprocess.run(["ipset", "create", name, "hash:ip"], check=True)
@@ -343,7 +343,8 @@ def test_rule_codec_rebuilds_rules_of_recreated_sets() -> None:
 
 
 def assert_codec_matches_python_iptables() -> list[bool]:
-    from metaleg.firewall.iptables.backend import (
+    from metaleg.firewall.iptables.helper import XtablesServer
+    from metaleg.firewall.iptables.rules import (
         exclude_rule,
         mark_rule,
         mark_skip_rule,
@@ -353,7 +354,6 @@ def assert_codec_matches_python_iptables() -> list[bool]:
         stale_binding_rule,
         transit_reject_rule,
     )
-    from metaleg.firewall.iptables.helper import XtablesServer
 
     for name in ("METALEG-EXCLUDE-DST-4", "METALEG-TRANSIT-4", "METALEG-A"):
         subprocess.run(["ipset", "create", name, "hash:net"], check=True)

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import ipaddress
 import os
 import socket
@@ -82,15 +81,6 @@ import msgspec
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import ServiceKey, step_services
 from metaleg.firewall.iptables.drift import IptablesDriftCheck
-from metaleg.firewall.iptables.helper import (
-    Match,
-    Mode,
-    Option,
-    Rule,
-    SyncReply,
-    SyncRequest,
-    TableSpec,
-)
 from metaleg.firewall.iptables.ipsets import (
     HASH_IP,
     HASH_IP_MARK,
@@ -100,12 +90,35 @@ from metaleg.firewall.iptables.ipsets import (
     SetSpec,
     plan_sets,
 )
+from metaleg.firewall.iptables.protocol import Mode, SyncReply, SyncRequest
+from metaleg.firewall.iptables.rules import (
+    MARK_CHAIN,
+    REJECT_CHAIN,
+    SNAT_CHAIN,
+    Rule,
+    TableSpec,
+    exclude_rule,
+    exclude_set_name,
+    is_stale_binding,
+    jump_rule,
+    mark_map_rule,
+    mark_set_name,
+    mark_skip_rule,
+    reject_rule,
+    rejected_set_name,
+    reply_leak_rule,
+    snat_rule,
+    snatted_set_name,
+    source_return_rule,
+    source_set_name,
+    stale_binding_rule,
+    stray_reply_rule,
+    transit_reject_rule,
+    transit_set_name,
+)
 from metaleg.firewall.wire.ipset import skbmark_member
 from metaleg.model import Action, Family, NodeDesiredState, ServiceEgress
 
-MARK_CHAIN = "METALEG-RT-MARK"
-SNAT_CHAIN = "METALEG-SNAT"
-REJECT_CHAIN = "METALEG-REJECT"
 TABLES = ("mangle", "nat", "filter")
 """The tables metaleg uses, in the order they are committed in the make phase (MERGE):
 the MARK and SNAT rules exist before filter gains the transit guard's exceptions for them,
@@ -117,7 +130,6 @@ a stale binding DROP (taken out even earlier when it can, see ``IptablesBackend.
 before its SNAT."""
 FAMILIES = (Family.IPV4, Family.IPV6)
 
-_REJECT_WITH = {Family.IPV4: "icmp-port-unreachable", Family.IPV6: "icmp6-port-unreachable"}
 _TOOL = {Family.IPV4: "iptables", Family.IPV6: "ip6tables"}
 
 
@@ -132,39 +144,6 @@ class DesiredFirewall(msgspec.Struct, frozen=True):
     sets: dict[str, SetSpec]
     tables: dict[Family, dict[str, TableSpec]]
     """Per family, per table name (``mangle``, ``nat``, ``filter``)."""
-
-
-def exclude_set_name(family: Family) -> str:
-    """The ``hash:net`` set of destinations that are never marked, SNATed or rejected."""
-    return f"METALEG-EXCLUDE-DST-{int(family)}"
-
-
-def transit_set_name(family: Family) -> str:
-    """The ``hash:net`` set of the transit guard's sources (other nodes' pods)."""
-    return f"METALEG-TRANSIT-{int(family)}"
-
-
-def snatted_set_name(family: Family) -> str:
-    """The ``hash:ip`` set of every SNAT Service's sources: the transit guard's exception
-    for them, their reply leak and stray reply DROPs (one rule each for all Services)."""
-    return f"METALEG-SNATTED-{int(family)}"
-
-
-def rejected_set_name(family: Family) -> str:
-    """The ``hash:ip`` set of every REJECT Service's sources (its REJECT and stray reply
-    rules)."""
-    return f"METALEG-REJECTED-{int(family)}"
-
-
-def source_set_name(family: Family, namespace: str, name: str) -> str:
-    """The ``hash:ip`` set of one Service's source IPs in one family.
-
-    Derived from family and ``namespace/name`` only (not the action), so a
-    Service changing between SNAT and REJECT keeps its set; a hash keeps
-    it within ipset's 31 characters whatever the names' length.
-    """
-    digest = hashlib.sha256(f"{int(family)}/{namespace}/{name}".encode()).hexdigest()
-    return f"METALEG-SRC-{int(family)}-{digest[:12]}"
 
 
 def exclude_networks(cidrs: tuple[str, ...], family: Family) -> frozenset[str]:
@@ -191,164 +170,6 @@ def net_members(set_name: str, cidrs: tuple[str, ...], family: Family) -> frozen
         else:
             networks.add(str(network))
     return frozenset(networks)
-
-
-def _set_match(set_name: str, direction: str) -> Match:
-    return Match("set", (Option("match-set", (set_name, direction)),))
-
-
-def exclude_rule(family: Family) -> Rule:
-    """``-m set --match-set METALEG-EXCLUDE-DST-<f> dst -j RETURN``."""
-    return Rule("RETURN", (_set_match(exclude_set_name(family), "dst"),))
-
-
-def mark_skip_rule(fwmask: int) -> Rule:
-    """``-m mark ! --mark 0x0/<mask> -j RETURN``: marked packets skip the node's masquerade."""
-    return Rule("RETURN", (Match("mark", (Option("mark", (f"0x0/{fwmask:#x}",), invert=True),)),))
-
-
-def jump_rule(chain: str) -> Rule:
-    """``-j <chain>``."""
-    return Rule(chain)
-
-
-def mark_map_rule(family: Family) -> Rule:
-    """``-j SET --map-set METALEG-MARK-<f> src --map-mark``: the one MARK rule of a family.
-
-    Each member of the ``hash:ip skbinfo`` set carries its mark as ``skbmark
-    <mark>/<mask>``; the kernel applies it like ``MARK --set-xmark <mark>/<mask>``
-    (``mark = (mark & ~mask) ^ value``: only FIREWALL_MASK bits change).
-    """
-    return Rule("SET", (), (Option("map-set", (mark_set_name(family), "src")), Option("map-mark")))
-
-
-def mark_set_name(family: Family) -> str:
-    """The ``hash:ip skbinfo`` set of every marked source of a family, with its mark."""
-    return f"METALEG-MARK-{int(family)}"
-
-
-def mark_rule(set_name: str, fwmark: int, fwmask: int) -> Rule:
-    """``-m set --match-set <src> src -j MARK --set-xmark <mark>/<mask>``: the Go original's
-    per-Service MARK rule (metaleg marks through :func:`mark_map_rule` instead)."""
-    return Rule(
-        "MARK",
-        (_set_match(set_name, "src"),),
-        (Option("set-xmark", (f"{fwmark:#x}/{fwmask:#x}",)),),
-    )
-
-
-def snat_rule(set_name: str, snat_ip: str) -> Rule:
-    """``-m set --match-set <src> src -j SNAT --to-source <ip>``."""
-    return Rule("SNAT", (_set_match(set_name, "src"),), (Option("to-source", (snat_ip,)),))
-
-
-def reject_rule(set_name: str, family: Family) -> Rule:
-    """``-m set --match-set <src> src -j REJECT --reject-with icmp(6)-port-unreachable``."""
-    return Rule(
-        "REJECT", (_set_match(set_name, "src"),), (Option("reject-with", (_REJECT_WITH[family],)),)
-    )
-
-
-def source_return_rule(set_name: str) -> Rule:
-    """``-m set --match-set <src> src -j RETURN``: a transit guard exception (SNATed here)."""
-    return Rule("RETURN", (_set_match(set_name, "src"),))
-
-
-def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
-    """``-m set --match-set <src> src -m mark --mark 0x0/<mask> -m conntrack ! --ctrepldst
-    <LB IP> --ctstatus CONFIRMED --ctdir ORIGINAL -j DROP``, in ``METALEG-REJECT`` for every
-    SNAT Service.
-
-    NAT is bound once per connection: a flow of a source this node SNATs whose conntrack
-    entry already exists with another binding (none at all, from when the source was marked
-    towards another gateway, the node's masquerade, or an old LB IP) would leave with the
-    pod's or the node's IP in the moment between the commit and the conntrack flush that
-    follows it (:mod:`metaleg.firewall.selection`). Drop it: fail closed. The reply
-    destination of a correctly SNATed flow is the LB IP. The conditions:
-
-    * ``--ctstatus CONFIRMED``: the entry existed before this packet, so its binding is
-      settled (a connection's first packet is bound later, in nat POSTROUTING). Not
-      ``--ctstate ESTABLISHED``: packets of a one-way flow (UDP without an answer yet, a
-      retransmitted SYN) stay NEW although their entry and its binding exist;
-    * ``--ctdir ORIGINAL``: only the pod's own flows; the pod's answers in connections
-      others open to it (ingress through the LB IP) have the peer as reply destination;
-    * unmarked only (``--mark 0x0/<mask>``): a marked packet goes to another gateway with
-      the pod IP, as it should; this also keeps a source whose MARK rule is still in place
-      during a change (mangle loses it after filter gains this rule) working until then.
-    """
-    return Rule(
-        "DROP",
-        (
-            _set_match(set_name, "src"),
-            Match("mark", (Option("mark", (f"0x0/{fwmask:#x}",)),)),
-            Match(
-                "conntrack",
-                (
-                    Option("ctrepldst", (snat_ip,), invert=True),
-                    Option("ctstatus", ("CONFIRMED",)),
-                    Option("ctdir", ("ORIGINAL",)),
-                ),
-            ),
-        ),
-    )
-
-
-def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
-    """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst [-m set !
-    --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of ``METALEG-REJECT``.
-
-    A *stray reply*: right after a gateway move the old gateway still translates a
-    peer's answers back to the pod IP and forwards them to the pod's node; if that node
-    has just deleted the flow's conntrack entry, such an answer would open a new entry
-    with the peer as originator, the pod's packets would be replies in it (no NAT is
-    decided for replies) and leave with the pod IP for as long as the flow lives.
-    Dropped, the entry is never confirmed. Traffic into the Service (LB IP, NodePort,
-    ClusterIP) is DNATed, and in-cluster peers are excluded, so neither is affected.
-    Before the exclusion RETURN: the destination (a pod IP) is usually excluded.
-    """
-    matches = [
-        Match("conntrack", (Option("ctstate", ("NEW",)),)),
-        # ctstate's virtual state DNAT: the original destination is not the reply source.
-        Match("conntrack", (Option("ctstate", ("DNAT",), invert=True),)),
-        _set_match(set_name, "dst"),
-    ]
-    if excluded:
-        matches.append(
-            Match("set", (Option("match-set", (exclude_set_name(family), "src"), invert=True),))
-        )
-    return Rule("DROP", tuple(matches))
-
-
-def reply_leak_rule(set_name: str) -> Rule:
-    """``-m set --match-set <src> src -m conntrack ! --ctstate DNAT --ctdir REPLY -j DROP``,
-    in ``METALEG-REJECT`` over the SNATed set (after the exclusion RETURN).
-
-    A pod's answers in a connection opened *to* its pod IP (not DNATed) from outside the
-    excluded networks leave un-NATed, with the pod IP: such entries come from before the
-    source was ours or from a stray reply (:func:`stray_reply_rule`). Fail closed.
-    """
-    return Rule(
-        "DROP",
-        (
-            _set_match(set_name, "src"),
-            Match(
-                "conntrack",
-                (Option("ctstate", ("DNAT",), invert=True), Option("ctdir", ("REPLY",))),
-            ),
-        ),
-    )
-
-
-def transit_reject_rule(family: Family) -> Rule:
-    """``-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-<f> src -j REJECT ...``."""
-    return Rule(
-        "REJECT",
-        (
-            Match("conntrack", (Option("ctstate", ("NEW",)),)),
-            _set_match(transit_set_name(family), "src"),
-        ),
-        (Option("reject-with", (_REJECT_WITH[family],)),),
-    )
 
 
 def render(state: NodeDesiredState) -> DesiredFirewall:
@@ -1377,13 +1198,6 @@ def unbind_first(
         if chains != spec.chains:
             result.append(TableSpec(name=spec.name, chains=chains, heads=spec.heads))
     return tuple(result)
-
-
-def is_stale_binding(rule: Rule) -> bool:
-    """Whether ``rule`` is a :func:`stale_binding_rule` (a DROP that allows one LB IP)."""
-    return rule.target == "DROP" and any(
-        option.name == "ctrepldst" for match in rule.matches for option in match.options
-    )
 
 
 def split_exceptions(plan: SetPlan) -> tuple[SetPlan, SetPlan]:

@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from metaleg.firewall.iptables.helper import CHAIN_PREFIX, VERDICTS, Match, Option, Rule
+from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Match, Option, Rule
 
 RawKey = tuple[Any, ...]
 

@@ -6,12 +6,15 @@ other one, and loading it again aborts the process. So the iptables backend
 runs one long-lived helper per family (``python -m metaleg.firewall.iptables.helper
 4 <fd>``) and talks to it over a socket pair with msgspec-encoded messages:
 
-* the parent sends a :class:`SyncRequest` ("make these tables look like this");
+* the parent sends a :class:`~metaleg.firewall.iptables.protocol.SyncRequest`
+  ("make these tables look like this");
 * the helper edits each table in one libiptc handle and commits it once (only
-  if something differs) and answers with a :class:`SyncReply`.
+  if something differs) and answers with a
+  :class:`~metaleg.firewall.iptables.protocol.SyncReply`.
 
-This module holds both the message types (imported by the parent, so ``iptc``
-is imported lazily, only inside the helper) and the helper's main loop. The
+This module is the helper's side (the messages are in
+:mod:`metaleg.firewall.iptables.protocol`); ``iptc`` is imported only when the
+server starts, so that a failure to load it is reported to the parent. The
 helper exits when the pipe reaches EOF or its parent process is gone.
 """
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import difflib
-import enum
 import errno
 import fcntl
 import os
@@ -34,11 +36,16 @@ from typing import Any
 
 import msgspec
 
-CHAIN_PREFIX = "METALEG-"
-"""Every chain (and ipset) metaleg owns starts with this; garbage collection relies on it."""
-
-VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
-"""Targets that are verdicts of the standard target rather than extensions."""
+from metaleg.firewall.iptables.codec import PartError, RuleCodec
+from metaleg.firewall.iptables.protocol import (
+    Mode,
+    ReceivedRequest,
+    ReceivedTable,
+    SyncReply,
+    SyncRequest,
+    TableResult,
+)
+from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Option, Rule, TableSpec
 
 _SKIP_CHAIN = ("nat", "POSTROUTING")
 """Where the mark skip rule lives (the only RETURN among metaleg's head rules)."""
@@ -48,135 +55,6 @@ _DECODED_LIMIT = 20_000
 
 DEFAULT_LOCK_PATH = "/run/xtables.lock"
 """The lock the iptables binaries take (``XTABLES_LOCKFILE`` overrides it)."""
-
-
-# --------------------------------------------------------------------------
-# Messages (plain data, shared with the parent)
-# --------------------------------------------------------------------------
-
-
-class Option(msgspec.Struct, frozen=True, array_like=True):
-    """One ``[!] --name value...`` option of a match or target."""
-
-    name: str
-    values: tuple[str, ...] = ()
-    invert: bool = False
-
-    def __str__(self) -> str:
-        text = " ".join((f"--{self.name}", *self.values))
-        return f"! {text}" if self.invert else text
-
-
-class Match(msgspec.Struct, frozen=True, array_like=True):
-    """A match extension (``-m name options``)."""
-
-    name: str
-    options: tuple[Option, ...] = ()
-
-    def __str__(self) -> str:
-        return " ".join((f"-m {self.name}", *(str(option) for option in self.options)))
-
-
-class Rule(msgspec.Struct, frozen=True, array_like=True):
-    """One iptables rule without addresses or interfaces: matches and a target.
-
-    ``target`` is an extension (``MARK``, ``SNAT``, ``REJECT``), a verdict
-    (``RETURN``) or the name of a chain to jump to. ``str(rule)`` is the rule in
-    ``iptables-save`` syntax (without ``-A <chain>``).
-    """
-
-    target: str
-    matches: tuple[Match, ...] = ()
-    target_options: tuple[Option, ...] = ()
-
-    def __str__(self) -> str:
-        parts = [str(match) for match in self.matches]
-        parts.append(f"-j {self.target}")
-        parts.extend(str(option) for option in self.target_options)
-        return " ".join(parts)
-
-
-class TableSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The desired metaleg part of one table.
-
-    ``chains`` are metaleg's own chains with their complete contents. ``heads``
-    are metaleg's rules at the top of built-in chains; built-in chains not listed
-    must hold none of metaleg's rules. A head rule must be one the helper can
-    recognise as metaleg's in the kernel: a jump to a ``METALEG-*`` chain or, in
-    nat POSTROUTING, the mark skip ``-m mark ! --mark 0x0/<mask> -j RETURN``.
-    """
-
-    name: str
-    chains: dict[str, tuple[Rule, ...]] = {}
-    heads: dict[str, tuple[Rule, ...]] = {}
-
-
-class Mode(enum.StrEnum):
-    """How a table is brought towards its :class:`TableSpec`."""
-
-    MERGE = "merge"
-    """Add what is missing, keep metaleg rules that are no longer wanted (make-before-break).
-
-    Kept rules stay where they are among the wanted ones (a rule replaced by
-    another follows its replacement), so that a chain ending in a catch-all
-    (the transit guard's REJECT) keeps its old exceptions in front of it."""
-    EXACT = "exact"
-    """Make metaleg's part of the table exactly as described."""
-
-
-class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Bring ``tables`` to their specs; with ``collect_garbage`` (EXACT only) also delete
-    ``METALEG-*`` chains the specs do not name, and clean every other existing table."""
-
-    tables: tuple[TableSpec, ...]
-    mode: Mode = Mode.EXACT
-    collect_garbage: bool = False
-    set_generation: int = -1
-    """Changes whenever ipsets may have been destroyed since the previous request (the
-    backend's count of such events; -1: unknown). While it stays the same, the helper
-    trusts the set indexes it checked before (see :mod:`metaleg.firewall.iptables.codec`)."""
-
-
-class ReceivedTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A :class:`TableSpec` as the helper decodes it: the chains' rules stay encoded.
-
-    A chain is sent whole with every change of it (hundreds of rules at 1000
-    Services) although few rules change; decoding each into structs cost more
-    than anything else the helper did per rule. The helper keeps what it made of
-    each rule's bytes (:meth:`XtablesServer._desired`)."""
-
-    name: str
-    chains: dict[str, tuple[msgspec.Raw, ...]] = {}
-    heads: dict[str, tuple[Rule, ...]] = {}
-
-
-class ReceivedRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A :class:`SyncRequest` as the helper decodes it (tables as :class:`ReceivedTable`)."""
-
-    tables: tuple[ReceivedTable, ...]
-    mode: Mode = Mode.EXACT
-    collect_garbage: bool = False
-    set_generation: int = -1
-
-
-class TableResult(msgspec.Struct, frozen=True):
-    """What happened to one table: committed at all, and whether it now equals its spec."""
-
-    name: str
-    committed: bool
-    exact: bool
-
-
-class SyncReply(msgspec.Struct, frozen=True):
-    """The helper's answer; ``error`` is empty on success and names the failing object."""
-
-    results: tuple[TableResult, ...] = ()
-    error: str = ""
-
-
-# --------------------------------------------------------------------------
-# The helper (runs in its own process; imports iptc lazily)
-# --------------------------------------------------------------------------
 
 
 class XtablesError(Exception):
@@ -254,8 +132,6 @@ class XtablesServer:
         self._blank_fields = self._entry_fields(blank)
         self._match_base = ctypes.sizeof(iptc.xtables.xt_entry_match)
         self._target_base = ctypes.sizeof(iptc.xtables.xt_entry_target)
-        from metaleg.firewall.iptables.codec import RuleCodec
-
         self._codec = RuleCodec(self._rule_class, self._values)
         self._prebuilt: dict[str, tuple[list[bytes], list[RuleKey]]] = {}
         self._decoded: dict[bytes, Rule] = {}
@@ -420,8 +296,6 @@ class XtablesServer:
     ) -> tuple[list[bytes], list[RuleKey]]:
         """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.iptables.codec.RuleCodec`),
         given as structs or still encoded (decoded once per distinct encoding)."""
-        from metaleg.firewall.iptables.codec import PartError
-
         desired: list[bytes] = []
         desired_keys: list[RuleKey] = []
         decoded = self._decoded
