@@ -192,7 +192,7 @@ def measure_routing(reps: int) -> dict[str, Any]:
     """The routing backend: full apply of 14 gateway routes (both families), one route
     removed and added again (incremental), and a no-op resync. Independent of N."""
     from bench.common import FWMASK, TABLE_OFFSET
-    from metaleg.routing.plan import NetlinkRoutingBackend
+    from metaleg.routing.backend import NetlinkRoutingBackend
 
     state = scale_state(0)
     fewer = NodeDesiredState(

@@ -50,7 +50,7 @@ def profile(backend: str, n: int, op: str, reps: int, limit: int, helpers: bool)
     with tempfile.TemporaryDirectory(prefix="mlb-prof-") as run_dir:
         if backend == "netlink":
             from bench.common import FWMASK, TABLE_OFFSET
-            from metaleg.routing.plan import NetlinkRoutingBackend
+            from metaleg.routing.backend import NetlinkRoutingBackend
 
             target: Any = NetlinkRoutingBackend(TABLE_OFFSET, FWMASK)
         else:

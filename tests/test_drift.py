@@ -100,7 +100,7 @@ def serve(process: str, backend: str, run_dir: str) -> None:
 
     config = Config(node_name="node-a", run_dir=run_dir, reconciliation_interval=3600.0)
     if process == "routing":
-        from metaleg.routing.plan import NetlinkRoutingBackend
+        from metaleg.routing.backend import NetlinkRoutingBackend
 
         routing = NetlinkRoutingBackend(config.route_table_id_offset, MASK)
         raise SystemExit(DataplaneWorker("routing", routing, config, routes_only=True).run())

@@ -17,6 +17,7 @@ import pytest
 
 from metaleg.backend import BackendError
 from metaleg.model import Family, GatewayRoute, NodeDesiredState
+from metaleg.routing.backend import NetlinkRoutingBackend
 from metaleg.routing.plan import (
     CATCHALL_PRIORITY,
     FR_ACT_TO_TBL,
@@ -24,7 +25,6 @@ from metaleg.routing.plan import (
     RULE_PRIORITY,
     KernelRoute,
     KernelRule,
-    NetlinkRoutingBackend,
     RouteSpec,
     RuleSpec,
     catchall_rules,

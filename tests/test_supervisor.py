@@ -181,7 +181,7 @@ STATE = NodeDesiredState(
 
 def _apply_everything() -> None:
     from metaleg.firewall.iptables.backend import IptablesBackend
-    from metaleg.routing.plan import NetlinkRoutingBackend
+    from metaleg.routing.backend import NetlinkRoutingBackend
 
     for backend in (IptablesBackend(), NetlinkRoutingBackend(100000, 0xF00000)):
         try:

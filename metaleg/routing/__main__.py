@@ -6,7 +6,7 @@ from metaleg.worker import DataplaneWorker
 
 def main() -> None:
     config = start_worker("routing")
-    from metaleg.routing.plan import NetlinkRoutingBackend
+    from metaleg.routing.backend import NetlinkRoutingBackend
 
     backend = NetlinkRoutingBackend(config.route_table_id_offset, config.firewall_mask)
     raise SystemExit(DataplaneWorker("routing", backend, config, routes_only=True).run())

@@ -26,13 +26,8 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from metaleg.backend import Drift
-from metaleg.routing.plan import (
-    RouteSpec,
-    RuleSpec,
-    owns_rule,
-    parse_route,
-    parse_rule,
-)
+from metaleg.routing.kernel import parse_route, parse_rule
+from metaleg.routing.plan import RouteSpec, RuleSpec, owns_rule
 
 log = logging.getLogger(__name__)
 

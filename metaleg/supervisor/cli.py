@@ -140,7 +140,7 @@ def command_cleanup(arguments: argparse.Namespace) -> int:
     log = logging.getLogger("metaleg.cleanup")
     from metaleg.backend import Backend
     from metaleg.firewall.selection import APPLIED_STATE_FILE, new_backend
-    from metaleg.routing.plan import NetlinkRoutingBackend
+    from metaleg.routing.backend import NetlinkRoutingBackend
 
     failures = 0
     # Both firewall backends, whichever ran: a node may have switched, or run the Go original.
