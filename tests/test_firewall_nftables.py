@@ -21,12 +21,11 @@ from metaleg.backend import Backend, BackendError
 from metaleg.firewall.nftables.backend import (
     ActualTable,
     NftablesBackend,
-    TableContent,
-    canonical_cidrs,
     diff_script,
     differences,
     full_script,
 )
+from metaleg.firewall.nftables.content import TableContent, canonical_cidrs
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 

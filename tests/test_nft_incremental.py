@@ -19,9 +19,9 @@ from metaleg.firewall.nftables.backend import (
     ActualTable,
     LiveTable,
     NftablesBackend,
-    TableContent,
     diff_script,
 )
+from metaleg.firewall.nftables.content import TableContent
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns
 from tests.test_conntrack import flows_in, insert_flows

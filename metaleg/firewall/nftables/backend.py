@@ -30,7 +30,6 @@ is read again here, to repair it.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import logging
@@ -46,6 +45,13 @@ from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
+from metaleg.firewall.nftables.content import (
+    TableContent,
+    exclude_prefixes,
+    mark_literal,
+    ranges_to_cidrs,
+    transit_prefixes,
+)
 from metaleg.firewall.nftables.drift import NftDriftWatch
 from metaleg.firewall.nftables.layout import (
     FAMILY_OF_SUFFIX,
@@ -75,183 +81,6 @@ _OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
 CHECK_TIMEOUT = 120.0
 """Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
 N=5000 Services; see docs/benchmarks.md)."""
-
-
-def canonical_cidrs(cidrs: Iterable[str], family: Family) -> frozenset[str]:
-    """Non-overlapping, merged prefixes covering ``cidrs`` (of ``family``).
-
-    Interval sets reject overlapping elements and list adjacent ones merged or
-    not depending on how they were added; going through merged ranges and back
-    to prefixes gives one canonical form for what we add and what we read.
-    """
-    ranges: list[tuple[int, int]] = []
-    for cidr in cidrs:
-        network = ipaddress.ip_network(cidr, strict=False)
-        if network.version == family:
-            ranges.append((int(network.network_address), int(network.broadcast_address)))
-    return _ranges_to_cidrs(ranges, family)
-
-
-def _ranges_to_cidrs(ranges: list[tuple[int, int]], family: Family) -> frozenset[str]:
-    merged: list[list[int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    address: Any = ipaddress.IPv4Address if family == Family.IPV4 else ipaddress.IPv6Address
-    result: set[str] = set()
-    for start, end in merged:
-        result.update(
-            str(n) for n in ipaddress.summarize_address_range(address(start), address(end))
-        )
-    return frozenset(result)
-
-
-def _checked_cidrs(
-    cidrs: Iterable[str], family: Family, what: str, strict: bool = False
-) -> frozenset[str]:
-    """:func:`canonical_cidrs`, raising :class:`BackendError` for a malformed CIDR (and,
-    with ``strict``, for one of the other family instead of skipping it)."""
-    suffix = SUFFIX[family]
-    for cidr in cidrs:
-        try:
-            network = ipaddress.ip_network(cidr, strict=False)
-        except (ValueError, TypeError) as error:
-            raise BackendError(f"nftables: {what}_ipv{suffix}: invalid CIDR {cidr!r}") from error
-        if strict and network.version != family:
-            raise BackendError(f"nftables: {what}_ipv{suffix}: {cidr} is not an IPv{suffix} CIDR")
-    return canonical_cidrs(cidrs, family)
-
-
-def _empty_sets() -> dict[Family, AbstractSet[str]]:
-    return {f: frozenset() for f in Family}
-
-
-def _empty_maps() -> dict[Family, dict[str, str]]:
-    return {f: {} for f in Family}
-
-
-def _empty_marks() -> dict[Family, dict[str, int]]:
-    return {f: {} for f in Family}
-
-
-@dataclass(frozen=True)
-class TableContent:
-    """The dynamic part of the table: what the sets and maps hold."""
-
-    exclude: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
-    snat: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
-    """source -> LoadBalancer IP"""
-    mark: dict[Family, dict[str, int]] = field(default_factory=_empty_marks)
-    """source -> its gateway's mark (the aggregate map ``mark<f>`` and the slot sets)"""
-    reject: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
-    transit: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
-    """The transit guard's sources, canonical prefixes (like ``exclude``)."""
-
-    @classmethod
-    def of(cls, state: NodeDesiredState) -> TableContent:
-        """Render a desired state (raises :class:`BackendError` naming a bad Service).
-
-        The reference rendering; the backend keeps a :class:`LiveTable`, which
-        must hold exactly this content.
-        """
-        try:
-            treatments = conntrack.source_treatments(state)
-        except TreatmentError as error:
-            raise BackendError(f"nftables: {error}") from error
-        content = cls(
-            exclude={
-                Family.IPV4: _checked_cidrs(state.exclude_dst_ipv4, Family.IPV4, "exclude_dst"),
-                Family.IPV6: _checked_cidrs(state.exclude_dst_ipv6, Family.IPV6, "exclude_dst"),
-            },
-            transit={
-                Family.IPV4: _checked_cidrs(
-                    state.transit_guard_ipv4, Family.IPV4, "transit_guard", strict=True
-                ),
-                Family.IPV6: _checked_cidrs(
-                    state.transit_guard_ipv6, Family.IPV6, "transit_guard", strict=True
-                ),
-            },
-        )
-        for family, table in treatments.items():
-            reject: set[str] = set()
-            for source, treatment in table.items():
-                if treatment.action == Action.SNAT:
-                    assert treatment.snat_ip is not None  # validated by source_treatments
-                    content.snat[family][source] = treatment.snat_ip
-                elif treatment.action == Action.MARK:
-                    assert treatment.fwmark is not None
-                    content.mark[family][source] = treatment.fwmark
-                else:
-                    reject.add(source)
-            content.reject[family] = frozenset(reject)
-        return content
-
-    def fwmarks(self) -> frozenset[int]:
-        """The gateway slots in use (each has a set per family and rules in ``fwmark``)."""
-        return frozenset(m for table in self.mark.values() for m in set(table.values()))
-
-    @functools.cached_property
-    def view(self) -> EgressView:
-        """The conntrack scoping view of this content (computed once per content)."""
-        treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
-        # One Treatment per distinct LB IP / mark, not per source: this runs for
-        # every snapshot and must not cost per-source object creation.
-        rejected = Treatment(Action.REJECT)
-        for family in Family:
-            table = treatments[family]
-            snat = {
-                ip: Treatment(Action.SNAT, snat_ip=ip) for ip in set(self.snat[family].values())
-            }
-            table.update((source, snat[ip]) for source, ip in self.snat[family].items())
-            marks = {m: Treatment(Action.MARK, fwmark=m) for m in set(self.mark[family].values())}
-            table.update((source, marks[m]) for source, m in self.mark[family].items())
-            table.update((source, rejected) for source in self.reject[family])
-        return EgressView(
-            treatments,
-            {family: conntrack.collapse_cidrs(self.exclude[family], family) for family in Family},
-        )
-
-    def element_sets(self) -> dict[str, AbstractSet[str]]:
-        """Every plain set as nft element strings, keyed by set name (for diffs): the
-        static ones and one per gateway slot and family."""
-        result: dict[str, AbstractSet[str]] = {}
-        for family in Family:
-            s = SUFFIX[family]
-            result[f"exclude{s}"] = self.exclude[family]
-            result[f"reject{s}"] = self.reject[family]
-            result[f"transit{s}"] = self.transit[family]
-        slots: dict[str, set[str]] = {name: set() for name in slot_sets(self.fwmarks())}
-        for family in Family:
-            for source, fwmark in self.mark[family].items():
-                slots[slot_set_name(family, fwmark)].add(source)
-        result.update(slots)
-        return result
-
-    def element_maps(self) -> dict[str, dict[str, str]]:
-        result: dict[str, dict[str, str]] = {}
-        for family in Family:
-            s = SUFFIX[family]
-            result[f"snat{s}"] = self.snat[family]
-            result[f"mark{s}"] = {k: _mark_value(v) for k, v in self.mark[family].items()}
-        return result
-
-    def counts(self) -> dict[str, int]:
-        sizes: dict[str, int] = {}
-        for family in Family:
-            s = SUFFIX[family]
-            sizes[f"exclude{s}"] = len(self.exclude[family])
-            sizes[f"reject{s}"] = len(self.reject[family])
-            sizes[f"transit{s}"] = len(self.transit[family])
-            sizes[f"snat{s}"] = len(self.snat[family])
-            sizes[f"mark{s}"] = len(self.mark[family])
-        return sizes
-
-
-@functools.lru_cache(maxsize=1024)
-def _mark_value(fwmark: int) -> str:
-    return f"{fwmark:#010x}"
 
 
 def _elements(items: Iterable[str]) -> str:
@@ -397,14 +226,11 @@ class LiveTable:
                 self._render(family, claims.items(), snat, mark, reject)
         del owned
         self.content = TableContent(
-            exclude={
-                Family.IPV4: _checked_cidrs(state.exclude_dst_ipv4, Family.IPV4, "exclude_dst"),
-                Family.IPV6: _checked_cidrs(state.exclude_dst_ipv6, Family.IPV6, "exclude_dst"),
-            },
+            exclude=exclude_prefixes(state),
             snat=snat,
             mark=mark,
             reject=dict(reject),
-            transit={f: set(members) for f, members in _transit(state).items()},
+            transit={f: set(members) for f, members in transit_prefixes(state).items()},
         )
 
     @property
@@ -473,7 +299,7 @@ class LiveTable:
             old.transit_guard_ipv4,
             old.transit_guard_ipv6,
         ):
-            transit = _transit(new)
+            transit = transit_prefixes(new)
         script, new_marks = self._script(step.sources, transit)
         return LiveChange(script, step, transit, new_marks)
 
@@ -510,7 +336,7 @@ class LiveTable:
                 elif after.action == Action.MARK:
                     assert after.fwmark is not None
                     additions.setdefault(f"mark{s}", []).append(
-                        f"{change.source} : {_mark_value(after.fwmark)}"
+                        f"{change.source} : {mark_literal(after.fwmark)}"
                     )
                     slot = slot_set_name(family, after.fwmark)
                     additions.setdefault(slot, []).append(change.source)
@@ -577,17 +403,6 @@ def _mutable(sets: dict[Family, AbstractSet[str]], family: Family) -> set[str]:
     return members
 
 
-def _transit(state: NodeDesiredState) -> dict[Family, frozenset[str]]:
-    return {
-        Family.IPV4: _checked_cidrs(
-            state.transit_guard_ipv4, Family.IPV4, "transit_guard", strict=True
-        ),
-        Family.IPV6: _checked_cidrs(
-            state.transit_guard_ipv6, Family.IPV6, "transit_guard", strict=True
-        ),
-    }
-
-
 # --- reading the table back -------------------------------------------------------------
 
 
@@ -646,7 +461,7 @@ class ActualTable:
         family = _set_family(name)
         elements = self.elements.get(name, [])
         if SETS.get(name, _PLAIN).flags:
-            return _ranges_to_cidrs([r for e in elements if (r := _range(e, family))], family)
+            return ranges_to_cidrs([r for e in elements if (r := _range(e, family))], family)
         return frozenset(a for e in elements if (a := _address(e, family)))
 
     def map_members(self, name: str) -> dict[str, str]:
@@ -661,7 +476,7 @@ class ActualTable:
                 if lb_ip := _address(value, family):
                     result[source] = lb_ip
             elif isinstance(value, int) and not isinstance(value, bool):
-                result[source] = _mark_value(value)
+                result[source] = mark_literal(value)
         return result
 
     def content(self) -> TableContent:

@@ -1,0 +1,210 @@
+"""What the table's sets and maps hold (:class:`TableContent`), in canonical form.
+
+Canonical so that what we write and what the kernel lists compare equal: interval
+sets hold merged, non-overlapping prefixes (:func:`canonical_cidrs`); marks are
+written as 8 hex digits (:func:`mark_literal`).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaleg.backend import BackendError
+from metaleg.firewall import conntrack
+from metaleg.firewall.conntrack import EgressView, Treatment, TreatmentError
+from metaleg.firewall.nftables.layout import SUFFIX, slot_set_name, slot_sets
+from metaleg.model import Action, Family, NodeDesiredState
+
+
+def canonical_cidrs(cidrs: Iterable[str], family: Family) -> frozenset[str]:
+    """Non-overlapping, merged prefixes covering ``cidrs`` (of ``family``).
+
+    Interval sets reject overlapping elements and list adjacent ones merged or
+    not depending on how they were added; going through merged ranges and back
+    to prefixes gives one canonical form for what we add and what we read.
+    """
+    ranges: list[tuple[int, int]] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.version == family:
+            ranges.append((int(network.network_address), int(network.broadcast_address)))
+    return ranges_to_cidrs(ranges, family)
+
+
+def ranges_to_cidrs(ranges: list[tuple[int, int]], family: Family) -> frozenset[str]:
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    address: Any = ipaddress.IPv4Address if family == Family.IPV4 else ipaddress.IPv6Address
+    result: set[str] = set()
+    for start, end in merged:
+        result.update(
+            str(n) for n in ipaddress.summarize_address_range(address(start), address(end))
+        )
+    return frozenset(result)
+
+
+def _checked_cidrs(
+    cidrs: Iterable[str], family: Family, what: str, strict: bool = False
+) -> frozenset[str]:
+    """:func:`canonical_cidrs`, raising :class:`BackendError` for a malformed CIDR (and,
+    with ``strict``, for one of the other family instead of skipping it)."""
+    suffix = SUFFIX[family]
+    for cidr in cidrs:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except (ValueError, TypeError) as error:
+            raise BackendError(f"nftables: {what}_ipv{suffix}: invalid CIDR {cidr!r}") from error
+        if strict and network.version != family:
+            raise BackendError(f"nftables: {what}_ipv{suffix}: {cidr} is not an IPv{suffix} CIDR")
+    return canonical_cidrs(cidrs, family)
+
+
+def exclude_prefixes(state: NodeDesiredState) -> dict[Family, AbstractSet[str]]:
+    """The exclusion sets' canonical prefixes (raises :class:`BackendError` for a malformed
+    CIDR; one of the other family is skipped)."""
+    return {
+        Family.IPV4: _checked_cidrs(state.exclude_dst_ipv4, Family.IPV4, "exclude_dst"),
+        Family.IPV6: _checked_cidrs(state.exclude_dst_ipv6, Family.IPV6, "exclude_dst"),
+    }
+
+
+def transit_prefixes(state: NodeDesiredState) -> dict[Family, frozenset[str]]:
+    """The transit guard sets' canonical prefixes (raises :class:`BackendError` for a
+    malformed CIDR or one of the other family)."""
+    return {
+        Family.IPV4: _checked_cidrs(
+            state.transit_guard_ipv4, Family.IPV4, "transit_guard", strict=True
+        ),
+        Family.IPV6: _checked_cidrs(
+            state.transit_guard_ipv6, Family.IPV6, "transit_guard", strict=True
+        ),
+    }
+
+
+def _empty_sets() -> dict[Family, AbstractSet[str]]:
+    return {f: frozenset() for f in Family}
+
+
+def _empty_maps() -> dict[Family, dict[str, str]]:
+    return {f: {} for f in Family}
+
+
+def _empty_marks() -> dict[Family, dict[str, int]]:
+    return {f: {} for f in Family}
+
+
+@dataclass(frozen=True)
+class TableContent:
+    """The dynamic part of the table: what the sets and maps hold."""
+
+    exclude: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
+    snat: dict[Family, dict[str, str]] = field(default_factory=_empty_maps)
+    """source -> LoadBalancer IP"""
+    mark: dict[Family, dict[str, int]] = field(default_factory=_empty_marks)
+    """source -> its gateway's mark (the aggregate map ``mark<f>`` and the slot sets)"""
+    reject: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
+    transit: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
+    """The transit guard's sources, canonical prefixes (like ``exclude``)."""
+
+    @classmethod
+    def of(cls, state: NodeDesiredState) -> TableContent:
+        """Render a desired state (raises :class:`BackendError` naming a bad Service).
+
+        The reference rendering; the backend keeps a :class:`LiveTable`, which
+        must hold exactly this content.
+        """
+        try:
+            treatments = conntrack.source_treatments(state)
+        except TreatmentError as error:
+            raise BackendError(f"nftables: {error}") from error
+        content = cls(
+            exclude=exclude_prefixes(state),
+            transit={f: prefixes for f, prefixes in transit_prefixes(state).items()},
+        )
+        for family, table in treatments.items():
+            reject: set[str] = set()
+            for source, treatment in table.items():
+                if treatment.action == Action.SNAT:
+                    assert treatment.snat_ip is not None  # validated by source_treatments
+                    content.snat[family][source] = treatment.snat_ip
+                elif treatment.action == Action.MARK:
+                    assert treatment.fwmark is not None
+                    content.mark[family][source] = treatment.fwmark
+                else:
+                    reject.add(source)
+            content.reject[family] = frozenset(reject)
+        return content
+
+    def fwmarks(self) -> frozenset[int]:
+        """The gateway slots in use (each has a set per family and rules in ``fwmark``)."""
+        return frozenset(m for table in self.mark.values() for m in set(table.values()))
+
+    @functools.cached_property
+    def view(self) -> EgressView:
+        """The conntrack scoping view of this content (computed once per content)."""
+        treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
+        # One Treatment per distinct LB IP / mark, not per source: this runs for
+        # every snapshot and must not cost per-source object creation.
+        rejected = Treatment(Action.REJECT)
+        for family in Family:
+            table = treatments[family]
+            snat = {
+                ip: Treatment(Action.SNAT, snat_ip=ip) for ip in set(self.snat[family].values())
+            }
+            table.update((source, snat[ip]) for source, ip in self.snat[family].items())
+            marks = {m: Treatment(Action.MARK, fwmark=m) for m in set(self.mark[family].values())}
+            table.update((source, marks[m]) for source, m in self.mark[family].items())
+            table.update((source, rejected) for source in self.reject[family])
+        return EgressView(
+            treatments,
+            {family: conntrack.collapse_cidrs(self.exclude[family], family) for family in Family},
+        )
+
+    def element_sets(self) -> dict[str, AbstractSet[str]]:
+        """Every plain set as nft element strings, keyed by set name (for diffs): the
+        static ones and one per gateway slot and family."""
+        result: dict[str, AbstractSet[str]] = {}
+        for family in Family:
+            s = SUFFIX[family]
+            result[f"exclude{s}"] = self.exclude[family]
+            result[f"reject{s}"] = self.reject[family]
+            result[f"transit{s}"] = self.transit[family]
+        slots: dict[str, set[str]] = {name: set() for name in slot_sets(self.fwmarks())}
+        for family in Family:
+            for source, fwmark in self.mark[family].items():
+                slots[slot_set_name(family, fwmark)].add(source)
+        result.update(slots)
+        return result
+
+    def element_maps(self) -> dict[str, dict[str, str]]:
+        result: dict[str, dict[str, str]] = {}
+        for family in Family:
+            s = SUFFIX[family]
+            result[f"snat{s}"] = self.snat[family]
+            result[f"mark{s}"] = {k: mark_literal(v) for k, v in self.mark[family].items()}
+        return result
+
+    def counts(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for family in Family:
+            s = SUFFIX[family]
+            sizes[f"exclude{s}"] = len(self.exclude[family])
+            sizes[f"reject{s}"] = len(self.reject[family])
+            sizes[f"transit{s}"] = len(self.transit[family])
+            sizes[f"snat{s}"] = len(self.snat[family])
+            sizes[f"mark{s}"] = len(self.mark[family])
+        return sizes
+
+
+@functools.lru_cache(maxsize=1024)
+def mark_literal(fwmark: int) -> str:
+    return f"{fwmark:#010x}"
