@@ -1251,7 +1251,7 @@ def test_errors_name_the_object() -> None:
 
 
 def helper_error() -> str:
-    from metaleg.firewall.iptables.backend import XtablesHelper
+    from metaleg.firewall.iptables.helper_client import XtablesHelper
 
     helper = XtablesHelper(Family.IPV4, timeout=30)
     spec = TableSpec(

@@ -22,7 +22,7 @@ from metaleg.firewall.iptables.backend import (
     render,
     unbind_first,
 )
-from metaleg.firewall.iptables.helper import opcodes
+from metaleg.firewall.iptables.chain_diff import opcodes
 from metaleg.firewall.iptables.ipsets import SetPlan, SetSpec, plan_sets
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace
