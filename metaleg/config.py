@@ -42,13 +42,18 @@ ENVIRONMENT: dict[str, str | None] = {
     "KUBECONFIG": None,
     "METALEG_RUN_DIR": "/run/metaleg",
     "LOG_LEVEL": "info",
+    "LOG_LEVEL_LIBRARIES": "warning",
     "LOG_FORMAT": "json",
+    "AUDIT_LOG": "on",
+    "AUDIT_LOG_RATE": "1000",
 }
 
 FIREWALL_BACKENDS = ("auto", "iptables", "nftables")
 ROUTE_BACKENDS = ("netlink",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+AUDIT_LOG_SWITCH = ("on", "off")
+AUDIT_LOG_RATE_MAX = 1_000_000
 
 # Kernel routing table ids with a fixed meaning (unspec, default, main, local).
 _RESERVED_TABLE_IDS = frozenset({0, 253, 254, 255})
@@ -97,7 +102,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kubeconfig: str | None = None
     run_dir: str = "/run/metaleg"
     log_level: str = "info"
+    log_level_libraries: str = "warning"
+    """The level of third-party libraries' loggers (pyroute2, urllib3, kubernetes, ...)."""
     log_format: str = "json"
+    audit_log: bool = True
+    """Run the SNAT audit process (:mod:`metaleg.audit`)."""
+    audit_log_rate: int = 1000
+    """Audit lines per second at most; the others are dropped and counted."""
 
 
 _DURATION_UNITS = {
@@ -290,6 +301,18 @@ def check_run_dir(path: str) -> None:
         raise refuse("no permission to write in it (read-only file system or mode)")
 
 
+def _audit_rate(text: str) -> int:
+    """AUDIT_LOG_RATE: lines per second, a positive decimal integer."""
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError("expected a positive decimal integer (lines per second)")
+    rate = int(text)
+    if rate == 0:
+        raise ValueError("must be positive (AUDIT_LOG=off turns the audit log off)")
+    if rate > AUDIT_LOG_RATE_MAX:
+        raise ValueError(f"at most {AUDIT_LOG_RATE_MAX} lines per second")
+    return rate
+
+
 def _table_offset(text: str) -> int:
     if not re.fullmatch(r"\d+", text):
         raise ValueError("expected a non-negative decimal integer")
@@ -354,5 +377,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
         kubeconfig=kubeconfig,
         run_dir=get("METALEG_RUN_DIR", _run_dir),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS)),
+        log_level_libraries=get("LOG_LEVEL_LIBRARIES", _choice(LOG_LEVELS)),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS)),
+        audit_log=get("AUDIT_LOG", _choice(AUDIT_LOG_SWITCH)) == "on",
+        audit_log_rate=get("AUDIT_LOG_RATE", _audit_rate),
     )

@@ -294,6 +294,6 @@ def start_worker(process: str) -> Config:
     except msgspec.DecodeError as error:
         sys.stderr.write(f"metaleg {process}: invalid {CONFIG_ENVIRONMENT}: {error}\n")
         raise SystemExit(2) from None
-    setup_logging(process, config.log_level, config.log_format)
+    setup_logging(process, config.log_level, config.log_format, config.log_level_libraries)
     die_with_parent()
     return config

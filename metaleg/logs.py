@@ -1,8 +1,10 @@
-"""Structured logging for every metaleg process (LOG_FORMAT json or text, LOG_LEVEL).
+"""Structured logging for every metaleg process (LOG_FORMAT json or text, LOG_LEVEL for
+metaleg's own loggers, LOG_LEVEL_LIBRARIES for third-party ones).
 
 Context goes in ``extra`` under the names of :data:`CONTEXT_FIELDS`, e.g.
 ``log.info("gateway changed", extra={"service": "mail/relay", "node": "node-b"})``;
-JSON lines carry them as fields, text lines append them as ``key=value``.
+JSON lines carry them as fields, text lines append them as ``key=value``. The SNAT
+audit lines carry :data:`AUDIT_FIELDS` the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,22 @@ import sys
 import time
 
 CONTEXT_FIELDS = ("service", "node", "generation", "backend", "resource", "error", "pid")
+AUDIT_FIELDS = (
+    "audit",
+    "proto",
+    "pod_ip",
+    "pod_port",
+    "snat_ip",
+    "snat_port",
+    "dst_ip",
+    "dst_port",
+    "icmp_type",
+    "icmp_code",
+    "icmp_id",
+    "snat_icmp_id",
+)
+"""The fields of a SNAT audit line besides ``service`` (:mod:`metaleg.audit.records`)."""
+LINE_FIELDS = CONTEXT_FIELDS + AUDIT_FIELDS
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,7 +47,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for field in CONTEXT_FIELDS:
+        for field in LINE_FIELDS:
             value = record.__dict__.get(field)
             if value is not None:
                 entry[field] = value
@@ -46,19 +64,25 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = [
             f"{field}={record.__dict__[field]}"
-            for field in CONTEXT_FIELDS
+            for field in LINE_FIELDS
             if record.__dict__.get(field) is not None
         ]
         return f"{line} {' '.join(extras)}" if extras else line
 
 
-def setup_logging(process: str, level: str = "info", log_format: str = "json") -> None:
-    """Send this process's logs to stderr in the configured format."""
+def setup_logging(
+    process: str, level: str = "info", log_format: str = "json", libraries_level: str = "warning"
+) -> None:
+    """Send this process's logs to stderr in the configured format.
+
+    ``level`` (LOG_LEVEL) is the level of metaleg's own loggers (``metaleg.*``);
+    every other logger, i.e. the third-party libraries' (pyroute2 logs every netlink
+    message at debug; urllib3, kubernetes), takes ``libraries_level``
+    (LOG_LEVEL_LIBRARIES): the root logger's level, which they inherit.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(process) if log_format == "json" else TextFormatter(process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # The kubernetes client and urllib3 are chatty at info level.
-    for noisy in ("urllib3", "kubernetes"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    root.setLevel(libraries_level.upper())
+    logging.getLogger("metaleg").setLevel(level.upper())

@@ -65,3 +65,18 @@ DRIFT_REPAIRS = Counter(
     "iptables_jump, ipset, policy_rule, route).",
     ["process", "kind"],
 )
+AUDIT_LINES = Counter(
+    "metaleg_audit_lines_total",
+    "SNAT audit lines written: new connections SNATed to a LoadBalancer IP on this node.",
+    ["process"],
+)
+AUDIT_LINES_DROPPED = Counter(
+    "metaleg_audit_lines_dropped_total",
+    "SNAT audit lines not written because AUDIT_LOG_RATE was reached.",
+    ["process"],
+)
+AUDIT_EVENTS_LOST = Counter(
+    "metaleg_audit_events_lost_total",
+    "Conntrack events the kernel dropped because the audit socket's buffer was full (ENOBUFS).",
+    ["process"],
+)

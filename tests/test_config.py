@@ -42,6 +42,8 @@ def test_defaults_match_the_reference_table() -> None:
     assert config.run_dir == "/run/metaleg"
     assert config.kubeconfig is None
     assert (config.log_level, config.log_format) == ("info", "json")
+    assert config.log_level_libraries == "warning"
+    assert (config.audit_log, config.audit_log_rate) == (True, 1000)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +103,14 @@ def test_bad_masks(text: str) -> None:
         ("ROUTE_TABLE_ID_OFFSET", "250", "reserved"),
         ("LOG_FORMAT", "xml", "one of json, text"),
         ("METALLB_NAMESPACE", "Metal_LB", "namespace"),
+        ("LOG_LEVEL_LIBRARIES", "verbose", "one of debug, info, warning, error"),
+        ("AUDIT_LOG", "true", "one of on, off"),
+        ("AUDIT_LOG", "ON", "one of on, off"),
+        ("AUDIT_LOG_RATE", "0", "must be positive (AUDIT_LOG=off turns the audit log off)"),
+        ("AUDIT_LOG_RATE", "-5", "positive decimal integer"),
+        ("AUDIT_LOG_RATE", "10/s", "positive decimal integer"),
+        ("AUDIT_LOG_RATE", "1.5", "positive decimal integer"),
+        ("AUDIT_LOG_RATE", "2000000", "at most 1000000 lines per second"),
     ],
 )
 def test_bad_values_name_the_variable_the_value_and_the_problem(
@@ -144,6 +154,16 @@ def test_valid_alternatives() -> None:
     assert load_config(
         {"NODE_NAME": "n", "METRICS_BIND_ADDRESS": "127.0.0.1:9000"}
     ).metrics_bind_address == BindAddress("127.0.0.1", 9000)
+    logs_and_audit = load_config(
+        {
+            "NODE_NAME": "n",
+            "LOG_LEVEL_LIBRARIES": "debug",
+            "AUDIT_LOG": "off",
+            "AUDIT_LOG_RATE": " 100 ",
+        }
+    )
+    assert logs_and_audit.log_level_libraries == "debug"
+    assert (logs_and_audit.audit_log, logs_and_audit.audit_log_rate) == (False, 100)
 
 
 def test_environment_table_lists_every_variable_read() -> None:
@@ -162,7 +182,10 @@ def test_environment_table_lists_every_variable_read() -> None:
         "KUBECONFIG",
         "METALEG_RUN_DIR",
         "LOG_LEVEL",
+        "LOG_LEVEL_LIBRARIES",
         "LOG_FORMAT",
+        "AUDIT_LOG",
+        "AUDIT_LOG_RATE",
     }
 
 
@@ -223,3 +246,23 @@ def test_check_run_dir(tmp_path: pathlib.Path) -> None:
     assert len(lines) == 2, (result.stdout, result.stderr)
     assert "cannot be created: no permission to write in" in lines[0]
     assert "no permission to write in it" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("AUDIT_LOG", "yes"), ("AUDIT_LOG_RATE", "0"), ("LOG_LEVEL_LIBRARIES", "trace")],
+)
+def test_the_supervisor_refuses_bad_audit_and_log_values_with_exit_2(
+    variable: str, value: str
+) -> None:
+    supervisor = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
+    result = subprocess.run(
+        [supervisor, "run"],
+        env={"PATH": os.environ["PATH"], "NODE_NAME": "n", variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{variable}={value!r}" in lines[0], result.stderr

@@ -87,9 +87,9 @@ def test_status_matches_the_cluster_and_the_kernel(egress: EgressLab) -> None:
         forwarder["firewall_backend"] == "nftables" and forwarder["healthy"] and forwarder["ready"]
     )
     names = [p["name"] for p in forwarder["processes"]]
-    assert names == ["supervisor", "watcher", "firewall", "routing"]
+    assert names == ["supervisor", "watcher", "firewall", "routing", "audit"]
     assert all(p["state"] == "running" and p["pid"] for p in forwarder["processes"])
-    assert {p["applied_generation"] for p in forwarder["processes"][2:]} == {
+    assert {p["applied_generation"] for p in forwarder["processes"][2:4]} == {
         forwarder["generation"]
     }
     # The kernel holds what status says: relay-a's sources marked towards node-b's table.
@@ -130,7 +130,7 @@ def test_metrics_carry_every_process(egress: EgressLab) -> None:
     relay_status(egress, "node-a")
     status, text = http_get(egress, "node-a", 21793, "/metrics")
     assert status == 200
-    for process in ("supervisor", "watcher", "firewall", "routing"):
+    for process in ("supervisor", "watcher", "firewall", "routing", "audit"):
         assert metric(text, "metaleg_process_up", process=process) == 1
         assert (metric(text, "metaleg_process_resident_memory_bytes", process=process) or 0) > 1e6
         assert metric(text, "metaleg_process_cpu_seconds_total", process=process) is not None

@@ -44,7 +44,7 @@ def _config(require_node: bool = True) -> Config:
 def command_run(arguments: argparse.Namespace) -> int:
     map_large_blocks()
     config = _config()
-    setup_logging("supervisor", config.log_level, config.log_format)
+    setup_logging("supervisor", config.log_level, config.log_format, config.log_level_libraries)
     from metaleg.ipc import prepare_run_dir
     from metaleg.node_events import post_node_event
     from metaleg.supervisor.neighbours import EVENT_REASON, NeighbourFound, claim_node
@@ -136,7 +136,7 @@ def command_status(arguments: argparse.Namespace) -> int:
 
 def command_cleanup(arguments: argparse.Namespace) -> int:
     config = _config(require_node=False)
-    setup_logging("cleanup", config.log_level, config.log_format)
+    setup_logging("cleanup", config.log_level, config.log_format, config.log_level_libraries)
     log = logging.getLogger("metaleg.cleanup")
     from metaleg.backend import Backend
     from metaleg.firewall.selection import APPLIED_STATE_FILE, new_backend

@@ -17,6 +17,9 @@ CRASH_LOOP_CRASHES = 3
 """...and this many of them make one."""
 LOOP_STUCK_AFTER = 10.0
 """The supervisor's loop ticks every second; this long without a tick means it is stuck."""
+OPTIONAL_PROCESSES = frozenset({"audit"})
+"""Processes shown like the others that gate neither health nor readiness: egress works
+without them (the SNAT audit log), and restarting the pod would not help them."""
 
 
 class ProcessStatus(msgspec.Struct, frozen=True):
@@ -80,9 +83,11 @@ def evaluate(
     Healthy unless a worker is crash-looping or the supervisor's loop is stuck
     (restarting the pod would help). Ready when every worker runs, the watcher
     has synced and both data-plane workers applied the newest generation.
+    :data:`OPTIONAL_PROCESSES` count for neither.
     """
     reasons: list[str] = []
     healthy = True
+    processes = tuple(p for p in processes if p.name not in OPTIONAL_PROCESSES)
     for process in processes:
         if process.crash_looping:
             healthy = False

@@ -71,8 +71,12 @@ WORKERS = {
     "watcher": "metaleg.watcher",
     "firewall": "metaleg.firewall",
     "routing": "metaleg.routing",
+    "audit": "metaleg.audit",
 }
 DATAPLANE_WORKERS = ("firewall", "routing")
+STATE_WORKERS = (*DATAPLANE_WORKERS, "audit")
+"""The workers that hold the desired state (Hello, Snapshot, StateChange, Applied). The audit
+process (``AUDIT_LOG=on``) gets it like the others but gates neither readiness nor health."""
 RESTART_INITIAL = 0.5
 """The first restart comes within a second of the crash..."""
 RESTART_MAX = 30.0
@@ -152,6 +156,8 @@ class Supervisor:
     def __init__(self, config: Config, workers: dict[str, str] | None = None) -> None:
         self.config = config
         self.workers = {name: Worker(name, module) for name, module in (workers or WORKERS).items()}
+        if not config.audit_log:
+            self.workers.pop("audit", None)
         self.snapshot: Snapshot | None = None
         self.snapshot_frame = b""
         """``snapshot`` encoded, once per generation for every worker it goes to (only when
@@ -267,7 +273,7 @@ class Supervisor:
             return
         now = time.monotonic()
         generation = self.snapshot.generation
-        for name in DATAPLANE_WORKERS:
+        for name in STATE_WORKERS:
             worker = self.workers.get(name)
             if worker is None or not worker.running:
                 continue
@@ -311,7 +317,7 @@ class Supervisor:
         self.snapshot_frame = b""
         log.info("new desired state", extra={"generation": generation})
         change_frame = b""
-        for name in DATAPLANE_WORKERS:
+        for name in STATE_WORKERS:
             worker = self.workers.get(name)
             if worker is None:
                 continue
@@ -378,14 +384,14 @@ class Supervisor:
                 log.warning("watcher: %s", message.error)
             self.watcher_status = message
             self.workers["watcher"].last_error = message.error
-        elif isinstance(message, Hello) and sender in DATAPLANE_WORKERS:
+        elif isinstance(message, Hello) and sender in STATE_WORKERS:
             # A (re)started worker, or one that missed a change: the complete state.
             worker = self.workers[sender]
             worker.backend = message.backend
             worker.sent_generation = 0
             if self.snapshot is not None:
                 self._send_snapshot(worker)
-        elif isinstance(message, Applied) and sender in DATAPLANE_WORKERS:
+        elif isinstance(message, Applied) and sender in STATE_WORKERS:
             worker = self.workers[sender]
             worker.backend = message.backend or worker.backend
             worker.reported_generation = message.generation
@@ -456,7 +462,7 @@ class Supervisor:
                     restarts=worker.restarts,
                     uptime_seconds=now - worker.started_at if worker.running else 0.0,
                     applied_generation=worker.applied_generation
-                    if worker.name in DATAPLANE_WORKERS
+                    if worker.name in STATE_WORKERS
                     else None,
                     last_error=worker.last_error,
                     crash_looping=worker.crash_looping(now),

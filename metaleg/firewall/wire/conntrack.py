@@ -20,6 +20,13 @@ Dumps (:meth:`ConntrackSocket.dump`) are decoded here too, and only as far as a
 deletion needs: the ORIGINAL tuple and the zone. pyroute2 builds a message
 object with every attribute of every entry (~0.1 ms per entry: ~150 ms for a
 namespace holding 1500 entries, on every change that flushes).
+
+Events (the multicast group ``NFNLGRP_CONNTRACK_NEW`` of a ``NETLINK_NETFILTER``
+socket, :func:`parse_event`) carry the same attributes as a dump answer, in a
+message of type ``IPCTNL_MSG_CT_NEW``; they are decoded with the REPLY tuple
+too, whose destination is the address the ORIGINAL source was translated to
+(SNAT). :func:`event_message` encodes one as the kernel's ``ctnetlink_conntrack_event``
+does (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -32,10 +39,14 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from metaleg.firewall.wire.nfnetlink import (
+    HEADER,
     NFGEN,
+    NFNETLINK_V0,
     NLA_F_NESTED,
     NLM_F_ACK,
+    NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_EXCL,
     NetfilterSocket,
     attr,
     message,
@@ -44,14 +55,28 @@ from metaleg.firewall.wire.nfnetlink import (
 )
 
 NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 
+# enum nfnetlink_groups
+NFNLGRP_CONNTRACK_NEW = 1
+"""The multicast group of new conntrack entries (sent when an entry is confirmed)."""
+
 # enum ctattr_type
 CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_TIMEOUT = 7
+CTA_ID = 12
 CTA_ZONE = 18
+# enum ip_conntrack_status (bits of CTA_STATUS)
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
 # enum ctattr_tuple
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -93,6 +118,7 @@ _IPV4 = struct.Struct("=HHHH4sHH4s")  # CTA_TUPLE_IP { V4_SRC, V4_DST }
 _IPV6 = struct.Struct("=HHHH16sHH16s")  # CTA_TUPLE_IP { V6_SRC, V6_DST }
 _PORTS = struct.Struct("=HHHHB3xHH2s2xHH2s2x")  # CTA_TUPLE_PROTO { NUM, SRC_PORT, DST_PORT }
 _BE16_RAW = struct.Struct("!H")
+_BE32_RAW = struct.Struct("!I")
 _ICMP_ATTRS: dict[int, tuple[int, int, int]] = {
     socket.AF_INET: (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE),
     socket.AF_INET6: (CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE),
@@ -137,9 +163,10 @@ def _be16(kind: int, value: int) -> bytes:
     return attr(kind, _BE16_RAW.pack(value))
 
 
-def tuple_attribute(entry: Entry) -> bytes:
-    """The ``CTA_TUPLE_ORIG`` attribute of ``entry`` (raises ``OSError``/``ValueError``/
-    ``struct.error`` for fields out of range)."""
+def tuple_attribute(entry: Entry, kind: int = CTA_TUPLE_ORIG) -> bytes:
+    """The ``CTA_TUPLE_ORIG`` attribute of ``entry`` (or another tuple attribute: ``kind``
+    ``CTA_TUPLE_REPLY``); raises ``OSError``/``ValueError``/``struct.error`` for fields
+    out of range."""
     family = entry.family
     source = socket.inet_pton(family, entry.source)
     destination = socket.inet_pton(family, entry.destination)
@@ -176,7 +203,7 @@ def tuple_attribute(entry: Entry) -> bytes:
         if entry.icmp_code is not None:
             body += _U8.pack(5, code_attr, entry.icmp_code)
         proto = nested(CTA_TUPLE_PROTO, body)
-    return nested(CTA_TUPLE_ORIG, ip + proto)
+    return nested(kind, ip + proto)
 
 
 _ADDRESS_ATTRS = {CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST}
@@ -206,7 +233,10 @@ class DumpedEntry(NamedTuple):
 
 def parse_entry(payload: bytes) -> DumpedEntry | None:
     """Decode one dump answer (nfgenmsg and attributes); None when it has no ORIGINAL
-    tuple of IPv4 or IPv6 with a protocol (not an entry metaleg could delete)."""
+    tuple of IPv4 or IPv6 with a protocol (not an entry metaleg could delete).
+
+    Only the ORIGINAL tuple and the zone are decoded (a dump is decoded entry by entry
+    on every flush); :func:`parse_event` decodes the REPLY tuple and the status too."""
     family = payload[0] if payload else 0
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None
@@ -217,31 +247,103 @@ def parse_entry(payload: bytes) -> DumpedEntry | None:
             original = data
         elif kind == CTA_ZONE:
             zoned = len(data) >= 2 and _BE16_RAW.unpack_from(data)[0] != 0
+    entry = parse_tuple(family, original)
+    return None if entry is None else DumpedEntry(entry, zoned)
+
+
+class ConntrackEvent(NamedTuple):
+    """A conntrack entry as an event (or a dump answer) carries it, both directions.
+
+    ``reply`` is the REPLY tuple: the answers' direction after NAT. For a connection
+    SNATed on this host, ``reply.destination`` (and ``reply.destination_port``) is
+    the address (and port) the ORIGINAL source was translated to. ``status`` is the
+    entry's ``IPS_*`` bits (0 when the message had none).
+    """
+
+    original: Entry
+    reply: Entry | None
+    status: int
+    zoned: bool
+
+
+def parse_event(payload: bytes) -> ConntrackEvent | None:
+    """Decode an event's (or a dump answer's) nfgenmsg and attributes: both tuples, the
+    status and the zone. None when it has no ORIGINAL tuple of IPv4 or IPv6 with a
+    protocol."""
+    family = payload[0] if payload else 0
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    original = reply = b""
+    status = 0
+    zoned = False
+    for kind, data in parse_attributes(payload, NFGEN.size):
+        if kind == CTA_TUPLE_ORIG:
+            original = data
+        elif kind == CTA_TUPLE_REPLY:
+            reply = data
+        elif kind == CTA_STATUS:
+            status = _BE32_RAW.unpack_from(data)[0] if len(data) >= 4 else 0
+        elif kind == CTA_ZONE:
+            zoned = len(data) >= 2 and _BE16_RAW.unpack_from(data)[0] != 0
+    entry = parse_tuple(family, original)
+    if entry is None:
+        return None
+    return ConntrackEvent(entry, parse_tuple(family, reply) if reply else None, status, zoned)
+
+
+def parse_tuple(family: int, data: bytes) -> Entry | None:
+    """Decode the nested attributes of a tuple (``CTA_TUPLE_ORIG`` or ``CTA_TUPLE_REPLY``)
+    of ``family``; None without both addresses of that family and a protocol."""
     addresses: dict[int, str] = {}
     protocol: int | None = None
     fields: list[int | None] = [None, None, None, None, None]
-    for kind, data in parse_attributes(original):
+    for kind, value in parse_attributes(data):
         if kind == CTA_TUPLE_IP:
-            for ip_kind, address in parse_attributes(data):
+            for ip_kind, address in parse_attributes(value):
                 if ip_kind in _ADDRESS_ATTRS and len(address) in (4, 16):
                     addresses[ip_kind] = socket.inet_ntop(
                         socket.AF_INET if len(address) == 4 else socket.AF_INET6, address
                     )
         elif kind == CTA_TUPLE_PROTO:
-            for proto_kind, value in parse_attributes(data):
-                if proto_kind == CTA_PROTO_NUM and value:
-                    protocol = value[0]
-                elif proto_kind in _PORT_ATTRS and len(value) >= 2:
-                    fields[_PORT_ATTRS[proto_kind]] = _BE16_RAW.unpack_from(value)[0]
-                elif proto_kind in _BYTE_ATTRS and value:
-                    fields[_BYTE_ATTRS[proto_kind]] = value[0]
+            for proto_kind, proto_value in parse_attributes(value):
+                if proto_kind == CTA_PROTO_NUM and proto_value:
+                    protocol = proto_value[0]
+                elif proto_kind in _PORT_ATTRS and len(proto_value) >= 2:
+                    fields[_PORT_ATTRS[proto_kind]] = _BE16_RAW.unpack_from(proto_value)[0]
+                elif proto_kind in _BYTE_ATTRS and proto_value:
+                    fields[_BYTE_ATTRS[proto_kind]] = proto_value[0]
     if family == socket.AF_INET:
         source, destination = addresses.get(CTA_IP_V4_SRC), addresses.get(CTA_IP_V4_DST)
     else:
         source, destination = addresses.get(CTA_IP_V6_SRC), addresses.get(CTA_IP_V6_DST)
     if source is None or destination is None or protocol is None:
         return None
-    return DumpedEntry(Entry(family, source, destination, protocol, *fields), zoned)
+    return Entry(family, source, destination, protocol, *fields)
+
+
+def event_message(
+    original: Entry,
+    reply: Entry,
+    *,
+    status: int = IPS_CONFIRMED | IPS_SRC_NAT,
+    entry_id: int = 1,
+    timeout: int = 120,
+    sequence: int = 0,
+) -> bytes:
+    """An ``IPCTNL_MSG_CT_NEW`` event as ``ctnetlink_conntrack_event`` sends it for a new
+    entry (``NLM_F_CREATE | NLM_F_EXCL``, port 0): both tuples, status, timeout, id."""
+    attributes = (
+        tuple_attribute(original, CTA_TUPLE_ORIG)
+        + tuple_attribute(reply, CTA_TUPLE_REPLY)
+        + attr(CTA_STATUS, _BE32_RAW.pack(status))
+        + attr(CTA_TIMEOUT, _BE32_RAW.pack(timeout))
+        + attr(CTA_ID, _BE32_RAW.pack(entry_id))
+    )
+    payload = NFGEN.pack(original.family, NFNETLINK_V0, 0) + attributes
+    return (
+        HEADER.pack(HEADER.size + len(payload), CT_NEW, NLM_F_CREATE | NLM_F_EXCL, sequence, 0)
+        + payload
+    )
 
 
 def dump_message(family: int, sequence: int) -> bytes:

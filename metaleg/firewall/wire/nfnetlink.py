@@ -12,6 +12,10 @@ last asks for an acknowledgement. The kernel processes the messages in order
 during the ``send`` and answers a failed one anyway, so the answer to the last
 one ends the datagram, and every other answer is an error matched back to its
 message by sequence number (:meth:`NetfilterSocket.exchange`).
+
+Notifications: :meth:`NetfilterSocket.join` subscribes the socket to a multicast
+group (conntrack events, for instance); a socket made with ``timeout=0`` never
+blocks, so that its :meth:`~NetfilterSocket.fileno` can be polled with others.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_CAP_ACK = 10
 SO_RCVBUFFORCE = 33
 
@@ -33,6 +38,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
 NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
@@ -115,6 +121,8 @@ class NetfilterSocket:
 
     ``receive_buffer``: socket receive buffer to ask for (every error answer of a
     batch is a datagram of its own, and they all queue during the send).
+    ``timeout``: seconds :meth:`receive` waits (0: it never blocks and raises
+    ``BlockingIOError`` when nothing is queued).
     ``opener`` replaces the socket (tests).
     """
 
@@ -122,9 +130,11 @@ class NetfilterSocket:
         self,
         *,
         receive_buffer: int | None = None,
+        timeout: float = RECEIVE_TIMEOUT,
         opener: Callable[[], Any] | None = None,
     ) -> None:
         self._receive_buffer = receive_buffer
+        self._timeout = timeout
         self._opener = opener
         self._socket: Any = None
         self._sequence = 0
@@ -146,7 +156,7 @@ class NetfilterSocket:
             sock.bind((0, 0))
             # The kernel answers during send (and continues a dump during recv), so
             # data is normally waiting; wait for it, but not forever.
-            sock.settimeout(RECEIVE_TIMEOUT)
+            sock.settimeout(self._timeout)
             if self._receive_buffer is not None:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self._receive_buffer)
@@ -168,6 +178,18 @@ class NetfilterSocket:
             finally:
                 self._socket = None
 
+    def fileno(self) -> int:
+        """The socket's descriptor (opened first), to poll it."""
+        self.open()
+        return int(self._socket.fileno())
+
+    def join(self, group: int) -> None:
+        """Subscribe to the multicast ``group`` (``NETLINK_ADD_MEMBERSHIP``); its
+        notifications then arrive with :meth:`receive`. Raises ``OSError``
+        (``EPERM`` without ``CAP_NET_ADMIN``)."""
+        self.open()
+        self._socket.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+
     def next_sequence(self) -> int:
         self._sequence = (self._sequence + 1) & 0x7FFFFFFF or 1
         return self._sequence
@@ -177,11 +199,12 @@ class NetfilterSocket:
         self._socket.send(data)
 
     def receive(self) -> bytes:
-        """The next datagram (``TimeoutError`` after :data:`RECEIVE_TIMEOUT` without one)."""
+        """The next datagram (``TimeoutError`` after the timeout without one;
+        ``BlockingIOError`` at once with ``timeout=0``)."""
         try:
             received = self._socket.recv_into(self._buffer)
         except TimeoutError:
-            raise TimeoutError(f"no answer from the kernel within {RECEIVE_TIMEOUT:.0f}s") from None
+            raise TimeoutError(f"no answer from the kernel within {self._timeout:.0f}s") from None
         return bytes(self._view[:received])
 
     def exchange(self, messages: Sequence[tuple[int, bytes]]) -> dict[int, tuple[int, bytes]]:
