@@ -3,14 +3,8 @@
 The table's layout, and why it is so, is described in
 :mod:`metaleg.firewall.nftables.layout`.
 
-Transactions: every :meth:`NftablesBackend.apply` is ONE nft transaction
-(libnftables sends a script as one netlink batch; the kernel commits all or
-nothing): element deletions/additions and, when the slots in use change, the
-new slots' sets, ``fwmark`` flushed and rewritten (at most two rules per slot;
-no rule handles needed) and the gone slots' sets deleted. A full re-sync
-recreates the whole table in one transaction (``add table; delete table; add
-table ...``), so packets see either the old or the new table, never an empty
-one. Only ``table inet metaleg`` is ever touched.
+Every :meth:`NftablesBackend.apply` is ONE nft transaction
+(:mod:`metaleg.firewall.nftables.scripts`).
 
 Incremental changes cost what they change, not what the table holds: the
 backend keeps a :class:`LiveTable` (the applied state, its content and, per
@@ -55,7 +49,6 @@ from metaleg.firewall.nftables.content import (
 from metaleg.firewall.nftables.drift import NftDriftWatch
 from metaleg.firewall.nftables.layout import (
     FAMILY_OF_SUFFIX,
-    MARK_CHAIN,
     QUALIFIED,
     REJECT_WITH,
     SETS,
@@ -64,13 +57,18 @@ from metaleg.firewall.nftables.layout import (
     TABLE,
     SetSpec,
     expected_sets,
-    mark_chain,
     set_order,
     slot_set_name,
-    slot_sets,
     table_chains,
 )
 from metaleg.firewall.nftables.libnftables import Nft, NftError
+from metaleg.firewall.nftables.scripts import (
+    diff_script,
+    element_additions,
+    element_deletions,
+    full_script,
+    slot_change_commands,
+)
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
 from metaleg.model import Action, Family, NodeDesiredState
 
@@ -81,91 +79,6 @@ _OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
 CHECK_TIMEOUT = 120.0
 """Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
 N=5000 Services; see docs/benchmarks.md)."""
-
-
-def _elements(items: Iterable[str]) -> str:
-    return ", ".join(items)
-
-
-def _add_elements(name: str, items: Iterable[str]) -> list[str]:
-    listed = sorted(items)
-    return [f"add element {QUALIFIED} {name} {{ {_elements(listed)} }}"] if listed else []
-
-
-def _delete_elements(name: str, items: Iterable[str]) -> list[str]:
-    listed = sorted(items)
-    return [f"delete element {QUALIFIED} {name} {{ {_elements(listed)} }}"] if listed else []
-
-
-def _slot_commands(
-    new: Iterable[int], gone: Iterable[int], fwmarks: Iterable[int], fwmask: int
-) -> tuple[list[str], list[str]]:
-    """The commands of a transaction that adds slots ``new`` and removes slots ``gone``
-    (``fwmarks``: the slots after it): what goes before the element changes (the new
-    slots' sets) and what goes after them (the chain ``fwmark`` rewritten, then the
-    gone slots' sets deleted: a set can go only once no rule refers to it)."""
-    new, gone = sorted(new), sorted(gone)
-    if not new and not gone:
-        return [], []
-    before = [spec.declaration(name) for name, spec in slot_sets(new).items()]
-    chain = mark_chain(fwmarks, fwmask)
-    after = [f"flush chain {QUALIFIED} {MARK_CHAIN}", *chain.rule_commands()]
-    after += [f"delete set {QUALIFIED} {name}" for name in slot_sets(gone)]
-    return before, after
-
-
-def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
-    """One transaction that replaces the whole table with ``content``.
-
-    ``add table`` first makes ``delete table`` succeed whether or not the table
-    exists; both run in the same batch as the new definition, so the kernel
-    swaps old for new atomically.
-    """
-    fwmarks = content.fwmarks()
-    commands = [f"add table {QUALIFIED}", f"delete table {QUALIFIED}", f"add table {QUALIFIED}"]
-    commands += [spec.declaration(name) for name, spec in expected_sets(fwmarks).items()]
-    sets, maps = content.element_sets(), content.element_maps()
-    for name in set_order(fwmarks):
-        if name in maps:
-            commands += _add_elements(name, (f"{k} : {v}" for k, v in maps[name].items()))
-        else:
-            commands += _add_elements(name, sets[name])
-    # Chains last (they reference the sets and maps above), jump targets first.
-    for chain in table_chains(fwmask, reject_with, fwmarks):
-        commands += [chain.declaration(), *chain.rule_commands()]
-    return "\n".join(commands) + "\n"
-
-
-def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
-    """One transaction that turns ``old`` into ``new`` (empty string: nothing to do).
-
-    Order inside the batch: sets of new gateway slots, element deletions (removed
-    keys and keys whose value changes; none from the sets of gone slots), element
-    additions, then, if the slots changed, the chain ``fwmark`` rewritten and the
-    gone slots' sets deleted. Element changes never make nf_tables validate the
-    table, and a rewritten ``fwmark`` has it walk the rules only (no verdict map).
-    """
-    old_marks, new_marks = old.fwmarks(), new.fwmarks()
-    before, after = _slot_commands(new_marks - old_marks, old_marks - new_marks, new_marks, fwmask)
-    commands = before
-    old_sets, new_sets = old.element_sets(), new.element_sets()
-    old_maps, new_maps = old.element_maps(), new.element_maps()
-    for name in set_order(old_marks & new_marks):
-        if name in new_maps:
-            was, now = old_maps[name], new_maps[name]
-            commands += _delete_elements(name, (k for k, v in was.items() if now.get(k) != v))
-        else:
-            commands += _delete_elements(name, old_sets[name] - new_sets[name])
-    for name in set_order(new_marks):
-        if name in new_maps:
-            was, now = old_maps[name], new_maps[name]
-            commands += _add_elements(
-                name, (f"{k} : {v}" for k, v in now.items() if was.get(k) != v)
-            )
-        else:
-            commands += _add_elements(name, new_sets[name] - old_sets.get(name, frozenset()))
-    commands += after
-    return "\n".join(commands) + "\n" if commands else ""
 
 
 # --- incremental changes ----------------------------------------------------------------
@@ -352,11 +265,13 @@ class LiveTable:
         new_marks = sorted(m for m, n in refs.items() if n > 0 and not current[m])
         gone_marks = sorted(m for m, n in refs.items() if n < 0 and current[m] + n == 0)
         kept = {m for m, n in current.items() if n > 0} - set(gone_marks)
-        commands, last = _slot_commands(new_marks, gone_marks, kept | set(new_marks), self.fwmask)
+        commands, last = slot_change_commands(
+            new_marks, gone_marks, kept | set(new_marks), self.fwmask
+        )
         for name in set_order(kept):
-            commands += _delete_elements(name, deletions.get(name, ()))
+            commands += element_deletions(name, deletions.get(name, ()))
         for name in set_order(kept | set(new_marks)):
-            commands += _add_elements(name, additions.get(name, ()))
+            commands += element_additions(name, additions.get(name, ()))
         commands += last
         return ("\n".join(commands) + "\n" if commands else ""), new_marks
 
