@@ -5,6 +5,8 @@
 - ``cleanup``: remove every kernel object metaleg owns (idempotent, exit 0).
 - ``status [--json]``: ask the running supervisor; exit 1 when none runs, 3 when
   it is unhealthy or not ready.
+- ``wait-egress [--ip IP] [--node-address HOST] [--port PORT] [--timeout 60s]``: in a
+  pod's init container, wait until the pod's egress works (:mod:`metaleg.supervisor.wait`).
 
 Configuration comes from environment variables (see :mod:`metaleg.config`);
 an invalid value ends the command with one line on stderr and exit status 2.
@@ -177,9 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the running agent's processes and Services")
     status.add_argument("--json", action="store_true", help="stable JSON instead of a table")
     status.set_defaults(handler=command_status)
+    # Listed for --help; main() hands its arguments to metaleg.supervisor.wait (one-line errors).
+    commands.add_parser("wait-egress", help="wait until this pod's egress works (init container)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wait-egress"]:
+        from metaleg.supervisor.wait import main as wait_egress
+
+        raise SystemExit(wait_egress(argv[1:]))
     arguments = build_parser().parse_args(argv)
     raise SystemExit(arguments.handler(arguments))

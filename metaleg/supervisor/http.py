@@ -1,4 +1,5 @@
-"""The supervisor's HTTP endpoints: ``/metrics`` and the ``/healthz``/``/readyz`` probes.
+"""The supervisor's HTTP endpoints: ``/metrics``, the ``/healthz``/``/readyz`` probes and the
+start-up gate ``/egress?ip=`` (:mod:`metaleg.supervisor.gate`).
 
 Each runs in a thread of the supervisor on its own bind address
 (METRICS_BIND_ADDRESS, HEALTH_PROBE_BIND_ADDRESS); ``0`` disables it, like the
@@ -7,6 +8,7 @@ original. A host of "" listens on every address, IPv6 and IPv4.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -16,8 +18,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
 from metaleg.config import BindAddress
+from metaleg.supervisor.gate import EGRESS_PATH
 
 ProbeResult = tuple[bool, tuple[str, ...]]
+EgressAnswer = Callable[[str], tuple[int, bytes]]
+"""The start-up gate: a query string -> (HTTP status, JSON body)."""
 
 
 class _DualStackServer(ThreadingHTTPServer):
@@ -63,16 +68,34 @@ def serve_metrics(bind: BindAddress, registry: CollectorRegistry) -> ThreadingHT
 
 
 def serve_probes(
-    bind: BindAddress, healthz: Callable[[], ProbeResult], readyz: Callable[[], ProbeResult]
+    bind: BindAddress,
+    healthz: Callable[[], ProbeResult],
+    readyz: Callable[[], ProbeResult],
+    egress: EgressAnswer | None = None,
 ) -> ThreadingHTTPServer:
-    """``/healthz`` and ``/readyz``: 200 ``ok``, or 503 with one reason per line."""
+    """``/healthz`` and ``/readyz``: 200 ``ok``, or 503 with one reason per line; with
+    ``egress``, ``/egress?ip=<pod IP>``: its status and JSON body (each request in a thread
+    of its own: a gate that asks another node does not hold up the probes)."""
 
     class ProbeHandler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            if path == EGRESS_PATH and egress is not None:
+                try:
+                    code, data = egress(query)
+                except Exception as error:  # a bug in the gate must show, not hang the pod
+                    code = 500
+                    reason = f"gate failed: {type(error).__name__}: {error}"
+                    fields = ("ip", "service", "role", "gateway_node", "generation")
+                    body = {**dict.fromkeys(fields), "reason": reason}
+                    data = json.dumps(body).encode() + b"\n"
+                self._reply(code, data, "application/json")
+                return
             probes = {"/healthz": healthz, "/readyz": readyz}
-            probe = probes.get(self.path.split("?", 1)[0])
+            probe = probes.get(path)
             if probe is None:
-                self._reply(404, "not found: use /healthz or /readyz\n")
+                paths = "/healthz, /readyz or /egress?ip=" if egress else "/healthz or /readyz"
+                self._reply(404, f"not found: use {paths}\n")
                 return
             try:
                 ok, reasons = probe()
@@ -80,10 +103,12 @@ def serve_probes(
                 ok, reasons = False, (f"probe failed: {error}",)
             self._reply(200 if ok else 503, "ok\n" if ok else "".join(f"{r}\n" for r in reasons))
 
-        def _reply(self, code: int, body: str) -> None:
-            data = body.encode()
+        def _reply(
+            self, code: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8"
+        ) -> None:
+            data = body.encode() if isinstance(body, str) else body
             self.send_response(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
