@@ -133,3 +133,56 @@ def fwmask_shift(fwmask: int) -> int:
 def fwmask_capacity(fwmask: int) -> int:
     """How many gateway nodes the mask can address (mark value 0 is never used)."""
     return (fwmask >> fwmask_shift(fwmask)) if fwmask else 0
+
+
+def describe_egress(service: ServiceEgress, *, brief: bool = False) -> str:
+    """What this node does with a Service's egress, per family, in one line for humans.
+
+    The one rendering of a :class:`ServiceEgress` in text: the ``DETAIL`` column
+    of ``metaleg-supervisor status``, the watcher's log line per decision and
+    the message of the Event on the Service. For example::
+
+        IPv4: egress here as 198.51.100.200 (3 sources)
+        IPv4: egress via node-b as 198.51.100.200 (mark 0x100000, 1 source); IPv6: ...
+        IPv4 and IPv6: egress rejected: no ServiceL2Status names a known gateway node (2 sources)
+        no endpoints on this node
+
+    "here" is this node as the gateway, SNAT to the LoadBalancer IP; "via" is
+    the gateway node the sources are marked and routed to, and the address they
+    leave it with. Families that read the same are named together.
+
+    ``brief`` leaves out the source counts and the firewall mark: Events are
+    posted only when the rest changes (role, gateway, LoadBalancer IPs, action
+    and reason per family, see :mod:`metaleg.watcher.main`), so a count shown
+    on the Service would go stale.
+    """
+    texts: dict[str, list[str]] = {}
+    for entry in service.families:
+        notes: list[str] = []
+        if entry.action == Action.SNAT:
+            text = f"egress here as {entry.snat_ip}"
+        elif entry.action == Action.MARK:
+            text = f"egress via {service.gateway_node or '<unknown>'}"
+            address = _lb_ip(service, entry.family)
+            if address is not None:
+                text += f" as {address}"
+            if entry.fwmark is not None:
+                notes.append(f"mark {entry.fwmark:#x}")
+        else:
+            text = f"egress rejected: {entry.reason}" if entry.reason else "egress rejected"
+        if not brief:
+            count = len(entry.source_ips)
+            notes.append(f"{count} source{'' if count == 1 else 's'}")
+            text += f" ({', '.join(notes)})"
+        texts.setdefault(text, []).append(f"IPv{int(entry.family)}")
+    if not texts:
+        return "no endpoints on this node"
+    return "; ".join(f"{' and '.join(families)}: {text}" for text, families in texts.items())
+
+
+def _lb_ip(service: ServiceEgress, family: Family) -> str | None:
+    """The Service's LoadBalancer IP in ``family`` (the address its sources leave with)."""
+    for address in service.lb_ips:
+        if (":" in address) == (family == Family.IPV6):
+            return address
+    return None

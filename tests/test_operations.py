@@ -219,9 +219,11 @@ def test_events_appear_on_the_service(egress: EgressLab) -> None:
     )
     assert (
         "EgressForwarding",
-        f"node-a: egress via node-b as {LB_IP4} and {LB_IP6}",
+        f"node-a: IPv4: egress via node-b as {LB_IP4}; IPv6: egress via node-b as {LB_IP6}",
     ) in seen
-    assert any(r == "EgressGateway" and m.startswith("node-b: egress as") for r, m in seen)
+    assert any(
+        r == "EgressGateway" and m.startswith("node-b: IPv4: egress here as") for r, m in seen
+    )
     # A gateway that disappears is a Warning with the reason.
     egress.cluster.gateway("mail", "relay", None)
     wait_until(

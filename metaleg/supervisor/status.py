@@ -50,7 +50,8 @@ class ServiceStatus(msgspec.Struct, frozen=True):
     source_ips: int
     """How many pod IPs this node handles for the Service (all families)."""
     detail: str
-    """Per family: the action and, when rejecting, why."""
+    """Per family, what this node does and with how many sources, in the words of
+    :func:`metaleg.model.describe_egress`."""
 
 
 class StatusReport(msgspec.Struct, frozen=True):

@@ -53,7 +53,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
-from metaleg.model import Action, NodeDesiredState
+from metaleg.model import NodeDesiredState, describe_egress
 from metaleg.supervisor import http
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
@@ -623,15 +623,6 @@ def _service_statuses(state: NodeDesiredState | None) -> list[ServiceStatus]:
         return []
     statuses = []
     for service in state.services:
-        details = []
-        for entry in service.families:
-            family = f"IPv{int(entry.family)}"
-            if entry.action == Action.REJECT:
-                details.append(f"{family} reject: {entry.reason}")
-            elif entry.action == Action.SNAT:
-                details.append(f"{family} snat to {entry.snat_ip}")
-            else:
-                details.append(f"{family} mark {entry.fwmark:#x}" if entry.fwmark else family)
         statuses.append(
             ServiceStatus(
                 namespace=service.namespace,
@@ -640,7 +631,7 @@ def _service_statuses(state: NodeDesiredState | None) -> list[ServiceStatus]:
                 gateway_node=service.gateway_node,
                 role=str(service.role),
                 source_ips=sum(len(entry.source_ips) for entry in service.families),
-                detail="; ".join(details) or "no endpoints on this node",
+                detail=describe_egress(service),
             )
         )
     return statuses

@@ -1,8 +1,9 @@
 """Kubernetes Events on a Service when its egress on this node changes.
 
 ``kubectl describe svc`` then shows, per node, what metaleg does for the
-Service ("node-a: egress via node-b as 198.51.100.200", "node-a: egress
-rejected: no ServiceL2Status names a known gateway node"). Events are posted by
+Service ("node-a: IPv4: egress via node-b as 198.51.100.200", "node-a: IPv4
+and IPv6: egress rejected: no ServiceL2Status names a known gateway node"),
+in the words of :func:`metaleg.model.describe_egress`. Events are posted by
 a background thread so that a slow or unreachable API server never delays the
 desired state, and rate-limited (a token bucket for the whole agent, plus a
 bounded queue): a burst of changes across many Services must not flood the API
@@ -22,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from metaleg.metrics import EVENTS_POSTED
-from metaleg.model import Action, Role, ServiceEgress
+from metaleg.model import Action, Role, ServiceEgress, describe_egress
 from metaleg.watcher.cluster import Problem
 from metaleg.watcher.kubeclient import KubeCalls
 
@@ -44,40 +45,31 @@ class ServiceEvent:
     warning: bool
 
 
+_REASONS = {
+    Role.GATEWAY: "EgressGateway",
+    Role.FORWARDER: "EgressForwarding",
+    Role.REJECT: "EgressRejected",
+}
+
+
 def describe_change(node: str, service: ServiceEgress | None, key: str) -> ServiceEvent | None:
-    """The Event for a Service whose egress on ``node`` became ``service`` (None: removed)."""
+    """The Event for a Service whose egress on ``node`` became ``service`` (None: removed).
+
+    The message is :func:`~metaleg.model.describe_egress` (brief: no source
+    counts); a rejected family makes it a Warning, except on the gateway.
+    """
     namespace, _, name = key.partition("/")
     if service is None:
         return ServiceEvent(
             namespace, name, "EgressRemoved", f"{node}: egress rules removed", False
         )
-    lb = " and ".join(service.lb_ips) or "no LoadBalancer IP"
-    if service.role == Role.GATEWAY:
-        return ServiceEvent(
-            namespace,
-            name,
-            "EgressGateway",
-            f"{node}: egress as {lb} (this node is the gateway)",
-            False,
-        )
-    if service.role == Role.FORWARDER:
-        message = f"{node}: egress via {service.gateway_node} as {lb}"
-        rejected = [e for e in service.families if e.action == Action.REJECT]
-        if rejected:
-            message += "; " + "; ".join(
-                f"IPv{int(e.family)} rejected: {e.reason}" for e in rejected
-            )
-        return ServiceEvent(namespace, name, "EgressForwarding", message, bool(rejected))
-    if service.role == Role.REJECT:
-        reasons = sorted({e.reason for e in service.families})
-        return ServiceEvent(
-            namespace,
-            name,
-            "EgressRejected",
-            f"{node}: egress rejected: {'; '.join(reasons)}",
-            True,
-        )
-    return None  # no endpoints on this node: nothing happens here, nothing to tell
+    reason = _REASONS.get(service.role)
+    if reason is None:
+        return None  # no endpoints on this node: nothing happens here, nothing to tell
+    rejected = any(e.action == Action.REJECT for e in service.families)
+    warning = service.role == Role.REJECT or (service.role == Role.FORWARDER and rejected)
+    message = f"{node}: {describe_egress(service, brief=True)}"
+    return ServiceEvent(namespace, name, reason, message, warning)
 
 
 def describe_problem(node: str, problem: Problem) -> ServiceEvent | None:

@@ -30,7 +30,7 @@ from metaleg.config import Config
 from metaleg.ipc import ChangePublisher, MessageError, WatcherStatus, connect_worker, encode
 from metaleg.lifecycle import release_memory, start_worker
 from metaleg.metrics import ERRORS, IPC_DROPPED, PUBLISHED
-from metaleg.model import NodeDesiredState, ServiceEgress
+from metaleg.model import NodeDesiredState, ServiceEgress, describe_egress
 from metaleg.watcher.desired import NodeSettings
 from metaleg.watcher.events import EventPoster, describe_change, describe_problem
 from metaleg.watcher.feeds import Feeds
@@ -107,7 +107,12 @@ class Watcher:
                     "service no longer labelled or gone: egress removed", extra={"service": key}
                 )
             else:
-                log.info(_describe(new), extra={"service": key, "node": new.gateway_node})
+                log.info(
+                    "service egress %s: %s",
+                    new.role,
+                    describe_egress(new),
+                    extra={"service": key, "node": new.gateway_node},
+                )
             # An Event on the Service, but not for the first state after start (nothing
             # changed then) nor when only the source IPs changed (no news for `kubectl describe`).
             if self.events is None or self.published is None:
@@ -140,24 +145,6 @@ class Watcher:
             os.replace(temporary, path)
         except OSError as error:
             log.warning("cannot save the mark allocation to %s: %s", path, error)
-
-
-def _describe(service: ServiceEgress) -> str:
-    parts = []
-    for entry in service.families:
-        family = f"IPv{int(entry.family)}"
-        if entry.action == "snat":
-            parts.append(
-                f"{family}: gateway here, SNAT {len(entry.source_ips)} sources to {entry.snat_ip}"
-            )
-        elif entry.action == "mark":
-            parts.append(
-                f"{family}: forward {len(entry.source_ips)} sources to {service.gateway_node}"
-            )
-        else:
-            parts.append(f"{family}: reject {len(entry.source_ips)} sources ({entry.reason})")
-    detail = "; ".join(parts) if parts else "no endpoints on this node"
-    return f"service egress {service.role}: {detail}"
 
 
 def _summary(service: ServiceEgress) -> tuple[object, ...]:
