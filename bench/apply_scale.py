@@ -67,7 +67,7 @@ from bench.common import (
     wire_next_hops,
     write_results,
 )
-from metaleg.firewall.iptables.backend import render
+from metaleg.firewall.iptables.render import render
 from metaleg.model import NodeDesiredState
 from tests.netns import namespace, run_in_netns
 

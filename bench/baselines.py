@@ -15,7 +15,7 @@
 * :func:`nft_limit` — one ``nft -f`` of the script the nftables backend itself
   sends for a full re-sync (the kernel and libnftables' share, without Python).
 
-Everything is derived from :func:`metaleg.firewall.iptables.backend.render`, so the
+Everything is derived from :func:`metaleg.firewall.iptables.render.render`, so the
 baselines follow the backend's layout (chains, rule order, set names) as it
 changes. The legacy binaries (``iptables-legacy``) are used because the
 iptables backend writes the legacy tables (python-iptables).
@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from metaleg.firewall.iptables.backend import FAMILIES, TABLES, DesiredFirewall, render
+from metaleg.firewall.iptables.render import FAMILIES, TABLES, DesiredFirewall, render
 from metaleg.firewall.iptables.rules import TableSpec
 from metaleg.model import Family, NodeDesiredState
 

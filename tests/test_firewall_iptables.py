@@ -23,13 +23,9 @@ import pytest
 
 from metaleg.backend import Backend, BackendError
 from metaleg.firewall.iptables.backend import (
-    DesiredFirewall,
     IptablesBackend,
     changed_tables,
-    exclude_networks,
-    net_members,
-    render,
-    unbind_first,
+    without_departing_stale_bindings,
 )
 from metaleg.firewall.iptables.helper import XtablesServer
 from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_NET, SetPlan, SetSpec, plan_sets
@@ -40,6 +36,7 @@ from metaleg.firewall.iptables.protocol import (
     SyncRequest,
     TableResult,
 )
+from metaleg.firewall.iptables.render import DesiredFirewall, exclude_networks, net_members, render
 from metaleg.firewall.iptables.rules import (
     Rule,
     TableSpec,
@@ -452,10 +449,10 @@ def test_plan_sets_changes_members_by_difference() -> None:
 
 def test_the_helper_receives_chain_rules_encoded_and_equal() -> None:
     request = SyncRequest(
-        tables=tuple(render(GUARDED).tables[Family.IPV4].values()), mode=Mode.MERGE
+        tables=tuple(render(GUARDED).tables[Family.IPV4].values()), mode=Mode.KEEP_OLD
     )
     received = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=ReceivedRequest)
-    assert (received.mode, received.collect_garbage) == (Mode.MERGE, False)
+    assert (received.mode, received.collect_garbage) == (Mode.KEEP_OLD, False)
     for sent, got in zip(request.tables, received.tables, strict=True):
         assert (got.name, got.heads) == (sent.name, sent.heads)
         assert {
@@ -544,7 +541,7 @@ class FakeIpsets:
 
 
 class FakeHelper:
-    """Answers like the real helper: MERGE is exact unless the table loses a rule."""
+    """Answers like the real helper: KEEP_OLD is exact unless the table loses a rule."""
 
     def __init__(self, family: Family, log: list[tuple[Any, ...]]) -> None:
         self.family = family
@@ -604,8 +601,8 @@ def test_change_is_make_before_break() -> None:
     assert log == [
         # LOST's 10.244.1.8 gets MARK2 (mark set) before anything else
         ("ipset-add", "METALEG-MARK-4", frozenset({"10.244.1.8 skbmark 0x200000/0xf00000"})),
-        ("merge", 4, "filter"),  # REJECT of LOST kept while the marks change
-        ("merge", 6, "filter"),
+        ("keep-old", 4, "filter"),  # REJECT of LOST kept while the marks change
+        ("keep-old", 6, "filter"),
         ("exact", 4, "filter"),  # now the REJECT goes
         ("exact", 6, "filter"),
         # 10.244.1.7 loses its mark only after all rules are final
@@ -623,13 +620,13 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
     # the guard's exception. The DROPs go first of all (both families); then filter is
     # committed before nat, so in between its pods are rejected, never masqueraded.
     backend.apply(node_state(transit4=TRANSIT4))
-    assert [entry for entry in log if entry[0] in ("merge", "exact")] == [
+    assert [entry for entry in log if entry[0] in ("keep-old", "exact")] == [
         ("exact", 4, "filter"),
         ("exact", 6, "filter"),
-        ("merge", 4, "nat"),
-        ("merge", 4, "filter"),
-        ("merge", 6, "nat"),
-        ("merge", 6, "filter"),
+        ("keep-old", 4, "nat"),
+        ("keep-old", 4, "filter"),
+        ("keep-old", 6, "nat"),
+        ("keep-old", 6, "filter"),
         ("exact", 4, "filter"),
         ("exact", 4, "nat"),
         ("exact", 6, "filter"),  # the stray and reply DROPs go with the break phase
@@ -642,12 +639,12 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
     assert [entry[:3] for entry in log if entry[0] != "ipset-create"] == [
         ("ipset-add", S4["mail"], frozenset({"10.244.1.5"})),
         ("ipset-add", S6["mail"], frozenset({"fd00:244::5"})),
-        ("merge", 4, "nat"),
-        ("merge", 6, "nat"),
+        ("keep-old", 4, "nat"),
+        ("keep-old", 6, "nat"),
         ("ipset-add", "METALEG-SNATTED-4", frozenset({"10.244.1.5"})),
         ("ipset-add", "METALEG-SNATTED-6", frozenset({"fd00:244::5"})),
-        ("merge", 4, "filter"),
-        ("merge", 6, "filter"),
+        ("keep-old", 4, "filter"),
+        ("keep-old", 6, "filter"),
     ]
     log.clear()
     # Another SNAT Service leaves while MAIL stays: its sources leave the exception after
@@ -658,8 +655,8 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
     relay = frozenset({"10.244.1.20", "10.244.1.21"})
     assert log == [
         ("exact", 4, "filter"),  # the stale binding DROP, early: filter is final now
-        ("merge", 4, "nat"),
-        ("merge", 4, "filter"),  # (compared, nothing to commit)
+        ("keep-old", 4, "nat"),
+        ("keep-old", 4, "filter"),  # (compared, nothing to commit)
         ("ipset-remove", "METALEG-SNATTED-4", relay),
         ("exact", 4, "nat"),
         ("ipset-destroy", S4["relay"]),
@@ -668,7 +665,7 @@ def test_guard_exception_goes_before_the_snat_it_stands_for() -> None:
     # The guard goes away: its rules first, then its set.
     backend.apply(node_state(MAIL))
     assert log == [
-        ("merge", 4, "filter"),
+        ("keep-old", 4, "filter"),
         ("exact", 4, "filter"),
         ("ipset-destroy", "METALEG-TRANSIT-4"),
     ]
@@ -690,8 +687,8 @@ def test_stale_binding_drop_goes_before_the_snat_to_a_new_lb_ip() -> None:
     backend.apply(node_state(moved, WEB, LOST))
     assert log == [
         ("exact", 4, "filter"),  # old DROP out, nothing else changed
-        ("merge", 4, "nat"),  # new SNAT next to the old one
-        ("merge", 4, "filter"),  # new DROP: only gains now
+        ("keep-old", 4, "nat"),  # new SNAT next to the old one
+        ("keep-old", 4, "filter"),  # new DROP: only gains now
         ("exact", 4, "nat"),  # old SNAT out
     ]
     fake = backend._helpers[Family.IPV4]
@@ -703,15 +700,21 @@ def test_stale_binding_drop_goes_before_the_snat_to_a_new_lb_ip() -> None:
     )
     # The early commit holds the old filter without the old DROP, and nothing new.
     before, after = render(DUAL_STACK), render(node_state(moved, WEB, LOST))
-    (spec,) = unbind_first(before.tables[Family.IPV4], (after.tables[Family.IPV4]["filter"],))
+    (spec,) = without_departing_stale_bindings(
+        before.tables[Family.IPV4], (after.tables[Family.IPV4]["filter"],)
+    )
     assert [str(rule) for rule in spec.chains["METALEG-REJECT"]] == [
         rule for index, rule in enumerate(rejects) if index != old_drop
     ]
     assert spec.heads == before.tables[Family.IPV4]["filter"].heads
-    # A resync does not know the old rules: no early commit (merge, then exact).
+    # A resync does not know the old rules: no early commit (keep-old, then exact).
     log.clear()
     backend.resync(DUAL_STACK)
-    assert next(entry for entry in log if entry[0] in ("merge", "exact")) == ("merge", 4, "mangle")
+    assert next(entry for entry in log if entry[0] in ("keep-old", "exact")) == (
+        "keep-old",
+        4,
+        "mangle",
+    )
 
 
 def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing() -> None:
@@ -720,9 +723,9 @@ def test_only_additions_skip_the_intermediate_commit_and_same_state_does_nothing
     log.clear()
     backend.apply(node_state(MAIL, WEB))
     # The first MARK Service: mangle gains the mark rule, filter the mark set's stray DROP.
-    assert [entry[0] for entry in log if entry[0] in ("merge", "exact")] == ["merge"] * 4
-    assert ("merge", 4, "mangle") in log and ("merge", 6, "mangle") in log
-    assert ("merge", 4, "filter") in log and ("merge", 6, "filter") in log
+    assert [entry[0] for entry in log if entry[0] in ("keep-old", "exact")] == ["keep-old"] * 4
+    assert ("keep-old", 4, "mangle") in log and ("keep-old", 6, "mangle") in log
+    assert ("keep-old", 4, "filter") in log and ("keep-old", 6, "filter") in log
     log.clear()
     backend.apply(node_state(MAIL, WEB))
     assert log == []
@@ -886,7 +889,7 @@ def test_incremental_change_touches_only_what_differs() -> None:
             assert after["sets"][name][3] == before["sets"][name][3]
         # First MAIL's stale binding DROPs go (both families); mangle is untouched in both
         # families: WEB's new IP and LOST's IPv6 source get their marks as members of the
-        # mark sets, before anything else; nothing only gains rules (no merge commit);
+        # mark sets, before anything else; nothing only gains rules (no keep-old commit);
         # then the tables that lose rules (the SNATed sets' stray and reply DROPs, MAIL's
         # SNAT, IPv6's REJECT, its only REJECT source gone) are committed (exact, filter
         # first); the sets no rule uses any more go last.
@@ -947,7 +950,7 @@ def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
         # Edited in place (same hash seed), not recreated.
         assert second["sets"]["METALEG-TRANSIT-4"][3] == first["sets"]["METALEG-TRANSIT-4"][3]
         # RELAY's stale binding DROP goes first (IPv4 filter is final then). Tables only
-        # lose rules, so merge leaves them as they are; exact commits IPv6 filter (its
+        # lose rules, so keep-old leaves them as they are; exact commits IPv6 filter (its
         # guard goes), then RELAY's sources leave the guard's exception (the SNATed set),
         # then nat loses the SNAT it stood for.
         assert second["changes"] == (
@@ -968,7 +971,7 @@ def test_transit_guard_appears_changes_by_difference_and_goes() -> None:
         assert third["changes"][-1] == "ipset METALEG-TRANSIT-4: destroy"
 
 
-def merge_then_exact(steps: list[tuple[str, TableSpec]]) -> list[dict[str, Any]]:
+def keep_old_then_exact(steps: list[tuple[str, TableSpec]]) -> list[dict[str, Any]]:
     """In the namespace: drive the xtables helper code directly, dumping nat after each step."""
     subprocess.run(["ipset", "create", "METALEG-T-A", "hash:ip"], check=True)
     subprocess.run(["ipset", "create", "METALEG-T-B", "hash:ip"], check=True)
@@ -983,7 +986,7 @@ def merge_then_exact(steps: list[tuple[str, TableSpec]]) -> list[dict[str, Any]]
 
 
 @pytest.mark.netns
-def test_merge_keeps_old_rules_until_exact() -> None:
+def test_keep_old_keeps_old_rules_until_exact() -> None:
     old = TableSpec(
         name="nat",
         chains={"METALEG-SNAT": (snat_rule("METALEG-T-A", "192.0.2.1"),)},
@@ -996,14 +999,16 @@ def test_merge_keeps_old_rules_until_exact() -> None:
     )
     with namespace("mlfw") as ns:
         dumps = run_in_netns(
-            ns, merge_then_exact, [("exact", old), ("merge", new), ("exact", new), ("exact", new)]
+            ns,
+            keep_old_then_exact,
+            [("exact", old), ("keep-old", new), ("exact", new), ("exact", new)],
         )
     a = "-m set --match-set METALEG-T-A src -j SNAT --to-source 192.0.2.1"
     b = "-m set --match-set METALEG-T-B src -j SNAT --to-source 192.0.2.2"
     skip, jump = "-m mark ! --mark 0x0/0xf00000 -j RETURN", "-j METALEG-SNAT"
     assert dumps[0]["METALEG-SNAT"] == [a]
     assert dumps[0]["POSTROUTING"] == [jump]
-    # Merge: new rules added (in place, at the top for built-in chains), old ones kept.
+    # Keep-old: new rules added (in place, at the top for built-in chains), old ones kept.
     assert dumps[1]["METALEG-SNAT"] == [b, a]
     assert dumps[1]["POSTROUTING"] == [skip, jump, jump]
     assert dumps[1]["results"] == ["TableResult(name='nat', committed=True, exact=False)"]
@@ -1014,7 +1019,7 @@ def test_merge_keeps_old_rules_until_exact() -> None:
 
 
 @pytest.mark.netns
-def test_merge_keeps_old_rules_in_place() -> None:
+def test_keep_old_keeps_old_rules_in_place() -> None:
     a = snat_rule("METALEG-T-A", "192.0.2.1")
     b = snat_rule("METALEG-T-B", "192.0.2.2")
     last = source_return_rule("METALEG-T-B")  # like the guard's REJECT: must stay last
@@ -1025,8 +1030,8 @@ def test_merge_keeps_old_rules_in_place() -> None:
     with namespace("mlfw") as ns:
         dumps = run_in_netns(
             ns,
-            merge_then_exact,
-            [("exact", nat(a, last)), ("merge", nat(last)), ("merge", nat(b, last))],
+            keep_old_then_exact,
+            [("exact", nat(a, last)), ("keep-old", nat(last)), ("keep-old", nat(b, last))],
         )
     texts = {str(rule): name for name, rule in (("a", a), ("b", b), ("last", last))}
     chains = [[texts[rule] for rule in dump["METALEG-SNAT"]] for dump in dumps]

@@ -1,5 +1,5 @@
-"""The iptables backend's incremental path (:class:`LiveRules`) and the conntrack scoping
-that goes with it (:class:`SourceClaims`): a change costs what it changes, and its result
+"""The iptables backend's incremental path (:class:`AppliedRendering`) and the conntrack
+scoping that goes with it (:class:`SourceClaims`): a change costs what it changes, and its result
 is exactly the full render's (sets, tables, conntrack plan)."""
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ from hypothesis import strategies as st
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import EgressView, FlushPlan, TreatmentError
-from metaleg.firewall.iptables.backend import (
-    LiveRules,
-    LiveStep,
-    changed_tables,
-    render,
-    unbind_first,
-)
+from metaleg.firewall.iptables.backend import changed_tables, without_departing_stale_bindings
 from metaleg.firewall.iptables.chain_diff import opcodes
+from metaleg.firewall.iptables.incremental import AppliedRendering, PendingStep
 from metaleg.firewall.iptables.ipsets import SetPlan, SetSpec, plan_sets
+from metaleg.firewall.iptables.render import render
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace
 from tests.test_firewall_iptables import expected_sets, expected_tables, kernel_view, run
@@ -54,7 +50,9 @@ def apply_plan(sets: dict[str, SetSpec], plan: SetPlan) -> dict[str, SetSpec]:
     }
 
 
-def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState) -> LiveRules:
+def iptables_step(
+    live: AppliedRendering, old: NodeDesiredState, new: NodeDesiredState
+) -> AppliedRendering:
     """One step, checked against the full render; returns the index after it."""
     before = render(old)
     try:
@@ -62,7 +60,7 @@ def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState)
     except BackendError:
         with pytest.raises(BackendError, match="service "):
             if live.step(new) is None:
-                LiveRules(new)
+                AppliedRendering(new)
         assert live.desired() == before  # refused: nothing changed
         return live
     change = live.step(new)
@@ -73,8 +71,8 @@ def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState)
             or keys != sorted(set(keys))
             or not live.ordered
         )
-        return LiveRules(new, live)
-    assert isinstance(change, LiveStep)
+        return AppliedRendering(new, live)
+    assert isinstance(change, PendingStep)
     # The plan takes the old sets exactly to the new ones ...
     assert apply_plan(before.sets, change.plan) == reference.sets
     # ... and touches no more than the full plan does.
@@ -89,10 +87,12 @@ def iptables_step(live: LiveRules, old: NodeDesiredState, new: NodeDesiredState)
         assert change.tables == reference.tables
     if not change.unbinds:  # the backend then skips step 1 without looking
         changed = changed_tables(before.tables, reference.tables)
-        assert all(not unbind_first(before.tables[f], changed[f]) for f in Family)
+        assert all(
+            not without_departing_stale_bindings(before.tables[f], changed[f]) for f in Family
+        )
     live.commit(change)
     assert live.desired() == reference
-    rebuilt = LiveRules(new)
+    rebuilt = AppliedRendering(new)
     assert live.mark_owner == rebuilt.mark_owner
     assert live.mark_contenders == rebuilt.mark_contenders
     assert live.shared == rebuilt.shared  # how many Services claim each shared member
@@ -137,7 +137,7 @@ def test_iptables_steps_equal_the_full_render(rng: random.Random, count: int) ->
     states = random_walk(rng, count, _valid)
     if not states:
         return
-    live = LiveRules(states[0])
+    live = AppliedRendering(states[0])
     claims = SourceClaims.build(states[0])[0]
     for new in states[1:]:
         live = iptables_step(live, live.state, new)
@@ -170,7 +170,7 @@ def test_the_later_mark_service_keeps_a_shared_address_through_changes() -> None
         state(mark_service("a", 1 << 20, "10.244.1.1"), mark_service("c", 2 << 20, "10.244.1.2")),
         state(),
     ]
-    live = LiveRules(states[0])
+    live = AppliedRendering(states[0])
     marks = []
     for old, new in itertools.pairwise(states):
         assert live.step(new) is not None
@@ -201,7 +201,7 @@ def test_a_member_change_commits_no_table() -> None:
         (),
         (mark_service("a", 2 << 20, "10.244.1.1", "10.244.1.2"),),
     )
-    change = LiveRules(old).step(new)
+    change = AppliedRendering(old).step(new)
     assert change is not None
     assert change.tables is None
     # Members of the mark set only: a MARK Service has no source set of its own.

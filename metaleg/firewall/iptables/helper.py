@@ -270,7 +270,7 @@ class XtablesServer:
         target_rules: list[bytes] = list(desired)
         target_keys = list(desired_keys)
         exact = True
-        if mode is Mode.MERGE:
+        if mode is Mode.KEEP_OLD:
             # Keep rules that are going away until the final commit, so that
             # traffic stays covered while other tables change, in their place:
             # walk the difference and keep each unwanted rule where it was.
@@ -383,7 +383,7 @@ class XtablesServer:
         in_place = positions[:count] == list(range(count)) and our_keys[:count] == desired_keys
         if in_place and len(ours) == count:
             return False, True
-        if mode is Mode.MERGE and in_place:
+        if mode is Mode.KEEP_OLD and in_place:
             return False, False  # only extra rules of ours remain; EXACT removes them
         buffers = [(rule.rule, rule.mask) for rule in ours] if mode is Mode.EXACT else []
         try:

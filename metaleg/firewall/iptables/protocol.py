@@ -19,7 +19,7 @@ from metaleg.firewall.iptables.rules import Rule, TableSpec
 class Mode(enum.StrEnum):
     """How a table is brought towards its :class:`TableSpec`."""
 
-    MERGE = "merge"
+    KEEP_OLD = "keep-old"
     """Add what is missing, keep metaleg rules that are no longer wanted (make-before-break).
 
     Kept rules stay where they are among the wanted ones (a rule replaced by
