@@ -6,15 +6,8 @@ The table's layout, and why it is so, is described in
 Every :meth:`NftablesBackend.apply` is ONE nft transaction
 (:mod:`metaleg.firewall.nftables.scripts`).
 
-Incremental changes cost what they change, not what the table holds: the
-backend keeps a :class:`LiveTable` (the applied state, its content and, per
-source, the Services claiming it) and derives each step from the Services that
-differ between two snapshots (unchanged ones compare equal), patching it only
-once the kernel took the transaction. The step's script is the one
-:func:`diff_script` would write for the full contents, and its conntrack plan
-covers exactly the sources whose treatment changed (both checked against the
-full render by ``tests/test_nft_incremental.py``). In the kernel, too, an
-element change costs the same at any N (no verdict map, see above).
+Incremental changes cost what they change, not what the table holds
+(:mod:`metaleg.firewall.nftables.incremental`).
 
 A periodic re-sync lists and compares the table in a short-lived forked child
 (:func:`metaleg.lifecycle.check_in_child`), so that the listing's peak memory
@@ -29,24 +22,20 @@ import json
 import logging
 import re
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
-from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
-from metaleg.firewall.conntrack import EgressView, FlushPlan, Treatment, TreatmentError
+from metaleg.firewall.conntrack import EgressView, FlushPlan
 from metaleg.firewall.nftables.content import (
     TableContent,
-    exclude_prefixes,
     mark_literal,
     ranges_to_cidrs,
-    transit_prefixes,
 )
 from metaleg.firewall.nftables.drift import NftDriftWatch
+from metaleg.firewall.nftables.incremental import LiveTable
 from metaleg.firewall.nftables.layout import (
     FAMILY_OF_SUFFIX,
     QUALIFIED,
@@ -57,20 +46,15 @@ from metaleg.firewall.nftables.layout import (
     TABLE,
     SetSpec,
     expected_sets,
-    set_order,
-    slot_set_name,
     table_chains,
 )
 from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.firewall.nftables.scripts import (
     diff_script,
-    element_additions,
-    element_deletions,
     full_script,
-    slot_change_commands,
 )
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
-from metaleg.model import Action, Family, NodeDesiredState
+from metaleg.model import Family, NodeDesiredState
 
 log = logging.getLogger(__name__)
 
@@ -79,243 +63,6 @@ _OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
 CHECK_TIMEOUT = 120.0
 """Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
 N=5000 Services; see docs/benchmarks.md)."""
-
-
-# --- incremental changes ----------------------------------------------------------------
-
-
-@dataclass
-class LiveChange:
-    """One incremental step of a :class:`LiveTable`, computed but not yet committed."""
-
-    script: str
-    """The nft transaction (empty: nothing to do in the kernel)."""
-    step: ClaimStep
-    """The Services and sources that change (see :class:`~metaleg.firewall.claims.ClaimStep`)."""
-    transit: dict[Family, frozenset[str]] | None
-    new_marks: list[int]
-    """Gateway slots the step creates (their rules are new to the baseline)."""
-
-    @property
-    def state(self) -> NodeDesiredState:
-        return self.step.state
-
-    @property
-    def sources(self) -> list[SourceChange]:
-        return self.step.sources
-
-    @property
-    def flush(self) -> FlushPlan:
-        """The conntrack step: exactly the sources whose treatment changed."""
-        return self.step.flush
-
-
-class LiveTable:
-    """What the backend last committed, indexed so that a change costs what it changes.
-
-    Holds the applied state's :class:`~metaleg.firewall.claims.SourceClaims` (which
-    Service owns each source) and its :class:`TableContent` (mutable sets and maps,
-    patched in place). Owned by one backend; :meth:`change_to` computes a step
-    without touching anything, :meth:`commit` applies it once the kernel took the
-    transaction.
-    """
-
-    def __init__(self, state: NodeDesiredState) -> None:
-        """Render ``state`` in full (raises :class:`BackendError` naming a bad entry)."""
-        try:
-            self.claims, owned = SourceClaims.build(state)
-        except TreatmentError as error:
-            raise BackendError(f"nftables: {error}") from error
-        self.mark_refs: Counter[int] = Counter()
-        """gateway mark -> sources marked with it (both families): the slots in use."""
-        snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
-        mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
-        reject: dict[Family, set[str]] = {f: set() for f in Family}
-        for family, claims in owned:
-            treatments = set(claims.values())
-            if len(treatments) == 1:  # the rule: one entry per family
-                self._render_all(family, claims, treatments.pop(), snat, mark, reject)
-            else:
-                self._render(family, claims.items(), snat, mark, reject)
-        del owned
-        self.content = TableContent(
-            exclude=exclude_prefixes(state),
-            snat=snat,
-            mark=mark,
-            reject=dict(reject),
-            transit={f: set(members) for f, members in transit_prefixes(state).items()},
-        )
-
-    @property
-    def state(self) -> NodeDesiredState:
-        """The applied state."""
-        return self.claims.state
-
-    @property
-    def fwmask(self) -> int:
-        """The applied state's mask (a step never changes it)."""
-        return self.claims.fwmask
-
-    def _render_all(
-        self,
-        family: Family,
-        sources: Iterable[str],
-        treatment: Treatment,
-        snat: dict[Family, dict[str, str]],
-        mark: dict[Family, dict[str, int]],
-        reject: dict[Family, set[str]],
-    ) -> None:
-        """:meth:`_render` of sources that share one treatment, in bulk."""
-        if treatment.action == Action.SNAT:
-            assert treatment.snat_ip is not None
-            snat[family].update(dict.fromkeys(sources, treatment.snat_ip))
-        elif treatment.action == Action.MARK:
-            assert treatment.fwmark is not None
-            added = dict.fromkeys(sources, treatment.fwmark)
-            mark[family].update(added)
-            self.mark_refs[treatment.fwmark] += len(added)
-        else:
-            reject[family].update(sources)
-
-    def _render(
-        self,
-        family: Family,
-        claims: Iterable[tuple[str, Treatment]],
-        snat: dict[Family, dict[str, str]],
-        mark: dict[Family, dict[str, int]],
-        reject: dict[Family, set[str]],
-    ) -> None:
-        for source, treatment in claims:
-            if treatment.action == Action.SNAT:
-                assert treatment.snat_ip is not None
-                snat[family][source] = treatment.snat_ip
-            elif treatment.action == Action.MARK:
-                assert treatment.fwmark is not None
-                mark[family][source] = treatment.fwmark
-                self.mark_refs[treatment.fwmark] += 1
-            else:
-                reject[family].add(source)
-
-    def change_to(self, new: NodeDesiredState) -> LiveChange | None:
-        """The step from the applied state to ``new``, or None when it needs the full path
-        (another mask or exclusion, Services out of order). Raises :class:`BackendError`
-        for a bad entry, before anything changes."""
-        try:
-            step = self.claims.step(new)
-        except TreatmentError as error:
-            raise BackendError(f"nftables: {error}") from error
-        if step is None:
-            return None
-        old = self.claims.state
-        transit = None
-        if (new.transit_guard_ipv4, new.transit_guard_ipv6) != (
-            old.transit_guard_ipv4,
-            old.transit_guard_ipv6,
-        ):
-            transit = transit_prefixes(new)
-        script, new_marks = self._script(step.sources, transit)
-        return LiveChange(script, step, transit, new_marks)
-
-    def _script(
-        self, changes: list[SourceChange], transit: dict[Family, frozenset[str]] | None
-    ) -> tuple[str, list[int]]:
-        """The transaction, command for command what :func:`diff_script` writes for the
-        full contents before and after (elements sorted alike)."""
-        deletions: dict[str, list[str]] = {}
-        additions: dict[str, list[str]] = {}
-        refs: Counter[int] = Counter()
-        for change in changes:
-            before, after = change.before, change.after
-            if before == after:
-                continue
-            family = change.family
-            s = SUFFIX[family]
-            if before is not None:
-                if before.action == Action.SNAT:
-                    deletions.setdefault(f"snat{s}", []).append(change.source)
-                elif before.action == Action.MARK:
-                    assert before.fwmark is not None
-                    deletions.setdefault(f"mark{s}", []).append(change.source)
-                    slot = slot_set_name(family, before.fwmark)
-                    deletions.setdefault(slot, []).append(change.source)
-                    refs[before.fwmark] -= 1
-                elif after is None or after.action != Action.REJECT:
-                    deletions.setdefault(f"reject{s}", []).append(change.source)
-            if after is not None:
-                if after.action == Action.SNAT:
-                    additions.setdefault(f"snat{s}", []).append(
-                        f"{change.source} : {after.snat_ip}"
-                    )
-                elif after.action == Action.MARK:
-                    assert after.fwmark is not None
-                    additions.setdefault(f"mark{s}", []).append(
-                        f"{change.source} : {mark_literal(after.fwmark)}"
-                    )
-                    slot = slot_set_name(family, after.fwmark)
-                    additions.setdefault(slot, []).append(change.source)
-                    refs[after.fwmark] += 1
-                elif before is None or before.action != Action.REJECT:
-                    additions.setdefault(f"reject{s}", []).append(change.source)
-        if transit is not None:
-            for family in Family:
-                s, have = SUFFIX[family], self.content.transit[family]
-                deletions[f"transit{s}"] = list(have - transit[family])
-                additions[f"transit{s}"] = list(transit[family] - have)
-        current = self.mark_refs
-        new_marks = sorted(m for m, n in refs.items() if n > 0 and not current[m])
-        gone_marks = sorted(m for m, n in refs.items() if n < 0 and current[m] + n == 0)
-        kept = {m for m, n in current.items() if n > 0} - set(gone_marks)
-        commands, last = slot_change_commands(
-            new_marks, gone_marks, kept | set(new_marks), self.fwmask
-        )
-        for name in set_order(kept):
-            commands += element_deletions(name, deletions.get(name, ()))
-        for name in set_order(kept | set(new_marks)):
-            commands += element_additions(name, additions.get(name, ()))
-        commands += last
-        return ("\n".join(commands) + "\n" if commands else ""), new_marks
-
-    def commit(self, change: LiveChange) -> None:
-        """Take ``change`` as applied (the kernel committed its script)."""
-        content = self.content
-        for source_change in change.sources:
-            family, source = source_change.family, source_change.source
-            before, after = source_change.before, source_change.after
-            if before == after:
-                continue
-            if before is not None:
-                if before.action == Action.SNAT:
-                    del content.snat[family][source]
-                elif before.action == Action.MARK:
-                    assert before.fwmark is not None
-                    del content.mark[family][source]
-                    self.mark_refs[before.fwmark] -= 1
-                    if not self.mark_refs[before.fwmark]:
-                        del self.mark_refs[before.fwmark]
-                else:
-                    _mutable(content.reject, family).discard(source)
-            if after is not None:
-                if after.action == Action.SNAT:
-                    assert after.snat_ip is not None
-                    content.snat[family][source] = after.snat_ip
-                elif after.action == Action.MARK:
-                    assert after.fwmark is not None
-                    content.mark[family][source] = after.fwmark
-                    self.mark_refs[after.fwmark] += 1
-                else:
-                    _mutable(content.reject, family).add(source)
-        if change.transit is not None:
-            for family in Family:
-                content.transit[family] = set(change.transit[family])
-        self.claims.commit(change.step)
-        content.__dict__.pop("view", None)  # the cached conntrack view is outdated
-
-
-def _mutable(sets: dict[Family, AbstractSet[str]], family: Family) -> set[str]:
-    members = sets[family]
-    if not isinstance(members, set):
-        members = sets[family] = set(members)
-    return members
 
 
 # --- reading the table back -------------------------------------------------------------
