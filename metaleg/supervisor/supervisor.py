@@ -55,6 +55,7 @@ from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
 from metaleg.model import NodeDesiredState, describe_egress
 from metaleg.supervisor import http
+from metaleg.supervisor.gate import new_gate
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
     CRASH_LOOP_CRASHES,
@@ -174,6 +175,8 @@ class Supervisor:
         self.loop_tick = time.monotonic()
         self.socket: zmq.Socket[Any] | None = None
         self.metrics_dir = os.path.join(config.run_dir, METRICS_DIRECTORY)
+        self.gate = new_gate(config, self.applied_generations)
+        """The start-up gate ``/egress?ip=`` (None: no probe server): fed every generation."""
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -315,6 +318,8 @@ class Supervisor:
         generation = before + 1
         self.snapshot = Snapshot(generation, state)
         self.snapshot_frame = b""
+        if self.gate is not None:
+            self.gate.observe(generation, state, delta)
         log.info("new desired state", extra={"generation": generation})
         change_frame = b""
         for name in STATE_WORKERS:
@@ -556,10 +561,16 @@ class Supervisor:
             log.info("metrics on http://%s/metrics", self.config.metrics_bind_address)
         if self.config.health_probe_bind_address is not None:
             servers.append(
-                http.serve_probes(self.config.health_probe_bind_address, self.healthz, self.readyz)
+                http.serve_probes(
+                    self.config.health_probe_bind_address,
+                    self.healthz,
+                    self.readyz,
+                    self.gate.answer if self.gate is not None else None,
+                )
             )
             log.info(
-                "probes on http://%s/healthz and /readyz", self.config.health_probe_bind_address
+                "probes on http://%s/healthz, /readyz and /egress?ip=",
+                self.config.health_probe_bind_address,
             )
         return servers
 
