@@ -18,8 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metaleg.backend import Backend, BackendError
-from metaleg.firewall.nftables.backend import ActualTable, NftablesBackend, differences
+from metaleg.firewall.nftables.backend import NftablesBackend
 from metaleg.firewall.nftables.content import TableContent, canonical_cidrs
+from metaleg.firewall.nftables.kernel import ActualTable, differences
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh

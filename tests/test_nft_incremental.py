@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from metaleg.backend import BackendError
 from metaleg.firewall import claims as source_claims
 from metaleg.firewall.conntrack import FlushPlan
-from metaleg.firewall.nftables.backend import ActualTable, NftablesBackend
+from metaleg.firewall.nftables.backend import NftablesBackend
 from metaleg.firewall.nftables.content import TableContent
 from metaleg.firewall.nftables.incremental import LiveTable
+from metaleg.firewall.nftables.kernel import ActualTable
 from metaleg.firewall.nftables.scripts import diff_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns
