@@ -73,11 +73,6 @@ class SetIndexes:
         """Forget what was looked up (sets may have changed since)."""
         self._names.clear()
 
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
     def _getsockopt(self, buffer: ctypes.Array[ctypes.c_char]) -> None:
         if self._socket is None:
             self._libc = ctypes.CDLL(None, use_errno=True)

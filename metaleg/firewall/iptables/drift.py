@@ -300,8 +300,6 @@ class IptablesDriftCheck:
         self._info: dict[tuple[Family, str], TableInfo | None] = {}
         self._checks = 0
         self._stale = False
-        self.reads = 0
-        """Tables whose rules were read by checks (for the benchmark and tests)."""
 
     def fds(self) -> list[int]:
         return []
@@ -346,7 +344,6 @@ class IptablesDriftCheck:
             info = reader.info(table)
             if not full and info == self._info.get((family, table)):
                 continue
-            self.reads += 1
             info, have = reader.ours(table)
             differences = _compare(family, table, want, have)
             if not differences:

@@ -12,7 +12,6 @@ is a :class:`~metaleg.backend.BackendError` that names the set (and the member).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable
 
@@ -28,7 +27,6 @@ from metaleg.firewall.wire.ipset import (
     IpsetError,
     IpsetSocket,
     Request,
-    skbmark_member,
 )
 from metaleg.model import Family
 
@@ -99,19 +97,6 @@ class SetPlan(msgspec.Struct, frozen=True):
 def is_metaleg_set(name: str) -> bool:
     """Whether a set name belongs to metaleg (this version or an older one)."""
     return name.startswith(SET_PREFIXES)
-
-
-def canonical_member(kind: str, text: str) -> str:
-    """The canonical text of a set member (raises ``ValueError`` for garbage)."""
-    if kind == HASH_NET:
-        return str(ipaddress.ip_network(text, strict=False))
-    if kind == HASH_IP_MARK:
-        address, _, mark = text.partition(" skbmark ")
-        value, _, mask = mark.partition("/")
-        return skbmark_member(
-            str(ipaddress.ip_address(address)), int(value, 0), int(mask or "0xffffffff", 0)
-        )
-    return str(ipaddress.ip_address(text))
 
 
 def plan_sets(current: dict[str, SetSpec], desired: dict[str, SetSpec]) -> SetPlan:
@@ -254,22 +239,6 @@ class IpsetClient:
         if removal:
             raise self._failed(removal[0])
         return [str(self._failed(request)) for request in failed]
-
-    def create(self, spec: SetSpec) -> None:
-        """Create an empty set (no error if it already exists with this type)."""
-        self._run([self._create(spec)])
-
-    def add(self, spec: SetSpec, members: Iterable[str]) -> None:
-        """Add members (those already present are fine)."""
-        self._run(self._members(CMD_ADD, spec, members))
-
-    def remove(self, spec: SetSpec, members: Iterable[str]) -> None:
-        """Delete members (those already gone are fine)."""
-        self._run(self._members(CMD_DEL, spec, members))
-
-    def destroy(self, name: str) -> None:
-        """Destroy a set (no error if it does not exist)."""
-        self._run([self._socket.destroy(name)])
 
     # -- internals --------------------------------------------------------
 

@@ -152,16 +152,6 @@ def mark_set_name(family: Family) -> str:
     return f"METALEG-MARK-{int(family)}"
 
 
-def mark_rule(set_name: str, fwmark: int, fwmask: int) -> Rule:
-    """``-m set --match-set <src> src -j MARK --set-xmark <mark>/<mask>``: the Go original's
-    per-Service MARK rule (metaleg marks through :func:`mark_map_rule` instead)."""
-    return Rule(
-        "MARK",
-        (_set_match(set_name, "src"),),
-        (Option("set-xmark", (f"{fwmark:#x}/{fwmask:#x}",)),),
-    )
-
-
 def snat_rule(set_name: str, snat_ip: str) -> Rule:
     """``-m set --match-set <src> src -j SNAT --to-source <ip>``."""
     return Rule("SNAT", (_set_match(set_name, "src"),), (Option("to-source", (snat_ip,)),))
