@@ -37,18 +37,29 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, process: str) -> None:
         super().__init__()
         self.process = process
+        self._second = -1
+        self._second_text = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        """``2025-01-07T10:15:02.123Z``; the seconds' text is formatted once per second (the
+        audit process writes up to AUDIT_LOG_RATE lines a second)."""
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "process": self.process,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = record.__dict__
         for field in LINE_FIELDS:
-            value = record.__dict__.get(field)
+            value = fields.get(field)
             if value is not None:
                 entry[field] = value
         if record.exc_info:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import socket
+import struct
 from typing import Any
 
 import msgspec
@@ -78,6 +79,19 @@ def test_an_event_decodes_to_the_tuples_the_kernel_encoded(
     assert event == ConntrackEvent(canonical_entry(original), canonical_entry(reply), status, False)
     # A dump's decoder reads the same message as far as a deletion needs.
     assert wire.parse_entry(payload) == (canonical_entry(original), False)
+
+
+@given(snat_events())
+def test_a_tuple_in_another_layout_decodes_the_same(tuples: tuple[Entry, Entry]) -> None:
+    """The fast path reads the kernel's layout of a tuple with ports; any other order (the
+    protocol first) or an extra attribute takes the general decoder, with the same result."""
+    original, _ = tuples
+    encoded = wire.tuple_attribute(original)[4:]  # the tuple's nested attributes
+    ip_length = struct.unpack_from("=H", encoded)[0]
+    swapped = encoded[ip_length:] + encoded[:ip_length]
+    extra = encoded + wire.attr(99, b"\0\0\0\0")
+    for body in (swapped, extra):
+        assert wire.parse_tuple(original.family, body) == canonical_entry(original)
 
 
 def test_events_without_an_original_tuple_or_of_another_family_are_skipped() -> None:

@@ -66,8 +66,16 @@ def nft(netns: str, ruleset: str) -> None:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[tuple[str, str]]:
+    """(gateway namespace, peer namespace), see :func:`gateway_namespaces`."""
+    with gateway_namespaces() as namespaces:
+        yield namespaces
+
+
+@contextlib.contextmanager
+def gateway_namespaces() -> Iterator[tuple[str, str]]:
     """(gateway namespace, peer namespace): the gateway SNATs its "pod" addresses (on lo)
-    to the LB IPs with nft, the peer runs a recorder that answers with the source it saw."""
+    to the LB IPs with nft; the peer is where tests run a recorder that answers with the
+    source it saw. Both are deleted afterwards."""
     with namespace("mlau") as gw, namespace("mlap") as peer:
         link = f"au{os.getpid() % 100000}"
         sh(
@@ -150,8 +158,11 @@ class StandInSupervisor:
 
 
 @contextlib.contextmanager
-def audit_process(netns: str, **config: Any) -> Iterator[tuple[StandInSupervisor, Path]]:
-    """``python -m metaleg.audit`` in ``netns``, its stderr in a file, and its supervisor."""
+def audit_process(
+    netns: str, **config: Any
+) -> Iterator[tuple[StandInSupervisor, Path, subprocess.Popen[bytes]]]:
+    """``python -m metaleg.audit`` in ``netns`` (``ip netns exec`` execs it: the process is
+    the audit process itself), its stderr in a file, and its supervisor."""
     with tempfile.TemporaryDirectory(prefix="mlaudit") as run_dir:
         os.makedirs(os.path.join(run_dir, "metrics"))
         supervisor = StandInSupervisor(run_dir, STATE)
@@ -172,7 +183,7 @@ def audit_process(netns: str, **config: Any) -> Iterator[tuple[StandInSupervisor
                 stderr=subprocess.STDOUT,
             )
         try:
-            yield supervisor, log_path
+            yield supervisor, log_path, process
         finally:
             process.terminate()
             try:
@@ -229,7 +240,7 @@ def test_the_audit_process_writes_one_line_per_snated_connection(
     gw, peer = gateway
     with (
         Recorder(peer, tmp_path / "recorder.jsonl", udp_port=UDP_PORT, tcp_port=TCP_PORT),
-        audit_process(gw) as (supervisor, log_path),
+        audit_process(gw) as (supervisor, log_path, _),
     ):
         applied = supervisor.wait_applied(1)
         assert applied.process == "audit" and applied.error == ""
@@ -289,7 +300,7 @@ def test_lines_over_the_rate_are_dropped_and_counted(
     gw, peer = gateway
     with (
         Recorder(peer, tmp_path / "recorder.jsonl", udp_port=UDP_PORT, tcp_port=TCP_PORT),
-        audit_process(gw, audit_log_rate=3) as (supervisor, log_path),
+        audit_process(gw, audit_log_rate=3) as (supervisor, log_path, _),
     ):
         supervisor.wait_applied(1)
         run_in_netns(gw, lambda: [connect(socket.AF_INET, "udp", POD4, PEER4) for _ in range(12)])
@@ -330,7 +341,7 @@ def test_events_off_in_the_namespace_is_reported_as_the_process_error() -> None:
         nft(netns, "table ip t { chain c { type nat hook postrouting priority srcnat; }; }\n")
         sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=0", netns=netns)
         assert run_in_netns(netns, conntrack_events_setting) == 0
-        with audit_process(netns) as (supervisor, log_path):
+        with audit_process(netns) as (supervisor, log_path, _):
             applied = supervisor.wait_applied(1)
             assert "nf_conntrack_events is 0" in applied.error
             assert "nf_conntrack_events is 0" in log_path.read_text()

@@ -43,6 +43,7 @@ from metaleg.firewall.wire.nfnetlink import (
     NFGEN,
     NFNETLINK_V0,
     NLA_F_NESTED,
+    NLA_TYPE_MASK,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
@@ -51,7 +52,6 @@ from metaleg.firewall.wire.nfnetlink import (
     attr,
     message,
     nested,
-    parse_attributes,
 )
 
 NFNL_SUBSYS_CTNETLINK = 1
@@ -119,6 +119,7 @@ _IPV6 = struct.Struct("=HHHH16sHH16s")  # CTA_TUPLE_IP { V6_SRC, V6_DST }
 _PORTS = struct.Struct("=HHHHB3xHH2s2xHH2s2x")  # CTA_TUPLE_PROTO { NUM, SRC_PORT, DST_PORT }
 _BE16_RAW = struct.Struct("!H")
 _BE32_RAW = struct.Struct("!I")
+_ATTR_HEADER = struct.Struct("=HH")
 _ICMP_ATTRS: dict[int, tuple[int, int, int]] = {
     socket.AF_INET: (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE),
     socket.AF_INET6: (CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE),
@@ -240,14 +241,16 @@ def parse_entry(payload: bytes) -> DumpedEntry | None:
     family = payload[0] if payload else 0
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    original = b""
+    original = None
     zoned = False
-    for kind, data in parse_attributes(payload, NFGEN.size):
+    for kind, start, end in _attributes_at(payload, NFGEN.size, len(payload)):
         if kind == CTA_TUPLE_ORIG:
-            original = data
+            original = (start, end)
         elif kind == CTA_ZONE:
-            zoned = len(data) >= 2 and _BE16_RAW.unpack_from(data)[0] != 0
-    entry = parse_tuple(family, original)
+            zoned = end - start >= 2 and _BE16_RAW.unpack_from(payload, start)[0] != 0
+    if original is None:
+        return None
+    entry = _tuple_at(payload, original[0], original[1], family)
     return None if entry is None else DumpedEntry(entry, zoned)
 
 
@@ -273,45 +276,119 @@ def parse_event(payload: bytes) -> ConntrackEvent | None:
     family = payload[0] if payload else 0
     if family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    original = reply = b""
+    original = reply = None
     status = 0
     zoned = False
-    for kind, data in parse_attributes(payload, NFGEN.size):
+    for kind, start, end in _attributes_at(payload, NFGEN.size, len(payload)):
         if kind == CTA_TUPLE_ORIG:
-            original = data
+            original = (start, end)
         elif kind == CTA_TUPLE_REPLY:
-            reply = data
+            reply = (start, end)
         elif kind == CTA_STATUS:
-            status = _BE32_RAW.unpack_from(data)[0] if len(data) >= 4 else 0
+            status = _BE32_RAW.unpack_from(payload, start)[0] if end - start >= 4 else 0
         elif kind == CTA_ZONE:
-            zoned = len(data) >= 2 and _BE16_RAW.unpack_from(data)[0] != 0
-    entry = parse_tuple(family, original)
+            zoned = end - start >= 2 and _BE16_RAW.unpack_from(payload, start)[0] != 0
+    if original is None:
+        return None
+    entry = _tuple_at(payload, original[0], original[1], family)
     if entry is None:
         return None
-    return ConntrackEvent(entry, parse_tuple(family, reply) if reply else None, status, zoned)
+    decoded_reply = _tuple_at(payload, reply[0], reply[1], family) if reply is not None else None
+    return ConntrackEvent(entry, decoded_reply, status, zoned)
 
 
 def parse_tuple(family: int, data: bytes) -> Entry | None:
     """Decode the nested attributes of a tuple (``CTA_TUPLE_ORIG`` or ``CTA_TUPLE_REPLY``)
     of ``family``; None without both addresses of that family and a protocol."""
+    return _tuple_at(data, 0, len(data), family)
+
+
+def _attributes_at(data: bytes, offset: int, end: int) -> list[tuple[int, int, int]]:
+    """``(type, payload start, payload end)`` of each attribute in ``data[offset:end]``:
+    offsets instead of slices (a conntrack message is decoded 3 levels deep per event)."""
+    found = []
+    unpack = _ATTR_HEADER.unpack_from
+    while offset + 4 <= end:
+        length, kind = unpack(data, offset)
+        if length < 4:
+            break
+        stop = offset + length
+        found.append((kind & NLA_TYPE_MASK, offset + 4, stop if stop <= end else end))
+        offset += (length + 3) & ~3
+    return found
+
+
+# The layout the kernel writes for a tuple with ports (ctnetlink_dump_tuples: the addresses,
+# then the protocol number and both ports), as tuple_attribute writes it too: decoded with
+# two unpacks when a tuple has exactly it, attribute by attribute otherwise.
+_PORTS_DECODE = struct.Struct("=HHHHB3xHHBB2xHHBB2x")
+_FAST_IP: dict[int, tuple[struct.Struct, int, int]] = {
+    socket.AF_INET: (_IPV4, 20, CTA_IP_V4_SRC),
+    socket.AF_INET6: (_IPV6, 44, CTA_IP_V6_SRC),
+}
+
+
+def _fast_tuple(data: bytes, start: int, end: int, family: int) -> Entry | None:
+    """The tuple at ``data[start:end]`` if it has exactly the kernel's layout of a tuple with
+    ports; None for anything else (ICMP, another order, extra attributes)."""
+    layout, ip_size, source_kind = _FAST_IP[family]
+    if end - start != ip_size + _PORTS_DECODE.size:
+        return None
+    ip_length, ip_kind, _, src_kind, source, _, dst_kind, destination = layout.unpack_from(
+        data, start
+    )
+    (
+        proto_length, proto_kind, _, num_kind, protocol,
+        _, sport_kind, sport_high, sport_low,
+        _, dport_kind, dport_high, dport_low,
+    ) = _PORTS_DECODE.unpack_from(data, start + ip_size)  # fmt: skip
+    if (
+        ip_length != ip_size
+        or ip_kind & NLA_TYPE_MASK != CTA_TUPLE_IP
+        or src_kind != source_kind
+        or dst_kind != source_kind + 1
+        or proto_length != _PORTS_DECODE.size
+        or proto_kind & NLA_TYPE_MASK != CTA_TUPLE_PROTO
+        or (num_kind, sport_kind, dport_kind)
+        != (CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT)
+    ):
+        return None
+    return Entry(
+        family,
+        socket.inet_ntop(family, source),
+        socket.inet_ntop(family, destination),
+        protocol,
+        sport_high << 8 | sport_low,
+        dport_high << 8 | dport_low,
+    )
+
+
+def _tuple_at(data: bytes, start: int, end: int, family: int) -> Entry | None:
+    """The tuple whose nested attributes are ``data[start:end]`` (see :func:`parse_tuple`)."""
+    fast = _fast_tuple(data, start, end, family)
+    if fast is not None:
+        return fast
     addresses: dict[int, str] = {}
     protocol: int | None = None
     fields: list[int | None] = [None, None, None, None, None]
-    for kind, value in parse_attributes(data):
+    for kind, inner, stop in _attributes_at(data, start, end):
         if kind == CTA_TUPLE_IP:
-            for ip_kind, address in parse_attributes(value):
-                if ip_kind in _ADDRESS_ATTRS and len(address) in (4, 16):
+            for ip_kind, first, last in _attributes_at(data, inner, stop):
+                size = last - first
+                if ip_kind in _ADDRESS_ATTRS and size in (4, 16):
                     addresses[ip_kind] = socket.inet_ntop(
-                        socket.AF_INET if len(address) == 4 else socket.AF_INET6, address
+                        socket.AF_INET if size == 4 else socket.AF_INET6, data[first:last]
                     )
         elif kind == CTA_TUPLE_PROTO:
-            for proto_kind, proto_value in parse_attributes(value):
-                if proto_kind == CTA_PROTO_NUM and proto_value:
-                    protocol = proto_value[0]
-                elif proto_kind in _PORT_ATTRS and len(proto_value) >= 2:
-                    fields[_PORT_ATTRS[proto_kind]] = _BE16_RAW.unpack_from(proto_value)[0]
-                elif proto_kind in _BYTE_ATTRS and proto_value:
-                    fields[_BYTE_ATTRS[proto_kind]] = proto_value[0]
+            for proto_kind, first, last in _attributes_at(data, inner, stop):
+                if first >= last:
+                    continue
+                if proto_kind == CTA_PROTO_NUM:
+                    protocol = data[first]
+                elif proto_kind in _PORT_ATTRS and last - first >= 2:
+                    fields[_PORT_ATTRS[proto_kind]] = _BE16_RAW.unpack_from(data, first)[0]
+                elif proto_kind in _BYTE_ATTRS:
+                    fields[_BYTE_ATTRS[proto_kind]] = data[first]
     if family == socket.AF_INET:
         source, destination = addresses.get(CTA_IP_V4_SRC), addresses.get(CTA_IP_V4_DST)
     else:
