@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from metaleg.audit.ratelimit import Bursts, TokenBucket
 from metaleg.audit.records import FIELDS, AuditRecord, SnatIndex, match
+from metaleg.config import Config
 from metaleg.firewall.wire import conntrack as wire
 from metaleg.firewall.wire.conntrack import ConntrackEvent, Entry
 from metaleg.firewall.wire.nfnetlink import parse_messages
@@ -326,6 +327,13 @@ def test_bursts_are_reported_once_at_the_start_and_once_with_their_total() -> No
     assert bursts.add(0, 31.0) is False
     assert bursts.add(1, 32.0) is True
     assert bursts.total == 6
+
+
+def test_the_supervisor_starts_the_audit_process_only_with_audit_log_on() -> None:
+    from metaleg.supervisor.supervisor import Supervisor
+
+    assert "audit" in Supervisor(Config(node_name="n")).workers
+    assert "audit" not in Supervisor(Config(node_name="n", audit_log=False)).workers
 
 
 def test_the_audit_process_shows_in_status_but_gates_neither_health_nor_readiness() -> None:
