@@ -228,7 +228,7 @@ class IptablesBackend:
            whose mark changes is added to the mark set with its new mark: the
            kernel replaces the mark in place;
         3. commit each changed table with the new rules added and the old ones
-           kept (MERGE), so every table covers old and new; the members that
+           kept (KEEP_OLD), so every table covers old and new; the members that
            the SNATed set (:func:`snatted_set_name`) gains are added after
            mangle and nat and before filter: the set is the transit guard's
            exception for sources that nat SNATs, so a source joins it only once
@@ -255,66 +255,104 @@ class IptablesBackend:
         self._sets_uncertain = True  # until this change is complete
         generation = self._set_generation
         changes: list[str] = []
-        early_requests = {}
-        for family in FAMILIES:
-            early = (
-                ()
-                if before is None
-                else without_departing_stale_bindings(before[family], tables[family])
-            )
-            if early:
-                early_requests[family] = SyncRequest(
-                    tables=early, mode=Mode.EXACT, set_generation=generation
-                )
-        for family, reply in self._request_all(early_requests).items():
-            changes += self._describe(family, reply)
+        if before is not None:
+            self._drop_departing_stale_bindings(before, tables, generation, changes)
         plan, exceptions = split_exceptions(plan)
         changes += plan.describe_make()
         self._ipsets.make(plan)
         if plan.recreate:
             self._set_generation += 1
             generation = self._set_generation
-        # MERGE: mangle and nat, the exceptions' new members, filter (one request per
-        # family when no exception is added).
-        merge_phases = [tables]
+        kept_old = self._commit_keeping_old(tables, exceptions, generation, changes)
+        # Garbage collection looks at every table (stale chains, other tables), so it
+        # gets all specs even where step 3 already reached them.
+        final = {
+            family: _in_break_order(tables[family] if collect_garbage else kept_old[family])
+            for family in FAMILIES
+        }
+        self._commit_exact(final, exceptions, collect_garbage, generation, changes)
+        errors = self._ipsets.unmake(plan)
+        self._sets_uncertain = bool(plan.destroy)
+        changes += plan.describe_break()
+        self.last_changes = tuple(changes)
+        if errors:
+            raise BackendError("; ".join(errors))
+
+    def _drop_departing_stale_bindings(
+        self,
+        before: dict[Family, dict[str, TableSpec]],
+        tables: dict[Family, tuple[TableSpec, ...]],
+        generation: int,
+        changes: list[str],
+    ) -> None:
+        """Step 1 of :meth:`_execute`: commit the tables that lose stale binding rules
+        without them, and otherwise as they are."""
+        requests = {}
+        for family in FAMILIES:
+            early = without_departing_stale_bindings(before[family], tables[family])
+            if early:
+                requests[family] = SyncRequest(
+                    tables=early, mode=Mode.EXACT, set_generation=generation
+                )
+        for family, reply in self._request_all(requests).items():
+            changes += self._describe(family, reply)
+
+    def _commit_keeping_old(
+        self,
+        tables: dict[Family, tuple[TableSpec, ...]],
+        exceptions: SetPlan,
+        generation: int,
+        changes: list[str],
+    ) -> dict[Family, tuple[TableSpec, ...]]:
+        """Step 3 of :meth:`_execute`: commit ``tables`` keeping the old rules, mangle and
+        nat, then the SNATed sets' new members (``exceptions.add``), then filter (one
+        request per family when no member is added). Returns, per family, the tables
+        that kept old rules."""
+        phases = [tables]
         if exceptions.add:
             filter_specs, other_specs = _split_filter(tables)
-            merge_phases = [other_specs, filter_specs]
-        pending: dict[Family, tuple[TableSpec, ...]] = {family: () for family in FAMILIES}
-        for phase, phase_tables in enumerate(merge_phases):
+            phases = [other_specs, filter_specs]
+        kept_old: dict[Family, tuple[TableSpec, ...]] = {family: () for family in FAMILIES}
+        for phase, phase_tables in enumerate(phases):
             if phase == 1:
                 changes += SetPlan(add=exceptions.add).describe_make()
                 self._ipsets.make(SetPlan(add=exceptions.add))
-            merges = {
+            requests = {
                 family: SyncRequest(tables=specs, mode=Mode.KEEP_OLD, set_generation=generation)
                 for family, specs in phase_tables.items()
                 if specs
             }
-            for family, reply in self._request_all(merges).items():
+            for family, reply in self._request_all(requests).items():
                 changes += self._describe(family, reply)
-                pending[family] += tuple(
+                kept_old[family] += tuple(
                     spec
                     for spec, result in zip(phase_tables[family], reply.results, strict=True)
                     if not result.exact
                 )
-        # Garbage collection looks at every table (stale chains, other tables), so it
-        # gets all specs even where step 3 already reached them.
-        final = {
-            family: _in_break_order(tables[family] if collect_garbage else pending[family])
-            for family in FAMILIES
-        }
-        # EXACT: filter, the exceptions' members that go, mangle and nat.
-        exact_phases = [final]
+        return kept_old
+
+    def _commit_exact(
+        self,
+        final: dict[Family, tuple[TableSpec, ...]],
+        exceptions: SetPlan,
+        collect_garbage: bool,
+        generation: int,
+        changes: list[str],
+    ) -> None:
+        """Step 4 of :meth:`_execute`: commit the ``final`` tables exactly, filter first,
+        then the SNATed sets lose their members that go (``exceptions.remove``), then
+        mangle and nat."""
+        phases = [final]
         if exceptions.remove:
             filter_specs, other_specs = _split_filter(final)
             # Garbage collection cleans the tables its request does not name: all of them.
-            exact_phases = [filter_specs, final if collect_garbage else other_specs]
-        for phase, phase_tables in enumerate(exact_phases):
+            phases = [filter_specs, final if collect_garbage else other_specs]
+        for phase, phase_tables in enumerate(phases):
             if phase == 1:
                 self._ipsets.unmake(SetPlan(remove=exceptions.remove))
                 changes += SetPlan(remove=exceptions.remove).describe_break()
-            last = phase == len(exact_phases) - 1
-            exacts = {
+            last = phase == len(phases) - 1
+            requests = {
                 family: SyncRequest(
                     tables=specs,
                     mode=Mode.EXACT,
@@ -324,14 +362,8 @@ class IptablesBackend:
                 for family, specs in phase_tables.items()
                 if specs or (collect_garbage and last)
             }
-            for family, reply in self._request_all(exacts).items():
+            for family, reply in self._request_all(requests).items():
                 changes += self._describe(family, reply)
-        errors = self._ipsets.unmake(plan)
-        self._sets_uncertain = bool(plan.destroy)
-        changes += plan.describe_break()
-        self.last_changes = tuple(changes)
-        if errors:
-            raise BackendError("; ".join(errors))
 
     def _request_all(self, requests: dict[Family, SyncRequest]) -> dict[Family, SyncReply]:
         """Send each family's request to its helper at once, then collect the answers.

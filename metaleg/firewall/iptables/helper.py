@@ -251,7 +251,7 @@ class XtablesServer:
         rules: Sequence[Rule | msgspec.Raw],
         mode: Mode,
     ) -> tuple[bool, bool]:
-        """Make one of metaleg's chains hold ``rules`` (plus, in MERGE mode, the rules it had).
+        """Make one of metaleg's chains hold ``rules`` (plus, in KEEP_OLD mode, the rules it had).
 
         Rules are compared as raw entries (:mod:`metaleg.firewall.iptables.codec`):
         desired ones assembled from cached parts, the kernel's read without

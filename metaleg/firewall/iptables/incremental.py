@@ -11,10 +11,11 @@ set members only); :meth:`AppliedRendering.commit` takes the step as applied.
 from __future__ import annotations
 
 import bisect
+from typing import NamedTuple
 
 import msgspec
 
-from metaleg.firewall.claims import ServiceKey, step_services
+from metaleg.firewall.claims import ServiceChange, ServiceKey, step_services
 from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_IP_MARK, SetPlan, SetSpec, plan_sets
 from metaleg.firewall.iptables.render import (
     FAMILIES,
@@ -32,6 +33,23 @@ from metaleg.model import Action, Family, NodeDesiredState, ServiceEgress
 MarkClaim = tuple[tuple[ServiceKey, ...], str | None]
 """An address of the mark set after a step: its MARK claimants (sorted) and its member
 (None: no longer marked)."""
+
+
+class _ServiceWalk(NamedTuple):
+    """The changed Services of a step, rendered, and what they touch."""
+
+    changes: list[ServiceChange]
+    new_parts: dict[ServiceKey, RenderedService | None]
+    """Each changed Service's parts after the step (None: the Service is gone)."""
+    claimed: dict[Family, dict[str, list[ServiceKey]]]
+    """Per family, the mark set's addresses the changed Services claim before or after,
+    and which of them claim it after."""
+    shared_delta: dict[str, dict[str, int]]
+    """Per shared set, the change of each touched address's count of claims."""
+    rules_changed: bool
+    """Whether some changed Service's own rules (SNAT, stale binding DROP) change."""
+    unbinds: bool
+    """Whether a stale binding rule goes."""
 
 
 class PendingStep(msgspec.Struct, frozen=True):
@@ -67,18 +85,54 @@ class AppliedRendering(Rendering):
         """The step to ``new``, or None when it needs the full path (another mask or
         exclusion, Services out of order). Raises :class:`BackendError` for a bad
         entry, before anything changes."""
-        old = self.state
-        changes = step_services(old, new, self.services, self.ordered)
+        changes = step_services(self.state, new, self.services, self.ordered)
         if changes is None:
             return None
+        # The sets before and after the step, partial: plan_sets diffs only what they
+        # hold (a shared set's or the mark set's touched members).
         before_sets: dict[str, SetSpec] = {}
         after_sets: dict[str, SetSpec] = {}
+        walk = self._walk_services(changes, before_sets, after_sets)
+        marks, has_marks, marks_come_or_go = self._step_marks(walk, before_sets, after_sets)
+        shared, present, shared_come_or_go = self._step_shared(walk, before_sets, after_sets)
+        transit_sets, guard_comes_or_goes = self._step_transit(new, before_sets, after_sets)
+        tables = snat_keys = None
+        if walk.rules_changed or marks_come_or_go or shared_come_or_go or guard_comes_or_goes:
+            snat_keys = self._snat_keys_after(walk)
+            in_order: list[RenderedService] = []
+            for key in snat_keys:
+                parts = walk.new_parts[key] if key in walk.new_parts else self.parts[key]
+                assert parts is not None
+                in_order.append(parts)
+            tables = self.build_tables(
+                in_order,
+                has_marks,
+                present,
+                transit_sets if transit_sets is not None else self.transit_sets,
+            )
+        return PendingStep(
+            state=new,
+            services=tuple((key, service, walk.new_parts[key]) for key, _, service in changes),
+            plan=plan_sets(before_sets, after_sets),
+            tables=tables,
+            marks=marks,
+            shared=shared,
+            transit_sets=transit_sets,
+            unbinds=walk.unbinds,
+            snat_keys=snat_keys,
+        )
+
+    def _walk_services(
+        self,
+        changes: list[ServiceChange],
+        before_sets: dict[str, SetSpec],
+        after_sets: dict[str, SetSpec],
+    ) -> _ServiceWalk:
+        """Render the changed Services; their own sets go into ``before_sets`` and
+        ``after_sets``."""
         rules_changed = unbinds = False
         new_parts: dict[ServiceKey, RenderedService | None] = {}
-        # Per family, the mark set's addresses the changed Services claim before or
-        # after, and which of them claim it after.
         claimed: dict[Family, dict[str, list[ServiceKey]]] = {f: {} for f in FAMILIES}
-        # Per shared set, the change of each touched address's count of claims.
         shared_delta: dict[str, dict[str, int]] = {}
         for key, _, service in changes:
             was = self.parts.get(key, (None, None))
@@ -109,12 +163,20 @@ class AppliedRendering(Rendering):
                 if new_part is not None:
                     for address, _ in new_part.marks:
                         family_claimed.setdefault(address, []).append(key)
+        return _ServiceWalk(changes, new_parts, claimed, shared_delta, rules_changed, unbinds)
+
+    def _step_marks(
+        self, walk: _ServiceWalk, before_sets: dict[str, SetSpec], after_sets: dict[str, SetSpec]
+    ) -> tuple[dict[Family, dict[str, MarkClaim]], dict[Family, bool], bool]:
+        """The mark set's touched addresses per family, whether each family has marked
+        sources after the step, and whether that changes for some family (its MARK rule
+        and stray reply DROP come or go)."""
         members: dict[tuple[ServiceKey, int], dict[str, str]] = {}
 
         def member(key: ServiceKey, index: int, address: str) -> str:
             found = members.get((key, index))
             if found is None:
-                parts = new_parts[key] if key in new_parts else self.parts[key]
+                parts = walk.new_parts[key] if key in walk.new_parts else self.parts[key]
                 assert parts is not None
                 part = parts[index]
                 assert part is not None
@@ -123,6 +185,7 @@ class AppliedRendering(Rendering):
 
         marks: dict[Family, dict[str, MarkClaim]] = {}
         has_marks: dict[Family, bool] = {}
+        come_or_go = False
         for index, family in enumerate(FAMILIES):
             owner, contenders = self.mark_owner[family], self.mark_contenders[family]
             marked = self.marked[family]
@@ -130,10 +193,12 @@ class AppliedRendering(Rendering):
             lost: set[str] = set()
             gained: set[str] = set()
             count = len(marked)
-            for address, claimers in claimed[family].items():
+            for address, claimers in walk.claimed[family].items():
                 first = owner.get(address)
                 keys = contenders.get(address) or ((first,) if first is not None else ())
-                claimants = tuple(sorted([*(k for k in keys if k not in new_parts), *claimers]))
+                claimants = tuple(
+                    sorted([*(k for k in keys if k not in walk.new_parts), *claimers])
+                )
                 before = marked.get(address)
                 after = member(claimants[-1], index, address) if claimants else None
                 family_marks[address] = (claimants, after)
@@ -146,23 +211,31 @@ class AppliedRendering(Rendering):
                         count += 1
             marks[family] = family_marks
             had, has_marks[family] = bool(marked), count > 0
-            if had != has_marks[family]:
-                rules_changed = True  # the MARK rule and its stray DROP come or go
+            come_or_go |= had != has_marks[family]
             name = mark_set_name(family)
-            # Partial sets: plan_sets diffs only the members of touched addresses.
             if had:
                 before_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(lost))
             if has_marks[family]:
                 after_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(gained))
+        return marks, has_marks, come_or_go
+
+    def _step_shared(
+        self, walk: _ServiceWalk, before_sets: dict[str, SetSpec], after_sets: dict[str, SetSpec]
+    ) -> tuple[dict[str, dict[str, int]], set[str], bool]:
+        """Per shared set, the touched addresses' claim counts after the step; the shared
+        sets that are not empty after it; whether one becomes empty or stops being so
+        (the rules that match it come or go)."""
         shared: dict[str, dict[str, int]] = {}
         present = {name for name, claims in self.shared.items() if claims}
+        come_or_go = False
         for (family, _), name in SHARED_SETS.items():
-            claim_changes = shared_delta.get(name)
+            claim_changes = walk.shared_delta.get(name)
             if not claim_changes:
                 continue
             claims = self.shared[name]
             counts: dict[str, int] = {}
-            lost, gained = set(), set()
+            lost: set[str] = set()
+            gained: set[str] = set()
             for address, change in claim_changes.items():
                 if change == 0:
                     continue
@@ -181,60 +254,52 @@ class AppliedRendering(Rendering):
                 present.discard(name)
             if had:
                 before_sets[name] = SetSpec(name, HASH_IP, family, frozenset(lost))
-            if had != (name in present):
-                rules_changed = True  # the rules that match the set come or go
-        transit_sets = None
-        if (new.transit_guard_ipv4, new.transit_guard_ipv6) != (
+            come_or_go |= had != (name in present)
+        return shared, present, come_or_go
+
+    def _step_transit(
+        self,
+        new: NodeDesiredState,
+        before_sets: dict[str, SetSpec],
+        after_sets: dict[str, SetSpec],
+    ) -> tuple[dict[Family, SetSpec | None] | None, bool]:
+        """The new transit guard sets (None: the guard is unchanged), and whether the
+        guard comes or goes in some family."""
+        old = self.state
+        if (new.transit_guard_ipv4, new.transit_guard_ipv6) == (
             old.transit_guard_ipv4,
             old.transit_guard_ipv6,
         ):
-            transit_sets = transit_guard_sets(new)
-            for family in FAMILIES:
-                was_set, now_set = self.transit_sets[family], transit_sets[family]
-                if (was_set is None) != (now_set is None):
-                    rules_changed = True  # the guard comes or goes
-                if was_set is not None:
-                    before_sets[was_set.name] = was_set
-                if now_set is not None:
-                    after_sets[now_set.name] = now_set
-        tables = snat_keys = None
-        if rules_changed:
-            # Only the Services with rules of their own (N/16 in the benchmark) are
-            # walked, not all N: the SNAT Services' keys are kept sorted, as the
-            # state's Services are on this path (step_services checked).
-            snat_keys = self.snat_keys
-            for key, _, _ in changes:
-                had, has = has_own_rules(self.parts.get(key)), has_own_rules(new_parts[key])
-                if had == has:
-                    continue
-                if snat_keys is self.snat_keys:
-                    snat_keys = list(snat_keys)
-                if has:
-                    bisect.insort(snat_keys, key)
-                else:
-                    del snat_keys[bisect.bisect_left(snat_keys, key)]
-            in_order: list[RenderedService] = []
-            for key in snat_keys:
-                parts = new_parts[key] if key in new_parts else self.parts[key]
-                assert parts is not None
-                in_order.append(parts)
-            tables = self.build_tables(
-                in_order,
-                has_marks,
-                present,
-                transit_sets if transit_sets is not None else self.transit_sets,
-            )
-        return PendingStep(
-            state=new,
-            services=tuple((key, service, new_parts[key]) for key, _, service in changes),
-            plan=plan_sets(before_sets, after_sets),
-            tables=tables,
-            marks=marks,
-            shared=shared,
-            transit_sets=transit_sets,
-            unbinds=unbinds,
-            snat_keys=snat_keys,
-        )
+            return None, False
+        transit_sets = transit_guard_sets(new)
+        come_or_go = False
+        for family in FAMILIES:
+            was_set, now_set = self.transit_sets[family], transit_sets[family]
+            come_or_go |= (was_set is None) != (now_set is None)
+            if was_set is not None:
+                before_sets[was_set.name] = was_set
+            if now_set is not None:
+                after_sets[now_set.name] = now_set
+        return transit_sets, come_or_go
+
+    def _snat_keys_after(self, walk: _ServiceWalk) -> list[ServiceKey]:
+        """The Services with rules of their own after the step, sorted.
+
+        Only those (N/16 in the benchmark) are walked to build the tables, not all N:
+        their keys are kept sorted, as the state's Services are on this path
+        (step_services checked). The list is copied only if it changes."""
+        snat_keys = self.snat_keys
+        for key, _, _ in walk.changes:
+            had, has = has_own_rules(self.parts.get(key)), has_own_rules(walk.new_parts[key])
+            if had == has:
+                continue
+            if snat_keys is self.snat_keys:
+                snat_keys = list(snat_keys)
+            if has:
+                bisect.insort(snat_keys, key)
+            else:
+                del snat_keys[bisect.bisect_left(snat_keys, key)]
+        return snat_keys
 
     def commit(self, step: PendingStep) -> None:
         """Take ``step`` as applied (the kernel holds it)."""
