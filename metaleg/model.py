@@ -54,6 +54,32 @@ class FamilyEgress(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The gateway node's firewall mark, already shifted into FIREWALL_MASK (set for ``MARK``)."""
     reason: str = ""
     """Why the traffic is rejected (set for ``REJECT``), for logs and status."""
+    destinations: tuple[str, ...] = ()
+    """Canonical CIDRs of this family (sorted, from ``metaleg.de/destinationCIDRs``) that the
+    sources' traffic is treated for; empty: every destination. Traffic to other
+    destinations follows the node's normal path, as if the Service were not labelled
+    (a family none of the annotation's CIDRs belongs to has no entry at all)."""
+
+
+class Protocol(enum.StrEnum):
+    """A transport protocol a destination port range applies to."""
+
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+
+
+class PortRange(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """Destination ports ``first``..``last`` (inclusive) of one protocol."""
+
+    protocol: Protocol
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        if self.first == self.last:
+            return f"{self.protocol}/{self.first}"
+        return f"{self.protocol}/{self.first}-{self.last}"
 
 
 class ServiceEgress(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,6 +93,10 @@ class ServiceEgress(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The SNAT addresses: the first IPv4 and the first IPv6 ingress IP, in that order."""
     families: tuple[FamilyEgress, ...]
     """At most one entry per family, IPv4 first; empty when the node has nothing to do."""
+    destination_ports: tuple[PortRange, ...] = ()
+    """The destination ports (``metaleg.de/destinationPorts``, sorted, merged) the sources'
+    traffic is treated for; empty: every protocol and port. Other traffic follows the
+    node's normal path."""
 
     @property
     def key(self) -> str:
@@ -145,6 +175,7 @@ def describe_egress(service: ServiceEgress, *, brief: bool = False) -> str:
         IPv4: egress here as 198.51.100.200 (3 sources)
         IPv4: egress via node-b as 198.51.100.200 (mark 0x100000, 1 source); IPv6: ...
         IPv4 and IPv6: egress rejected: no ServiceL2Status names a known gateway node (2 sources)
+        IPv4: egress here as 198.51.100.200 to 192.0.2.25/32 on tcp/25, tcp/587 (3 sources)
         no endpoints on this node
 
     "here" is this node as the gateway, SNAT to the LoadBalancer IP; "via" is
@@ -170,6 +201,10 @@ def describe_egress(service: ServiceEgress, *, brief: bool = False) -> str:
                 notes.append(f"mark {entry.fwmark:#x}")
         else:
             text = f"egress rejected: {entry.reason}" if entry.reason else "egress rejected"
+        if entry.destinations:
+            text += f" to {', '.join(entry.destinations)}"
+        if service.destination_ports:
+            text += f" on {', '.join(str(ports) for ports in service.destination_ports)}"
         if not brief:
             count = len(entry.source_ips)
             notes.append(f"{count} source{'' if count == 1 else 's'}")

@@ -18,16 +18,20 @@ def service(
     lb_ips: list[str] | tuple[str, ...] = (),
     labelled: bool | str = True,
     selector: dict[str, str] | None = None,
+    annotations: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     labels: dict[str, str] = {}
     if labelled is True:
         labels[REWRITE_LABEL] = "true"
     elif isinstance(labelled, str):
         labels[REWRITE_LABEL] = labelled
+    metadata: dict[str, Any] = {"namespace": namespace, "name": name, "labels": labels}
+    if annotations is not None:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"namespace": namespace, "name": name, "labels": labels},
+        "metadata": metadata,
         "spec": {
             "type": "LoadBalancer",
             "ports": [{"port": 25, "protocol": "TCP"}],

@@ -69,6 +69,17 @@ def check_against_oracle(tracker: EgressTracker, previous_allocation: dict[str, 
 
 POD_IPS = ["10.244.1.10", "10.244.2.10", "10.244.2.11", "fd00:10:244:1::10", "198.51.100.12"]
 NODE_NAMES = ["node-a", "node-b", "node-c", "ghost"]
+POLICIES: list[dict[str, Any] | None] = [
+    None,
+    None,
+    {"metaleg.de/destinationCIDRs": "192.0.2.0/24"},  # IPv6 sources take no part
+    {
+        "metaleg.de/destinationCIDRs": "192.0.2.1, 2001:db8::/64",
+        "metaleg.de/destinationPorts": "tcp/25",
+    },
+    {"metaleg.de/destinationCIDRs": "not-a-cidr"},  # invalid: as if absent, with a Problem
+    {"metaleg.de/destinationPorts": "udp/53,udp/54"},
+]
 
 
 @st.composite
@@ -85,7 +96,9 @@ def object_versions(draw: Any) -> list[dict[str, Any]]:
         return [k.node(draw(node), ipv4, draw(st.sampled_from([None, "2001:db8::1"])), cidrs)]
     if kind == "service":
         lb = draw(st.sampled_from([(), ("198.51.100.200",), ("198.51.100.200", "2001:db8::2")]))
-        return [k.service(namespace, name, lb, draw(st.sampled_from([True, True, False])))]
+        policy = draw(st.sampled_from(POLICIES))
+        labelled = draw(st.sampled_from([True, True, False]))
+        return [k.service(namespace, name, lb, labelled, annotations=policy)]
     if kind == "slice":
         family = draw(st.sampled_from(["IPv4", "IPv6"]))
         endpoints = draw(

@@ -10,12 +10,21 @@ names the object and the field. Only an object without a usable identity
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import msgspec
 
-from metaleg.model import Family
+from metaleg.model import Family, PortRange
+from metaleg.watcher.destinations import (
+    CIDRS_ANNOTATION,
+    PORTS_ANNOTATION,
+    PolicyError,
+    parse_cidrs,
+    parse_ports,
+)
+
+_Parsed = TypeVar("_Parsed")
 
 REWRITE_LABEL = "metaleg.de/rewriteSrcIP"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -49,6 +58,10 @@ class ServiceInfo(msgspec.Struct, frozen=True):
     """First IPv4 address in ``status.loadBalancer.ingress[].ip``."""
     lb_ipv6: str | None
     selector: tuple[tuple[str, str], ...] = ()
+    destination_cidrs: tuple[str, ...] | None = None
+    """``metaleg.de/destinationCIDRs`` parsed; None: absent or invalid (every destination)."""
+    destination_ports: tuple[PortRange, ...] = ()
+    """``metaleg.de/destinationPorts`` parsed; empty: absent or invalid (every port)."""
     """``spec.selector`` as sorted pairs; empty: no selector (then no Pod matches)."""
 
 
@@ -166,7 +179,35 @@ def parse_service(obj: Mapping[str, Any], problems: list[Problem]) -> ServiceInf
         elif family == Family.IPV6 and lb_ipv6 is None:
             lb_ipv6 = address
     selector = _string_pairs(_mapping(obj.get("spec")).get("selector"))
-    return ServiceInfo(namespace, name, labelled, lb_ipv4, lb_ipv6, selector)
+    annotations = _mapping(_mapping(obj.get("metadata")).get("annotations"))
+    key = f"{namespace}/{name}"
+    cidrs = _annotation(annotations, CIDRS_ANNOTATION, parse_cidrs, key, problems)
+    ports = _annotation(annotations, PORTS_ANNOTATION, parse_ports, key, problems)
+    return ServiceInfo(namespace, name, labelled, lb_ipv4, lb_ipv6, selector, cidrs, ports or ())
+
+
+def _annotation(
+    annotations: Mapping[str, Any],
+    annotation: str,
+    parse: Callable[[str], _Parsed],
+    key: str,
+    problems: list[Problem],
+) -> _Parsed | None:
+    """An annotation parsed; None when absent, and when invalid (with a Problem): the
+    Service is then treated as if it were absent (see :mod:`metaleg.watcher.destinations`)."""
+    raw = annotations.get(annotation)
+    if raw is None:
+        return None
+    field = f"metadata.annotations[{annotation}]"
+    ignored = "the annotation is ignored: every destination takes the LoadBalancer IP"
+    if not isinstance(raw, str):
+        problems.append(Problem("Service", key, field, f"{raw!r} is not a string; {ignored}"))
+        return None
+    try:
+        return parse(raw)
+    except PolicyError as error:
+        problems.append(Problem("Service", key, field, f"{error}; {ignored}"))
+        return None
 
 
 def _string_pairs(value: Any) -> tuple[tuple[str, str], ...]:
@@ -388,8 +429,13 @@ class _WireServiceStatus(_Wire):
     loadBalancer: _WireLoadBalancer | None = None
 
 
+class _WireServiceMetadata(_WireMetadata):
+    annotations: Any = None
+    """Only a Service's (the destination policy); a Pod's can be large and are not read."""
+
+
 class WireService(_Wire):
-    metadata: _WireMetadata | None = None
+    metadata: _WireServiceMetadata | None = None
     spec: _WireServiceSpec | None = None
     status: _WireServiceStatus | None = None
 

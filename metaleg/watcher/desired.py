@@ -277,12 +277,21 @@ def compute_node_state(
 
         families: list[FamilyEgress] = []
         for family, lb_ip in ((Family.IPV4, service.lb_ipv4), (Family.IPV6, service.lb_ipv6)):
-            if not sources[family]:
+            destinations = family_destinations(service, family)
+            if not sources[family] or destinations is None:
                 continue
             source_ips = tuple(sorted(sources[family], key=ip_sort_key))
             families.append(
                 family_egress(
-                    family, source_ips, lb_ip, gateway, node_name, cluster.nodes, allocation, shift
+                    family,
+                    source_ips,
+                    lb_ip,
+                    gateway,
+                    node_name,
+                    cluster.nodes,
+                    allocation,
+                    shift,
+                    destinations,
                 )
             )
         for entry in families:
@@ -296,6 +305,7 @@ def compute_node_state(
                 gateway_node=gateway,
                 lb_ips=lb_ips,
                 families=tuple(families),
+                destination_ports=service.destination_ports,
             )
         )
 
@@ -389,26 +399,44 @@ def family_egress(
     nodes: Mapping[str, NodeInfo],
     allocation: Mapping[str, int],
     shift: int,
+    destinations: tuple[str, ...] = (),
 ) -> FamilyEgress:
-    """What to do with one family's sources of one Service on this node."""
+    """What to do with one family's sources of one Service on this node (for traffic to
+    ``destinations``, :func:`family_destinations`)."""
     label = "IPv4" if family == Family.IPV4 else "IPv6"
 
     def reject(reason: str) -> FamilyEgress:
-        return FamilyEgress(family, Action.REJECT, source_ips, reason=reason)
+        return FamilyEgress(
+            family, Action.REJECT, source_ips, reason=reason, destinations=destinations
+        )
 
     if gateway is None:
         return reject("no ServiceL2Status names a known gateway node")
     if lb_ip is None:
         return reject(f"the Service has no {label} LoadBalancer IP")
     if gateway == node_name:
-        return FamilyEgress(family, Action.SNAT, source_ips, snat_ip=lb_ip)
+        return FamilyEgress(
+            family, Action.SNAT, source_ips, snat_ip=lb_ip, destinations=destinations
+        )
     next_hop = nodes[gateway].ipv4 if family == Family.IPV4 else nodes[gateway].ipv6
     if next_hop is None:
         return reject(f"gateway node {gateway} has no {label} InternalIP")
     slot = allocation.get(gateway)
     if slot is None:
         return reject(f"no free firewall mark for gateway node {gateway} (FIREWALL_MASK is full)")
-    return FamilyEgress(family, Action.MARK, source_ips, fwmark=slot << shift)
+    return FamilyEgress(
+        family, Action.MARK, source_ips, fwmark=slot << shift, destinations=destinations
+    )
+
+
+def family_destinations(service: ServiceInfo, family: Family) -> tuple[str, ...] | None:
+    """The destinations of ``family`` a Service's egress policy covers: () every one (no
+    ``metaleg.de/destinationCIDRs``), its CIDRs of that family, or None when it names
+    none of that family (that family's traffic then takes the node's normal path)."""
+    if service.destination_cidrs is None:
+        return ()
+    cidrs = tuple(c for c in service.destination_cidrs if (":" in c) == (family == Family.IPV6))
+    return cidrs or None
 
 
 def ip_sort_key(ip: str) -> tuple[int, bytes]:

@@ -59,6 +59,7 @@ from metaleg.watcher.desired import (
     NodeSettings,
     candidate_sources,
     conflict_problem,
+    family_destinations,
     family_egress,
     gateway_of,
     gateway_route,
@@ -515,7 +516,8 @@ class EgressTracker:
             sources[family].append(ip)
         families: list[FamilyEgress] = []
         for family, lb_ip in ((Family.IPV4, info.lb_ipv4), (Family.IPV6, info.lb_ipv6)):
-            if not sources[family]:
+            destinations = family_destinations(info, family)
+            if not sources[family] or destinations is None:
                 continue
             families.append(
                 family_egress(
@@ -527,6 +529,7 @@ class EgressTracker:
                     self.cluster.nodes,
                     self._allocation,
                     self._shift,
+                    destinations,
                 )
             )
         self._problems[service] = tuple(problems)
@@ -537,6 +540,7 @@ class EgressTracker:
             gateway_node=inputs.gateway,
             lb_ips=tuple(ip for ip in (info.lb_ipv4, info.lb_ipv6) if ip is not None),
             families=tuple(families),
+            destination_ports=info.destination_ports,
         )
         if new == old:
             return False
