@@ -178,10 +178,12 @@ def restore_limit(state: NodeDesiredState) -> dict[str, Any]:
 
 def nft_limit(state: NodeDesiredState) -> dict[str, Any]:
     """One ``nft -f`` of the nftables backend's full script; run inside a fresh namespace."""
-    from metaleg.firewall.nftables.backend import NftablesBackend, TableContent, full_script
+    from metaleg.firewall.nftables.backend import NftablesBackend
+    from metaleg.firewall.nftables.incremental import AppliedTable
+    from metaleg.firewall.nftables.scripts import full_script
 
     backend = NftablesBackend()
-    script = full_script(TableContent.of(state), state.fwmask, backend.reject_with)
+    script = full_script(AppliedTable(state).content, state.fwmask, backend.reject_with)
     with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as file:
         file.write(script)
         path = file.name

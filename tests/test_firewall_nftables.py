@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from metaleg.backend import Backend, BackendError
 from metaleg.firewall.nftables.backend import NftablesBackend
 from metaleg.firewall.nftables.content import TableContent, canonical_cidrs
+from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable, differences
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
@@ -32,6 +33,11 @@ EXCLUDE6 = ("fc00::/7", "fe80::/10")
 # Other nodes' pod CIDRs and one endpoint outside them (adjacent /24s merge in the set).
 TRANSIT4 = ("10.244.2.0/24", "10.244.3.0/24", "10.250.0.7/32")
 TRANSIT6 = ("fd00:2::/64", "fd00:2:0:1::/64")
+
+
+def content_of(state: NodeDesiredState) -> TableContent:
+    """What the backend writes into the table's sets and maps for ``state``."""
+    return AppliedTable(state).content
 
 
 # --- building desired states ------------------------------------------------------------
@@ -146,7 +152,7 @@ def test_backend_satisfies_protocol() -> None:
 
 
 def test_content_of_dual_stack_state() -> None:
-    content = TableContent.of(dual_stack_state())
+    content = content_of(dual_stack_state())
     assert content.snat[Family.IPV4] == {
         "10.244.1.10": "198.51.100.200",
         "10.244.1.20": "198.51.100.200",
@@ -173,7 +179,7 @@ def test_one_source_in_several_services_goes_to_the_first() -> None:
         service("c", egress(Family.IPV4, Action.MARK, "10.1.0.2", "10.1.0.3", fwmark=SLOT1)),
         service("d", egress(Family.IPV4, Action.REJECT, "10.1.0.3", "10.1.0.4")),
     )
-    content = TableContent.of(state)
+    content = content_of(state)
     assert content.snat[Family.IPV4] == {"10.1.0.1": "192.0.2.1", "10.1.0.2": "192.0.2.1"}
     assert content.mark[Family.IPV4] == {"10.1.0.3": SLOT1}
     assert content.reject[Family.IPV4] == {"10.1.0.4"}
@@ -192,12 +198,12 @@ def test_one_source_in_several_services_goes_to_the_first() -> None:
 )
 def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message: str) -> None:
     with pytest.raises(BackendError, match=rf"service ns/bad .*{message}"):
-        TableContent.of(node_state(service("bad", entry)))
+        content_of(node_state(service("bad", entry)))
 
 
 def test_rule_count_does_not_grow_with_services() -> None:
-    small = full_script(TableContent.of(dual_stack_state()), MASK, "icmpx admin-prohibited")
-    big = full_script(TableContent.of(big_state(300)), MASK, "icmpx admin-prohibited")
+    small = full_script(content_of(dual_stack_state()), MASK, "icmpx admin-prohibited")
+    big = full_script(content_of(big_state(300)), MASK, "icmpx admin-prohibited")
     # 30 static rules + one per gateway mark and family (2 resp. 5 slots).
     assert small.count("\nadd rule ") == 30 + 2 * 2
     assert big.count("\nadd rule ") == 30 + 2 * 5
@@ -209,13 +215,13 @@ def test_rule_count_does_not_grow_with_services() -> None:
 
 
 def test_diff_of_equal_contents_is_empty() -> None:
-    content = TableContent.of(dual_stack_state())
-    assert diff_script(content, TableContent.of(dual_stack_state()), MASK) == ""
+    content = content_of(dual_stack_state())
+    assert diff_script(content, content_of(dual_stack_state()), MASK) == ""
 
 
 def test_diff_changes_only_elements_and_slot_sets() -> None:
-    old = TableContent.of(dual_stack_state())
-    new = TableContent.of(
+    old = content_of(dual_stack_state())
+    new = content_of(
         node_state(
             service(
                 "snat",
@@ -256,7 +262,7 @@ def test_diff_changes_only_elements_and_slot_sets() -> None:
 
 
 def test_a_move_between_existing_slots_is_element_changes_only() -> None:
-    old = TableContent.of(dual_stack_state())
+    old = content_of(dual_stack_state())
     moved = node_state(
         *(s for s in dual_stack_state().services if s.name != "mark"),
         service(
@@ -268,7 +274,7 @@ def test_a_move_between_existing_slots_is_element_changes_only() -> None:
         transit6=TRANSIT6,
     )
     # Both slots stay in use: no set, no rule changes.
-    assert diff_script(old, TableContent.of(moved), MASK).splitlines() == [
+    assert diff_script(old, content_of(moved), MASK).splitlines() == [
         "delete element inet metaleg mark4 { 10.244.1.11 }",
         "delete element inet metaleg mark4_00100000 { 10.244.1.11 }",
         "add element inet metaleg mark4 { 10.244.1.11 : 0x00200000 }",
@@ -281,7 +287,7 @@ def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
         transit4=("10.244.0.0/16", "10.244.7.0/24", "10.245.0.0/16", "10.250.0.7/32"),
         transit6=("fd00:2::/64", "fd00:2::5/128", "fd00:9::1/128"),
     )
-    content = TableContent.of(state)
+    content = content_of(state)
     # Overlaps collapse, adjacent prefixes merge, host prefixes stay /32 and /128.
     assert content.transit == {
         Family.IPV4: {"10.244.0.0/15", "10.250.0.7/32"},
@@ -317,12 +323,12 @@ def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
         line for line in lines if line.startswith("add rule ")
     ]
     # The guard does not change conntrack scoping: it only acts on new connections.
-    assert content.view == TableContent.of(node_state()).view
+    assert content.view == content_of(node_state()).view
 
 
 def test_transit_guard_change_is_an_element_diff() -> None:
-    old = TableContent.of(node_state(transit4=("10.244.2.0/24", "10.250.0.7/32")))
-    new = TableContent.of(
+    old = content_of(node_state(transit4=("10.244.2.0/24", "10.250.0.7/32")))
+    new = content_of(
         node_state(
             transit4=("10.244.2.0/24", "10.244.3.0/24", "10.250.0.8/32"), transit6=("fd00:2::/64",)
         )
@@ -347,7 +353,7 @@ def test_bad_transit_guard_is_refused(
     transit4: tuple[str, ...], transit6: tuple[str, ...], message: str
 ) -> None:
     with pytest.raises(BackendError, match=message):
-        TableContent.of(node_state(transit4=transit4, transit6=transit6))
+        content_of(node_state(transit4=transit4, transit6=transit6))
 
 
 networks4 = st.builds(
@@ -446,7 +452,7 @@ def test_content_parsed_from_the_layout_before_slot_sets() -> None:
     state = node_state(
         service("mark", egress(Family.IPV4, Action.MARK, "10.244.1.11", fwmark=SLOT1))
     )
-    problems = differences(table, TableContent.of(state), MASK, "icmpx admin-prohibited", {})
+    problems = differences(table, content_of(state), MASK, "icmpx admin-prohibited", {})
     assert "map mark4 is SetSpec(kind='map', type='ipv4_addr', map='verdict', flags=()), " in (
         " ".join(problems)
     )
@@ -659,7 +665,7 @@ def _incremental_then_check(first: NodeDesiredState, second: NodeDesiredState) -
         assert handle == [i["table"]["handle"] for i in after["nftables"] if "table" in i]
         assert backend.transactions == 2
         assert ActualTable.parse(backend.nft.json("list table inet metaleg")).content() == (
-            TableContent.of(second)
+            content_of(second)
         )
     finally:
         backend.close()
@@ -692,7 +698,7 @@ def test_resync_recreates_a_deleted_table(ns: str) -> None:
     sh("nft", "delete", "table", "inet", "metaleg", netns=ns)
     assert not table_exists(ns)
     assert run_in_netns(ns, _resync, dual_stack_state()) == 1
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+    assert ActualTable.parse(listing(ns)).content() == content_of(dual_stack_state())
 
 
 def _resync_repairs(state: NodeDesiredState, tampering: list[list[str]]) -> None:
@@ -764,7 +770,7 @@ TAMPERING = {
 @pytest.mark.parametrize("case", sorted(TAMPERING))
 def test_resync_repairs_tampering(ns: str, case: str) -> None:
     run_in_netns(ns, _resync_repairs, dual_stack_state(), TAMPERING[case])
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+    assert ActualTable.parse(listing(ns)).content() == content_of(dual_stack_state())
 
 
 def _resync_reads(state: NodeDesiredState, tampering: list[list[str]], fork: bool) -> list[str]:
@@ -813,7 +819,7 @@ def test_periodic_resync_reads_the_table_in_a_child(ns: str) -> None:
     reads = run_in_netns(ns, _resync_reads, dual_stack_state(), tampering, True)
     # fresh process: read here (recreated once) | intact: child only | tampered: both
     assert reads == ["here", "|", "child", "|", "child", "here"]
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+    assert ActualTable.parse(listing(ns)).content() == content_of(dual_stack_state())
 
 
 @pytest.mark.netns
@@ -821,7 +827,7 @@ def test_periodic_resync_compares_in_process_when_it_cannot_fork(ns: str) -> Non
     tampering = TAMPERING["foreign rule"]
     reads = run_in_netns(ns, _resync_reads, dual_stack_state(), tampering, False)
     assert reads == ["here", "|", "child", "here", "|", "child", "here"]
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+    assert ActualTable.parse(listing(ns)).content() == content_of(dual_stack_state())
 
 
 @pytest.mark.netns
@@ -859,7 +865,7 @@ def test_apply_recreates_when_the_incremental_batch_fails(ns: str) -> None:
         service("mark3", egress(Family.IPV4, Action.MARK, "10.1.0.3", fwmark=SLOT3))
     )
     assert run_in_netns(ns, _apply_after_table_vanished, dual_stack_state(), second) == 2
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(second)
+    assert ActualTable.parse(listing(ns)).content() == content_of(second)
 
 
 def _replace_rule_keeping_comment() -> None:
@@ -920,7 +926,7 @@ def _apply_state_then_fail(state: NodeDesiredState) -> str:
 def test_a_failed_apply_leaves_the_previous_table(ns: str) -> None:
     message = run_in_netns(ns, _apply_state_then_fail, dual_stack_state())
     assert "service ns/bad" in message
-    assert ActualTable.parse(listing(ns)).content() == TableContent.of(dual_stack_state())
+    assert ActualTable.parse(listing(ns)).content() == content_of(dual_stack_state())
 
 
 def _measure() -> dict[str, float]:

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from metaleg.backend import BackendError
 from metaleg.firewall import claims as source_claims
-from metaleg.firewall.conntrack import FlushPlan
+from metaleg.firewall import conntrack
+from metaleg.firewall.conntrack import FlushPlan, TreatmentError
 from metaleg.firewall.nftables.backend import NftablesBackend
-from metaleg.firewall.nftables.content import TableContent
-from metaleg.firewall.nftables.incremental import LiveTable
+from metaleg.firewall.nftables.content import TableContent, exclude_prefixes, transit_prefixes
+from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable
 from metaleg.firewall.nftables.scripts import diff_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
@@ -43,6 +44,33 @@ DESTINATIONS = {
     Family.IPV4: ["198.51.100.1", "10.1.1.1"],
     Family.IPV6: ["2001:db8:9::1", "fd00:5::1"],
 }
+
+
+def reference_content(state: NodeDesiredState) -> TableContent:
+    """The table content of ``state`` rendered independently of :class:`AppliedTable`: the
+    sources resolved by :func:`conntrack.source_treatments` (as the conntrack scoping and
+    the iptables backend resolve them). Raises :class:`BackendError` like the backend."""
+    try:
+        treatments = conntrack.source_treatments(state)
+    except TreatmentError as error:
+        raise BackendError(f"nftables: {error}") from error
+    content = TableContent(
+        exclude=exclude_prefixes(state),
+        transit={f: prefixes for f, prefixes in transit_prefixes(state).items()},
+    )
+    for family, table in treatments.items():
+        reject: set[str] = set()
+        for source, treatment in table.items():
+            if treatment.action == Action.SNAT:
+                assert treatment.snat_ip is not None  # validated by source_treatments
+                content.snat[family][source] = treatment.snat_ip
+            elif treatment.action == Action.MARK:
+                assert treatment.fwmark is not None
+                content.mark[family][source] = treatment.fwmark
+            else:
+                reject.add(source)
+        content.reject[family] = frozenset(reject)
+    return content
 
 
 def random_entry(rng: random.Random, family: Family) -> FamilyEgress:
@@ -123,12 +151,12 @@ def random_states(
     return states
 
 
-def assert_same_index(live: LiveTable, state: NodeDesiredState) -> None:
-    rebuilt = LiveTable(state)
+def assert_same_index(live: AppliedTable, state: NodeDesiredState) -> None:
+    rebuilt = AppliedTable(state)
     assert live.content == rebuilt.content
     assert live.claims.owner == rebuilt.claims.owner
     assert live.claims.contenders == rebuilt.claims.contenders
-    assert +live.mark_refs == +rebuilt.mark_refs
+    assert +live.sources_per_mark == +rebuilt.sources_per_mark
     assert live.claims.services == rebuilt.claims.services
 
 
@@ -144,20 +172,20 @@ def assert_same_plan(plan: FlushPlan, reference: FlushPlan) -> None:
                 )
 
 
-def step(live: LiveTable, old: NodeDesiredState, new: NodeDesiredState) -> LiveTable | None:
+def step(live: AppliedTable, old: NodeDesiredState, new: NodeDesiredState) -> AppliedTable | None:
     """One step, checked against the full render; returns the live table after it (None:
     ``new`` is refused, and nothing changed)."""
-    before = TableContent.of(old)
+    before = reference_content(old)
     try:
-        reference = TableContent.of(new)
+        reference = reference_content(new)
     except BackendError:
         # Refused by the step, or (full path) by the full render.
         with pytest.raises(BackendError, match="service "):
-            if live.change_to(new) is None:
-                LiveTable(new)
+            if live.step_to(new) is None:
+                AppliedTable(new)
         assert_same_index(live, old)
         return None
-    change = live.change_to(new)
+    change = live.step_to(new)
     if change is None:
         # Only an exclusion change or an order the index cannot follow takes the full path.
         keys = [(s.namespace, s.name) for s in new.services]
@@ -166,7 +194,7 @@ def step(live: LiveTable, old: NodeDesiredState, new: NodeDesiredState) -> LiveT
             or keys != sorted(set(keys))
             or not live.claims.ordered
         )
-        return LiveTable(new)
+        return AppliedTable(new)
     assert change.script == diff_script(before, reference, MASK)
     assert_same_plan(change.flush, FlushPlan.between(before.view, reference.view))
     live.commit(change)
@@ -182,8 +210,8 @@ def test_incremental_steps_equal_the_full_render(rng: random.Random, count: int)
     states = random_walk(rng, count, _valid)
     if not states:
         return
-    live, applied = LiveTable(states[0]), states[0]
-    assert live.content == TableContent.of(applied)
+    live, applied = AppliedTable(states[0]), states[0]
+    assert live.content == reference_content(applied)
     for new in states[1:]:
         after = step(live, applied, new)
         if after is not None:
@@ -192,7 +220,7 @@ def test_incremental_steps_equal_the_full_render(rng: random.Random, count: int)
 
 def _valid(state: NodeDesiredState) -> bool:
     try:
-        TableContent.of(state)
+        reference_content(state)
     except BackendError:
         return False
     return True
@@ -229,9 +257,9 @@ def test_conflicting_sources_follow_the_first_service_through_changes() -> None:
         # b drops it: c's claim takes effect.
         state(svc("b", Action.MARK, "10.244.1.2"), svc("c", Action.REJECT, "10.244.1.1")),
     ]
-    live: LiveTable | None = LiveTable(states[0])
+    live: AppliedTable | None = AppliedTable(states[0])
     for old, new in itertools.pairwise(states):
-        assert live is not None and live.change_to(new) is not None
+        assert live is not None and live.step_to(new) is not None
         live = step(live, old, new)
     assert live is not None
     assert live.content.reject[Family.IPV4] == {"10.244.1.1"}
@@ -264,9 +292,9 @@ def test_a_bad_service_is_refused_before_anything_changes() -> None:
             ),
         ),
     )
-    live = LiveTable(good)
+    live = AppliedTable(good)
     with pytest.raises(BackendError, match="service zz/bad"):
-        live.change_to(bad)
+        live.step_to(bad)
     assert_same_index(live, good)
 
 
@@ -312,13 +340,13 @@ def test_a_change_touches_only_the_changed_service(monkeypatch: pytest.MonkeyPat
         ),
         type=NodeDesiredState,
     )
-    live = LiveTable(old)
+    live = AppliedTable(old)
     calls: list[str] = []
     claims = source_claims.service_claims
     monkeypatch.setattr(
         source_claims, "service_claims", lambda s, m: calls.append(s.name) or claims(s, m)
     )
-    change = live.change_to(new)
+    change = live.step_to(new)
     assert change is not None
     assert calls == ["svc0250", "svc0250"]  # old and new claims of the one changed Service
     assert len(change.sources) == 10
@@ -332,7 +360,7 @@ def test_a_change_touches_only_the_changed_service(monkeypatch: pytest.MonkeyPat
     ]
     assert change.new_marks == [2 << 20]
     live.commit(change)
-    assert live.content == TableContent.of(new)
+    assert live.content == reference_content(new)
 
 
 # --- in a namespace -----------------------------------------------------------------------
@@ -355,7 +383,7 @@ def _apply_sequence(states: list[NodeDesiredState]) -> list[int]:
             before = backend.transactions
             backend.apply(state)
             listed = ActualTable.parse(backend.nft.json("list table inet metaleg")).content()
-            assert listed == TableContent.of(state)
+            assert listed == reference_content(state)
             transactions.append(backend.transactions - before)
         before = backend.transactions
         backend.resync(states[-1])

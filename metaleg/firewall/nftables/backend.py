@@ -25,9 +25,9 @@ from metaleg.firewall import conntrack
 from metaleg.firewall.conntrack import EgressView, FlushPlan
 from metaleg.firewall.nftables.content import TableContent
 from metaleg.firewall.nftables.drift import NftDriftWatch
-from metaleg.firewall.nftables.incremental import LiveTable
+from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable, differences, read_table
-from metaleg.firewall.nftables.layout import QUALIFIED, REJECT_WITH, TABLE
+from metaleg.firewall.nftables.layout import QUALIFIED_TABLE, REJECT_WITH, TABLE
 from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
@@ -61,7 +61,7 @@ class NftablesBackend:
         self.reject_with = reject_with
         self.flush_conntrack = flush_conntrack
         self._nft: Nft | None = None
-        self._live: LiveTable | None = None
+        self._applied: AppliedTable | None = None
         """What we last committed (None: unknown, the next apply recreates the table)."""
         self._fwmask: int | None = None
         self._baseline: dict[str, str] = {}
@@ -91,37 +91,37 @@ class NftablesBackend:
         return self._nft
 
     def apply(self, state: NodeDesiredState) -> None:
-        live = self._live
-        if live is None or self._fwmask != state.fwmask:
-            self._recreate(LiveTable(state), self._kernel_content(), "first apply")
+        applied = self._applied
+        if applied is None or self._fwmask != state.fwmask:
+            self._recreate(AppliedTable(state), self._kernel_content(), "first apply")
             return
-        change = live.change_to(state)
-        if change is None:
+        step = applied.step_to(state)
+        if step is None:
             # Another exclusion set, or Services out of order: render and compare it all.
-            self._apply_full_diff(live, state)
+            self._apply_full_diff(applied, state)
             return
-        if change.script:
-            if not self._run_incremental(change.script, state):
+        if step.script:
+            if not self._run_incremental(step.script, state):
                 return
-            live.commit(change)
-            if change.new_marks:
+            applied.commit(step)
+            if step.new_marks:
                 self._record_baseline(merge=True)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("nftables updated", extra={"elements": live.content.counts()})
+                log.debug("nftables updated", extra={"elements": applied.content.counts()})
         else:
-            live.commit(change)
-        self._flush_step(change.flush)
+            applied.commit(step)
+        self._delete_outdated_flows(step.flush)
 
-    def _apply_full_diff(self, live: LiveTable, state: NodeDesiredState) -> None:
-        fresh = LiveTable(state)
-        script = diff_script(live.content, fresh.content, state.fwmask)
+    def _apply_full_diff(self, applied: AppliedTable, state: NodeDesiredState) -> None:
+        fresh = AppliedTable(state)
+        script = diff_script(applied.content, fresh.content, state.fwmask)
         if script:
             if not self._run_incremental(script, state):
                 return
-            if fresh.content.fwmarks() - live.content.fwmarks():
+            if fresh.content.fwmarks() - applied.content.fwmarks():
                 self._record_baseline(merge=True)
-        self._live = fresh
-        self._flush_step(FlushPlan.between(live.content.view, fresh.content.view))
+        self._applied = fresh
+        self._delete_outdated_flows(FlushPlan.between(applied.content.view, fresh.content.view))
 
     def _run_incremental(self, script: str, state: NodeDesiredState) -> bool:
         """Run an incremental transaction; False when it failed and the table was recreated."""
@@ -134,26 +134,28 @@ class NftablesBackend:
                 "incremental nftables update failed; recreating the table",
                 extra={"error": str(error)},
             )
-            self._live = None
-            self._recreate(LiveTable(state), self._kernel_content(), "repair")
+            self._applied = None
+            self._recreate(AppliedTable(state), self._kernel_content(), "repair")
             return False
         return True
 
     def resync(self, state: NodeDesiredState) -> None:
         # The listing happens in a child, or in _read_table, which trims after it (and
         # the worker trims after every re-sync).
-        live = self._live
-        if live is None or live.state != state:
-            live = LiveTable(state)
+        applied = self._applied
+        if applied is None or applied.state != state:
+            applied = AppliedTable(state)
         # A fresh process cannot vouch for rules it did not write: it recreates once
         # (atomic, cheap) and records what the kernel made of them.
-        trusted = self._live is not None and self._fwmask == state.fwmask and bool(self._baseline)
+        trusted = (
+            self._applied is not None and self._fwmask == state.fwmask and bool(self._baseline)
+        )
         # Drift reported by the kernel's notifications: the table is known to have been
         # changed, so skip asking a child whether it differs (at N=1000, ~0.4 s of a repair).
         drifted = self._drift is not None and self._drift.take_foreign()
-        if trusted and not drifted and self._table_matches(live.content, state.fwmask):
-            self._live = live
-            self._flush_step(None)  # retry a pending flush, if any
+        if trusted and not drifted and self._table_matches(applied.content, state.fwmask):
+            self._applied = applied
+            self._delete_outdated_flows(None)  # retry a pending flush, if any
             return
         # Missing, differing or not ours yet: read it here to know what to repair and
         # which flows the repair outdates.
@@ -164,17 +166,17 @@ class NftablesBackend:
             reason = "first re-sync of this process"
         else:
             problems = differences(
-                actual, live.content, state.fwmask, self.reject_with, self._baseline
+                actual, applied.content, state.fwmask, self.reject_with, self._baseline
             )
             if not problems:  # changed back since the child's reading, or the child failed
-                self._live = live
-                self._flush_step(None)
+                self._applied = applied
+                self._delete_outdated_flows(None)
                 return
             reason = "; ".join(problems[:10])
             log.warning("nftables table differs; recreating it", extra={"problems": problems})
         old = actual.content() if actual else None
         del actual
-        self._recreate(live, old, reason)
+        self._recreate(applied, old, reason)
 
     def _table_matches(self, desired: TableContent, fwmask: int) -> bool:
         """Whether the kernel's table is exactly ``desired``, read and compared in a child.
@@ -200,7 +202,7 @@ class NftablesBackend:
         except ForkedCheckError as error:
             log.warning(
                 "cannot compare table %s in a child process; comparing here",
-                QUALIFIED,
+                QUALIFIED_TABLE,
                 extra={"error": str(error)},
             )
             return False
@@ -209,14 +211,16 @@ class NftablesBackend:
         old = self._kernel_content()
         try:
             # "add" first so that "delete" cannot fail on a missing table.
-            self._run(f"add table {QUALIFIED}\ndelete table {QUALIFIED}\n")
+            self._run(f"add table {QUALIFIED_TABLE}\ndelete table {QUALIFIED_TABLE}\n")
         finally:
-            self._live = None
+            self._applied = None
             self._baseline = {}
         if old is not None:
             # Flows we SNATed or null-bound would keep that binding after the
             # rules are gone; let them re-enter through the node's own rules.
-            self._flush_step(FlushPlan.between(old.view, EgressView(exclude=old.view.exclude)))
+            self._delete_outdated_flows(
+                FlushPlan.between(old.view, EgressView(exclude=old.view.exclude))
+            )
 
     def close(self) -> None:
         if self._nft is not None:
@@ -225,18 +229,18 @@ class NftablesBackend:
 
     # --- internals ---
 
-    def _run(self, script: str) -> str:
+    def _run(self, script: str) -> None:
+        """Run ``script`` as one transaction (raises :class:`BackendError`)."""
         started = time.monotonic()
         try:
-            output = self.nft.run(script)
+            self.nft.run(script)
         except NftError as error:
-            raise BackendError(f"nftables: table {QUALIFIED}: {error}") from error
+            raise BackendError(f"nftables: table {QUALIFIED_TABLE}: {error}") from error
         finally:
             self.last_duration = time.monotonic() - started
         self.transactions += 1
         if self._drift is not None:
             self._drift.after_own_write()  # so that our own transaction is not drift
-        return output
 
     def _read_table(self) -> ActualTable | None:
         try:
@@ -251,9 +255,9 @@ class NftablesBackend:
         actual = self._read_table()
         return actual.content() if actual is not None else None
 
-    def _recreate(self, live: LiveTable, old: TableContent | None, reason: str) -> None:
-        desired = live.content
-        self._run(full_script(desired, live.fwmask, self.reject_with))
+    def _recreate(self, applied: AppliedTable, old: TableContent | None, reason: str) -> None:
+        desired = applied.content
+        self._run(full_script(desired, applied.fwmask, self.reject_with))
         log.info(
             "nftables table recreated",
             extra={
@@ -262,18 +266,18 @@ class NftablesBackend:
                 "elements": desired.counts(),
             },
         )
-        self._live = live
-        self._fwmask = live.fwmask
+        self._applied = applied
+        self._fwmask = applied.fwmask
         self._record_baseline()
         # libnftables keeps what a script added (every element of the table, here) in
         # its context's cache and frees it on the next command: ~10 ms at N=1000 that
-        # would land on the first incremental change. A fresh context costs far less.
+        # would land on the first incremental step. A fresh context costs far less.
         self.close()
         # Old treatments as the kernel held them: a restart over an intact
         # table then flushes nothing. With no table at all, every flow of a
         # treated source was the node's (masqueraded) and must be re-tracked.
         before = old if old is not None else TableContent(exclude=desired.exclude)
-        self._flush_step(FlushPlan.between(before.view, desired.view))
+        self._delete_outdated_flows(FlushPlan.between(before.view, desired.view))
 
     def _record_baseline(self, merge: bool = False) -> None:
         """Record the expressions of our rules as the kernel lists them (terse: no elements).
@@ -283,9 +287,9 @@ class NftablesBackend:
         recreate is not accepted as the new normal.
         """
         try:
-            document = self.nft.json(f"list table {QUALIFIED}", terse=True)
+            document = self.nft.json(f"list table {QUALIFIED_TABLE}", terse=True)
         except NftError as error:
-            log.warning("cannot read back table %s: %s", QUALIFIED, error)
+            log.warning("cannot read back table %s: %s", QUALIFIED_TABLE, error)
             if not merge:
                 self._baseline = {}
             return
@@ -297,13 +301,14 @@ class NftablesBackend:
         }
         self._baseline = {**listed, **self._baseline} if merge else listed
 
-    def _flush_step(self, step: FlushPlan | None) -> None:
-        """Delete the conntrack entries ``step`` outdates, with any pending ones."""
+    def _delete_outdated_flows(self, outdated: FlushPlan | None) -> None:
+        """Delete the conntrack entries ``outdated`` selects, with those of a failed
+        deletion before (None: retry those only)."""
         if not self.flush_conntrack:
             return
         plan = self._pending_flush
-        if step is not None:
-            plan = plan.merged(step) if plan is not None else step
+        if outdated is not None:
+            plan = plan.merged(outdated) if plan is not None else outdated
         if plan is None or not plan:
             self._pending_flush = None
             return
@@ -313,7 +318,7 @@ class NftablesBackend:
             # The rules are in place; the flush is retried with the next apply.
             self._pending_flush = plan
             raise BackendError(
-                f"nftables: table {QUALIFIED} applied, but deleting outdated conntrack "
+                f"nftables: table {QUALIFIED_TABLE} applied, but deleting outdated conntrack "
                 f"entries failed: {error}"
             ) from error
         self._pending_flush = None

@@ -16,7 +16,7 @@ from typing import Any
 
 from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
-from metaleg.firewall.conntrack import EgressView, Treatment, TreatmentError
+from metaleg.firewall.conntrack import EgressView, Treatment
 from metaleg.firewall.nftables.layout import SUFFIX, slot_set_name, slot_sets
 from metaleg.model import Action, Family, NodeDesiredState
 
@@ -114,35 +114,6 @@ class TableContent:
     reject: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     transit: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     """The transit guard's sources, canonical prefixes (like ``exclude``)."""
-
-    @classmethod
-    def of(cls, state: NodeDesiredState) -> TableContent:
-        """Render a desired state (raises :class:`BackendError` naming a bad Service).
-
-        The reference rendering; the backend keeps a :class:`LiveTable`, which
-        must hold exactly this content.
-        """
-        try:
-            treatments = conntrack.source_treatments(state)
-        except TreatmentError as error:
-            raise BackendError(f"nftables: {error}") from error
-        content = cls(
-            exclude=exclude_prefixes(state),
-            transit={f: prefixes for f, prefixes in transit_prefixes(state).items()},
-        )
-        for family, table in treatments.items():
-            reject: set[str] = set()
-            for source, treatment in table.items():
-                if treatment.action == Action.SNAT:
-                    assert treatment.snat_ip is not None  # validated by source_treatments
-                    content.snat[family][source] = treatment.snat_ip
-                elif treatment.action == Action.MARK:
-                    assert treatment.fwmark is not None
-                    content.mark[family][source] = treatment.fwmark
-                else:
-                    reject.add(source)
-            content.reject[family] = frozenset(reject)
-        return content
 
     def fwmarks(self) -> frozenset[int]:
         """The gateway slots in use (each has a set per family and rules in ``fwmark``)."""

@@ -47,7 +47,7 @@ NFTA_TABLE = 1
 """The table's name: attribute 1 of every table, chain, rule, set and element message."""
 
 # message type -> (drift kind, verb, attribute naming the object, what it is)
-_MESSAGES: dict[int, tuple[str, str, int | None, str]] = {
+_OBJECT_MESSAGES: dict[int, tuple[str, str, int | None, str]] = {
     0: ("nft_table", "added", None, "table"),
     2: ("nft_table", "deleted", None, "table"),
     3: ("nft_chain", "added or changed", 3, "chain"),
@@ -59,11 +59,11 @@ _MESSAGES: dict[int, tuple[str, str, int | None, str]] = {
     12: ("nft_element", "added", 2, "elements of set"),
     14: ("nft_element", "deleted", 2, "elements of set"),
 }
-_SEVERITY = ("nft_table", "nft_chain", "nft_set", "nft_rule", "nft_element")
+_KINDS_BY_SEVERITY = ("nft_table", "nft_chain", "nft_set", "nft_rule", "nft_element")
 """The kind a transaction's drift is reported as: the first of these it touched."""
 
 
-def _string(payload: bytes) -> str:
+def _c_string(payload: bytes) -> str:
     return payload.split(b"\0", 1)[0].decode(errors="replace")
 
 
@@ -154,7 +154,7 @@ class NftDriftWatch:
 
     def _drift(self, pid: int, name: str, batch: list[tuple[str, str]]) -> Drift:
         kinds = {kind for kind, _ in batch}
-        kind = next(k for k in _SEVERITY if k in kinds)
+        kind = next(k for k in _KINDS_BY_SEVERITY if k in kinds)
         descriptions = list(dict.fromkeys(text for k, text in batch if k == kind))
         shown = ", ".join(descriptions[:3])
         if len(descriptions) > 3:
@@ -189,27 +189,27 @@ class NftDriftWatch:
                     continue
                 message = kind & 0xFF
                 if message == NFT_MSG_NEWGEN:
-                    pid, name = self._generation(payload)
+                    pid, name = self._committer(payload)
                     if self._batch:
                         transactions.append((pid, name, self._batch))
                         self._batch = []
                     continue
-                meaning = _MESSAGES.get(message)
+                meaning = _OBJECT_MESSAGES.get(message)
                 if meaning is None or payload[0] != NFPROTO_INET:
                     continue
                 names = dict(parse_attributes(payload, 4))
                 if names.get(NFTA_TABLE, b"").split(b"\0", 1)[0] != self.table:
                     continue
                 drift_kind, verb, name_attr, what = meaning
-                target = _string(names.get(name_attr, b"")) if name_attr else "inet metaleg"
+                target = _c_string(names.get(name_attr, b"")) if name_attr else "inet metaleg"
                 self._batch.append((drift_kind, f"{what} {target} {verb}"))
 
     @staticmethod
-    def _generation(payload: bytes) -> tuple[int, str]:
+    def _committer(payload: bytes) -> tuple[int, str]:
         pid, name = 0, ""
         for attribute, value in parse_attributes(payload, 4):
             if attribute == NFTA_GEN_PROC_PID and len(value) >= 4:
                 pid = struct.unpack("!I", value[:4])[0]
             elif attribute == NFTA_GEN_PROC_NAME:
-                name = _string(value)
+                name = _c_string(value)
         return pid, name

@@ -1,6 +1,6 @@
 """Incremental changes: a change costs what it changes, not what the table holds.
 
-The backend keeps a :class:`LiveTable`: the applied state, its content and, per
+The backend keeps an :class:`AppliedTable`: the applied state, its content and, per
 source, the Services claiming it (:class:`~metaleg.firewall.claims.SourceClaims`).
 Each step is derived from the Services that differ between two snapshots
 (unchanged ones compare equal) and patched in only once the kernel took its
@@ -37,37 +37,34 @@ from metaleg.model import Action, Family, NodeDesiredState
 
 
 @dataclass
-class LiveChange:
-    """One incremental step of a :class:`LiveTable`, computed but not yet committed."""
+class PendingStep:
+    """One incremental step of an :class:`AppliedTable`, computed but not yet committed."""
 
     script: str
     """The nft transaction (empty: nothing to do in the kernel)."""
-    step: ClaimStep
+    claim_step: ClaimStep
     """The Services and sources that change (see :class:`~metaleg.firewall.claims.ClaimStep`)."""
-    transit: dict[Family, frozenset[str]] | None
+    new_transit: dict[Family, frozenset[str]] | None
+    """The transit guard's prefixes after the step (None: unchanged)."""
     new_marks: list[int]
     """Gateway slots the step creates (their rules are new to the baseline)."""
 
     @property
-    def state(self) -> NodeDesiredState:
-        return self.step.state
-
-    @property
     def sources(self) -> list[SourceChange]:
-        return self.step.sources
+        return self.claim_step.sources
 
     @property
     def flush(self) -> FlushPlan:
         """The conntrack step: exactly the sources whose treatment changed."""
-        return self.step.flush
+        return self.claim_step.flush
 
 
-class LiveTable:
+class AppliedTable:
     """What the backend last committed, indexed so that a change costs what it changes.
 
     Holds the applied state's :class:`~metaleg.firewall.claims.SourceClaims` (which
     Service owns each source) and its :class:`TableContent` (mutable sets and maps,
-    patched in place). Owned by one backend; :meth:`change_to` computes a step
+    patched in place). Owned by one backend; :meth:`step_to` computes a step
     without touching anything, :meth:`commit` applies it once the kernel took the
     transaction.
     """
@@ -78,7 +75,7 @@ class LiveTable:
             self.claims, owned = SourceClaims.build(state)
         except TreatmentError as error:
             raise BackendError(f"nftables: {error}") from error
-        self.mark_refs: Counter[int] = Counter()
+        self.sources_per_mark: Counter[int] = Counter()
         """gateway mark -> sources marked with it (both families): the slots in use."""
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
         mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
@@ -86,9 +83,9 @@ class LiveTable:
         for family, claims in owned:
             treatments = set(claims.values())
             if len(treatments) == 1:  # the rule: one entry per family
-                self._render_all(family, claims, treatments.pop(), snat, mark, reject)
+                self._add_sources_alike(family, claims, treatments.pop(), snat, mark, reject)
             else:
-                self._render(family, claims.items(), snat, mark, reject)
+                self._add_sources(family, claims.items(), snat, mark, reject)
         del owned
         self.content = TableContent(
             exclude=exclude_prefixes(state),
@@ -108,7 +105,7 @@ class LiveTable:
         """The applied state's mask (a step never changes it)."""
         return self.claims.fwmask
 
-    def _render_all(
+    def _add_sources_alike(
         self,
         family: Family,
         sources: Iterable[str],
@@ -117,7 +114,7 @@ class LiveTable:
         mark: dict[Family, dict[str, int]],
         reject: dict[Family, set[str]],
     ) -> None:
-        """:meth:`_render` of sources that share one treatment, in bulk."""
+        """:meth:`_add_sources` of sources that share one treatment, in bulk."""
         if treatment.action == Action.SNAT:
             assert treatment.snat_ip is not None
             snat[family].update(dict.fromkeys(sources, treatment.snat_ip))
@@ -125,11 +122,11 @@ class LiveTable:
             assert treatment.fwmark is not None
             added = dict.fromkeys(sources, treatment.fwmark)
             mark[family].update(added)
-            self.mark_refs[treatment.fwmark] += len(added)
+            self.sources_per_mark[treatment.fwmark] += len(added)
         else:
             reject[family].update(sources)
 
-    def _render(
+    def _add_sources(
         self,
         family: Family,
         claims: Iterable[tuple[str, Treatment]],
@@ -144,19 +141,19 @@ class LiveTable:
             elif treatment.action == Action.MARK:
                 assert treatment.fwmark is not None
                 mark[family][source] = treatment.fwmark
-                self.mark_refs[treatment.fwmark] += 1
+                self.sources_per_mark[treatment.fwmark] += 1
             else:
                 reject[family].add(source)
 
-    def change_to(self, new: NodeDesiredState) -> LiveChange | None:
+    def step_to(self, new: NodeDesiredState) -> PendingStep | None:
         """The step from the applied state to ``new``, or None when it needs the full path
         (another mask or exclusion, Services out of order). Raises :class:`BackendError`
         for a bad entry, before anything changes."""
         try:
-            step = self.claims.step(new)
+            claim_step = self.claims.step(new)
         except TreatmentError as error:
             raise BackendError(f"nftables: {error}") from error
-        if step is None:
+        if claim_step is None:
             return None
         old = self.claims.state
         transit = None
@@ -165,57 +162,24 @@ class LiveTable:
             old.transit_guard_ipv6,
         ):
             transit = transit_prefixes(new)
-        script, new_marks = self._script(step.sources, transit)
-        return LiveChange(script, step, transit, new_marks)
+        script, new_marks = self._step_script(claim_step.sources, transit)
+        return PendingStep(script, claim_step, transit, new_marks)
 
-    def _script(
+    def _step_script(
         self, changes: list[SourceChange], transit: dict[Family, frozenset[str]] | None
     ) -> tuple[str, list[int]]:
         """The transaction, command for command what :func:`diff_script` writes for the
-        full contents before and after (elements sorted alike)."""
-        deletions: dict[str, list[str]] = {}
-        additions: dict[str, list[str]] = {}
-        refs: Counter[int] = Counter()
-        for change in changes:
-            before, after = change.before, change.after
-            if before == after:
-                continue
-            family = change.family
-            s = SUFFIX[family]
-            if before is not None:
-                if before.action == Action.SNAT:
-                    deletions.setdefault(f"snat{s}", []).append(change.source)
-                elif before.action == Action.MARK:
-                    assert before.fwmark is not None
-                    deletions.setdefault(f"mark{s}", []).append(change.source)
-                    slot = slot_set_name(family, before.fwmark)
-                    deletions.setdefault(slot, []).append(change.source)
-                    refs[before.fwmark] -= 1
-                elif after is None or after.action != Action.REJECT:
-                    deletions.setdefault(f"reject{s}", []).append(change.source)
-            if after is not None:
-                if after.action == Action.SNAT:
-                    additions.setdefault(f"snat{s}", []).append(
-                        f"{change.source} : {after.snat_ip}"
-                    )
-                elif after.action == Action.MARK:
-                    assert after.fwmark is not None
-                    additions.setdefault(f"mark{s}", []).append(
-                        f"{change.source} : {mark_literal(after.fwmark)}"
-                    )
-                    slot = slot_set_name(family, after.fwmark)
-                    additions.setdefault(slot, []).append(change.source)
-                    refs[after.fwmark] += 1
-                elif before is None or before.action != Action.REJECT:
-                    additions.setdefault(f"reject{s}", []).append(change.source)
+        full contents before and after (elements sorted alike), and the marks whose slots
+        it creates."""
+        deletions, additions, mark_delta = _element_changes(changes)
         if transit is not None:
             for family in Family:
                 s, have = SUFFIX[family], self.content.transit[family]
                 deletions[f"transit{s}"] = list(have - transit[family])
                 additions[f"transit{s}"] = list(transit[family] - have)
-        current = self.mark_refs
-        new_marks = sorted(m for m, n in refs.items() if n > 0 and not current[m])
-        gone_marks = sorted(m for m, n in refs.items() if n < 0 and current[m] + n == 0)
+        current = self.sources_per_mark
+        new_marks = sorted(m for m, n in mark_delta.items() if n > 0 and not current[m])
+        gone_marks = sorted(m for m, n in mark_delta.items() if n < 0 and current[m] + n == 0)
         kept = {m for m, n in current.items() if n > 0} - set(gone_marks)
         commands, last = slot_change_commands(
             new_marks, gone_marks, kept | set(new_marks), self.fwmask
@@ -227,10 +191,10 @@ class LiveTable:
         commands += last
         return ("\n".join(commands) + "\n" if commands else ""), new_marks
 
-    def commit(self, change: LiveChange) -> None:
-        """Take ``change`` as applied (the kernel committed its script)."""
+    def commit(self, step: PendingStep) -> None:
+        """Take ``step`` as applied (the kernel committed its script)."""
         content = self.content
-        for source_change in change.sources:
+        for source_change in step.sources:
             family, source = source_change.family, source_change.source
             before, after = source_change.before, source_change.after
             if before == after:
@@ -241,11 +205,11 @@ class LiveTable:
                 elif before.action == Action.MARK:
                     assert before.fwmark is not None
                     del content.mark[family][source]
-                    self.mark_refs[before.fwmark] -= 1
-                    if not self.mark_refs[before.fwmark]:
-                        del self.mark_refs[before.fwmark]
+                    self.sources_per_mark[before.fwmark] -= 1
+                    if not self.sources_per_mark[before.fwmark]:
+                        del self.sources_per_mark[before.fwmark]
                 else:
-                    _mutable(content.reject, family).discard(source)
+                    _mutable_set(content.reject, family).discard(source)
             if after is not None:
                 if after.action == Action.SNAT:
                     assert after.snat_ip is not None
@@ -253,18 +217,59 @@ class LiveTable:
                 elif after.action == Action.MARK:
                     assert after.fwmark is not None
                     content.mark[family][source] = after.fwmark
-                    self.mark_refs[after.fwmark] += 1
+                    self.sources_per_mark[after.fwmark] += 1
                 else:
-                    _mutable(content.reject, family).add(source)
-        if change.transit is not None:
+                    _mutable_set(content.reject, family).add(source)
+        if step.new_transit is not None:
             for family in Family:
-                content.transit[family] = set(change.transit[family])
-        self.claims.commit(change.step)
+                content.transit[family] = set(step.new_transit[family])
+        self.claims.commit(step.claim_step)
         content.__dict__.pop("view", None)  # the cached conntrack view is outdated
 
 
-def _mutable(sets: dict[Family, AbstractSet[str]], family: Family) -> set[str]:
+def _mutable_set(sets: dict[Family, AbstractSet[str]], family: Family) -> set[str]:
     members = sets[family]
     if not isinstance(members, set):
         members = sets[family] = set(members)
     return members
+
+
+def _element_changes(
+    changes: list[SourceChange],
+) -> tuple[dict[str, list[str]], dict[str, list[str]], Counter[int]]:
+    """The element deletions and additions (set or map name -> elements) of ``changes``,
+    and per mark the change in the number of its sources."""
+    deletions: dict[str, list[str]] = {}
+    additions: dict[str, list[str]] = {}
+    mark_delta: Counter[int] = Counter()
+    for change in changes:
+        before, after = change.before, change.after
+        if before == after:
+            continue
+        family = change.family
+        s = SUFFIX[family]
+        if before is not None:
+            if before.action == Action.SNAT:
+                deletions.setdefault(f"snat{s}", []).append(change.source)
+            elif before.action == Action.MARK:
+                assert before.fwmark is not None
+                deletions.setdefault(f"mark{s}", []).append(change.source)
+                slot = slot_set_name(family, before.fwmark)
+                deletions.setdefault(slot, []).append(change.source)
+                mark_delta[before.fwmark] -= 1
+            elif after is None or after.action != Action.REJECT:
+                deletions.setdefault(f"reject{s}", []).append(change.source)
+        if after is not None:
+            if after.action == Action.SNAT:
+                additions.setdefault(f"snat{s}", []).append(f"{change.source} : {after.snat_ip}")
+            elif after.action == Action.MARK:
+                assert after.fwmark is not None
+                additions.setdefault(f"mark{s}", []).append(
+                    f"{change.source} : {mark_literal(after.fwmark)}"
+                )
+                slot = slot_set_name(family, after.fwmark)
+                additions.setdefault(slot, []).append(change.source)
+                mark_delta[after.fwmark] += 1
+            elif before is None or before.action != Action.REJECT:
+                additions.setdefault(f"reject{s}", []).append(change.source)
+    return deletions, additions, mark_delta

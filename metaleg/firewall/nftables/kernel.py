@@ -21,9 +21,9 @@ from metaleg.firewall import conntrack
 from metaleg.firewall.nftables.content import TableContent, mark_literal, ranges_to_cidrs
 from metaleg.firewall.nftables.layout import (
     FAMILY_OF_SUFFIX,
-    QUALIFIED,
-    SETS,
+    QUALIFIED_TABLE,
     SLOT_SET_NAME,
+    STATIC_SETS,
     SUFFIX,
     SetSpec,
     expected_sets,
@@ -34,7 +34,7 @@ from metaleg.model import Family
 
 log = logging.getLogger(__name__)
 
-_OLD_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
+_OLD_LAYOUT_MARK_CHAIN = re.compile(r"^fwmark_([0-9a-f]{8})$")
 """A mark's chain in the layout before slot sets (a verdict map jumped to it)."""
 
 
@@ -90,22 +90,24 @@ class ActualTable:
     def set_members(self, name: str) -> frozenset[str]:
         """A plain set's elements, canonical (unparseable ones are skipped): prefixes for
         the interval sets, addresses for the others."""
-        family = _set_family(name)
+        family = _family_of_set(name)
         elements = self.elements.get(name, [])
-        if SETS.get(name, _PLAIN).flags:
-            return ranges_to_cidrs([r for e in elements if (r := _range(e, family))], family)
-        return frozenset(a for e in elements if (a := _address(e, family)))
+        if name in STATIC_SETS and "interval" in STATIC_SETS[name].flags:
+            return ranges_to_cidrs(
+                [r for e in elements if (r := _address_range(e, family))], family
+            )
+        return frozenset(a for e in elements if (a := _canonical_address(e, family)))
 
     def map_members(self, name: str) -> dict[str, str]:
         """A map's elements as nft element strings (key -> value), canonical."""
-        family = _set_family(name)
+        family = _family_of_set(name)
         result: dict[str, str] = {}
-        for key, value in _pairs(self.elements.get(name, [])):
-            source = _address(key, family)
+        for key, value in _map_entries(self.elements.get(name, [])):
+            source = _canonical_address(key, family)
             if source is None:
                 continue
             if name.startswith("snat"):
-                if lb_ip := _address(value, family):
+                if lb_ip := _canonical_address(value, family):
                     result[source] = lb_ip
             elif isinstance(value, int) and not isinstance(value, bool):
                 result[source] = mark_literal(value)
@@ -130,35 +132,32 @@ class ActualTable:
         # so that the first re-sync after an upgrade (a recreate) knows the sources were
         # marked already and flushes none of their flows.
         for family in Family:
-            for key, value in _pairs(self.elements.get(f"mark{SUFFIX[family]}", [])):
+            for key, value in _map_entries(self.elements.get(f"mark{SUFFIX[family]}", [])):
                 target = value.get("jump", {}).get("target") if isinstance(value, dict) else None
-                old = _OLD_MARK_CHAIN.match(target) if isinstance(target, str) else None
-                if old and (source := _address(key, family)):
+                old = _OLD_LAYOUT_MARK_CHAIN.match(target) if isinstance(target, str) else None
+                if old and (source := _canonical_address(key, family)):
                     content.mark[family].setdefault(source, int(old.group(1), 16))
         return content
 
 
-_PLAIN = SetSpec("set", "", None, ())
-
-
-def _set_family(name: str) -> Family:
+def _family_of_set(name: str) -> Family:
     match = SLOT_SET_NAME.match(name)
     return FAMILY_OF_SUFFIX[match.group(1) if match else name[-1]]
 
 
-def _unwrap(element: Any) -> Any:
+def _element_value(element: Any) -> Any:
     # Elements with attributes (timeout, counter, comment) are listed as {"elem": {"val": ...}}.
     if isinstance(element, dict) and "elem" in element:
         return element["elem"].get("val")
     return element
 
 
-def _address(value: Any, family: Family) -> str | None:
-    return conntrack.canonical_ip(_unwrap(value), family)
+def _canonical_address(value: Any, family: Family) -> str | None:
+    return conntrack.canonical_ip(_element_value(value), family)
 
 
-def _range(element: Any, family: Family) -> tuple[int, int] | None:
-    element = _unwrap(element)
+def _address_range(element: Any, family: Family) -> tuple[int, int] | None:
+    element = _element_value(element)
     try:
         if isinstance(element, dict) and "prefix" in element:
             prefix = element["prefix"]
@@ -177,10 +176,10 @@ def _range(element: Any, family: Family) -> tuple[int, int] | None:
     return (int(address), int(address)) if address.version == family else None
 
 
-def _pairs(elements: list[Any]) -> list[tuple[Any, Any]]:
+def _map_entries(elements: list[Any]) -> list[tuple[Any, Any]]:
     pairs = []
     for element in elements:
-        element = _unwrap(element)
+        element = _element_value(element)
         if isinstance(element, list) and len(element) == 2:
             pairs.append((element[0], element[1]))
     return pairs
@@ -215,11 +214,11 @@ def differences(
         if name not in actual.chains:
             problems.append(f"chain {name} is missing")
             continue
-        want = (chain.type, chain.hook, chain.prio, "accept" if chain.hook else None)
+        want = (chain.type, chain.hook, chain.listed_priority, "accept" if chain.hook else None)
         if actual.chains[name] != want:
             problems.append(f"chain {name} is {actual.chains[name]}, want {want}")
         rules = actual.rules.get(name, [])
-        if [comment for comment, _ in rules] != chain.comments():
+        if [comment for comment, _ in rules] != chain.rule_comments():
             problems.append(f"chain {name} holds other rules than ours")
             continue
         for comment, expression in rules:
@@ -255,16 +254,16 @@ def read_table(nft: Nft) -> ActualTable | None:
     differing, and is recreated.
     """
     try:
-        table = ActualTable.parse(nft.json(f"list table {QUALIFIED}", terse=True))
+        table = ActualTable.parse(nft.json(f"list table {QUALIFIED_TABLE}", terse=True))
         for name, spec in table.sets.items():
-            if name in SETS or SLOT_SET_NAME.match(name):
-                listed = nft.json(f"list {spec.kind} {QUALIFIED} {name}")
+            if name in STATIC_SETS or SLOT_SET_NAME.match(name):
+                listed = nft.json(f"list {spec.kind} {QUALIFIED_TABLE} {name}")
                 table.elements[name] = ActualTable.parse(listed).elements.get(name, [])
                 del listed
     except NftError as error:
         if "No such file or directory" not in str(error).split("\n", 1)[0]:
             # nft 1.0.6 writes broken JSON for some states (e.g. a dormant table);
             # an unreadable table is recreated like a missing one.
-            log.warning("cannot read table %s: %s", QUALIFIED, error)
+            log.warning("cannot read table %s: %s", QUALIFIED_TABLE, error)
         return None
     return table

@@ -101,7 +101,7 @@ from metaleg.model import Family
 
 FAMILY = "inet"
 TABLE = "metaleg"
-QUALIFIED = f"{FAMILY} {TABLE}"
+QUALIFIED_TABLE = f"{FAMILY} {TABLE}"
 
 REJECT_WITH = (
     "icmpx admin-prohibited",
@@ -136,17 +136,17 @@ class SetSpec(NamedTuple):
     def declaration(self, name: str) -> str:
         type_ = f"{self.type} : {self.map}" if self.map else self.type
         flags = f" flags {', '.join(self.flags)};" if self.flags else ""
-        return f"add {self.kind} {QUALIFIED} {name} {{ type {type_};{flags} }}"
+        return f"add {self.kind} {QUALIFIED_TABLE} {name} {{ type {type_};{flags} }}"
 
 
-SETS: dict[str, SetSpec] = {}
+STATIC_SETS: dict[str, SetSpec] = {}
 for _family in Family:
     _s, _a = SUFFIX[_family], ADDRESS_TYPE[_family]
-    SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
-    SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
-    SETS[f"mark{_s}"] = SetSpec("map", _a, "mark", ())
-    SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
-    SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
+    STATIC_SETS[f"exclude{_s}"] = SetSpec("set", _a, None, ("interval",))
+    STATIC_SETS[f"snat{_s}"] = SetSpec("map", _a, _a, ())
+    STATIC_SETS[f"mark{_s}"] = SetSpec("map", _a, "mark", ())
+    STATIC_SETS[f"reject{_s}"] = SetSpec("set", _a, None, ())
+    STATIC_SETS[f"transit{_s}"] = SetSpec("set", _a, None, ("interval",))
 
 
 class ChainSpec(NamedTuple):
@@ -157,25 +157,25 @@ class ChainSpec(NamedTuple):
     hook: str | None
     priority: str | None
     """The priority as written (nft syntax)."""
-    prio: int | None
+    listed_priority: int | None
     """The priority as nft lists it (numeric)."""
     rules: tuple[str, ...]
 
     def declaration(self) -> str:
         if self.hook is None:
-            return f"add chain {QUALIFIED} {self.name}"
+            return f"add chain {QUALIFIED_TABLE} {self.name}"
         return (
-            f"add chain {QUALIFIED} {self.name} {{ type {self.type} hook {self.hook} "
+            f"add chain {QUALIFIED_TABLE} {self.name} {{ type {self.type} hook {self.hook} "
             f"priority {self.priority}; policy accept; }}"
         )
 
     def rule_commands(self) -> list[str]:
         return [
-            f'add rule {QUALIFIED} {self.name} {rule} comment "{rule_comment(self.name, rule)}"'
+            f'add rule {QUALIFIED_TABLE} {self.name} {rule} comment "{rule_comment(self.name, rule)}"'
             for rule in self.rules
         ]
 
-    def comments(self) -> list[str]:
+    def rule_comments(self) -> list[str]:
         return [rule_comment(self.name, rule) for rule in self.rules]
 
 
@@ -202,7 +202,7 @@ def slot_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
 
 def expected_sets(fwmarks: Iterable[int]) -> dict[str, SetSpec]:
     """Every set and map of the table when ``fwmarks`` are the gateway slots in use."""
-    return {**SETS, **slot_sets(fwmarks)}
+    return {**STATIC_SETS, **slot_sets(fwmarks)}
 
 
 def set_order(fwmarks: Iterable[int]) -> list[str]:

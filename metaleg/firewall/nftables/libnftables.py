@@ -30,9 +30,7 @@ from typing import Any
 import msgspec
 
 # Output flags of libnftables.h (stable ABI since nftables 0.9.x).
-OUTPUT_HANDLE = 1 << 3
 OUTPUT_JSON = 1 << 4
-OUTPUT_ECHO = 1 << 5
 OUTPUT_TERSE = 1 << 11
 
 _LIBRARY_NAMES = ("libnftables.so.1", "nftables")
@@ -44,7 +42,7 @@ class NftError(RuntimeError):
     """An nft command failed; the message holds nft's own error text (with the failing line)."""
 
 
-def _load() -> ctypes.CDLL:
+def _load_library() -> ctypes.CDLL:
     """Load and declare the library once per process (ctypes needs the prototypes)."""
     global _library
     with _library_lock:
@@ -87,7 +85,7 @@ def _load() -> ctypes.CDLL:
         return lib
 
 
-def _shorten(message: str, width: int = 240, max_lines: int = 12) -> str:
+def _shorten_error(message: str, width: int = 240, max_lines: int = 12) -> str:
     """nft echoes the failing command with a caret line under it; with thousands of
     elements on one line that is megabytes. Keep the message readable: the first
     lines, long ones cut to a window around the caret."""
@@ -113,7 +111,7 @@ class Nft:
     """One libnftables context: run nft scripts and read JSON listings."""
 
     def __init__(self) -> None:
-        self._lib = _load()
+        self._lib = _load_library()
         ctx = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
         if not ctx:
             raise NftError("nft_ctx_new failed (out of memory?)")
@@ -140,7 +138,7 @@ class Nft:
         output: bytes = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
         if status != 0:
             error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
-            raise NftError(_shorten(error.strip()) or f"nft failed with status {status}")
+            raise NftError(_shorten_error(error.strip()) or f"nft failed with status {status}")
         return output
 
     def json(self, command: str, terse: bool = False) -> dict[str, Any]:

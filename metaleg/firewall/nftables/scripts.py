@@ -17,7 +17,7 @@ from typing import NamedTuple
 from metaleg.firewall.nftables.content import TableContent
 from metaleg.firewall.nftables.layout import (
     MARK_CHAIN,
-    QUALIFIED,
+    QUALIFIED_TABLE,
     expected_sets,
     mark_chain,
     set_order,
@@ -29,13 +29,13 @@ from metaleg.firewall.nftables.layout import (
 def element_additions(name: str, items: Iterable[str]) -> list[str]:
     """The command adding ``items`` to set or map ``name``, sorted (none for no items)."""
     listed = sorted(items)
-    return [f"add element {QUALIFIED} {name} {{ {', '.join(listed)} }}"] if listed else []
+    return [f"add element {QUALIFIED_TABLE} {name} {{ {', '.join(listed)} }}"] if listed else []
 
 
 def element_deletions(name: str, items: Iterable[str]) -> list[str]:
     """The command deleting ``items`` from set or map ``name``, sorted (none for no items)."""
     listed = sorted(items)
-    return [f"delete element {QUALIFIED} {name} {{ {', '.join(listed)} }}"] if listed else []
+    return [f"delete element {QUALIFIED_TABLE} {name} {{ {', '.join(listed)} }}"] if listed else []
 
 
 class SlotCommands(NamedTuple):
@@ -59,8 +59,8 @@ def slot_change_commands(
         return SlotCommands([], [])
     before = [spec.declaration(name) for name, spec in slot_sets(new).items()]
     chain = mark_chain(fwmarks, fwmask)
-    after = [f"flush chain {QUALIFIED} {MARK_CHAIN}", *chain.rule_commands()]
-    after += [f"delete set {QUALIFIED} {name}" for name in slot_sets(gone)]
+    after = [f"flush chain {QUALIFIED_TABLE} {MARK_CHAIN}", *chain.rule_commands()]
+    after += [f"delete set {QUALIFIED_TABLE} {name}" for name in slot_sets(gone)]
     return SlotCommands(before, after)
 
 
@@ -72,7 +72,11 @@ def full_script(content: TableContent, fwmask: int, reject_with: str) -> str:
     swaps old for new atomically.
     """
     fwmarks = content.fwmarks()
-    commands = [f"add table {QUALIFIED}", f"delete table {QUALIFIED}", f"add table {QUALIFIED}"]
+    commands = [
+        f"add table {QUALIFIED_TABLE}",
+        f"delete table {QUALIFIED_TABLE}",
+        f"add table {QUALIFIED_TABLE}",
+    ]
     commands += [spec.declaration(name) for name, spec in expected_sets(fwmarks).items()]
     sets, maps = content.element_sets(), content.element_maps()
     for name in set_order(fwmarks):
