@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from metaleg.model import NodeDesiredState
+from metaleg.model import Action, Family, NodeDesiredState
 
 
 class BackendError(RuntimeError):
@@ -89,4 +89,32 @@ class DriftDetecting(Protocol):
         """The backend's detector (the same object every call), or None when it has none.
 
         Called in the worker's process and network namespace, before the first apply.
+        """
+
+
+class EgressCount(NamedTuple):
+    """The kernel's packet and byte counts of one Service's traffic in one family that the
+    firewall treated in one way, since the counting kernel object was created."""
+
+    namespace: str
+    name: str
+    family: Family
+    action: Action
+    """``SNAT``: SNATed to the LB IP here (gateway); ``MARK``: marked and routed to the
+    gateway node (forwarder); ``REJECT``: rejected, fail closed (no usable gateway)."""
+    packets: int
+    bytes: int
+
+
+@runtime_checkable
+class EgressCounting(Protocol):
+    """A firewall backend that reads per-Service counters from the kernel's own counters."""
+
+    def read_counts(self) -> list[EgressCount]:
+        """The current counts of every labelled Service's treated traffic on this node.
+
+        Cheap enough to call every few seconds at N = 1000 Services (one dump of the
+        counting objects, no per-Service kernel request). A count may go back to a smaller
+        value when its kernel object was recreated (a re-sync repair, a Service's rules
+        re-rendered): the caller treats that as a reset, not as negative traffic.
         """
