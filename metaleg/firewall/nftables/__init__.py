@@ -1,6 +1,14 @@
 """The nftables firewall backend: ``table inet metaleg`` through libnftables.
 
-- :mod:`.backend` — :class:`~.backend.NftablesBackend`, the backend itself.
+One module per concern, each importing only those listed before it:
+
+- :mod:`.libnftables` — the ctypes binding of libnftables: run nft scripts, read JSON listings.
+- :mod:`.layout` — the table's layout: its sets, maps and chains, the static rules, and why.
+- :mod:`.content` — what the sets and maps hold (``TableContent``), in canonical form.
+- :mod:`.scripts` — the nft scripts (one transaction each): the whole table, or a diff.
+- :mod:`.incremental` — the applied table (``AppliedTable``) and a change's step, costing
+  what it changes.
+- :mod:`.kernel` — reading the table back from the kernel and what differs from the desired.
 - :mod:`.drift` — drift detection over the kernel's nftables notifications.
-- :mod:`.libnftables` — the ctypes binding of libnftables.
+- :mod:`.backend` — ``NftablesBackend``: apply, re-sync, cleanup, conntrack deletions.
 """

@@ -36,8 +36,8 @@ from metaleg.model import NodeDesiredState
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 120.0
-"""Seconds a re-sync's comparison in a child may take (measured: ~0.3 s at N=1000, ~2.6 s at
-N=5000 Services; see docs/benchmarks.md)."""
+"""Seconds a re-sync's comparison in a child may take, with room to spare (~2.6 s at N=5000
+Services); a child still running then is killed and the worker compares by itself."""
 
 
 class NftablesBackend:
@@ -183,11 +183,10 @@ class NftablesBackend:
 
         The listing of every element is this process's largest allocation
         (libnftables's cache, the JSON text, the decoded document: ~5 MiB at
-        N=1000); done here, part of that peak stayed resident for good (+3.9
-        MiB at the first periodic re-sync under churn). A forked child reads
-        and compares with a fresh libnftables context and answers yes or no;
-        its memory goes with it. False when the child fails: the caller then
-        reads and compares in this process and logs what differs.
+        N=1000), and done here, part of that peak would stay resident for good.
+        A forked child reads and compares with a fresh libnftables context and
+        answers yes or no; its memory goes with it. False when the child fails:
+        the caller then reads and compares in this process and logs what differs.
         """
         reject_with, baseline = self.reject_with, self._baseline
 
