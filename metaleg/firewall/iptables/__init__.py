@@ -1,12 +1,27 @@
 """The ``iptables`` firewall backend: legacy iptables/ip6tables rules plus ipsets.
 
-* :mod:`.backend`: :class:`~metaleg.firewall.iptables.backend.IptablesBackend`, rendering,
-  the incremental diff and the parent side of the helper processes;
-* :mod:`.helper`: the per-family helper process that edits tables with python-iptables;
-* :mod:`.codec`: rule buffers for the helper, built from cached parts;
-* :mod:`.ipsets`: set descriptions, set plans and the batched netlink client;
-* :mod:`.drift`: the periodic drift check of legacy tables and ipsets.
+What is where, from the desired state down to the kernel:
 
-Nothing is imported here: the helper process (``python -m
-metaleg.firewall.iptables.helper``) loads only what it needs.
+* :mod:`.rules`: the rule vocabulary (:class:`~.rules.Rule`, :class:`~.rules.TableSpec`),
+  the chain and set names and a constructor per rule metaleg writes;
+* :mod:`.render`: a desired state -> every set and table (the kernel layout is
+  described there);
+* :mod:`.incremental`: the step between two states, from the Services that differ
+  (sets' members only unless a rule changes);
+* :mod:`.backend`: :class:`~.backend.IptablesBackend`, which carries a change out
+  make-before-break: ipsets around one commit per table and family;
+* :mod:`.ipsets`: set descriptions, set plans and the batched netlink client;
+* :mod:`.helper_client`: the backend's side of the helper processes (start, send,
+  receive, stop);
+* :mod:`.protocol`: the messages between backend and helper;
+* :mod:`.helper`: the helper process (one per family, since python-iptables serves
+  one family per process), which edits tables through libiptc;
+* :mod:`.codec`: the helper's rule buffers, assembled from cached parts and
+  compared as raw bytes;
+* :mod:`.chain_diff`: the edit operations between two rule sequences;
+* :mod:`.drift`: the periodic check of metaleg's chains, jumps and sets against
+  what it last wrote.
+
+Nothing is imported here, so that the helper process (``python -m
+metaleg.firewall.iptables.helper``) loads only what it uses.
 """

@@ -19,7 +19,7 @@ backend reports that no set was destroyed (``SyncRequest.set_generation``). A
 ``SET`` target (``--map-set``) also holds an index: such rules are built whole
 each time (one per family).
 
-Rules read back from the kernel are compared by :func:`raw_key` over their raw
+Rules read back from the kernel are compared by :meth:`RuleCodec.key` over their raw
 bytes (what iptables compares: entry fields, each extension's name, revision
 and data; a standard target by its verdict or chain name), without building
 python-iptables objects for them.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Match, Option, Rule
@@ -118,16 +117,20 @@ def _set_name(match: Match) -> str | None:
     return None
 
 
+def option_values(option: Option) -> list[str]:
+    """An option's values as python-iptables' ``set_parameter`` takes them (``!`` first
+    when inverted)."""
+    return ["!", *option.values] if option.invert else list(option.values)
+
+
 class RuleCodec:
     """Rule buffers and keys from cached parts; see the module docstring.
 
-    ``rule_class`` is python-iptables' ``Rule`` or ``Rule6``; ``get_values``
-    turns an :class:`Option` into python-iptables' parameter value.
+    ``rule_class`` is python-iptables' ``Rule`` or ``Rule6``.
     """
 
-    def __init__(self, rule_class: Any, get_values: Callable[[Option], list[str]]) -> None:
+    def __init__(self, rule_class: Any) -> None:
         self._rule_class = rule_class
-        self._values = get_values
         blank = rule_class()
         entry_type = type(blank.entry)
         self._entry_size = ctypes.sizeof(entry_type)
@@ -194,11 +197,11 @@ class RuleCodec:
             for match_spec in spec.matches:
                 match = rule.create_match(match_spec.name)
                 for option in match_spec.options:
-                    match.set_parameter(option.name, self._values(option))
+                    match.set_parameter(option.name, option_values(option))
                 match._final_check()
             target = rule.create_target(spec.target)
             for option in spec.target_options:
-                target.set_parameter(option.name, self._values(option))
+                target.set_parameter(option.name, option_values(option))
             target._final_check()
             buffer = bytes(rule.rule)
         except Exception as error:
@@ -213,7 +216,7 @@ class RuleCodec:
                 rule = self._rule_class()
                 match = rule.create_match(spec.name)
                 for option in spec.options:
-                    match.set_parameter(option.name, self._values(option))
+                    match.set_parameter(option.name, option_values(option))
                 match._final_check()  # the extension's own check, without the save/parse round trip
                 part = bytes(match.match_buf[: match.size])
             except Exception as error:
@@ -235,7 +238,7 @@ class RuleCodec:
                 else:
                     target = rule.create_target(spec.target)
                     for option in spec.target_options:
-                        target.set_parameter(option.name, self._values(option))
+                        target.set_parameter(option.name, option_values(option))
                     target._final_check()
                 part = ctypes.string_at(ctypes.addressof(target.target), target.size)
             except Exception as error:

@@ -1,4 +1,4 @@
-"""Drift detection for the ``iptables`` backend: a cheap check once a second.
+"""Drift detection for the ``iptables`` backend: a cheap check twice a second.
 
 Legacy iptables and ipsets send no notifications, so, like kube-proxy's canary
 chains, the worker looks. What it compares (twice a second) is metaleg's part of the kernel as
@@ -240,8 +240,8 @@ class IpsetHeaders(IpsetSocket):
     """Header-only ipset listings: every set's type and element count, no members.
 
     The kernel sends one message per set, and a node's sets seldom change, so each
-    message is looked up among the last listing's before it is parsed: at 1000 sets,
-    parsing every header was over half of a listing's cost."""
+    message is looked up among the last listing's before it is parsed (parsing was
+    most of a listing's cost)."""
 
     def __init__(self) -> None:
         super().__init__()

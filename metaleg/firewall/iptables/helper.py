@@ -4,7 +4,7 @@ python-iptables (``iptc``) can serve only one address family per process: the
 SNAT target (libxt_NAT) loads for the first family used and then fails for the
 other one, and loading it again aborts the process. So the iptables backend
 runs one long-lived helper per family (``python -m metaleg.firewall.iptables.helper
-4 <fd>``) and talks to it over a socket pair with msgspec-encoded messages:
+<4|6> <fd> <parent pid>``) and talks to it over a socket pair with msgspec-encoded messages:
 
 * the parent sends a :class:`~metaleg.firewall.iptables.protocol.SyncRequest`
   ("make these tables look like this");
@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from metaleg.firewall.iptables.chain_diff import opcodes
-from metaleg.firewall.iptables.codec import PartError, RuleCodec
+from metaleg.firewall.iptables.codec import PartError, RuleCodec, option_values
 from metaleg.firewall.iptables.protocol import (
     Mode,
     ReceivedRequest,
@@ -45,7 +45,7 @@ from metaleg.firewall.iptables.protocol import (
     SyncRequest,
     TableResult,
 )
-from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Option, Rule, TableSpec
+from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Rule, TableSpec
 
 _SKIP_CHAIN = ("nat", "POSTROUTING")
 """Where the mark skip rule lives (the only RETURN among metaleg's head rules)."""
@@ -132,7 +132,7 @@ class XtablesServer:
         self._blank_fields = self._entry_fields(blank)
         self._match_base = ctypes.sizeof(iptc.xtables.xt_entry_match)
         self._target_base = ctypes.sizeof(iptc.xtables.xt_entry_target)
-        self._codec = RuleCodec(self._rule_class, self._values)
+        self._codec = RuleCodec(self._rule_class)
         self._prebuilt: dict[str, tuple[list[bytes], list[RuleKey]]] = {}
         self._decoded: dict[bytes, Rule] = {}
         """Rules received encoded, by their bytes (see :class:`ReceivedTable`)."""
@@ -150,7 +150,7 @@ class XtablesServer:
         # family's helper waits for it meanwhile); an invalid rule fails here,
         # before anything is touched.
         self._prebuilt = {
-            context: self._desired(context, rules)
+            context: self._build_entries(context, rules)
             for spec in request.tables
             for chain_name, rules in spec.chains.items()
             for context in (f"table {spec.name} chain {chain_name}",)
@@ -258,7 +258,7 @@ class XtablesServer:
         building python-iptables objects for them.
         """
         prebuilt = self._prebuilt.get(context)
-        desired, desired_keys = prebuilt if prebuilt else self._desired(context, rules)
+        desired, desired_keys = prebuilt if prebuilt else self._build_entries(context, rules)
         try:
             entries = (
                 self._codec.read_chain(table, chain_name) if table.is_chain(chain_name) else []
@@ -291,7 +291,7 @@ class XtablesServer:
         self._rewrite(table, context, chain_name, actual_keys, target_rules, target_keys)
         return True, exact
 
-    def _desired(
+    def _build_entries(
         self, context: str, rules: Sequence[Rule | msgspec.Raw]
     ) -> tuple[list[bytes], list[RuleKey]]:
         """Entry buffers and keys of ``rules`` (:class:`~metaleg.firewall.iptables.codec.RuleCodec`),
@@ -498,7 +498,7 @@ class XtablesServer:
             for match_spec in spec.matches:
                 match = rule.create_match(match_spec.name)
                 for option in match_spec.options:
-                    match.set_parameter(option.name, self._values(option))
+                    match.set_parameter(option.name, option_values(option))
             if spec.target in VERDICTS or spec.target.startswith(CHAIN_PREFIX):
                 # Build jumps as the standard target named after the chain: the
                 # name lookup of python-iptables would scan (and create) tables.
@@ -507,15 +507,11 @@ class XtablesServer:
             else:
                 target = rule.create_target(spec.target)
                 for option in spec.target_options:
-                    target.set_parameter(option.name, self._values(option))
+                    target.set_parameter(option.name, option_values(option))
             rule.final_check()
         except Exception as error:
             raise XtablesError(f"{context}: invalid rule '{spec}': {plain_error(error)}") from error
         return rule
-
-    @staticmethod
-    def _values(option: Option) -> list[str]:
-        return ["!", *option.values] if option.invert else list(option.values)
 
     def _entry_fields(self, rule: Any) -> tuple[Any, ...]:
         """Addresses, protocol and interfaces of a rule (metaleg's rules leave them unset)."""

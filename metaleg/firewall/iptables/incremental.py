@@ -285,9 +285,9 @@ class AppliedRendering(Rendering):
     def _snat_keys_after(self, walk: _ServiceWalk) -> list[ServiceKey]:
         """The Services with rules of their own after the step, sorted.
 
-        Only those (N/16 in the benchmark) are walked to build the tables, not all N:
-        their keys are kept sorted, as the state's Services are on this path
-        (step_services checked). The list is copied only if it changes."""
+        Only those are walked to build the tables, not every Service: their keys are
+        kept sorted, as the state's Services are on this path (step_services checked).
+        The list is copied only if it changes."""
         snat_keys = self.snat_keys
         for key, _, _ in walk.changes:
             had, has = has_own_rules(self.parts.get(key)), has_own_rules(walk.new_parts[key])

@@ -1,8 +1,10 @@
-"""metaleg's ipsets, driven over netlink with pyroute2 (never the ipset binary).
+"""metaleg's ipsets, driven over netlink (never the ipset binary).
 
-The iptables backend keeps, per family, one ``hash:net`` set of excluded
-destinations, one ``hash:net`` set of the transit guard's sources (while there
-are any) and one ``hash:ip`` set of source addresses per Service. This module holds
+The iptables backend keeps, per family, ``hash:net`` sets (the excluded
+destinations, the transit guard's sources), ``hash:ip`` sets (one per SNAT
+Service, the shared sets of SNAT and REJECT sources) and a ``hash:ip skbinfo``
+set (marked sources with their marks); see
+:mod:`metaleg.firewall.iptables.render`. This module holds
 the plain description of a set (:class:`SetSpec`), the pure planning of how to
 get from the kernel's sets to the desired ones (:func:`plan_sets`), and a
 client that reads and edits sets in batches of netlink requests
@@ -168,8 +170,9 @@ def _mark_changes(
 class IpsetClient:
     """Reads and edits ipsets of the current network namespace over netlink, in batches.
 
-    Requests go out many to a datagram through :class:`~metaleg.firewall.wire.ipset.IpsetSocket`
-    (a pyroute2 socket); errors name the set and, for members, the member. The
+    Requests go out many to a datagram through
+    :class:`~metaleg.firewall.wire.ipset.IpsetSocket`; errors name the set and, for
+    members, the member. The
     socket opens on first use and is closed after any error (a failed exchange
     can leave it out of step), so the next call starts clean.
     """

@@ -45,10 +45,10 @@ class SyncRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ReceivedTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A :class:`TableSpec` as the helper decodes it: the chains' rules stay encoded.
 
-    A chain is sent whole with every change of it (hundreds of rules at 1000
-    Services) although few rules change; decoding each into structs cost more
-    than anything else the helper did per rule. The helper keeps what it made of
-    each rule's bytes (:meth:`~metaleg.firewall.iptables.helper.XtablesServer._desired`)."""
+    A chain is sent whole with every change of it (one rule per SNAT Service)
+    although few rules change, and decoding every rule into structs was the helper's
+    largest cost per rule. The helper keeps what it made of each rule's bytes
+    (:meth:`~metaleg.firewall.iptables.helper.XtablesServer._build_entries`)."""
 
     name: str
     chains: dict[str, tuple[msgspec.Raw, ...]] = {}
