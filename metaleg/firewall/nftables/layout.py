@@ -235,14 +235,42 @@ def table_chains(fwmask: int, reject_with: str, fwmarks: Iterable[int]) -> tuple
 def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
     """The four static base chains; their rules depend only on the mask and reject type."""
     mask = f"{fwmask:#010x}"
-    # The transit guard: cheapest tests first (most forwarded packets are not
-    # new; the SNAT map is looked up as a set of its keys).
-    guard = tuple(
-        f"ct state new {IP_KEYWORD[f]} saddr @transit{SUFFIX[f]} meta mark & {mask} == 0 "
-        f"{IP_KEYWORD[f]} saddr != @snat{SUFFIX[f]} reject with {reject_with}"
+    excludes = tuple(f"{IP_KEYWORD[f]} daddr @exclude{SUFFIX[f]} return" for f in Family)
+    return (
+        _prerouting(excludes),
+        _postrouting(excludes, mask),
+        _forward(excludes, mask, reject_with),
+        _egress(excludes, mask),
+    )
+
+
+def _prerouting(excludes: tuple[str, ...]) -> ChainSpec:
+    """Marks the sources of other nodes' gateways (through ``fwmark``)."""
+    # Only sources of the aggregate map go through the per-slot rules: other
+    # packets pay one lookup per family, whatever the number of slots.
+    jumps = tuple(f"{IP_KEYWORD[f]} saddr @mark{SUFFIX[f]} jump {MARK_CHAIN}" for f in Family)
+    return ChainSpec("prerouting", "filter", "prerouting", "mangle - 10", -160, (*excludes, *jumps))
+
+
+def _postrouting(excludes: tuple[str, ...], mask: str) -> ChainSpec:
+    """SNATs this node's gateway sources to their LB IP, and null-binds marked packets."""
+    # The null binding: marked packets keep their source, and no later NAT chain
+    # (the node's masquerade) gets to bind them.
+    null_bindings = tuple(
+        f"meta nfproto ipv{int(f)} meta mark & {mask} != 0 "
+        f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr"
         for f in Family
     )
-    excludes = tuple(f"{IP_KEYWORD[f]} daddr @exclude{SUFFIX[f]} return" for f in Family)
+    snat = tuple(
+        f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr map @snat{SUFFIX[f]}" for f in Family
+    )
+    return ChainSpec(
+        "postrouting", "nat", "postrouting", "srcnat - 10", 90, (*excludes, *null_bindings, *snat)
+    )
+
+
+def _forward(excludes: tuple[str, ...], mask: str, reject_with: str) -> ChainSpec:
+    """Drops stray replies, rejects sources without a gateway, and guards transit."""
     # Stray replies (see the module doc, "Stray replies"): a new, not DNATed
     # connection *to* one of our sources from outside the excluded networks.
     stray = tuple(
@@ -251,86 +279,36 @@ def base_chains(fwmask: int, reject_with: str) -> tuple[ChainSpec, ...]:
         for f in Family
         for name in ("snat", "mark", "reject")
     )
-    return (
-        ChainSpec(
-            "prerouting",
-            "filter",
-            "prerouting",
-            "mangle - 10",
-            -160,
-            # Only sources of the aggregate map go through the per-slot rules: other
-            # packets pay one lookup per family, whatever the number of slots.
-            (
-                *excludes,
-                *(f"{IP_KEYWORD[f]} saddr @mark{SUFFIX[f]} jump {MARK_CHAIN}" for f in Family),
-            ),
-        ),
-        ChainSpec(
-            "postrouting",
-            "nat",
-            "postrouting",
-            "srcnat - 10",
-            90,
-            (
-                *excludes,
-                # The null binding: marked packets keep their source, and no later
-                # NAT chain (the node's masquerade) gets to bind them.
-                *(
-                    f"meta nfproto ipv{int(f)} meta mark & {mask} != 0 "
-                    f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr"
-                    for f in Family
-                ),
-                *(
-                    f"snat {IP_KEYWORD[f]} to {IP_KEYWORD[f]} saddr map @snat{SUFFIX[f]}"
-                    for f in Family
-                ),
-            ),
-        ),
-        ChainSpec(
-            "forward",
-            "filter",
-            "forward",
-            "filter - 10",
-            -10,
-            (
-                *stray,
-                *excludes,
-                *(
-                    f"{IP_KEYWORD[f]} saddr @reject{SUFFIX[f]} reject with {reject_with}"
-                    for f in Family
-                ),
-                *guard,
-            ),
-        ),
-        # The egress check, after every NAT chain has run: what leaves here with a pod
-        # IP of ours (or an other node's) and no mark did not get the translation it
-        # should have. That happens when a flow's conntrack entry still carries the
-        # binding of its old treatment (a null binding from when the source was
-        # marked, say) in the moment between a transaction and the conntrack flush
-        # that follows it. Drop: fail closed, never out with a pod IP. Replies are
-        # checked too: a reply leaves with the pod IP only if the connection was
-        # opened *to* the pod IP from outside the excluded networks, which the
-        # forward chain refuses (stray replies) and metaleg must not let out.
-        ChainSpec(
-            "egress",
-            "filter",
-            "postrouting",
-            "srcnat + 10",
-            110,
-            (
-                *excludes,
-                *(
-                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @snat{SUFFIX[f]} drop"
-                    for f in Family
-                ),
-                *(
-                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @mark{SUFFIX[f]} drop"
-                    for f in Family
-                ),
-                *(
-                    f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @transit{SUFFIX[f]} drop"
-                    for f in Family
-                ),
-            ),
-        ),
+    reject = tuple(
+        f"{IP_KEYWORD[f]} saddr @reject{SUFFIX[f]} reject with {reject_with}" for f in Family
     )
+    # The transit guard: cheapest tests first (most forwarded packets are not
+    # new; the SNAT map is looked up as a set of its keys).
+    guard = tuple(
+        f"ct state new {IP_KEYWORD[f]} saddr @transit{SUFFIX[f]} meta mark & {mask} == 0 "
+        f"{IP_KEYWORD[f]} saddr != @snat{SUFFIX[f]} reject with {reject_with}"
+        for f in Family
+    )
+    return ChainSpec(
+        "forward", "filter", "forward", "filter - 10", -10, (*stray, *excludes, *reject, *guard)
+    )
+
+
+def _egress(excludes: tuple[str, ...], mask: str) -> ChainSpec:
+    """The egress check, after every NAT chain has run: what leaves here with a pod IP of
+    ours (or another node's) and no mark did not get the translation it should have.
+
+    That happens when a flow's conntrack entry still carries the binding of its old
+    treatment (a null binding from when the source was marked, say) in the moment
+    between a transaction and the conntrack flush that follows it. Drop: fail closed,
+    never out with a pod IP. Replies are checked too: a reply leaves with the pod IP
+    only if the connection was opened *to* the pod IP from outside the excluded
+    networks, which the forward chain refuses (stray replies) and metaleg must not let
+    out.
+    """
+    unmarked = tuple(
+        f"meta mark & {mask} == 0 {IP_KEYWORD[f]} saddr @{name}{SUFFIX[f]} drop"
+        for name in ("snat", "mark", "transit")
+        for f in Family
+    )
+    return ChainSpec("egress", "filter", "postrouting", "srcnat + 10", 110, (*excludes, *unmarked))
