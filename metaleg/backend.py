@@ -25,7 +25,7 @@ class Backend(Protocol):
         """Bring the kernel to ``state``, changing only what differs from the last applied state.
 
         Called for every new state: complete, or built from the state before by a change
-        (:func:`metaleg.ipc.apply_change`), in which case every unchanged Service is the
+        (:func:`metaleg.state_changes.apply_change`), in which case every unchanged Service is the
         same object as in the state before, and comparing two states' Services position
         by position costs a pointer comparison for each unchanged one. Idempotent:
         applying the same state twice changes nothing the second time. Raises :class:`BackendError` on failure,

@@ -2,7 +2,7 @@
 
 It receives a complete numbered snapshot from the supervisor when it starts
 (or has missed a change), then one change per generation, which it folds onto
-the state it holds (:func:`metaleg.ipc.apply_change`: unchanged Services are
+the state it holds (:func:`metaleg.state_changes.apply_change`: unchanged Services are
 neither decoded nor compared). It applies the newest state (changes that
 queued up meanwhile are folded first, then applied at once), reports the result, retries failures with exponential back-off, and runs a full
 re-sync at start and every RECONCILIATION_INTERVAL. The first application in a
@@ -34,19 +34,18 @@ from metaleg.backend import Backend, BackendError, Drift, DriftDetecting, DriftD
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
-    ChangeError,
     Hello,
     MessageError,
     Snapshot,
     StateChange,
     StateDecoder,
-    apply_change,
     connect_worker,
     decode_routes_only,
     encode,
 )
 from metaleg.lifecycle import HeapTrimmer, SignalWakeup
 from metaleg.metrics import APPLY_DURATION, DRIFT_REPAIRS, ERRORS, IPC_DROPPED
+from metaleg.state_changes import ChangeError, apply_change
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaleg.config import BindAddress
-from metaleg.ipc import diff_states
 from metaleg.model import (
     Action,
     Family,
@@ -30,6 +29,7 @@ from metaleg.model import (
     Role,
     ServiceEgress,
 )
+from metaleg.state_changes import diff_states
 from metaleg.supervisor import http, wait
 from metaleg.supervisor.gate import (
     EgressGate,

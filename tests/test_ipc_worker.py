@@ -22,8 +22,6 @@ from metaleg.backend import BackendError
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
-    ChangeError,
-    ChangePublisher,
     Hello,
     MessageError,
     Publish,
@@ -36,11 +34,9 @@ from metaleg.ipc import (
     _EncodedPublish,
     _EncodedSnapshot,
     _EncodedState,
-    apply_change,
     bind_supervisor,
     decode,
     decode_routes_only,
-    diff_states,
     encode,
 )
 from metaleg.model import (
@@ -52,6 +48,7 @@ from metaleg.model import (
     Role,
     ServiceEgress,
 )
+from metaleg.state_changes import ChangeError, ChangePublisher, apply_change, diff_states
 from tests.test_nft_incremental import random_walk
 
 

@@ -23,7 +23,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from metaleg.ipc import (
     Applied,
-    ChangePublisher,
     Hello,
     PublishChange,
     ResendRequest,
@@ -44,6 +43,7 @@ from metaleg.model import (
     Role,
     ServiceEgress,
 )
+from metaleg.state_changes import ChangePublisher
 from tests.lab.agents import SUPERVISOR, Agent
 from tests.lab.traffic import wait_until
 from tests.netns import namespace, run_in_netns, sh

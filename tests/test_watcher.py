@@ -20,16 +20,10 @@ import pytest
 import zmq
 
 from metaleg.config import Config
-from metaleg.ipc import (
-    Publish,
-    PublishChange,
-    WatcherStatus,
-    apply_change,
-    bind_supervisor,
-    decode,
-)
+from metaleg.ipc import Publish, PublishChange, WatcherStatus, bind_supervisor, decode
 from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from metaleg.model import Action, NodeDesiredState, Role
+from metaleg.state_changes import apply_change
 from metaleg.watcher.informer import DEFAULT_IDLE_TIMEOUT
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig

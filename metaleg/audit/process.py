@@ -36,18 +36,17 @@ from metaleg.audit.records import SnatIndex, match
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
-    ChangeError,
     Hello,
     MessageError,
     Snapshot,
     StateChange,
     StateDecoder,
-    apply_change,
     connect_worker,
     encode,
 )
 from metaleg.lifecycle import SignalWakeup
 from metaleg.metrics import AUDIT_EVENTS_LOST, AUDIT_LINES, AUDIT_LINES_DROPPED, IPC_DROPPED
+from metaleg.state_changes import ChangeError, apply_change
 
 log = logging.getLogger(__name__)
 lines = logging.getLogger("metaleg.audit.lines")

@@ -44,7 +44,7 @@ class SnatIndex:
     state as it changes.
 
     :meth:`update` recomputes only the Services whose object changed (unchanged ones
-    are the same objects from one state to the next, see :func:`metaleg.ipc.apply_change`).
+    are the same objects from one state to the next, see :func:`metaleg.state_changes.apply_change`).
     """
 
     def __init__(self) -> None:

@@ -32,7 +32,6 @@ from prometheus_client import multiprocess
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
-    ChangeError,
     Hello,
     MessageError,
     Publish,
@@ -43,17 +42,16 @@ from metaleg.ipc import (
     StateDecoder,
     StateDelta,
     WatcherStatus,
-    apply_change,
     bind_control,
     bind_supervisor,
     control_endpoint,
-    diff_states,
     encode,
     prepare_run_dir,
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
 from metaleg.metrics import IPC_DROPPED
 from metaleg.model import NodeDesiredState, describe_egress
+from metaleg.state_changes import ChangeError, apply_change, diff_states
 from metaleg.supervisor import http
 from metaleg.supervisor.gate import new_gate
 from metaleg.supervisor.metrics import build_registry

@@ -5,7 +5,7 @@ ServiceL2Statuses, and scoped watches of only the EndpointSlices, Pods and Nodes
 those need) feed raw events into one queue. The main thread parses them, hands them
 to the :class:`~metaleg.watcher.tracker.EgressTracker`, which recomputes only the
 Services an event concerns, and sends the supervisor the change
-(:class:`~metaleg.ipc.ChangePublisher`). A lone event is handled at once; events
+(:class:`~metaleg.state_changes.ChangePublisher`). A lone event is handled at once; events
 that arrive while one is handled are taken together (a burst costs one
 computation). Nothing is published before every resource and scope has been listed
 once: a half-synced view (say, Services without their ServiceL2Status) would tear
@@ -27,10 +27,11 @@ from typing import Any
 import zmq
 
 from metaleg.config import Config
-from metaleg.ipc import ChangePublisher, MessageError, WatcherStatus, connect_worker, encode
+from metaleg.ipc import MessageError, WatcherStatus, connect_worker, encode
 from metaleg.lifecycle import release_memory, start_worker
 from metaleg.metrics import ERRORS, IPC_DROPPED, PUBLISHED
 from metaleg.model import NodeDesiredState, ServiceEgress, describe_egress
+from metaleg.state_changes import ChangePublisher
 from metaleg.watcher.desired import NodeSettings
 from metaleg.watcher.events import EventPoster, describe_change, describe_problem
 from metaleg.watcher.feeds import Feeds
