@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from metaleg.backend import EgressCount
 from metaleg.model import GatewayRoute, NodeDesiredState, ServiceEgress
 
 BUS_SOCKET = "bus.sock"
@@ -138,6 +139,14 @@ class Applied(msgspec.Struct, tag="applied", frozen=True, forbid_unknown_fields=
     """Non-empty when this application repaired drift: what was found (``kind: detail; ...``)."""
 
 
+class EgressCounts(msgspec.Struct, tag="egress-counts", frozen=True, forbid_unknown_fields=True):
+    """The firewall worker's reading of the kernel's per-Service counters: every labelled
+    Service's packets and bytes per family and action (sent only when they changed)."""
+
+    process: str
+    counts: tuple[EgressCount, ...]
+
+
 class WatcherStatus(msgspec.Struct, tag="watcher-status", frozen=True, forbid_unknown_fields=True):
     """The watcher's view of the API server: synced resources and the current problem."""
 
@@ -153,6 +162,7 @@ Message = (
     | Snapshot
     | StateChange
     | Applied
+    | EgressCounts
     | WatcherStatus
 )
 
@@ -213,6 +223,7 @@ _routes_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
     | _RoutesSnapshot
     | _RoutesChange
     | Applied
+    | EgressCounts
     | WatcherStatus
 )
 
@@ -346,6 +357,7 @@ _encoded_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
     | _EncodedSnapshot
     | StateChange
     | Applied
+    | EgressCounts
     | WatcherStatus
 )
 _service_decoder = msgspec.msgpack.Decoder(ServiceEgress)

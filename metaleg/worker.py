@@ -16,6 +16,11 @@ the full re-sync at once, which repairs and logs what differs. Each such repair 
 logged, counted (``metaleg_drift_repairs_total{kind}``) and reported to the
 supervisor in ``Applied.drift``. Repairs that keep being undone are spaced out
 (:class:`DriftRepairLimiter`), so a component fighting metaleg cannot make it spin.
+
+A backend that reads per-Service counters (:class:`metaleg.backend.EgressCounting`,
+the firewall's) has them read every :data:`COUNT_INTERVAL` seconds once something
+is applied, and sent to the supervisor (:class:`metaleg.ipc.EgressCounts`) when they
+changed: the supervisor turns them into Prometheus counters and status.
 """
 
 from __future__ import annotations
@@ -30,10 +35,19 @@ from typing import Any
 
 import zmq
 
-from metaleg.backend import Backend, BackendError, Drift, DriftDetecting, DriftDetector
+from metaleg.backend import (
+    Backend,
+    BackendError,
+    Drift,
+    DriftDetecting,
+    DriftDetector,
+    EgressCount,
+    EgressCounting,
+)
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    EgressCounts,
     Hello,
     MessageError,
     Snapshot,
@@ -50,6 +64,9 @@ from metaleg.state_changes import ChangeError, apply_change
 log = logging.getLogger(__name__)
 
 HELLO_INTERVAL = 2.0
+COUNT_INTERVAL = 10.0
+"""Seconds between readings of the kernel's per-Service counters: under Prometheus's
+usual scrape interval, and one reading (~ms at N=1000) per interval costs little."""
 RETRY_INITIAL = 0.5
 RETRY_MAX = 30.0
 FIGHT_WINDOW = 2.0
@@ -119,6 +136,10 @@ class DataplaneWorker:
         self.drift_repairs = 0
         """Drift repairs done by this process."""
         self.drift_check_failing = False
+        self.counting = isinstance(backend, EgressCounting)
+        self.next_count = 0.0 if self.counting else float("inf")
+        self.last_counts: tuple[EgressCount, ...] = ()
+        self.count_failing = False
 
     def run(self) -> int:
         """Serve until SIGTERM; returns the exit status."""
@@ -157,6 +178,8 @@ class DataplaneWorker:
                     if self.drift:
                         deadlines.append(max(self.next_attempt, self._drift_repair_at()))
                 deadlines.append(self.next_drift_check)
+                if self.applied_generation:
+                    deadlines.append(self.next_count)
                 deadline = min(deadlines)
                 # Rounded up: woken a fraction of a millisecond early, the loop would spin.
                 timeout_ms = (
@@ -175,6 +198,8 @@ class DataplaneWorker:
                 ):
                     self._check_drift()
                 self._work(socket)
+                if self.applied_generation and time.monotonic() >= self.next_count:
+                    self._send_counts(socket)
         finally:
             if self.detector is not None:
                 self.detector.close()
@@ -382,6 +407,29 @@ class DataplaneWorker:
         # desired state is the one they were made for (and let a periodic check take its new
         # baseline): after the report, so that this work is not part of the change's latency.
         self._check_drift()
+
+    def _send_counts(self, socket: zmq.Socket[Any]) -> None:
+        """Read the backend's per-Service counters; send them when they changed."""
+        self.next_count = time.monotonic() + COUNT_INTERVAL
+        assert isinstance(self.backend, EgressCounting)
+        try:
+            counts = tuple(self.backend.read_counts())
+        except Exception:
+            # Logged once per run of failures; the counters stay where they were.
+            if not self.count_failing:
+                log.exception(
+                    "reading the egress counters failed; retrying every %ds", COUNT_INTERVAL
+                )
+            self.count_failing = True
+            ERRORS.labels(self.process, "counters").inc()
+            return
+        if self.count_failing:
+            log.info("reading the egress counters works again")
+            self.count_failing = False
+        if counts == self.last_counts:
+            return
+        self.last_counts = counts
+        socket.send(encode(EgressCounts(self.process, counts)))
 
     def _repaired_drift(self, started: float) -> str:
         """Log and count the repair of the drift pending; its one-line report for the status."""

@@ -25,6 +25,7 @@ from metaleg.model import (
     Role,
     ServiceEgress,
 )
+from metaleg.supervisor.egress_counters import CounterKey
 from metaleg.supervisor.metrics import SupervisorCollector
 
 MONITORING = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
@@ -60,6 +61,9 @@ class FakeSupervisor:
     def firewall_backend_name(self) -> str:
         return "nftables"
 
+    def egress_counter_totals(self) -> dict[CounterKey, tuple[int, int]]:
+        return {("mail", "relay", Family.IPV4, Action.REJECT): (12, 720)}
+
 
 def existing_metrics() -> set[str]:
     """Every sample name the agent's /metrics can expose."""
@@ -80,6 +84,8 @@ def test_the_code_exposes_what_the_collector_test_expects() -> None:
         "metaleg_process_up",
         "metaleg_process_restarts_total",
         "metaleg_egress_services",
+        "metaleg_egress_packets_total",
+        "metaleg_egress_bytes_total",
     } <= names
     assert "metaleg_apply_duration_seconds_bucket" in names
 
@@ -91,6 +97,7 @@ def test_alerts_parse_and_name_only_existing_metrics() -> None:
     assert {r["alert"] for r in rules} >= {
         "MetalegWorkerCrashLooping",
         "MetalegRejectingTraffic",
+        "MetalegEgressRejected",
         "MetalegApplyErrors",
     }
     existing = existing_metrics()

@@ -29,7 +29,14 @@ import logging
 import os
 from collections.abc import Callable
 
-from metaleg.backend import Backend, BackendError, DriftDetecting, DriftDetector
+from metaleg.backend import (
+    Backend,
+    BackendError,
+    DriftDetecting,
+    DriftDetector,
+    EgressCount,
+    EgressCounting,
+)
 from metaleg.config import Config
 from metaleg.firewall import conntrack
 from metaleg.firewall.applied_state import AppliedStateFile
@@ -130,6 +137,12 @@ class ManagedFirewall:
         if isinstance(self.backend, DriftDetecting):
             return self.backend.drift_detector()
         return None
+
+    def read_counts(self) -> list[EgressCount]:
+        """The chosen backend's per-Service counters (none when it cannot count)."""
+        if isinstance(self.backend, EgressCounting):
+            return self.backend.read_counts()
+        return []
 
     def _after(self, state: NodeDesiredState) -> None:
         """Delete the conntrack entries the change outdated, and remember ``state``."""

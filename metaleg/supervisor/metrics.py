@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from metaleg.model import NodeDesiredState
+from metaleg.supervisor.egress_counters import ACTION_LABELS, CounterKey
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -45,6 +46,8 @@ class SupervisorView(Protocol):
     def applied_generations(self) -> dict[str, int]: ...
 
     def firewall_backend_name(self) -> str: ...
+
+    def egress_counter_totals(self) -> dict[CounterKey, tuple[int, int]]: ...
 
 
 def process_tree() -> dict[int, list[int]]:
@@ -174,6 +177,33 @@ class SupervisorCollector(Collector):
         )
         backend.add_metric([self.view.firewall_backend_name()], 1)
         yield backend
+        yield from egress_counter_families(self.view.egress_counter_totals())
+
+
+def egress_counter_families(
+    totals: dict[CounterKey, tuple[int, int]],
+) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    """``metaleg_egress_packets_total`` and ``metaleg_egress_bytes_total`` per Service,
+    family and action (``snat``, ``forward``, ``reject``), from the kernel's counters."""
+    labels = ["namespace", "service", "family", "action"]
+    packets = CounterMetricFamily(
+        "metaleg_egress_packets",
+        "Packets of a labelled Service's pods this node treated: SNATed to the LB IP "
+        "(snat), marked and routed to the gateway node (forward), rejected because no "
+        "gateway is usable (reject).",
+        labels=labels,
+    )
+    size = CounterMetricFamily(
+        "metaleg_egress_bytes",
+        "Bytes of a labelled Service's pods this node treated, by action (see "
+        "metaleg_egress_packets_total).",
+        labels=labels,
+    )
+    for (namespace, name, family, action), (packet_count, byte_count) in sorted(totals.items()):
+        values = [namespace, name, f"ipv{int(family)}", ACTION_LABELS[action]]
+        packets.add_metric(values, packet_count)
+        size.add_metric(values, byte_count)
+    return packets, size
 
 
 def build_registry(view: SupervisorView, multiprocess_dir: str) -> CollectorRegistry:

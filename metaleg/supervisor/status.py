@@ -52,6 +52,11 @@ class ServiceStatus(msgspec.Struct, frozen=True):
     detail: str
     """Per family, what this node does and with how many sources, in the words of
     :func:`metaleg.model.describe_egress`."""
+    egress_packets: dict[str, int] = {}
+    """Packets of the Service's traffic this node treated, by action (``snat``,
+    ``forward``, ``reject``; both families), from the kernel's counters since the agent
+    started (:mod:`metaleg.supervisor.egress_counters`)."""
+    egress_bytes: dict[str, int] = {}
 
 
 class StatusReport(msgspec.Struct, frozen=True):
@@ -125,6 +130,12 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _packets(by_action: dict[str, int]) -> str:
+    """``snat 120, reject 3``: the nonzero packet counts of a Service, or ``-``."""
+    shown = [f"{action} {count}" for action, count in sorted(by_action.items()) if count]
+    return ", ".join(shown) or "-"
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return [
@@ -166,7 +177,7 @@ def render_table(report: StatusReport) -> str:
     lines.append("")
     if report.services:
         lines += _table(
-            ("SERVICE", "LB IPS", "GATEWAY", "ROLE", "SOURCES", "DETAIL"),
+            ("SERVICE", "LB IPS", "GATEWAY", "ROLE", "SOURCES", "PACKETS", "DETAIL"),
             [
                 (
                     f"{s.namespace}/{s.name}",
@@ -174,6 +185,7 @@ def render_table(report: StatusReport) -> str:
                     s.gateway_node or "<unknown>",
                     s.role,
                     str(s.source_ips),
+                    _packets(s.egress_packets),
                     s.detail,
                 )
                 for s in report.services

@@ -32,6 +32,7 @@ from prometheus_client import multiprocess
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    EgressCounts,
     Hello,
     MessageError,
     Publish,
@@ -53,6 +54,7 @@ from metaleg.metrics import IPC_DROPPED
 from metaleg.model import NodeDesiredState, describe_egress
 from metaleg.state_changes import ChangeError, apply_change, diff_states
 from metaleg.supervisor import http
+from metaleg.supervisor.egress_counters import CounterKey, EgressCounterTotals
 from metaleg.supervisor.gate import new_gate
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
@@ -168,6 +170,7 @@ class Supervisor:
         self.trimmer = HeapTrimmer()
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
+        self.egress_totals = EgressCounterTotals()
         self.stopping = False
         self.started_at = time.monotonic()
         self.loop_tick = time.monotonic()
@@ -408,6 +411,8 @@ class Supervisor:
                 worker.applied_generation = message.generation
                 worker.last_error = ""
                 worker.working = True
+        elif isinstance(message, EgressCounts) and sender == "firewall":
+            self.egress_totals.update(message.counts)
         else:
             self._drop("dropped an unexpected %s from %s", type(message).__name__, sender)
 
@@ -491,7 +496,12 @@ class Supervisor:
             watcher_synced=self.watcher_status.synced,
             watcher_error=self.watcher_status.error,
             processes=tuple(processes),
-            services=tuple(_service_statuses(self.snapshot.state if self.snapshot else None)),
+            services=tuple(
+                _service_statuses(
+                    self.snapshot.state if self.snapshot else None,
+                    self.egress_totals.per_service(),
+                )
+            ),
             problems=self.problems,
             healthy=healthy,
             ready=ready,
@@ -513,6 +523,11 @@ class Supervisor:
     def current_state(self) -> tuple[int, NodeDesiredState | None]:
         snapshot = self.snapshot
         return (snapshot.generation, snapshot.state) if snapshot else (0, None)
+
+    def egress_counter_totals(self) -> dict[CounterKey, tuple[int, int]]:
+        """(packets, bytes) per (namespace, Service, family, action), from the firewall's
+        kernel counters (:mod:`metaleg.supervisor.egress_counters`)."""
+        return self.egress_totals.totals()
 
     def applied_generations(self) -> dict[str, int]:
         return {
@@ -627,7 +642,10 @@ class Supervisor:
             context.term()
 
 
-def _service_statuses(state: NodeDesiredState | None) -> list[ServiceStatus]:
+def _service_statuses(
+    state: NodeDesiredState | None,
+    counters: dict[tuple[str, str], dict[str, tuple[int, int]]] | None = None,
+) -> list[ServiceStatus]:
     if state is None:
         return []
     statuses = []
@@ -641,6 +659,7 @@ def _service_statuses(state: NodeDesiredState | None) -> list[ServiceStatus]:
                 role=str(service.role),
                 source_ips=sum(len(entry.source_ips) for entry in service.families),
                 detail=describe_egress(service),
+                **_counter_fields((counters or {}).get((service.namespace, service.name), {})),
             )
         )
     return statuses
@@ -657,3 +676,11 @@ def prepare_metrics_directory(run_dir: str) -> str:
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
+
+
+def _counter_fields(actions: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """A Service's status fields for its egress counters (action label -> count)."""
+    return {
+        "egress_packets": {action: packets for action, (packets, _) in sorted(actions.items())},
+        "egress_bytes": {action: size for action, (_, size) in sorted(actions.items())},
+    }
