@@ -31,8 +31,9 @@ from metaleg.ipc import Applied, Hello, Snapshot, StateChange, StateDelta, decod
 from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.lab.agents import PACKAGE_ROOT
-from tests.lab.traffic import Recorder, wait_until
+from tests.lab.traffic import Recorder
 from tests.netns import namespace, run_in_netns, sh
+from tests.waiting import wait_until
 
 POD4, POD6 = "10.244.1.10", "fd00:10:244:1::10"
 LB4, LB6 = "198.51.100.200", "2001:db8:100::200"

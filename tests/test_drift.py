@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +38,7 @@ from metaleg.model import (
     ServiceEgress,
 )
 from tests.netns import namespace, sh
+from tests.waiting import wait_until
 
 MASK = 0x00F00000
 SLOT1 = 0x00100000
@@ -146,28 +147,40 @@ class RunningWorker:
     def start(self, state: NodeDesiredState, timeout: float = 30.0) -> None:
         """Answer the worker's Hello with ``state`` and wait until it has applied it."""
         deadline = time.monotonic() + timeout
-        while not isinstance(self.receive(max(0.01, deadline - time.monotonic())), Hello):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.process} worker said no Hello")
+        wait_until(
+            lambda: self.receive(0.2),
+            timeout,
+            interval=0,
+            message=f"a Hello from the {self.process} worker",
+            accept=lambda message: isinstance(message, Hello),
+        )
         self.socket.send_multipart([self.process.encode(), encode(Snapshot(1, state))])
-        while True:
-            message = self.receive(max(0.01, deadline - time.monotonic()))
-            if isinstance(message, Applied) and message.generation == 1:
-                assert not message.error, message.error
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.process} worker did not apply its first state")
+        applied = wait_until(
+            lambda: self.receive(0.2),
+            max(0.0, deadline - time.monotonic()),
+            interval=0,
+            message=f"the {self.process} worker to apply its first state",
+            accept=lambda message: isinstance(message, Applied) and message.generation == 1,
+        )
+        assert not applied.error, applied.error
 
     def wait_for_drift_report(self, timeout: float = REPAIR_TIMEOUT) -> Applied:
         """The next Applied that reports a drift repair."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.reports:
-                if report.drift:
-                    self.reports.remove(report)
-                    return report
-            self.receive(min(0.2, max(0.01, deadline - time.monotonic())))
-        raise TimeoutError(f"no drift repair reported by {self.process} within {timeout}s")
+
+        def drift_report() -> Applied | None:
+            report = next((report for report in self.reports if report.drift), None)
+            if report is None:
+                self.receive(0.2)
+            else:
+                self.reports.remove(report)
+            return report
+
+        return wait_until(
+            drift_report,
+            timeout,
+            interval=0,
+            message=lambda: f"a drift repair reported by {self.process}; reports: {self.reports}",
+        )
 
     def drift_repairs(self, kind: str) -> float:
         """``metaleg_drift_repairs_total{kind}`` as the supervisor's /metrics would show it."""
@@ -204,15 +217,6 @@ def running_worker(
             yield worker
         finally:
             worker.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = REPAIR_TIMEOUT) -> None:
-    """Poll ``condition`` until true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not repaired within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 def run(ns: str, *command: str) -> str:
@@ -260,7 +264,9 @@ def test_nftables_drift_is_repaired_reported_and_counted(kind: str) -> None:
     with running_worker("firewall", "nftables", firewall_state()) as worker:
         assert _holds(worker.ns, check)
         sh("nft", tampering, netns=worker.ns)
-        wait_until(lambda: _holds(worker.ns, check), f"{tampering!r}")
+        wait_until(
+            lambda: _holds(worker.ns, check), REPAIR_TIMEOUT, message=f"the repair of {tampering!r}"
+        )
         report = worker.wait_for_drift_report()
         assert report.drift.startswith(kind + ":"), report.drift
         assert not report.error
@@ -312,7 +318,12 @@ def test_routing_drift_is_repaired_reported_and_counted(case: str) -> None:
     with running_worker("routing", "netlink", routing_state(), links=True) as worker:
         assert expected in run(worker.ns, *command)
         sh(*tampering, netns=worker.ns)
-        wait_until(lambda: expected in run(worker.ns, *command), " ".join(tampering))
+        wait_until(
+            lambda: run(worker.ns, *command),
+            REPAIR_TIMEOUT,
+            message=f"{expected!r} again after {' '.join(tampering)}",
+            accept=lambda listing: expected in listing,
+        )
         report = worker.wait_for_drift_report()
         assert report.drift.startswith(kind + ":"), report.drift
         assert worker.drift_repairs(kind) >= 1
@@ -393,7 +404,11 @@ def test_iptables_drift_is_repaired_reported_and_counted(case: str) -> None:
     with running_worker("firewall", "iptables", firewall_state()) as worker:
         assert _iptables_holds(worker.ns, command, expected)
         sh(*tampering, netns=worker.ns)
-        wait_until(lambda: _iptables_holds(worker.ns, command, expected), " ".join(tampering))
+        wait_until(
+            lambda: _iptables_holds(worker.ns, command, expected),
+            REPAIR_TIMEOUT,
+            message=f"the repair of {' '.join(tampering)}",
+        )
         report = worker.wait_for_drift_report()
         assert report.drift.startswith(kind + ":"), report.drift
         assert not report.error

@@ -15,8 +15,8 @@ import pytest
 
 from tests.lab import LB_IP4, LB_IP6, Lab, Pod
 from tests.lab.agents import EgressLab
-from tests.lab.traffic import wait_until
 from tests.test_operations import http_get, metric
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -51,6 +50,7 @@ from metaleg.firewall.iptables.rules import (
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 from tests.processes import process_alive
+from tests.waiting import wait_until
 
 MASK = 0xF00000
 MARK1 = 0x100000
@@ -1317,15 +1317,6 @@ def test_close_stops_the_helpers() -> None:
     assert alive == [False, False, False, False]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 @pytest.mark.netns
 def test_helpers_restart_after_death_and_exit_with_their_parent() -> None:
     with namespace("mlfw") as ns:
@@ -1336,7 +1327,12 @@ def test_helpers_restart_after_death_and_exit_with_their_parent() -> None:
         assert "-A METALEG-RT-MARK -j SET --map-set METALEG-MARK-4 src --map-mark" in rules
         assert "iptables table mangle: commit" in changes
         survivors = [pid for pid in second.values() if pid is not None]
-        assert wait_until(lambda: not any(process_alive(pid) for pid in survivors), timeout=10)
+        wait_until(
+            lambda: [pid for pid in survivors if process_alive(pid)],
+            timeout=10,
+            message="the helpers to exit with their parent",
+            accept=lambda alive: not alive,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -1523,7 +1519,7 @@ def test_packets_transit_guard() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            assert wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=dst), timeout=10)
+            wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=dst), 10, message="TCP :8080")
             pod = ("10.244.2.10",)
             guard = ("10.244.2.0/24",)
 
@@ -1682,12 +1678,17 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
 
         processes = [start(dst, UDP_RECEIVER, log), start(src, TCP_LISTENER)]
         try:
-            assert wait_until(lambda: ":9999" in sh("ss", "-lun", netns=dst), timeout=10)
-            assert wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=src), timeout=10)
+            wait_until(lambda: ":9999" in sh("ss", "-lun", netns=dst), 10, message="UDP :9999")
+            wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=src), 10, message="TCP :8080")
             processes.append(start(src, UDP_SENDER, "203.0.113.10", "60"))
             # Both flows reach dst with the pod IP (marked): their entries carry no binding.
             unbound = {("10.244.2.10", "echo"), ("10.244.2.10", "oneway")}
-            assert wait_until(lambda: unbound <= old_flows(log, 0), timeout=10)
+            wait_until(
+                lambda: old_flows(log, 0),
+                timeout=10,
+                message=f"{unbound} at the receiver",
+                accept=lambda flows: unbound <= flows,
+            )
             entries = sh("conntrack", "-L", "-p", "udp", "-s", "10.244.2.10", netns=gw)
             assert "src=203.0.113.10 dst=10.244.2.10 sport=9999 dport=40001" in entries
             assert "src=203.0.113.10 dst=10.244.2.10 sport=9999 dport=40002" in entries
@@ -1706,9 +1707,19 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
             # Their entries are deleted: the next packets get new ones, with the LB IP.
             sh("conntrack", "-D", "-s", "10.244.2.10", netns=gw)
             snated = {("192.0.2.10", "echo"), ("192.0.2.10", "oneway")}
-            assert wait_until(lambda: old_flows(log, since) == snated, timeout=5)
+            wait_until(
+                lambda: old_flows(log, since),
+                timeout=5,
+                message=f"only {snated} at the receiver",
+                accept=lambda flows: flows == snated,
+            )
             udp_send_once(src, "fresh")  # a new flow: the LB IP at once
-            assert wait_until(lambda: ("192.0.2.10", "fresh") in received(log), timeout=5)
+            wait_until(
+                lambda: {entry for entry in received(log) if entry[1] == "fresh"},
+                timeout=5,
+                message="the fresh flow from 192.0.2.10 at the receiver",
+                accept=lambda fresh: ("192.0.2.10", "fresh") in fresh,
+            )
 
             # The LB IP changes: flows bound to the old one are dropped until flushed too.
             run_in_netns(
@@ -1720,7 +1731,12 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
             assert old_flows(log, since) == set()
             sh("conntrack", "-D", "-s", "10.244.2.10", netns=gw)
             moved = {("192.0.2.11", "echo"), ("192.0.2.11", "oneway")}
-            assert wait_until(lambda: old_flows(log, since) == moved, timeout=5)
+            wait_until(
+                lambda: old_flows(log, since),
+                timeout=5,
+                message=f"only {moved} at the receiver",
+                accept=lambda flows: flows == moved,
+            )
             assert all(source != "10.244.2.10" for source, _ in received(log)[since:])
 
             # A connection an outside host opens to the pod IP itself (not DNATed) is dropped

@@ -25,6 +25,7 @@ from metaleg.firewall.nftables.kernel import ActualTable, differences
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
+from tests.waiting import wait_until
 
 MASK = 0x00F00000
 SLOT1, SLOT2, SLOT3 = 0x00100000, 0x00200000, 0x00300000
@@ -1390,10 +1391,13 @@ def test_stray_replies_open_no_flow_and_reply_direction_is_checked(
         # A control packet right behind it, to an unlabelled pod address, takes the
         # same path: once its entry shows, the stray has been through the node.
         assert ask(f"send {control} 40100") == "sent"
-        deadline = time.monotonic() + 5
-        while "dport=40100" not in sh("conntrack", "-L", "-d", control, netns=node):
-            assert time.monotonic() < deadline, "the control packet never reached the node"
-            time.sleep(0.02)
+        wait_until(
+            lambda: sh("conntrack", "-L", "-d", control, netns=node),
+            timeout=5,
+            interval=0.02,
+            message="the control packet's conntrack entry on the node",
+            accept=lambda entries: "dport=40100" in entries,
+        )
         assert "dport=40100" not in reversed_entries()
         assert pod_sends() == lb_ip
     finally:

@@ -23,7 +23,8 @@ import pytest
 from tests.lab import LB_IP4, LB_IP6, Lab, Pod
 from tests.lab.agents import SUPERVISOR, EgressLab
 from tests.lab.topology import INTERNET4, UDP_PORT
-from tests.lab.traffic import CLIENT_SCRIPT, PYTHON, new_token, wait_until
+from tests.lab.traffic import CLIENT_SCRIPT, PYTHON, new_token
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -25,7 +25,8 @@ import pytest
 
 from tests.lab import LB_IP4, LB_IP6, Lab, Node, Pod, ProbeResult
 from tests.lab.agents import EgressLab
-from tests.lab.traffic import netns_command, wait_until
+from tests.lab.traffic import netns_command
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -50,6 +50,7 @@ from metaleg.model import (
 )
 from metaleg.state_changes import ChangeError, ChangePublisher, apply_change, diff_states
 from tests.test_nft_incremental import random_walk
+from tests.waiting import wait_until
 
 
 def state(*sources: str) -> NodeDesiredState:
@@ -275,18 +276,36 @@ class Hub:
         self.socket = bind_supervisor(self.context, run_dir)
 
     def receive(self, timeout: float = 5.0) -> Any:
-        if not self.socket.poll(int(timeout * 1000)):
+        message = self.next_message(timeout)
+        if message is None:
             raise TimeoutError("no message from the worker")
+        return message
+
+    def next_message(self, timeout: float) -> Any:
+        """The worker's next message, or None when none comes within ``timeout`` s."""
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
         identity, frame = self.socket.recv_multipart()
         assert identity == b"firewall"
         return decode(frame)
 
     def receive_until(self, predicate: Any, timeout: float = 5.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.receive(max(0.01, deadline - time.monotonic()))
-            if predicate(message):
-                return message
+        """The first message that satisfies ``predicate``; the ones before it are dropped."""
+        received: list[Any] = []
+
+        def next_message() -> Any:
+            message = self.next_message(0.2)
+            if message is not None:
+                received.append(message)
+            return message
+
+        return wait_until(
+            next_message,
+            timeout,
+            interval=0,
+            message=lambda: f"the awaited message from the worker; received: {received}",
+            accept=lambda message: message is not None and predicate(message),
+        )
 
     def send(self, payload: bytes) -> None:
         self.socket.send_multipart([b"firewall", payload])

@@ -27,6 +27,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from tests.kubeapi import EmulatorControl, KubeApiServer, wait_for_port_file, write_kubeconfig
 from tests.kubeapi.store import Store
 from tests.netns import namespace, run_in_netns
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -565,10 +566,13 @@ def test_drop_watches_ends_streams_cleanly(api: KubeApiServer, core: client.Core
     assert collector.finish() == []  # the stream ended without an error
     # The server forgets the watch when its handler returns, which may be just after
     # the client saw the stream end.
-    deadline = time.monotonic() + 5
-    while api.state()["watches"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert api.state()["watches"] == []
+    wait_until(
+        lambda: api.state()["watches"],
+        timeout=5,
+        interval=0.02,
+        message="the server to forget the dropped watch",
+        accept=lambda watches: watches == [],
+    )
 
     # A graceful stop ends the streams the same way before closing connections.
     collector = Collector(core.list_namespaced_service, "default", timeout_seconds=20)

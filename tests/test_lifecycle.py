@@ -16,8 +16,8 @@ import pytest
 
 from metaleg import lifecycle
 from metaleg.lifecycle import ForkedCheckError, SignalWakeup, check_in_child
-from tests.lab.traffic import wait_until
 from tests.processes import process_alive
+from tests.waiting import wait_until
 
 
 @pytest.fixture(params=["pidfd", "pipe"])

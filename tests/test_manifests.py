@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from metaleg.config import ENVIRONMENT, load_config, parse_bind_address
 from metaleg.firewall.iptables.helper import DEFAULT_LOCK_PATH
 from metaleg.watcher.informer import Event, Informer, base_specs, scoped_spec
 from tests.kubeapi import KubeApiServer
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -348,13 +348,14 @@ def exercise_informers(api: KubeApiServer, api_client: Any, recorded: RecordedRe
     for informer in informers:
         informer.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            verbs = {verb for _, _, verb in recorded.triples()}
-            watching = sum(1 for *_, verb in recorded.triples() if verb == "watch")
-            if "list" in verbs and watching >= len(specs):
-                break
-            time.sleep(0.05)
+        wait_until(
+            lambda: [verb for *_, verb in recorded.triples()],
+            timeout=20,
+            message=lambda: (
+                f"a list and {len(specs)} watches; informer events: {list(events.queue)}"
+            ),
+            accept=lambda verbs: "list" in verbs and verbs.count("watch") >= len(specs),
+        )
         errors = []
         while not events.empty():
             event = events.get_nowait()
@@ -377,9 +378,12 @@ def exercise_events(api: KubeApiServer, api_client: Any, recorded: RecordedReque
     poster = EventPoster(api_client, NODE)
     poster.start()
     poster.post(ServiceEvent("default", "kubernetes", "EgressGateway", f"{NODE}: test", False))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(r == "events" for _, r, _ in recorded.triples()):
-        time.sleep(0.05)
+    wait_until(
+        recorded.triples,
+        timeout=10,
+        message="a request on events",
+        accept=lambda triples: any(resource == "events" for _, resource, _ in triples),
+    )
 
 
 #: Code paths that call the API, each run against the emulator with every request

@@ -35,6 +35,7 @@ from metaleg.watcher.main import Watcher
 from tests import cluster_objects as objects
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer
+from tests.waiting import wait_until
 
 Parser = Callable[[Any, list[parsed.Problem]], Any]
 
@@ -250,16 +251,25 @@ def test_the_stores_hold_parsed_objects_only(api: KubeApiServer) -> None:
         )
         feeds.start()
         try:
-            deadline = time.monotonic() + 10
-            while not (
-                feeds.synced(time.monotonic())
-                and not feeds.pending
-                and feeds.active.keys() >= {"pods:app", "nodes:n1"}
-            ):
-                assert time.monotonic() < deadline, f"not synced: {sorted(feeds.active)}"
+
+            def synced() -> bool:
+                if (
+                    feeds.synced(time.monotonic())
+                    and not feeds.pending
+                    and feeds.active.keys() >= {"pods:app", "nodes:n1"}
+                ):
+                    return True
                 with contextlib.suppress(queue.Empty):
                     feeds.handle(events.get(timeout=0.2))
                 feeds.follow_scopes()
+                return False
+
+            wait_until(
+                synced,
+                timeout=10,
+                interval=0,
+                message=lambda: f"the feeds synced; active: {sorted(feeds.active)}",
+            )
             assert feeds.relisted
             for name, store in feeds.stores.items():
                 assert store, name

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab.agents import SUPERVISOR
-from tests.lab.traffic import wait_until
 from tests.netns import namespace, sh
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.lab import LB_IP4, LB_IP6, Lab
 from tests.lab.agents import SUPERVISOR, EgressLab
-from tests.lab.traffic import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 

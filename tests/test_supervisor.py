@@ -45,9 +45,9 @@ from metaleg.model import (
 )
 from metaleg.state_changes import ChangePublisher
 from tests.lab.agents import SUPERVISOR, Agent
-from tests.lab.traffic import wait_until
 from tests.netns import namespace, run_in_netns, sh
 from tests.processes import process_alive
+from tests.waiting import wait_until
 
 
 def run_cli(
@@ -507,12 +507,20 @@ def test_a_worker_whose_queue_was_full_gets_the_current_state_once_it_reads(
             message="every change numbered",
         )
         received: list[Any] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def next_message() -> Any:
             if firewall.poll(500):
                 received.append(decode(firewall.recv()))
-                if isinstance(received[-1], Snapshot) and received[-1].generation == newest:
-                    break
+                return received[-1]
+            return None
+
+        wait_until(
+            next_message,
+            timeout=20,
+            interval=0,
+            message=lambda: f"Snapshot {newest}; generations: {[m.generation for m in received]}",
+            accept=lambda message: isinstance(message, Snapshot) and message.generation == newest,
+        )
         generations = [message.generation for message in received]
         assert set(range(2, newest + 1)) - set(generations), "no frame was dropped: no test"
         last = received[-1]

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from metaleg.state_changes import apply_change
 from metaleg.watcher.informer import DEFAULT_IDLE_TIMEOUT
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig
+from tests.waiting import wait_until
 
 LB = ("198.51.100.200", "2001:db8:1::200")
 
@@ -97,28 +97,35 @@ class WatcherUnderTest:
     def wait_for(
         self, predicate: Callable[[NodeDesiredState], bool], timeout: float = 10.0
     ) -> NodeDesiredState:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def matching_state() -> NodeDesiredState | None:
             if self.published and predicate(self.published[-1].state):
                 return self.published[-1].state
-            self.pump(min(0.2, max(0.0, deadline - time.monotonic())))
-        last = self.published[-1].state if self.published else None
-        raise AssertionError(
-            f"condition not met within {timeout}s; last state: {last}\nlog:\n{self.log()}"
-        )
+            self.pump(0.2)
+            return None
+
+        def last_state() -> str:
+            last = self.published[-1].state if self.published else None
+            return f"a matching state; last state: {last}\nlog:\n{self.log()}"
+
+        return wait_until(matching_state, timeout, interval=0, message=last_state)
 
     def wait_for_status(
         self, predicate: Callable[[WatcherStatus], bool], timeout: float = 10.0, since: int = 0
     ) -> WatcherStatus:
         """The first status from the ``since``-th on that meets ``predicate``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for status in self.statuses[since:]:
-                if predicate(status):
-                    return status
-            self.pump(0.2)
-        raise AssertionError(
-            f"no such watcher status within {timeout}s: {self.statuses}\n{self.log()}"
+
+        def matching_status() -> WatcherStatus | None:
+            status = next(filter(predicate, self.statuses[since:]), None)
+            if status is None:
+                self.pump(0.2)
+            return status
+
+        return wait_until(
+            matching_status,
+            timeout,
+            interval=0,
+            message=lambda: f"a matching watcher status: {self.statuses}\n{self.log()}",
         )
 
     def log(self) -> str:
@@ -402,10 +409,12 @@ def test_scopes_follow_new_services_and_gateways_without_a_gap(
     )
     assert not any(map(gateway_unknown, watcher.published[published_before:]))
     # The Node no gateway needs any more is no longer watched.
-    deadline = time.monotonic() + 10
-    while any(w["fieldSelector"] == "metadata.name=node-c" for w in api.store.open_watches()):
-        assert time.monotonic() < deadline, "the watch of node-c was not closed"
-        time.sleep(0.05)
+    wait_until(
+        api.store.open_watches,
+        timeout=10,
+        message="the watch of node-c to close",
+        accept=lambda watches: all(w["fieldSelector"] != "metadata.name=node-c" for w in watches),
+    )
 
 
 def test_a_hostnetwork_endpoint_is_a_problem_not_a_source(

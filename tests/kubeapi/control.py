@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+from tests.waiting import wait_until
 
 
 def write_kubeconfig(
@@ -60,16 +61,16 @@ def wait_for_port_file(path: str, timeout: float = 10.0) -> dict[str, Any]:
     The file is ``{"pid": ..., "listen": {"host", "port", "url", "netns"},
     "netns": {...}}`` (``netns`` only with ``--netns``).
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def content() -> dict[str, Any] | None:
         try:
             with open(path) as file:
                 data: dict[str, Any] = json.load(file)
                 return data
         except (FileNotFoundError, ValueError):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{path} was not written within {timeout}s") from None
-            time.sleep(0.05)
+            return None
+
+    return wait_until(content, timeout, message=f"{path} to be written")
 
 
 class EmulatorControl:
@@ -118,35 +119,40 @@ class EmulatorControl:
 
     def wait_ready(self, timeout: float = 10.0, *, restarts: int = 0) -> None:
         """Wait until the emulator serves (and has restarted ``restarts`` times)."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def state() -> dict[str, Any] | str:
             try:
-                state = self.state()
-                if state["running"] and int(state["restarts"]) >= restarts:
-                    return
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.base_url} not ready within {timeout}s")
-            time.sleep(0.05)
+                return self.state()
+            except (OSError, urllib.error.URLError, ValueError) as error:
+                return f"{type(error).__name__}: {error}"
+
+        wait_until(
+            state,
+            timeout,
+            message=f"{self.base_url} to serve after {restarts} restarts",
+            accept=lambda state: (
+                isinstance(state, dict) and state["running"] and int(state["restarts"]) >= restarts
+            ),
+        )
 
     def wait_for_watches(
         self, count: int = 1, resource: str | None = None, timeout: float = 10.0
     ) -> None:
         """Wait until ``count`` watches are open (on ``resource``: a key like ``v1/services``,
         or a plural such as ``services``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            watches = self.state()["watches"]
-            matching = [
+
+        def matching() -> list[dict[str, Any]]:
+            return [
                 w
-                for w in watches
+                for w in self.state()["watches"]
                 if resource is None
                 or w["resource"] == resource
                 or w["resource"].rsplit("/", 1)[-1] == resource
             ]
-            if len(matching) >= count:
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"fewer than {count} watches on {resource or 'anything'}")
-            time.sleep(0.05)
+
+        wait_until(
+            matching,
+            timeout,
+            message=f"{count} watches on {resource or 'anything'}",
+            accept=lambda watches: len(watches) >= count,
+        )

@@ -59,8 +59,8 @@ from tests.lab.traffic import (
     family_of,
     new_token,
     probe,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 __all__ = [
     "API4",

@@ -23,7 +23,8 @@ import metaleg
 from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig
 from tests.lab.topology import Lab, Pod
-from tests.lab.traffic import ProbeResult, wait_until
+from tests.lab.traffic import ProbeResult
+from tests.waiting import wait_until
 
 API_PORT = 6443
 #: The agents run the metaleg package these tests import (also from another checkout, for

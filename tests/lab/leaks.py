@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from tests.lab import LB_IP4, LB_IP6, Pod
 from tests.lab.agents import EgressLab
-from tests.lab.traffic import Record, Stream, wait_until
+from tests.lab.traffic import Record, Stream
+from tests.waiting import wait_until
 
 NAMESPACE, SERVICE = "mail", "relay"
 LB_IPS = {4: LB_IP4, 6: LB_IP6}

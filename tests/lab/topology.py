@@ -66,8 +66,8 @@ from tests.lab.traffic import (
     netns_command,
     probe,
     stop_process,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 MasqueradeMode = Literal["legacy", "nft", "none"]
 
@@ -258,9 +258,15 @@ def destroy_namespaces(names: Sequence[str], grace: float = 1.0) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        pids = wait_until(
+            lambda: pids_in_namespaces(names),
+            grace,
+            interval=0.02,
+            message="the processes to exit on SIGTERM",
+            accept=lambda pids: not pids,
+        )
+    except TimeoutError:
         pids = pids_in_namespaces(names)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -631,9 +637,10 @@ class Lab:
         self._ping_all(checks, self.ready_timeout)
 
     def _ping_all(self, checks: Sequence[tuple[str, str]], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         pending = list(checks)
-        while True:
+
+        def failed_pings() -> list[tuple[str, str]]:
+            nonlocal pending
             processes = [
                 (
                     check,
@@ -648,11 +655,14 @@ class Lab:
                 for check in pending
             ]
             pending = [check for check, process in processes if process.wait() != 0]
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"lab not reachable after {timeout}s: failed pings {pending}")
-            time.sleep(0.05)
+            return pending
+
+        wait_until(
+            failed_pings,
+            timeout,
+            message="every ping of the lab to answer (last seen: the failed ones)",
+            accept=lambda failed: not failed,
+        )
 
     # ----------------------------------------------------------------- lookup
 

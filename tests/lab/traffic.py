@@ -29,11 +29,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
+
+from tests.waiting import wait_until as wait_until
 
 Family = Literal[4, 6]
 Proto = Literal["udp", "tcp"]
@@ -45,7 +47,6 @@ CLIENT_SCRIPT = HERE / "_client_main.py"
 #: The interpreter for the helper scripts: ``-I -S`` keeps start-up at ~15 ms.
 PYTHON = (sys.executable, "-I", "-S")
 
-T = TypeVar("T")
 _tokens = itertools.count()
 
 
@@ -62,28 +63,6 @@ def family_of(address: str) -> Family:
     """4 or 6, from an IP address (or a CIDR)."""
     version = ipaddress.ip_interface(address).version
     return 4 if version == 4 else 6
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float = 10.0,
-    interval: float = 0.05,
-    message: str | Callable[[], str] = "condition",
-) -> T:
-    """Poll ``predicate`` until it returns a truthy value (returned) or raise ``TimeoutError``.
-
-    ``message`` (or its result when callable) is put in the exception to say what
-    was awaited and, ideally, what was seen instead.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise TimeoutError(f"waited {timeout}s for {text}")
-        time.sleep(interval)
 
 
 def netns_command(netns: str | None, argv: Sequence[str]) -> list[str]:
