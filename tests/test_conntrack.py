@@ -6,8 +6,9 @@ import contextlib
 import errno
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,21 +16,56 @@ from hypothesis import strategies as st
 from metaleg.firewall import conntrack
 from metaleg.firewall.claims import SourceClaims
 from metaleg.firewall.conntrack import (
+    EVERY_DESTINATION,
+    MAX_MERGED_STEPS,
+    AllFlowsOf,
+    DestinationPolicy,
     EgressView,
     FlushPlan,
+    MergedPlan,
     Treatment,
     TreatmentError,
-    affected_sources,
     changed_sources,
-    flush_sources,
+    delete_outdated_entries,
     source_treatments,
 )
 from metaleg.firewall.wire import conntrack as conntrack_netlink
 from metaleg.firewall.wire.conntrack import Entry
-from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
+from metaleg.model import (
+    Action,
+    Family,
+    FamilyEgress,
+    NodeDesiredState,
+    PortRange,
+    Protocol,
+    Role,
+    ServiceEgress,
+)
 from tests.netns import namespace, run_in_netns, sh
 
 MASK = 0x00F00000
+
+
+def affected_sources(old: NodeDesiredState | None, new: NodeDesiredState) -> dict[Family, set[str]]:
+    """Sources whose conntrack entries may be outdated by going from ``old`` to ``new``
+    (``old`` None: nothing installed before)."""
+    return changed_sources(EgressView.of(old), EgressView.of(new))
+
+
+def flush_sources(
+    sources: Mapping[Family, Iterable[str]],
+    old: EgressView | None = None,
+    new: EgressView | None = None,
+) -> int:
+    """Delete the entries whose ORIGINAL source is one of ``sources``: with the ``old``
+    and ``new`` views, only those whose flow changes treatment; without, every one."""
+    selected = {
+        family: {conntrack.canonical_ip(s, family) or s for s in sources.get(family, ())}
+        for family in Family
+    }
+    if old is None or new is None:
+        return delete_outdated_entries(AllFlowsOf(selected, EgressView(), EgressView()))
+    return delete_outdated_entries(FlushPlan(selected, old, new))
 
 
 def egress(
@@ -87,7 +123,7 @@ def test_entry_memo_keeps_only_the_entries_of_the_last_two_states() -> None:
             state(SNAT, ("churn", (egress(Family.IPV4, Action.REJECT, f"10.244.9.{step}"),)))
         )
     cache = conntrack._ENTRY_CACHE
-    kept = {entry.source_ips for _, entry, _ in (*cache.current, *cache.previous)}
+    kept = {entry.source_ips for _, entry, _, _ in (*cache.current, *cache.previous)}
     assert kept <= {SNAT[1][0].source_ips, ("10.244.9.48",), ("10.244.9.49",)}
     # The entry every state uses is carried from one generation to the next.
     assert any(key[1] == SNAT[1][0] for key in cache.previous)
@@ -108,7 +144,7 @@ def test_incremental_steps_leave_no_old_entries_in_the_memo() -> None:
         current = new
     cache = conntrack._ENTRY_CACHE
     live = {entry for service in current.services for entry in service.families}
-    assert {entry for _, entry, _ in (*cache.current, *cache.previous)} <= live
+    assert {entry for _, entry, _, _ in (*cache.current, *cache.previous)} <= live
     # The unchanged Services' entries stay for the next walk.
     assert any(key[1] == SNAT[1][0] for key in cache.previous)
 
@@ -201,6 +237,99 @@ def test_a_merged_plan_keeps_an_undone_change() -> None:
     assert not merged.wants(Family.IPV4, "10.244.1.10", "10.1.1.1")
 
 
+def test_a_merged_plan_stays_flat_and_becomes_every_flow_when_deletions_keep_failing() -> None:
+    a = EgressView.of(state(SNAT))
+    b = EgressView.of(state(MARK))
+    there, back = FlushPlan.between(a, b), FlushPlan.between(b, a)
+    merged = there
+    for step in range(MAX_MERGED_STEPS - 1):
+        merged = merged.merged(back if step % 2 == 0 else there)
+    assert isinstance(merged, MergedPlan)
+    assert merged.steps() == tuple(there if i % 2 == 0 else back for i in range(MAX_MERGED_STEPS))
+    assert not merged.wants(Family.IPV4, "10.244.1.10", "10.1.1.1")  # excluded throughout
+    # One failure more: every flow of the sources, whatever the views (bounded in size).
+    collapsed = merged.merged(back)
+    assert isinstance(collapsed, AllFlowsOf)
+    assert collapsed.sources[Family.IPV4] == {"10.244.1.10", "10.244.1.11", "10.244.1.20"}
+    assert collapsed.wants(Family.IPV4, "10.244.1.10", "10.1.1.1")
+    assert isinstance(collapsed.merged(there), AllFlowsOf)
+
+
+def policed(
+    name: str, entry: FamilyEgress, ports: tuple[PortRange, ...] = ()
+) -> tuple[str, tuple[FamilyEgress, ...], tuple[PortRange, ...]]:
+    return name, (entry,), ports
+
+
+def policed_state(
+    *services: tuple[str, tuple[FamilyEgress, ...], tuple[PortRange, ...]],
+) -> NodeDesiredState:
+    """Like :func:`state`, each Service with its destination ports."""
+    return NodeDesiredState(
+        "node-a",
+        MASK,
+        ("10.0.0.0/8",),
+        ("fc00::/7",),
+        tuple(
+            ServiceEgress("ns", name, Role.GATEWAY, "node-a", (), families, destination_ports=ports)
+            for name, families, ports in sorted(services, key=lambda service: service[0])
+        ),
+    )
+
+
+SMTP = (PortRange(Protocol.TCP, 25, 25),)
+RELAY_CIDRS = ("198.51.100.0/24",)
+
+
+def test_the_destination_policy_is_part_of_the_treatment() -> None:
+    entry = egress(Family.IPV4, Action.SNAT, "10.244.1.10", snat="192.0.2.1")
+    treatments = source_treatments(
+        policed_state(
+            policed("mail", msgspec.structs.replace(entry, destinations=RELAY_CIDRS), SMTP)
+        )
+    )
+    assert treatments[Family.IPV4]["10.244.1.10"] == Treatment(
+        Action.SNAT, "192.0.2.1", policy=DestinationPolicy(RELAY_CIDRS, SMTP)
+    )
+    everywhere = source_treatments(policed_state(policed("mail", entry)))
+    assert everywhere[Family.IPV4]["10.244.1.10"].policy == EVERY_DESTINATION
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((), RELAY_CIDRS),  # narrowed to the relay's network
+        (RELAY_CIDRS, ()),  # widened to every destination
+        (RELAY_CIDRS, ("198.51.100.0/25",)),  # narrowed further
+    ],
+)
+@pytest.mark.parametrize("ports", [False, True])
+def test_a_narrowed_or_widened_policy_outdates_every_flow_of_its_sources(
+    before: tuple[str, ...], after: tuple[str, ...], ports: bool
+) -> None:
+    def relay(cidrs: tuple[str, ...], port_ranges: tuple[PortRange, ...]) -> NodeDesiredState:
+        entry = egress(Family.IPV4, Action.SNAT, "10.244.1.10", "10.244.1.11", snat="192.0.2.1")
+        other = egress(Family.IPV4, Action.MARK, "10.244.1.20", mark=0x100000)
+        return policed_state(
+            policed("mail", msgspec.structs.replace(entry, destinations=cidrs), port_ranges),
+            policed("web", other),
+        )
+
+    old = relay(before, ())
+    new = relay(after, SMTP if ports else ())
+    assert affected_sources(old, new) == {
+        Family.IPV4: {"10.244.1.10", "10.244.1.11"},
+        Family.IPV6: set(),
+    }
+    plan = FlushPlan.between(EgressView.of(old), EgressView.of(new))
+    for destination in ("198.51.100.1", "198.51.100.200", "8.8.8.8"):  # inside or not
+        assert plan.wants(Family.IPV4, "10.244.1.10", destination)
+    assert not plan.wants(Family.IPV4, "10.244.1.10", "10.96.0.10")  # excluded: never ours
+    assert not plan.wants(Family.IPV4, "10.244.1.20", "8.8.8.8")  # another Service
+    # The same policy (ports only, then unchanged): nothing outdated.
+    assert affected_sources(new, new) == {Family.IPV4: set(), Family.IPV6: set()}
+
+
 addresses = st.sampled_from([f"10.244.0.{i}" for i in range(1, 9)])
 treatment_entries = st.one_of(
     st.builds(
@@ -217,9 +346,22 @@ treatment_entries = st.one_of(
         lambda s: egress(Family.IPV4, Action.REJECT, *s), st.sets(addresses, min_size=1, max_size=4)
     ),
 )
-states = st.lists(treatment_entries, max_size=5).map(
-    lambda entries: state(*((f"s{i}", (e,)) for i, e in enumerate(entries)))
+destination_cidrs = st.sampled_from(
+    [(), RELAY_CIDRS, ("198.51.100.0/25",), ("8.8.8.0/24", "198.51.100.0/24")]
 )
+destination_ports = st.sampled_from([(), SMTP, (PortRange(Protocol.UDP, 53, 53), *SMTP)])
+policed_entries = st.builds(
+    lambda entry, cidrs, ports: (msgspec.structs.replace(entry, destinations=cidrs), ports),
+    treatment_entries,
+    destination_cidrs,
+    destination_ports,
+)
+states = st.lists(policed_entries, max_size=5).map(
+    lambda entries: policed_state(
+        *(policed(f"s{i}", entry, ports) for i, (entry, ports) in enumerate(entries))
+    )
+)
+"""Up to five Services, each with one IPv4 entry and a destination policy (or none)."""
 
 
 @given(states, states)
@@ -237,6 +379,23 @@ def test_affected_is_exactly_the_sources_whose_treatment_differs(
     for source in affected[Family.IPV4]:
         assert plan.wants(Family.IPV4, source, "198.51.100.1")
         assert not plan.wants(Family.IPV4, source, "10.1.1.1")  # excluded in both
+
+
+@given(states, states)
+def test_a_step_of_the_claims_outdates_what_the_views_of_both_states_do(
+    old: NodeDesiredState, new: NodeDesiredState
+) -> None:
+    """The incremental path (both backends) against the whole states, policies included."""
+    claims = SourceClaims.build(old)[0]
+    step = claims.step(new)
+    assert step is not None  # sorted Services, the same exclusions: never the full way
+    reference = FlushPlan.between(EgressView.of(old), EgressView.of(new))
+    assert {f: step.flush.sources.get(f, set()) for f in Family} == reference.sources
+    for source in reference.sources[Family.IPV4]:
+        for destination in ("198.51.100.1", "8.8.8.8", "10.1.1.1"):
+            assert step.flush.wants(Family.IPV4, source, destination) == reference.wants(
+                Family.IPV4, source, destination
+            )
 
 
 @given(states, states, states)
@@ -685,7 +844,7 @@ def _flush_after_some_vanish(sources: dict[Family, list[str]], vanish: list[str]
         return result
 
     conntrack._matching_tuples = matching_then_vanish  # type: ignore[assignment]  # child only
-    return conntrack._flush_once(conntrack._AllOf(
+    return conntrack._delete_once(AllFlowsOf(
         {family: set(members) for family, members in sources.items()}, EgressView(), EgressView()
     ))  # fmt: skip
 

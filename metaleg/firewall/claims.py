@@ -48,7 +48,9 @@ def service_claims(
     )
     for entry in service.families:
         table = result.setdefault(entry.family, {})
-        for source, treatment in treatments_of(service.key, entry, fwmask):
+        for source, treatment in treatments_of(
+            service.key, entry, service.destination_ports, fwmask
+        ):
             table.setdefault(source, treatment)
     return result
 

@@ -24,6 +24,13 @@ Which entries (decisions, applied per flow ``(source, destination)``):
   rule). Any change of action, SNAT IP or mark counts, even mark to mark (the
   null binding would survive, but the brief of the project is "changed ->
   flushed", and a deleted entry costs the flow nothing).
+- A Service's destination policy (``metaleg.de/destinationCIDRs`` and
+  ``metaleg.de/destinationPorts``, :class:`DestinationPolicy`) is part of the
+  treatment: a narrowing or widening outdates every flow of the Service's
+  sources (but those to excluded destinations), whichever side of the policy
+  a flow's destination is on. Deciding per flow would need the ports of every
+  entry and gains little: a policy changes rarely, and a deleted entry costs
+  the flow nothing.
 - Transitions between no treatment and REJECT count as changes too, although
   REJECT is enforced per packet in the forward hook and a rejected flow never
   gets a confirmed entry: flushing them is harmless and keeps the rule simple.
@@ -40,7 +47,11 @@ binary is not needed. The entries are found with pyroute2's ``Conntrack`` dumps
 (filtered in the kernel where that pays off, see :func:`_matching_tuples`) and
 deleted in batches of hand-encoded requests, many per ``send``
 (:mod:`metaleg.firewall.wire.conntrack`; one pyroute2 request per entry cost
-~0.5 ms). Entries in a non-default conntrack zone are skipped (see :func:`flush_plan`).
+~0.5 ms). Entries in a non-default conntrack zone are skipped (see
+:func:`delete_outdated_entries`).
+
+When the deletions run, and what happens when they fail, is decided in one place
+for both firewall backends: :mod:`metaleg.firewall.flows`.
 """
 
 from __future__ import annotations
@@ -57,7 +68,14 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from metaleg.firewall.wire.conntrack import ConntrackSocket, Entry
-from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, ServiceEgress
+from metaleg.model import (
+    Action,
+    Family,
+    FamilyEgress,
+    NodeDesiredState,
+    PortRange,
+    ServiceEgress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +101,41 @@ entry from its allocation, before it is confirmed, until it is freed)."""
 _SOCKET_FAMILY = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 
 
+class DestinationPolicy(NamedTuple):
+    """The destinations a Service's egress treatment applies to in one family; the empty
+    policy (:data:`EVERY_DESTINATION`) covers every one."""
+
+    cidrs: tuple[str, ...] = ()
+    """``FamilyEgress.destinations``: canonical CIDRs of the family, sorted (empty: all)."""
+    ports: tuple[PortRange, ...] = ()
+    """``ServiceEgress.destination_ports``: sorted, merged (empty: every protocol and port)."""
+
+
+EVERY_DESTINATION = DestinationPolicy()
+
+
 class Treatment(NamedTuple):
     """How metaleg treats one source IP's egress in one family."""
 
     action: Action
     snat_ip: str | None = None
     fwmark: int | None = None
+    policy: DestinationPolicy = EVERY_DESTINATION
+    """Which destinations the action applies to (traffic to others takes the node's path)."""
+
+    def without_policy(self) -> Treatment:
+        """This treatment for every destination (what a source's elements in the
+        backends' SNAT, mark and reject sets and maps stand for)."""
+        if self.policy == EVERY_DESTINATION:
+            return self
+        return self._replace(policy=EVERY_DESTINATION)
+
+
+def equal_but_for_policy(before: Treatment | None, after: Treatment | None) -> bool:
+    """Whether two treatments (None: untreated) differ at most in their destination policy."""
+    if before is None or after is None:
+        return before is after
+    return before.without_policy() == after.without_policy()
 
 
 Treatments = dict[Family, dict[str, Treatment]]
@@ -142,7 +189,10 @@ def source_treatments(state: NodeDesiredState) -> Treatments:
     for service in state.services:
         for entry in service.families:
             table = result[entry.family]
-            for source, treatment in entry_treatments(service.key, entry, state.fwmask):
+            treatments = entry_treatments(
+                service.key, entry, service.destination_ports, state.fwmask
+            )
+            for source, treatment in treatments:
                 table.setdefault(source, treatment)
     walked_whole_state()
     return result
@@ -158,7 +208,7 @@ def walked_whole_state() -> None:
     _ENTRY_CACHE.rotate()
 
 
-_EntryKey = tuple[str, FamilyEgress, int]
+_EntryKey = tuple[str, FamilyEgress, tuple[PortRange, ...], int]
 _EntryValue = tuple[tuple[str, Treatment], ...]
 
 
@@ -178,13 +228,15 @@ class _EntryCache:
         self.current: dict[_EntryKey, _EntryValue] = {}
         self.previous: dict[_EntryKey, _EntryValue] = {}
 
-    def get(self, key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
-        cache_key = (key, entry, fwmask)
+    def get(
+        self, key: str, entry: FamilyEgress, ports: tuple[PortRange, ...], fwmask: int
+    ) -> _EntryValue:
+        cache_key = (key, entry, ports, fwmask)
         value = self.current.get(cache_key)
         if value is None:
             value = self.previous.pop(cache_key, None)
             if value is None:
-                value = compute_entry_treatments(key, entry, fwmask)
+                value = compute_entry_treatments(key, entry, ports, fwmask)
             self.current[cache_key] = value
         return value
 
@@ -192,8 +244,10 @@ class _EntryCache:
         self.previous = self.current
         self.current = {}
 
-    def forget(self, key: str, entry: FamilyEgress, fwmask: int) -> None:
-        cache_key = (key, entry, fwmask)
+    def forget(
+        self, key: str, entry: FamilyEgress, ports: tuple[PortRange, ...], fwmask: int
+    ) -> None:
+        cache_key = (key, entry, ports, fwmask)
         self.current.pop(cache_key, None)
         self.previous.pop(cache_key, None)
 
@@ -208,16 +262,24 @@ def forget_entries(service: ServiceEgress, fwmask: int) -> None:
     changed (measured: the firewall process growing by ~2 MiB in the first minutes
     of churn at N=1000). The next walk computes what it needs again."""
     for entry in service.families:
-        _ENTRY_CACHE.forget(service.key, entry, fwmask)
+        _ENTRY_CACHE.forget(service.key, entry, service.destination_ports, fwmask)
 
 
-def entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+def entry_treatments(
+    key: str, entry: FamilyEgress, ports: tuple[PortRange, ...], fwmask: int
+) -> _EntryValue:
     """One Service entry's (source, treatment) pairs, validated and canonical (memoised,
     for walks over a whole state; see :func:`compute_entry_treatments` for single ones)."""
-    return _ENTRY_CACHE.get(key, entry, fwmask)
+    return _ENTRY_CACHE.get(key, entry, ports, fwmask)
 
 
-def compute_entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _EntryValue:
+def compute_entry_treatments(
+    key: str, entry: FamilyEgress, ports: tuple[PortRange, ...], fwmask: int
+) -> _EntryValue:
+    """One Service entry's (source, treatment) pairs, validated and canonical: service
+    ``key``'s ``entry``, with the Service's destination ``ports`` (its
+    ``destination_ports``) and the state's ``fwmask``. Raises :class:`TreatmentError`
+    naming the Service and the field."""
     what = f"service {key} ({entry.action} IPv{int(entry.family)})"
     snat_ip: str | None = None
     fwmark: int | None = None
@@ -234,7 +296,10 @@ def compute_entry_treatments(key: str, entry: FamilyEgress, fwmask: int) -> _Ent
                 f"inside FIREWALL_MASK {fwmask:#x}"
             )
         fwmark = entry.fwmark
-    treatment = Treatment(entry.action, snat_ip, fwmark)
+    policy = EVERY_DESTINATION
+    if entry.destinations or ports:
+        policy = DestinationPolicy(entry.destinations, ports)
+    treatment = Treatment(entry.action, snat_ip, fwmark, policy)
     return tuple(
         (_canonical_ip(raw, entry.family, f"{what} source"), treatment) for raw in entry.source_ips
     )
@@ -272,7 +337,8 @@ class EgressView:
         )
 
     def flow_treatment(self, family: Family, source: str, destination: str) -> Treatment | None:
-        """The treatment of a flow (``None``: metaleg leaves it alone)."""
+        """The treatment of a flow (``None``: metaleg leaves it alone), with its source's
+        destination policy whether or not ``destination`` is inside it (see the module doc)."""
         treatment = self.treatments.get(family, {}).get(source)
         if treatment is None:
             return None
@@ -302,17 +368,6 @@ def changed_sources(old: EgressView, new: EgressView) -> dict[Family, set[str]]:
     return result
 
 
-def affected_sources(old: NodeDesiredState | None, new: NodeDesiredState) -> dict[Family, set[str]]:
-    """Sources whose conntrack entries may be outdated by going from ``old`` to ``new``.
-
-    ``old`` is ``None`` when nothing was installed before (every treated source
-    of ``new`` is then affected). Backends that start over an existing kernel
-    state should rather build ``old`` from what the kernel holds, so that an
-    agent restart does not disturb flows (see :func:`changed_sources`).
-    """
-    return changed_sources(EgressView.of(old), EgressView.of(new))
-
-
 @dataclass
 class FlushPlan:
     """Sources to look at and the two views that decide, per entry, whether it goes."""
@@ -337,28 +392,57 @@ class FlushPlan:
         )
 
     def merged(self, later: FlushPlan) -> FlushPlan:
-        """One plan covering a pending (failed) flush and a newer one.
+        """One plan covering a pending (failed) deletion and a newer one.
 
         The pending plan's views are from before; the later one's end state is
         what the kernel now holds. Going from ``self.old`` straight to
         ``later.new`` is not enough (a change and its undo would cancel out
         while entries created in between keep the intermediate binding), so
         every source of both plans is looked at, and an entry goes if either
-        step changes its flow's treatment.
+        step changes its flow's treatment. Past :data:`MAX_MERGED_STEPS` steps
+        (deletions failing again and again) the plan becomes every flow of its
+        sources (:class:`AllFlowsOf`): it stays the size of its sources, and
+        deleting more than needed costs the flows nothing.
         """
         sources = {
             family: self.sources.get(family, set()) | later.sources.get(family, set())
             for family in Family
         }
-        return _MergedPlan(sources, self.old, later.new, (self, later))
+        steps = (*self.steps(), *later.steps())
+        if len(steps) > MAX_MERGED_STEPS or any(isinstance(s, AllFlowsOf) for s in steps):
+            return AllFlowsOf(sources, EgressView(), EgressView())
+        return MergedPlan(sources, self.old, later.new, steps)
+
+    def steps(self) -> tuple[FlushPlan, ...]:
+        """The single steps this plan covers (itself, unless merged)."""
+        return (self,)
+
+
+MAX_MERGED_STEPS = 16
+"""Steps a merged plan keeps apart before it becomes every flow of its sources."""
 
 
 @dataclass
-class _MergedPlan(FlushPlan):
-    steps: tuple[FlushPlan, ...] = ()
+class MergedPlan(FlushPlan):
+    """Successive steps' plans in one (see :meth:`FlushPlan.merged`): an entry goes when
+    one of the steps changes its flow's treatment."""
+
+    merged_steps: tuple[FlushPlan, ...] = ()
 
     def wants(self, family: Family, source: str, destination: str) -> bool:
-        return any(step.wants(family, source, destination) for step in self.steps)
+        return any(step.wants(family, source, destination) for step in self.merged_steps)
+
+    def steps(self) -> tuple[FlushPlan, ...]:
+        return self.merged_steps
+
+
+@dataclass
+class AllFlowsOf(FlushPlan):
+    """A plan that deletes every entry of its sources, whatever the destination (its
+    views are not looked at)."""
+
+    def wants(self, family: Family, source: str, destination: str) -> bool:
+        return source in self.sources.get(family, ())
 
 
 def _canonical(address: str, family: Family) -> str:
@@ -366,7 +450,7 @@ def _canonical(address: str, family: Family) -> str:
 
 
 RACE_GRACE = 0.02
-"""Seconds between the two passes of a flush (see :func:`flush_plan`)."""
+"""Seconds between the two passes of a deletion (see :func:`delete_outdated_entries`)."""
 
 _SOURCE_ATTR = {Family.IPV4: "CTA_IP_V4_SRC", Family.IPV6: "CTA_IP_V6_SRC"}
 _DESTINATION_ATTR = {Family.IPV4: "CTA_IP_V4_DST", Family.IPV6: "CTA_IP_V6_DST"}
@@ -523,7 +607,7 @@ def _matching_tuples(
     return result
 
 
-def _flush_once(plan: FlushPlan) -> int:
+def _delete_once(plan: FlushPlan) -> int:
     if not plan:
         return 0
     # Read at every pass (never carried over from an earlier one): 0 means the
@@ -554,7 +638,7 @@ def _flush_once(plan: FlushPlan) -> int:
         raise
 
 
-def flush_plan(plan: FlushPlan) -> int:
+def delete_outdated_entries(plan: FlushPlan) -> int:
     """Delete the entries ``plan`` wants deleted in the current namespace; return how many.
 
     Entries that vanish meanwhile (expired, deleted by someone else) are
@@ -564,39 +648,14 @@ def flush_plan(plan: FlushPlan) -> int:
     entry when the kernel refuses one) when the conntrack interface fails
     otherwise; nothing outside the plan is ever deleted.
     """
-    deleted = _flush_once(plan)
+    deleted = _delete_once(plan)
     if deleted:
         # A flow whose packet was still on its way through the hooks while we
         # deleted gets its conntrack entry confirmed just after, with the old
         # binding; a busy UDP flow would keep it alive (and dropped by the egress
         # check) for ever. One more pass a moment later catches such entries.
         time.sleep(RACE_GRACE)
-        deleted += _flush_once(plan)
+        deleted += _delete_once(plan)
     if deleted:
         log.info("deleted conntrack entries of changed sources", extra={"entries": deleted})
     return deleted
-
-
-def flush_sources(
-    sources: Mapping[Family, Iterable[str]],
-    old: EgressView | None = None,
-    new: EgressView | None = None,
-) -> int:
-    """Delete conntrack entries whose ORIGINAL source is one of ``sources``; return how many.
-
-    With the ``old`` and ``new`` views, only entries whose flow changes
-    treatment go (flows to destinations excluded in both stay); without them,
-    every entry of those sources goes.
-    """
-    selected = {
-        family: {_canonical(s, family) for s in sources.get(family, ())} for family in Family
-    }
-    if old is None or new is None:
-        return flush_plan(_AllOf(selected, EgressView(), EgressView()))
-    return flush_plan(FlushPlan(selected, old, new))
-
-
-@dataclass
-class _AllOf(FlushPlan):
-    def wants(self, family: Family, source: str, destination: str) -> bool:
-        return source in self.sources.get(family, ())

@@ -162,7 +162,7 @@ class ManagedFirewall:
                 claims = SourceClaims.build(state)[0]
             self._claims = claims
             if plan:
-                CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.flush_plan(plan))
+                CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.delete_outdated_entries(plan))
         except Exception as error:  # the rules are in place; stale flows are the lesser harm
             ERRORS.labels("firewall", "conntrack").inc()
             log.error("deleting outdated conntrack entries failed: %s", error)

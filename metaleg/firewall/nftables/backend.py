@@ -312,7 +312,7 @@ class NftablesBackend:
             self._pending_flush = None
             return
         try:
-            conntrack.flush_plan(plan)
+            conntrack.delete_outdated_entries(plan)
         except OSError as error:
             # The rules are in place; the flush is retried with the next apply.
             self._pending_flush = plan
