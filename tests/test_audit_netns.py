@@ -33,6 +33,7 @@ from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, 
 from tests.lab.agents import PACKAGE_ROOT
 from tests.lab.traffic import Recorder
 from tests.netns import namespace, run_in_netns, sh
+from tests.packet_harness import add_addresses, link
 from tests.waiting import wait_until
 
 POD4, POD6 = "10.244.1.10", "fd00:10:244:1::10"
@@ -78,31 +79,10 @@ def gateway_namespaces() -> Iterator[tuple[str, str]]:
     to the LB IPs with nft; the peer is where tests run a recorder that answers with the
     source it saw. Both are deleted afterwards."""
     with namespace("mlau") as gw, namespace("mlap") as peer:
-        link = f"au{os.getpid() % 100000}"
-        sh(
-            "ip",
-            "link",
-            "add",
-            link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            peer,
-            netns=gw,
-        )
-        for address in (f"{NODE4}/24", f"{LB4}/24"):
-            sh("ip", "addr", "add", address, "dev", link, netns=gw)
-        for address in (f"{NODE6}/64", f"{LB6}/64"):
-            sh("ip", "addr", "add", address, "dev", link, "nodad", netns=gw)
-        sh("ip", "addr", "add", f"{POD4}/32", "dev", "lo", netns=gw)
-        sh("ip", "addr", "add", f"{POD6}/128", "dev", "lo", netns=gw)
-        sh("ip", "addr", "add", f"{PEER4}/24", "dev", "eth0", netns=peer)
-        sh("ip", "addr", "add", f"{PEER6}/64", "dev", "eth0", "nodad", netns=peer)
-        sh("ip", "link", "set", link, "up", netns=gw)
-        sh("ip", "link", "set", "eth0", "up", netns=peer)
+        device = f"au{os.getpid() % 100000}"
+        node_cidrs = (f"{NODE4}/24", f"{LB4}/24", f"{NODE6}/64", f"{LB6}/64")
+        link(gw, device, node_cidrs, peer, (f"{PEER4}/24", f"{PEER6}/64"))
+        add_addresses(gw, "lo", f"{POD4}/32", f"{POD6}/128")
         nft(
             gw,
             "table inet audit {\n"

@@ -10,6 +10,7 @@ packet test wires pod, node and server namespaces with veth pairs and pings.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import subprocess
@@ -49,6 +50,19 @@ from metaleg.firewall.iptables.rules import (
 )
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
+from tests.packet_harness import TCP_CLIENT as TCP_CLIENT
+from tests.packet_harness import TCP_LISTENER as TCP_LISTENER
+from tests.packet_harness import (
+    forward,
+    link,
+    masquerade,
+    ping_from,
+    route,
+    route_marked,
+    script_in,
+    tcp_connect,
+    wait_listening,
+)
 from tests.processes import process_alive
 from tests.waiting import wait_until
 
@@ -1350,59 +1364,18 @@ def apply_state(state: NodeDesiredState) -> tuple[str, ...]:
 
 
 def ping(pod: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", pod, "ping", "-n", "-c", "1", "-W", "1", "198.51.100.2"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
+    return ping_from(pod, "198.51.100.2", "-c", "1")
 
 
 @pytest.mark.netns
 def test_packets_are_rejected_snated_and_marked() -> None:
     """pod 10.244.1.5 -- node (forwarding, the backend) -- server 198.51.100.2."""
     with namespace("mlfw") as node, namespace("mlfw") as pod, namespace("mlfw") as server:
-        sh(
-            "ip",
-            "-n",
-            node,
-            "link",
-            "add",
-            "to-pod",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod,
-        )
-        sh(
-            "ip",
-            "-n",
-            node,
-            "link",
-            "add",
-            "to-srv",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            server,
-        )
-        for ns, device, address in [
-            (node, "to-pod", "10.244.1.1/24"),
-            (node, "to-srv", "198.51.100.1/24"),
-            (pod, "eth0", "10.244.1.5/24"),
-            (server, "eth0", "198.51.100.2/24"),
-        ]:
-            sh("ip", "-n", ns, "addr", "add", address, "dev", device)
-            sh("ip", "-n", ns, "link", "set", device, "up")
-        sh("ip", "-n", pod, "route", "add", "default", "via", "10.244.1.1")
-        sh("ip", "-n", server, "route", "add", "192.0.2.10/32", "via", "198.51.100.1")
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node)
+        link(node, "to-pod", ("10.244.1.1/24",), pod, ("10.244.1.5/24",))
+        link(node, "to-srv", ("198.51.100.1/24",), server, ("198.51.100.2/24",))
+        route(pod, "default", "10.244.1.1")
+        route(server, "192.0.2.10/32", "198.51.100.1")
+        forward(node)
         ips = ("10.244.1.5",)
 
         # The server knows no route to the pod network: only SNAT to 192.0.2.10 gets a reply.
@@ -1419,21 +1392,8 @@ def test_packets_are_rejected_snated_and_marked() -> None:
         assert rejected.returncode != 0 and "Port Unreachable" in rejected.stdout
 
         # MARK: marked packets follow the fwmark rule into a table that blackholes them.
-        sh("ip", "-n", server, "route", "add", "10.244.1.0/24", "via", "198.51.100.1")
-        sh(
-            "ip",
-            "-n",
-            node,
-            "rule",
-            "add",
-            "fwmark",
-            "0x100000/0xf00000",
-            "lookup",
-            "100",
-            "priority",
-            "100",
-        )
-        sh("ip", "-n", node, "route", "add", "blackhole", "default", "table", "100")
+        route(server, "10.244.1.0/24", "198.51.100.1")
+        route_marked(node, "blackhole", "default")
         run_in_netns(node, apply_state, node_state())
         assert ping(pod).returncode == 0
         run_in_netns(node, apply_state, node_state(service("d", "s", mark(Family.IPV4, ips))))
@@ -1446,59 +1406,18 @@ def test_packets_are_rejected_snated_and_marked() -> None:
         assert ping(pod).returncode == 0
 
 
-TCP_LISTENER = """
-import socket
-server = socket.create_server(("0.0.0.0", 8080))
-while True:
-    connection, _ = server.accept()
-    connection.close()
-"""
-
-TCP_CLIENT = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], 8080), timeout=2).close()
-    print("connected")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as error:
-    print(type(error).__name__)
-"""
-
-
-def tcp_connect(ns: str, address: str) -> str:
-    return sh(sys.executable, "-c", TCP_CLIENT, address, netns=ns).strip()
-
-
-def ping_from(ns: str, address: str, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-n", *options, "-W", "1", address],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-
-
 def wire_gateway(gw: str, src: str, dst: str) -> None:
     """src 10.244.2.10 (a pod) -- gw (forwarding, the backend) -- dst 203.0.113.10.
 
     dst routes the pod network and the SNAT addresses 192.0.2.10 and 192.0.2.11
     back via gw: it could answer the pod directly, so only the rules decide.
     """
-    for peer, device in [(src, "to-src"), (dst, "to-dst")]:
-        sh("ip", "-n", gw, "link", "add", device, "type", "veth", "peer", "eth0", "netns", peer)
-    for ns, device, address in [
-        (gw, "to-src", "10.244.2.1/24"),
-        (gw, "to-dst", "203.0.113.1/24"),
-        (src, "eth0", "10.244.2.10/24"),
-        (dst, "eth0", "203.0.113.10/24"),
-    ]:
-        sh("ip", "-n", ns, "addr", "add", address, "dev", device)
-        sh("ip", "-n", ns, "link", "set", device, "up")
-    sh("ip", "-n", src, "route", "add", "default", "via", "10.244.2.1")
+    link(gw, "to-src", ("10.244.2.1/24",), src, ("10.244.2.10/24",))
+    link(gw, "to-dst", ("203.0.113.1/24",), dst, ("203.0.113.10/24",))
+    route(src, "default", "10.244.2.1")
     for network in ("10.244.2.0/24", "192.0.2.10/32", "192.0.2.11/32"):
-        sh("ip", "-n", dst, "route", "add", network, "via", "203.0.113.1")
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=gw)
+        route(dst, network, "203.0.113.1")
+    forward(gw)
 
 
 @pytest.mark.netns
@@ -1508,18 +1427,9 @@ def test_packets_transit_guard() -> None:
         wire_gateway(gw, src, dst)
         # The node's own masquerade (kube-router style, legacy): what the guard prevents for
         # transit traffic; it also has conntrack track every flow from the start, as on a node.
-        sh(
-            *("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16"),
-            *("!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"),
-            netns=gw,
-        )
-        listener = subprocess.Popen(
-            ["ip", "netns", "exec", dst, sys.executable, "-c", TCP_LISTENER],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=dst), 10, message="TCP :8080")
+        masquerade(gw, "10.244.0.0/16", "10.244.0.0/16", "legacy")
+        with script_in(dst, TCP_LISTENER, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+            wait_listening(dst, 8080, "tcp")
             pod = ("10.244.2.10",)
             guard = ("10.244.2.0/24",)
 
@@ -1560,8 +1470,7 @@ def test_packets_transit_guard() -> None:
             assert "src=203.0.113.10 dst=192.0.2.10" in sources
 
             # This node marks the pod (policy routing to "the gateway", here dst itself): passes.
-            sh("ip", "-n", gw, "rule", "add", "fwmark", "0x100000/0xf00000", "lookup", "100")
-            sh("ip", "-n", gw, "route", "add", "default", "via", "203.0.113.10", "table", "100")
+            route_marked(gw, "default", "via", "203.0.113.10")
             run_in_netns(
                 gw,
                 apply_state,
@@ -1572,9 +1481,6 @@ def test_packets_transit_guard() -> None:
             # The Service is gone from this node: rejected again.
             run_in_netns(gw, apply_state, node_state(transit4=guard))
             assert tcp_connect(src, "203.0.113.10") == "refused"
-        finally:
-            listener.kill()
-            listener.wait()
 
 
 UDP_RECEIVER = """
@@ -1660,27 +1566,19 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
         wire_gateway(gw, src, dst)
         # The node's masquerade (which also has conntrack track every flow, as on a node)
         # and policy routing of marked packets to "the other gateway", here dst itself.
-        sh(
-            *("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16"),
-            *("!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"),
-            netns=gw,
-        )
-        sh("ip", "-n", gw, "rule", "add", "fwmark", "0x100000/0xf00000", "lookup", "100")
-        sh("ip", "-n", gw, "route", "add", "default", "via", "203.0.113.10", "table", "100")
+        masquerade(gw, "10.244.0.0/16", "10.244.0.0/16", "legacy")
+        route_marked(gw, "default", "via", "203.0.113.10")
         run_in_netns(gw, apply_state, node_state(service("d", "s", mark(Family.IPV4, pod))))
 
-        def start(ns: str, script: str, *args: str) -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        with contextlib.ExitStack() as processes:
+            processes.enter_context(script_in(dst, UDP_RECEIVER, log, **quiet))
+            processes.enter_context(script_in(src, TCP_LISTENER, **quiet))
+            wait_listening(dst, 9999, "udp")
+            wait_listening(src, 8080, "tcp")
+            sender = processes.enter_context(
+                script_in(src, UDP_SENDER, "203.0.113.10", "60", **quiet)
             )
-
-        processes = [start(dst, UDP_RECEIVER, log), start(src, TCP_LISTENER)]
-        try:
-            wait_until(lambda: ":9999" in sh("ss", "-lun", netns=dst), 10, message="UDP :9999")
-            wait_until(lambda: ":8080" in sh("ss", "-ltn", netns=src), 10, message="TCP :8080")
-            processes.append(start(src, UDP_SENDER, "203.0.113.10", "60"))
             # Both flows reach dst with the pod IP (marked): their entries carry no binding.
             unbound = {("10.244.2.10", "echo"), ("10.244.2.10", "oneway")}
             wait_until(
@@ -1702,7 +1600,7 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
             time.sleep(1.0)  # 50 more packets per flow
             assert old_flows(log, since) == set()
             assert stale_binding_drops(gw) >= 50
-            assert processes[-1].poll() is None  # still sending
+            assert sender.poll() is None  # still sending
 
             # Their entries are deleted: the next packets get new ones, with the LB IP.
             sh("conntrack", "-D", "-s", "10.244.2.10", netns=gw)
@@ -1751,7 +1649,3 @@ def test_packets_stale_binding_is_dropped_until_its_entry_is_deleted(tmp_path: A
                 netns=gw,
             )
             assert tcp_connect(dst, "192.0.2.10") == "connected"
-        finally:
-            for process in processes:
-                process.kill()
-                process.wait()

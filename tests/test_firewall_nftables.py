@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -25,6 +22,10 @@ from metaleg.firewall.nftables.kernel import ActualTable, differences
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
+from tests.packet_harness import WHO_AM_I_SERVER as SERVER
+from tests.packet_harness import add_addresses, forward, link, masquerade, route, script_in
+from tests.packet_harness import udp_probe as _udp_probe
+from tests.packet_harness import udp_send as _udp_send
 from tests.waiting import wait_until
 
 MASK = 0x00F00000
@@ -1000,44 +1001,6 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
 
 # --- packets ----------------------------------------------------------------------------
 
-SERVER = textwrap.dedent(
-    """
-    import select, socket, sys
-    socks = []
-    # One socket per address, so that a reply leaves from the address asked.
-    for address in sys.argv[1:]:
-        s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((address, 9999))
-        socks.append(s)
-    print("ready", flush=True)
-    while True:
-        for s in select.select(socks, [], [])[0]:
-            data, peer = s.recvfrom(2048)
-            s.sendto(peer[0].encode(), peer)
-    """
-)
-
-
-def _udp_probe(source: str, destination: str, sport: int) -> str:
-    """Send a datagram from ``source`` and return what the server saw as its source.
-
-    Returns ``"rejected:<errno name>"`` when an ICMP error comes back instead.
-    """
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((source, sport))
-        s.connect((destination, 9999))
-        s.settimeout(0.5)
-        for _ in range(6):
-            try:
-                s.send(b"who am i")
-                return s.recv(100).decode()
-            except TimeoutError:
-                continue
-            except OSError as error:
-                return f"rejected:{errno.errorcode.get(error.errno or 0, error.errno)}"
-    return "timeout"
-
 
 def _count_marked(expected_mark: int) -> int:
     """Packets the probe table counted with exactly ``expected_mark`` after our prerouting."""
@@ -1063,74 +1026,29 @@ def topology() -> Iterator[dict[str, str]]:
     """pod -- node -- peer. The node forwards, masquerades pod traffic like kube-router
     (iptables-nft), and has a probe table that pre-sets mark 0x5 and counts marks after ours."""
     with namespace("mlnf") as pod, namespace("mlnf") as node, namespace("mlnf") as peer:
-        sh(
-            "ip",
-            "-n",
-            node,
-            "link",
-            "add",
-            "vpod",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod,
+        link(
+            node, "vpod", ("10.244.1.1/24", "fd00:1::1/64"), pod, ("10.244.1.2/24", "fd00:1::2/64")
         )
-        sh(
-            "ip",
-            "-n",
+        link(
             node,
-            "link",
-            "add",
             "vup",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
+            ("203.0.113.1/24", "2001:db8:113::1/64", "10.99.0.1/24"),
             peer,
+            ("203.0.113.2/24", "2001:db8:113::2/64", "10.99.0.2/24"),
         )
-        for netns, dev, addresses in (
-            (pod, "eth0", ("10.244.1.2/24", "fd00:1::2/64")),
-            (node, "vpod", ("10.244.1.1/24", "fd00:1::1/64")),
-            (node, "vup", ("203.0.113.1/24", "2001:db8:113::1/64", "10.99.0.1/24")),
-            (peer, "eth0", ("203.0.113.2/24", "2001:db8:113::2/64", "10.99.0.2/24")),
-        ):
-            for address in addresses:
-                sh("ip", "-n", netns, "addr", "add", address, "dev", dev, "nodad")
-            sh("ip", "-n", netns, "link", "set", dev, "up")
         for last in (10, 11, 12, 13):
-            sh("ip", "-n", pod, "addr", "add", f"10.244.1.{last}/24", "dev", "eth0")
-            sh("ip", "-n", pod, "addr", "add", f"fd00:1::{last}/64", "dev", "eth0", "nodad")
-        sh("ip", "-n", pod, "route", "add", "default", "via", "10.244.1.1")
-        sh("ip", "-n", pod, "-6", "route", "add", "default", "via", "fd00:1::1")
+            add_addresses(pod, "eth0", f"10.244.1.{last}/24", f"fd00:1::{last}/64")
+        route(pod, "default", "10.244.1.1")
+        route(pod, "default", "fd00:1::1")
         # The peer routes pod addresses back via the node (to see un-NATed sources).
-        sh("ip", "-n", peer, "route", "add", "10.244.1.0/24", "via", "203.0.113.1")
-        sh("ip", "-n", peer, "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:113::1")
+        route(peer, "10.244.1.0/24", "203.0.113.1")
+        route(peer, "fd00:1::/64", "2001:db8:113::1")
         # MetalLB L2 stand-in: the LB IPs are reached via the node.
-        sh("ip", "-n", peer, "route", "add", "203.0.113.100/31", "via", "203.0.113.1")
-        sh(
-            "ip",
-            "-n",
-            peer,
-            "-6",
-            "route",
-            "add",
-            "2001:db8:113::100/127",
-            "via",
-            "2001:db8:113::1",
-        )
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node)
-        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", netns=node)
-        for tool, source, exclude in (
-            ("iptables-nft", "10.244.1.0/24", "10.0.0.0/8"),
-            ("ip6tables-nft", "fd00:1::/64", "fc00::/7"),
-        ):
-            sh(tool, "-t", "nat", "-A", "POSTROUTING", "-s", source, "!", "-d", exclude,
-               "-j", "MASQUERADE", netns=node)  # fmt: skip
+        route(peer, "203.0.113.100/31", "203.0.113.1")
+        route(peer, "2001:db8:113::100/127", "2001:db8:113::1")
+        forward(node)
+        masquerade(node, "10.244.1.0/24", "10.0.0.0/8", "nft")
+        masquerade(node, "fd00:1::/64", "fc00::/7", "nft")
         probe = textwrap.dedent(
             """
             table inet probe {
@@ -1150,18 +1068,8 @@ def topology() -> Iterator[dict[str, str]]:
             ["ip", "netns", "exec", node, "nft", "-f", "-"], input=probe, text=True, check=True
         )
         addresses = ("203.0.113.2", "10.99.0.2", "2001:db8:113::2")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", peer, sys.executable, "-c", SERVER, *addresses],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            assert server.stdout.readline().strip() == "ready"
+        with script_in(peer, SERVER, *addresses, ready_line=True):
             yield {"pod": pod, "node": node, "peer": peer}
-        finally:
-            server.kill()
-            server.wait(5)
 
 
 def packet_state(lb4: str = "203.0.113.100", lb6: str = "2001:db8:113::100") -> NodeDesiredState:
@@ -1328,13 +1236,6 @@ STRAY_PEER = textwrap.dedent(
 )
 
 
-def _udp_send(source: str, sport: int, destination: str, dport: int) -> None:
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((source, sport))
-        s.sendto(b"from the pod", (destination, dport))
-
-
 @pytest.mark.netns
 @pytest.mark.parametrize(
     ("pod_ip", "control", "peer_ip", "lb_ip"),
@@ -1350,28 +1251,23 @@ def test_stray_replies_open_no_flow_and_reply_direction_is_checked(
     back to the pod IP, to a node that has just deleted the flow's entry. It must
     not open an entry in which the pod's packets are replies (no NAT, pod IP out)."""
     pod, node, peer = topology["pod"], topology["node"], topology["peer"]
-    host = subprocess.Popen(
-        ["ip", "netns", "exec", peer, sys.executable, "-c", STRAY_PEER, peer_ip, "7777"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    with script_in(
+        peer, STRAY_PEER, peer_ip, "7777", ready_line=True, stdin=subprocess.PIPE
+    ) as host:
 
-    def ask(command: str) -> str:
-        assert host.stdin is not None and host.stdout is not None
-        host.stdin.write(command + "\n")
-        host.stdin.flush()
-        return host.stdout.readline().strip()
+        def ask(command: str) -> str:
+            assert host.stdin is not None and host.stdout is not None
+            host.stdin.write(command + "\n")
+            host.stdin.flush()
+            return host.stdout.readline().strip()
 
-    def pod_sends() -> str:
-        run_in_netns(pod, _udp_send, pod_ip, 40100, peer_ip, 7777, timeout=10)
-        return ask("recv")
+        def pod_sends() -> str:
+            run_in_netns(pod, _udp_send, pod_ip, 40100, peer_ip, 7777, timeout=10)
+            return ask("recv")
 
-    def reversed_entries() -> str:
-        return sh("conntrack", "-L", "-s", peer_ip, "-d", pod_ip, netns=node)
+        def reversed_entries() -> str:
+            return sh("conntrack", "-L", "-s", peer_ip, "-d", pod_ip, netns=node)
 
-    try:
-        assert host.stdout is not None and host.stdout.readline().strip() == "ready"
         # Resolve the neighbours first: a stray queued behind neighbour discovery
         # would reach the pod after the pod's packet below and confuse the check.
         sh("ping", "-c1", "-W2", "-I", pod_ip, peer_ip, netns=pod)
@@ -1400,6 +1296,3 @@ def test_stray_replies_open_no_flow_and_reply_direction_is_checked(
         )
         assert "dport=40100" not in reversed_entries()
         assert pod_sends() == lb_ip
-    finally:
-        host.kill()
-        host.wait(5)

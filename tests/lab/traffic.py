@@ -87,7 +87,7 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 2.0) -> None:
                 stream.close()
 
 
-def _wait_ready(process: subprocess.Popen[str], what: str, timeout: float) -> None:
+def wait_ready(process: subprocess.Popen[str], what: str, timeout: float) -> None:
     """Wait for the ``ready`` line a helper script prints once it is listening/sending."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
@@ -224,7 +224,7 @@ class Recorder:
             stderr=subprocess.PIPE,
             text=True,
         )
-        _wait_ready(self.process, f"recorder in {self.netns}", timeout)
+        wait_ready(self.process, f"recorder in {self.netns}", timeout)
         return self
 
     def stop(self) -> None:
@@ -411,7 +411,7 @@ class Stream:
             stderr=subprocess.PIPE,
             text=True,
         )
-        _wait_ready(self.process, f"stream in {self.netns}", timeout)
+        wait_ready(self.process, f"stream in {self.netns}", timeout)
         return self
 
     def stop(self) -> None:
