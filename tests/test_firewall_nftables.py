@@ -20,6 +20,7 @@ from metaleg.firewall.nftables.content import TableContent, canonical_cidrs
 from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable, differences
 from metaleg.firewall.nftables.scripts import diff_script, full_script
+from metaleg.firewall.selection import ManagedFirewall
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns, sh
 from tests.packet_harness import WHO_AM_I_SERVER as SERVER
@@ -1093,20 +1094,21 @@ def packet_state(lb4: str = "203.0.113.100", lb6: str = "2001:db8:113::100") -> 
 
 
 def _backend_apply(state: NodeDesiredState) -> None:
-    backend = NftablesBackend()
+    """A fresh firewall worker's first re-sync (the backend and its conntrack deletions)."""
+    firewall = ManagedFirewall(NftablesBackend(), None, None)
     try:
-        backend.resync(state)
+        firewall.resync(state)
     finally:
-        backend.close()
+        firewall.close()
 
 
 def _backend_change(old: NodeDesiredState, new: NodeDesiredState) -> None:
-    backend = NftablesBackend()
+    firewall = ManagedFirewall(NftablesBackend(), None, None)
     try:
-        backend.resync(old)
-        backend.apply(new)
+        firewall.resync(old)
+        firewall.apply(new)
     finally:
-        backend.close()
+        firewall.close()
 
 
 @pytest.mark.netns

@@ -21,6 +21,7 @@ from metaleg.firewall.nftables.content import TableContent, exclude_prefixes, tr
 from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable
 from metaleg.firewall.nftables.scripts import diff_script
+from metaleg.firewall.selection import ManagedFirewall
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.netns import namespace, run_in_netns
 from tests.test_conntrack import flows_in, insert_flows
@@ -375,7 +376,7 @@ def ns() -> Iterator[str]:
 def _apply_sequence(states: list[NodeDesiredState]) -> list[int]:
     """Resync the first state, apply the rest; after each, the kernel must hold the
     full render and a no-op resync must find nothing to repair."""
-    backend = NftablesBackend(flush_conntrack=False)
+    backend = NftablesBackend()  # alone: its conntrack plans are not carried out
     transactions = []
     try:
         backend.resync(states[0])
@@ -407,12 +408,13 @@ def _flows(ns: str) -> set[tuple[str, str]]:
 
 
 def _resync_then_apply(first: NodeDesiredState, second: NodeDesiredState) -> None:
-    backend = NftablesBackend()
+    """A fresh firewall worker's first re-sync, then a change (conntrack deletions too)."""
+    firewall = ManagedFirewall(NftablesBackend(), None, None)
     try:
-        backend.resync(first)
-        backend.apply(second)
+        firewall.resync(first)
+        firewall.apply(second)
     finally:
-        backend.close()
+        firewall.close()
 
 
 def _service(name: str, family: Family, action: Action, source: str, **kw: object) -> ServiceEgress:

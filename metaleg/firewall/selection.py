@@ -13,14 +13,12 @@ depend on how rules are rendered:
   leftovers (a backend switch, or an upgrade from the Go original, which used
   the same legacy chain names) — only then, so there is never a moment with
   neither backend's rules in place;
-- for the iptables backend, it deletes the conntrack entries whose source's
-  treatment changed (the nftables backend does this itself): an existing flow
-  keeps its NAT binding and would bypass new rules. A change's step comes from
-  the Services that changed (:class:`~metaleg.firewall.claims.SourceClaims`). The
-  last applied state is kept in METALEG_RUN_DIR (a snapshot and the changes after
-  it, :mod:`metaleg.firewall.applied_state`), so a restarted worker flushes
-  nothing it does not have to, while a fresh agent on a node where pods already
-  send flushes their node-IP-masqueraded flows.
+- after each call, it deletes the conntrack entries the call outdated (an
+  existing flow keeps its NAT binding and would bypass new rules), the same way
+  for every backend (:mod:`metaleg.firewall.flows`): the plan comes from the
+  backend when it scopes its own changes (nftables), else from the applied
+  states (iptables; the last one kept in METALEG_RUN_DIR); one deleter carries
+  it out, keeps a failed deletion and retries it after the next call.
 """
 
 from __future__ import annotations
@@ -38,12 +36,10 @@ from metaleg.backend import (
     EgressCounting,
 )
 from metaleg.config import Config
-from metaleg.firewall import conntrack
 from metaleg.firewall.applied_state import AppliedStateFile
-from metaleg.firewall.claims import SourceClaims
-from metaleg.firewall.conntrack import FlushPlan
 from metaleg.firewall.detect import choose_for_node
-from metaleg.metrics import CONNTRACK_FLUSHED, ERRORS
+from metaleg.firewall.flows import AppliedStateScoping, FlowScoping, OutdatedFlowDeleter
+from metaleg.metrics import ERRORS
 from metaleg.model import NodeDesiredState
 from metaleg.node_events import post_node_event
 
@@ -102,32 +98,61 @@ def new_backend(name: str, reason: str = "") -> Backend:
 class ManagedFirewall:
     """The chosen backend plus leftover cleanup and conntrack scoping (see the module doc)."""
 
-    def __init__(self, backend: Backend, other: str | None, run_dir: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        other: str | None,
+        run_dir: str | None,
+        deleter: OutdatedFlowDeleter | None = None,
+    ) -> None:
+        """``other``: the backend whose leftovers go after the first re-sync; ``run_dir``:
+        where the applied state is kept for a backend that does not scope its own changes
+        (None: nowhere); ``deleter``: carries out the plans (a test's, to make one fail)."""
         self.backend = backend
         self.name = backend.name
         self.other = other
-        self.flush_conntrack = backend.name == "iptables"
-        self.state_file = AppliedStateFile(os.path.join(run_dir, APPLIED_STATE_FILE))
-        self.applied = self.state_file.load() if self.flush_conntrack else None
-        self._claims: SourceClaims | None = None
-        """Who claims which source in ``applied``, kept from the apply that made it, so
-        that a change's conntrack step costs what the change does."""
+        self.deleter = deleter if deleter is not None else OutdatedFlowDeleter()
+        state_file = (
+            AppliedStateFile(os.path.join(run_dir, APPLIED_STATE_FILE)) if run_dir else None
+        )
+        self.state_scoping: AppliedStateScoping | None = None
+        """The plans from the applied states, for a backend without :class:`FlowScoping`."""
+        self.scoping: FlowScoping
+        if isinstance(backend, FlowScoping):
+            self.scoping = backend
+            if state_file is not None:
+                state_file.remove()  # another backend's, outdated by this one's changes
+        else:
+            self.scoping = self.state_scoping = AppliedStateScoping(state_file)
 
     def apply(self, state: NodeDesiredState) -> None:
-        self.backend.apply(state)
-        self._after(state)
+        applied = None
+        try:
+            self.backend.apply(state)
+            applied = state
+        finally:
+            self._delete_outdated_flows(applied)
 
     def resync(self, state: NodeDesiredState) -> None:
-        self.backend.resync(state)
-        self._after(state)
+        applied = None
+        try:
+            self.backend.resync(state)
+            applied = state
+        finally:
+            self._delete_outdated_flows(applied)
         if self.other is not None:
             self._remove_leftovers(self.other)
             self.other = None
 
     def cleanup(self) -> None:
-        self.backend.cleanup()
-        self.state_file.remove()
-        self.applied, self._claims = None, None
+        cleaned = False
+        try:
+            self.backend.cleanup()
+            cleaned = True
+        finally:
+            if cleaned and self.state_scoping is not None:
+                self.state_scoping.cleaned_up()
+            self.deleter.delete(self.scoping.take_outdated_flows())
 
     def close(self) -> None:
         self.backend.close()
@@ -144,30 +169,12 @@ class ManagedFirewall:
             return self.backend.read_counts()
         return []
 
-    def _after(self, state: NodeDesiredState) -> None:
-        """Delete the conntrack entries the change outdated, and remember ``state``."""
-        if not self.flush_conntrack or state is self.applied:
-            return
-        claims, self._claims = self._claims, None
-        changes = None
-        try:
-            step = claims.step(state) if claims is not None else None
-            if claims is not None and step is not None:
-                claims.commit(step)
-                plan, changes = step.flush, step.services
-            else:
-                plan = FlushPlan.between(
-                    conntrack.EgressView.of(self.applied), conntrack.EgressView.of(state)
-                )
-                claims = SourceClaims.build(state)[0]
-            self._claims = claims
-            if plan:
-                CONNTRACK_FLUSHED.labels("firewall").inc(conntrack.delete_outdated_entries(plan))
-        except Exception as error:  # the rules are in place; stale flows are the lesser harm
-            ERRORS.labels("firewall", "conntrack").inc()
-            log.error("deleting outdated conntrack entries failed: %s", error)
-        self.applied = state
-        self.state_file.save(state, changes)
+    def _delete_outdated_flows(self, applied: NodeDesiredState | None) -> None:
+        """After a call to the backend: delete the entries it outdated, and those a failed
+        deletion left. ``applied``: the state the call applied (None: the call failed)."""
+        if applied is not None and self.state_scoping is not None:
+            self.state_scoping.applied_state(applied)
+        self.deleter.delete(self.scoping.take_outdated_flows())
 
     def _remove_leftovers(self, name: str) -> None:
         other = new_backend(name)
@@ -178,6 +185,8 @@ class ManagedFirewall:
             ERRORS.labels("firewall", "cleanup").inc()
             log.warning("could not remove leftovers of the %s backend: %s", name, error)
         finally:
+            if isinstance(other, FlowScoping):  # flows its rules bound, if it knows them
+                self.deleter.delete(other.take_outdated_flows())
             other.close()
 
 

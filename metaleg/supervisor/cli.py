@@ -141,14 +141,16 @@ def command_cleanup(arguments: argparse.Namespace) -> int:
     setup_logging("cleanup", config.log_level, config.log_format, config.log_level_libraries)
     log = logging.getLogger("metaleg.cleanup")
     from metaleg.backend import Backend
-    from metaleg.firewall.selection import APPLIED_STATE_FILE, new_backend
+    from metaleg.firewall.selection import APPLIED_STATE_FILE, ManagedFirewall, new_backend
     from metaleg.routing.backend import NetlinkRoutingBackend
 
     failures = 0
     # Both firewall backends, whichever ran: a node may have switched, or run the Go original.
+    # Managed, so that the flows their rules bound are deleted too (the SNAT or null binding
+    # would outlive the rules).
     backends: list[Backend] = [
-        new_backend("iptables"),
-        new_backend("nftables"),
+        ManagedFirewall(new_backend("iptables"), None, config.run_dir),
+        ManagedFirewall(new_backend("nftables"), None, config.run_dir),
         NetlinkRoutingBackend(config.route_table_id_offset, config.firewall_mask),
     ]
     for backend in backends:

@@ -10,5 +10,5 @@ One module per concern, each importing only those listed before it:
   what it changes.
 - :mod:`.kernel` — reading the table back from the kernel and what differs from the desired.
 - :mod:`.drift` — drift detection over the kernel's nftables notifications.
-- :mod:`.backend` — ``NftablesBackend``: apply, re-sync, cleanup, conntrack deletions.
+- :mod:`.backend` — ``NftablesBackend``: apply, re-sync, cleanup, which flows each call outdated.
 """

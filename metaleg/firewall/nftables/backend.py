@@ -13,6 +13,12 @@ A periodic re-sync lists and compares the table in a short-lived forked child
 (:func:`metaleg.lifecycle.check_in_child`), so that the listing's peak memory
 does not stay with the long-lived firewall process; only a table that differs
 is read again here, to repair it.
+
+The backend scopes its own changes' conntrack deletions
+(:class:`~metaleg.firewall.flows.FlowScoping`): each call records which entries
+it outdated, from the step's Services or, when it recreates the table, from what
+the kernel held before, and the caller deletes them once the call returned, that
+is after the transaction (:mod:`metaleg.firewall.flows`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import logging
 import time
 
 from metaleg.backend import BackendError
-from metaleg.firewall import conntrack
 from metaleg.firewall.conntrack import EgressView, FlushPlan
 from metaleg.firewall.nftables.content import TableContent
 from metaleg.firewall.nftables.drift import NftDriftWatch
@@ -43,9 +48,7 @@ Services); a child still running then is killed and the worker compares by itsel
 class NftablesBackend:
     """Renders :class:`NodeDesiredState` into ``table inet metaleg`` (see the module doc).
 
-    Knobs: ``reject_with`` (one of :data:`REJECT_WITH`), ``flush_conntrack``
-    (delete the conntrack entries a change outdates, see
-    :mod:`metaleg.firewall.conntrack`; on by default).
+    Knob: ``reject_with`` (one of :data:`REJECT_WITH`).
     """
 
     name = "nftables"
@@ -54,19 +57,18 @@ class NftablesBackend:
         self,
         *,
         reject_with: str = "icmpx admin-prohibited",
-        flush_conntrack: bool = True,
     ) -> None:
         if reject_with not in REJECT_WITH:
             raise ValueError(f"nftables: reject_with {reject_with!r} is not one of {REJECT_WITH}")
         self.reject_with = reject_with
-        self.flush_conntrack = flush_conntrack
         self._nft: Nft | None = None
         self._applied: AppliedTable | None = None
         """What we last committed (None: unknown, the next apply recreates the table)."""
         self._fwmask: int | None = None
         self._baseline: dict[str, str] = {}
         """rule comment -> expression, as the kernel listed it right after we wrote it."""
-        self._pending_flush: FlushPlan | None = None
+        self._outdated: FlushPlan | None = None
+        """The conntrack entries the current (or last) call outdated."""
         self.last_duration = 0.0
         """Seconds the last nft transaction took (for metrics and tests)."""
         self.transactions = 0
@@ -91,6 +93,7 @@ class NftablesBackend:
         return self._nft
 
     def apply(self, state: NodeDesiredState) -> None:
+        self._outdated = None
         applied = self._applied
         if applied is None or self._fwmask != state.fwmask:
             self._recreate(AppliedTable(state), self._kernel_content(), "first apply")
@@ -110,7 +113,7 @@ class NftablesBackend:
                 log.debug("nftables updated", extra={"elements": applied.content.counts()})
         else:
             applied.commit(step)
-        self._delete_outdated_flows(step.flush)
+        self._outdate(step.flush)
 
     def _apply_full_diff(self, applied: AppliedTable, state: NodeDesiredState) -> None:
         fresh = AppliedTable(state)
@@ -121,7 +124,7 @@ class NftablesBackend:
             if fresh.content.fwmarks() - applied.content.fwmarks():
                 self._record_baseline(merge=True)
         self._applied = fresh
-        self._delete_outdated_flows(FlushPlan.between(applied.content.view, fresh.content.view))
+        self._outdate(FlushPlan.between(applied.content.view, fresh.content.view))
 
     def _run_incremental(self, script: str, state: NodeDesiredState) -> bool:
         """Run an incremental transaction; False when it failed and the table was recreated."""
@@ -140,6 +143,7 @@ class NftablesBackend:
         return True
 
     def resync(self, state: NodeDesiredState) -> None:
+        self._outdated = None
         # The listing happens in a child, or in _read_table, which trims after it (and
         # the worker trims after every re-sync).
         applied = self._applied
@@ -155,7 +159,6 @@ class NftablesBackend:
         drifted = self._drift is not None and self._drift.take_foreign()
         if trusted and not drifted and self._table_matches(applied.content, state.fwmask):
             self._applied = applied
-            self._delete_outdated_flows(None)  # retry a pending flush, if any
             return
         # Missing, differing or not ours yet: read it here to know what to repair and
         # which flows the repair outdates.
@@ -170,7 +173,6 @@ class NftablesBackend:
             )
             if not problems:  # changed back since the child's reading, or the child failed
                 self._applied = applied
-                self._delete_outdated_flows(None)
                 return
             reason = "; ".join(problems[:10])
             log.warning("nftables table differs; recreating it", extra={"problems": problems})
@@ -207,6 +209,7 @@ class NftablesBackend:
             return False
 
     def cleanup(self) -> None:
+        self._outdated = None
         old = self._kernel_content()
         try:
             # "add" first so that "delete" cannot fail on a missing table.
@@ -217,9 +220,7 @@ class NftablesBackend:
         if old is not None:
             # Flows we SNATed or null-bound would keep that binding after the
             # rules are gone; let them re-enter through the node's own rules.
-            self._delete_outdated_flows(
-                FlushPlan.between(old.view, EgressView(exclude=old.view.exclude))
-            )
+            self._outdate(FlushPlan.between(old.view, EgressView(exclude=old.view.exclude)))
 
     def close(self) -> None:
         if self._nft is not None:
@@ -276,7 +277,7 @@ class NftablesBackend:
         # table then flushes nothing. With no table at all, every flow of a
         # treated source was the node's (masqueraded) and must be re-tracked.
         before = old if old is not None else TableContent(exclude=desired.exclude)
-        self._delete_outdated_flows(FlushPlan.between(before.view, desired.view))
+        self._outdate(FlushPlan.between(before.view, desired.view))
 
     def _record_baseline(self, merge: bool = False) -> None:
         """Record the expressions of our rules as the kernel lists them (terse: no elements).
@@ -300,24 +301,13 @@ class NftablesBackend:
         }
         self._baseline = {**listed, **self._baseline} if merge else listed
 
-    def _delete_outdated_flows(self, outdated: FlushPlan | None) -> None:
-        """Delete the conntrack entries ``outdated`` selects, with those of a failed
-        deletion before (None: retry those only)."""
-        if not self.flush_conntrack:
-            return
-        plan = self._pending_flush
-        if outdated is not None:
-            plan = plan.merged(outdated) if plan is not None else outdated
-        if plan is None or not plan:
-            self._pending_flush = None
-            return
-        try:
-            conntrack.delete_outdated_entries(plan)
-        except OSError as error:
-            # The rules are in place; the flush is retried with the next apply.
-            self._pending_flush = plan
-            raise BackendError(
-                f"nftables: table {QUALIFIED_TABLE} applied, but deleting outdated conntrack "
-                f"entries failed: {error}"
-            ) from error
-        self._pending_flush = None
+    def _outdate(self, plan: FlushPlan) -> None:
+        """Record that this call outdated the entries ``plan`` selects."""
+        if plan:
+            self._outdated = self._outdated.merged(plan) if self._outdated else plan
+
+    def take_outdated_flows(self) -> FlushPlan | None:
+        """The conntrack entries the last call outdated (see the module doc); taken, they
+        are gone. A call that failed before its transaction outdated none."""
+        plan, self._outdated = self._outdated, None
+        return plan
