@@ -6,7 +6,8 @@ topology: a node namespace that forwards, a veth to a pod namespace and one to
 a peer (the "internet"), the node's own masquerade as kube-router writes it,
 and policy routing of marked packets. They then send packets from the pod and
 look at the source the peer saw. This module has the wiring (:func:`link`,
-:func:`route`, :func:`forward`, :func:`masquerade`, :func:`route_marked`), the
+:func:`route`, :func:`forward`, :func:`masquerade`, :func:`route_marked`; and
+:func:`onlink_test_prefixes` for the routing tests' next hops), the
 processes (:func:`script_in`, :func:`wait_listening`) and the probes
 (:func:`udp_probe` against :data:`WHO_AM_I_SERVER`, :func:`udp_send`,
 :func:`tcp_connect`, :func:`ping_from`); each test module keeps its own
@@ -51,6 +52,15 @@ def link(
     for ns, dev, cidrs in ((node, device, node_cidrs), (far, far_device, far_cidrs)):
         add_addresses(ns, dev, *cidrs)
         sh("ip", "-n", ns, "link", "set", dev, "up")
+
+
+def onlink_test_prefixes(ns: str) -> None:
+    """A veth pair v0/v1 inside ``ns``, up, with 192.0.2.1/24 and 2001:db8::1/64 on v0:
+    next hops in those prefixes are valid there (the routing tests' gateways)."""
+    sh("ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    sh("ip", "-n", ns, "link", "set", "v0", "up")
+    sh("ip", "-n", ns, "link", "set", "v1", "up")
+    add_addresses(ns, "v0", "192.0.2.1/24", "2001:db8::1/64")
 
 
 def route(ns: str, destination: str, via: str, *options: str) -> None:

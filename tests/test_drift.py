@@ -38,6 +38,7 @@ from metaleg.model import (
     ServiceEgress,
 )
 from tests.netns import namespace, sh
+from tests.packet_harness import onlink_test_prefixes
 from tests.waiting import wait_until
 
 MASK = 0x00F00000
@@ -84,15 +85,6 @@ def routing_route() -> GatewayRoute:
 
 def routing_state() -> NodeDesiredState:
     return NodeDesiredState("node-a", MASK, (), (), (), routes=(routing_route(),))
-
-
-def make_links(ns: str) -> None:
-    """A veth with on-link test prefixes, so that next hops 192.0.2.12 and 2001:db8::12 are valid."""
-    sh("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1", netns=ns)
-    sh("ip", "link", "set", "v0", "up", netns=ns)
-    sh("ip", "link", "set", "v1", "up", netns=ns)
-    sh("ip", "addr", "add", "192.0.2.1/24", "dev", "v0", netns=ns)
-    sh("ip", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad", netns=ns)
 
 
 def serve(process: str, backend: str, run_dir: str) -> None:
@@ -210,7 +202,7 @@ def running_worker(
     """A namespace with a worker that has applied ``state``; both gone afterwards."""
     with namespace("mldrift") as ns, tempfile.TemporaryDirectory(prefix="mld") as run_dir:
         if links:
-            make_links(ns)
+            onlink_test_prefixes(ns)
         worker = RunningWorker(ns, process, backend, run_dir)
         try:
             worker.start(state)

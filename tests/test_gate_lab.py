@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.lab import LB_IP4, LB_IP6, Lab, Pod
-from tests.lab.agents import SUPERVISOR, EgressLab
+from tests.lab.agents import SUPERVISOR, EgressLab, http_get
 from tests.lab.topology import INTERNET4, UDP_PORT
 from tests.lab.traffic import CLIENT_SCRIPT, PYTHON, new_token
 from tests.waiting import wait_until
@@ -36,19 +36,8 @@ GATEWAY = "node-b"
 
 def gate(egress: EgressLab, node: str, ip: str) -> tuple[int, dict[str, Any]]:
     """``GET /egress?ip=`` on ``node``'s agent, from inside the node (status 0: no answer)."""
-    script = (
-        "import sys, urllib.request, urllib.error\n"
-        "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:{PORT}/egress?ip={ip}', timeout=5)\n"
-        "    print(r.status); print(r.read().decode())\n"
-        "except urllib.error.HTTPError as e:\n"
-        "    print(e.code); print(e.read().decode())\n"
-        "except OSError as e:\n"
-        "    print(0); print('{}')\n"
-    )
-    out = egress.lab.exec(node, "python3", "-c", script)
-    status, _, body = out.partition("\n")
-    return int(status), json.loads(body)
+    status, body = http_get(egress, node, PORT, f"/egress?ip={ip}")
+    return status, json.loads(body) if status else {}
 
 
 def wait_gate(

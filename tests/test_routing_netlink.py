@@ -36,6 +36,8 @@ from metaleg.routing.plan import (
     table_range,
 )
 from tests.netns import namespace, run_in_netns, sh
+from tests.packet_harness import onlink_test_prefixes
+from tests.packet_harness import route as add_route
 
 OFFSET = 100000
 MASK = 0x00F00000
@@ -245,13 +247,9 @@ def test_fwmask_mismatch_is_an_error() -> None:
 
 def make_links(ns: str) -> None:
     """veth v0/v1 with on-link test prefixes, and a default route in main (the leak path)."""
-    sh("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1", netns=ns)
-    sh("ip", "link", "set", "v0", "up", netns=ns)
-    sh("ip", "link", "set", "v1", "up", netns=ns)
-    sh("ip", "addr", "add", "192.0.2.1/24", "dev", "v0", netns=ns)
-    sh("ip", "addr", "add", "2001:db8::1/64", "dev", "v0", "nodad", netns=ns)
-    sh("ip", "route", "add", "default", "via", "192.0.2.254", netns=ns)
-    sh("ip", "-6", "route", "add", "default", "via", "2001:db8::fe", netns=ns)
+    onlink_test_prefixes(ns)
+    add_route(ns, "default", "192.0.2.254")
+    add_route(ns, "default", "2001:db8::fe")
 
 
 def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:

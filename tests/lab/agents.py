@@ -267,6 +267,23 @@ class EgressLab:
         return last[0]
 
 
+def http_get(egress: EgressLab, node: str, port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path> from inside the node's namespace (status 0: no answer)."""
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)\n"
+        "    print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code); print(e.read().decode())\n"
+        "except OSError as e:  # not listening yet (the agent is starting)\n"
+        "    print(0); print(e)\n"
+    )
+    out = egress.lab.exec(node, "python3", "-c", script)
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
 def read_json(path: str) -> Any:
     with open(path) as file:
         return json.load(file)

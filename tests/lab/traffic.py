@@ -87,6 +87,21 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 2.0) -> None:
                 stream.close()
 
 
+def start_ready(
+    netns: str | None, argv: Sequence[str], what: str, timeout: float
+) -> subprocess.Popen[str]:
+    """Start a helper script (in ``netns``) and wait until it prints ``ready`` (bounded)."""
+    process = subprocess.Popen(
+        netns_command(netns, argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_ready(process, what, timeout)
+    return process
+
+
 def wait_ready(process: subprocess.Popen[str], what: str, timeout: float) -> None:
     """Wait for the ``ready`` line a helper script prints once it is listening/sending."""
     assert process.stdout is not None
@@ -217,14 +232,7 @@ class Recorder:
             ",".join(str(f) for f in self.families),
         ]
         self.log_path.touch()
-        self.process = subprocess.Popen(
-            netns_command(self.netns, argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_ready(self.process, f"recorder in {self.netns}", timeout)
+        self.process = start_ready(self.netns, argv, f"recorder in {self.netns}", timeout)
         return self
 
     def stop(self) -> None:
@@ -404,14 +412,7 @@ class Stream:
             "--out",
             str(self.out_path),
         ]
-        self.process = subprocess.Popen(
-            netns_command(self.netns, argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_ready(self.process, f"stream in {self.netns}", timeout)
+        self.process = start_ready(self.netns, argv, f"stream in {self.netns}", timeout)
         return self
 
     def stop(self) -> None:
