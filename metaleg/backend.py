@@ -92,6 +92,18 @@ class DriftDetecting(Protocol):
         """
 
 
+@runtime_checkable
+class UnfinishedWork(Protocol):
+    """A backend whose call can succeed (the kernel holds the state) and still leave
+    something to do that a later call retries (the firewall: deleting outdated conntrack
+    entries, :mod:`metaleg.firewall.flows`)."""
+
+    def unfinished_work(self) -> str:
+        """What the last call left undone ('' when nothing): the worker reports it in the
+        status (``Applied.unfinished``) and calls ``apply`` again, with back-off, until
+        it is ''."""
+
+
 class EgressCount(NamedTuple):
     """The kernel's packet and byte counts of one Service's traffic in one family that the
     firewall treated in one way, since the counting kernel object was created."""

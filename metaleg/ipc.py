@@ -137,6 +137,9 @@ class Applied(msgspec.Struct, tag="applied", frozen=True, forbid_unknown_fields=
     backend: str = ""
     drift: str = ""
     """Non-empty when this application repaired drift: what was found (``kind: detail; ...``)."""
+    unfinished: str = ""
+    """Non-empty when the application succeeded but left something to retry (the firewall:
+    a failed deletion of outdated conntrack entries); the worker retries with back-off."""
 
 
 class EgressCounts(msgspec.Struct, tag="egress-counts", frozen=True, forbid_unknown_fields=True):

@@ -21,6 +21,12 @@ A backend that reads per-Service counters (:class:`metaleg.backend.EgressCountin
 the firewall's) has them read every :data:`COUNT_INTERVAL` seconds once something
 is applied, and sent to the supervisor (:class:`metaleg.ipc.EgressCounts`) when they
 changed: the supervisor turns them into Prometheus counters and status.
+
+A backend's call can succeed and still leave work undone
+(:class:`metaleg.backend.UnfinishedWork`; the firewall: a failed deletion of outdated
+conntrack entries): the worker reports it in ``Applied.unfinished`` (shown in the
+status) and calls ``apply`` again with the same back-off as after a failure, until
+nothing is left.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from metaleg.backend import (
     DriftDetector,
     EgressCount,
     EgressCounting,
+    UnfinishedWork,
 )
 from metaleg.config import Config
 from metaleg.ipc import (
@@ -125,6 +132,8 @@ class DataplaneWorker:
         self.dropped_messages = 0
         self.retry_delay = RETRY_INITIAL
         self.next_attempt = 0.0
+        self.unfinished = ""
+        """What the backend's last successful call left undone, retried like a failure."""
         self.next_resync = 0.0
         self.next_hello = 0.0
         self.detector: DriftDetector | None = None
@@ -325,7 +334,9 @@ class DataplaneWorker:
         IPC_DROPPED.labels(self.process).inc()
 
     def _wants_apply(self) -> bool:
-        return self.latest is not None and self.latest.generation != self.applied_generation
+        return self.latest is not None and (
+            self.latest.generation != self.applied_generation or bool(self.unfinished)
+        )
 
     def _work(self, socket: zmq.Socket[Any]) -> None:
         now = time.monotonic()
@@ -389,8 +400,14 @@ class DataplaneWorker:
                     extra={"generation": latest.generation},
                 )
             self.applied_generation = latest.generation
-            self.retry_delay = RETRY_INITIAL
-            self.next_attempt = 0.0
+            if isinstance(self.backend, UnfinishedWork):
+                self.unfinished = self.backend.unfinished_work()
+            if self.unfinished:  # the backend logged it; apply again after the back-off
+                self.next_attempt = time.monotonic() + self.retry_delay
+                self.retry_delay = min(self.retry_delay * 2, RETRY_MAX)
+            else:
+                self.retry_delay = RETRY_INITIAL
+                self.next_attempt = 0.0
         socket.send(
             encode(
                 Applied(
@@ -400,6 +417,7 @@ class DataplaneWorker:
                     duration,
                     self.backend.name,
                     drift=drift_report,
+                    unfinished=self.unfinished,
                 )
             )
         )

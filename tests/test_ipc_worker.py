@@ -229,7 +229,8 @@ def test_the_change_publisher_sends_a_complete_state_first_then_changes() -> Non
 
 
 class RecordingBackend:
-    """A backend that records calls to a file and fails while ``fail_file`` exists."""
+    """A backend that records calls to a file and fails while ``fail_file`` exists; while
+    ``<fail_file>.unfinished`` exists, its calls succeed and leave its text undone."""
 
     name = "recording"
 
@@ -257,6 +258,13 @@ class RecordingBackend:
 
     def close(self) -> None:
         pass
+
+    def unfinished_work(self) -> str:
+        try:
+            with open(self.fail_path + ".unfinished") as file:
+                return file.read()
+        except FileNotFoundError:
+            return ""
 
 
 def _run_worker(run_dir: str, log_path: str, fail_path: str, interval: float) -> None:
@@ -481,6 +489,28 @@ def test_worker_retries_a_failed_apply_with_backoff_until_it_succeeds(worker_env
     applied = hub.receive_until(lambda m: isinstance(m, Applied) and not m.error, timeout=10)
     assert applied.generation == 1
     assert calls(log_path) == ["resync 10.244.1.10"]
+
+
+def test_worker_reports_unfinished_work_and_applies_again_until_it_is_done(
+    worker_env: Any,
+) -> None:
+    hub, log_path, fail_path, _ = worker_env
+    hub.receive()
+    with open(fail_path + ".unfinished", "w") as file:
+        file.write("deleting outdated conntrack entries failed")
+    hub.send(encode(Snapshot(1, state("10.244.1.10"))))
+    reports = [hub.receive_until(lambda m: isinstance(m, Applied)) for _ in range(3)]
+    # Applied (the state is in place), the work left undone shown, and tried again.
+    assert all(m.generation == 1 and not m.error for m in reports)
+    assert all(m.unfinished == "deleting outdated conntrack entries failed" for m in reports)
+    assert calls(log_path)[:3] == ["resync 10.244.1.10", "apply 10.244.1.10", "apply 10.244.1.10"]
+    os.unlink(fail_path + ".unfinished")
+    done = hub.receive_until(lambda m: isinstance(m, Applied) and not m.unfinished, timeout=10)
+    assert done.generation == 1
+    # Nothing left: no more calls (the next re-sync is an hour away).
+    count = len(calls(log_path))
+    assert hub.next_message(1.5) is None
+    assert len(calls(log_path)) == count
 
 
 def test_worker_stops_on_sigterm(worker_env: Any) -> None:

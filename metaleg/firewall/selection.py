@@ -157,6 +157,11 @@ class ManagedFirewall:
     def close(self) -> None:
         self.backend.close()
 
+    def unfinished_work(self) -> str:
+        """A failed deletion of outdated conntrack entries, pending its retry ('' when
+        none; see :class:`metaleg.backend.UnfinishedWork`)."""
+        return self.deleter.failure()
+
     def drift_detector(self) -> DriftDetector | None:
         """The chosen backend's drift detector, if it has one."""
         if isinstance(self.backend, DriftDetecting):

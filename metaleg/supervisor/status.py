@@ -38,6 +38,9 @@ class ProcessStatus(msgspec.Struct, frozen=True):
     last_drift: str = ""
     """What the last drift repair found (``kind: detail``)."""
     last_drift_seconds_ago: float | None = None
+    unfinished: str = ""
+    """Data-plane workers: what the last successful application left to retry (the
+    firewall: a failed deletion of outdated conntrack entries), '' when nothing."""
 
 
 class ServiceStatus(msgspec.Struct, frozen=True):
@@ -173,6 +176,11 @@ def render_table(report: StatusReport) -> str:
         f"ago: {p.last_drift[:160]}"
         for p in report.processes
         if p.drift_repairs and p.last_drift_seconds_ago is not None
+    ]
+    lines += [
+        f"{p.name}: unfinished, retrying: {p.unfinished[:160]}"
+        for p in report.processes
+        if p.unfinished
     ]
     lines.append("")
     if report.services:

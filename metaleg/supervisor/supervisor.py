@@ -121,6 +121,8 @@ class Worker:
     last_drift: str = ""
     last_drift_at: float = 0.0
     """time.monotonic() when the last drift repair was reported."""
+    unfinished: str = ""
+    """What the data-plane worker's last application left to retry (``Applied.unfinished``)."""
     sent_generation: int = 0
     """The generation this data-plane worker holds once it has read what it was sent, so
     that a change from it is enough; 0: unknown, the next one is a complete snapshot."""
@@ -410,6 +412,7 @@ class Supervisor:
             else:
                 worker.applied_generation = message.generation
                 worker.last_error = ""
+                worker.unfinished = message.unfinished
                 worker.working = True
         elif isinstance(message, EgressCounts) and sender == "firewall":
             self.egress_totals.update(message.counts)
@@ -479,6 +482,7 @@ class Supervisor:
                     last_drift_seconds_ago=now - worker.last_drift_at
                     if worker.drift_repairs
                     else None,
+                    unfinished=worker.unfinished,
                 )
             )
         generation = self.snapshot.generation if self.snapshot else 0
