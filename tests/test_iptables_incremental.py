@@ -117,7 +117,7 @@ def claims_step(claims: SourceClaims, old: NodeDesiredState, new: NodeDesiredSta
     claims.commit(change)
     rebuilt, _ = SourceClaims.build(new)
     assert claims.owner == rebuilt.owner
-    assert claims.contenders == rebuilt.contenders
+    assert claims.shared_sources == rebuilt.shared_sources
     assert claims.services == rebuilt.services
     return claims
 

@@ -156,7 +156,7 @@ def assert_same_index(live: AppliedTable, state: NodeDesiredState) -> None:
     rebuilt = AppliedTable(state)
     assert live.content == rebuilt.content
     assert live.claims.owner == rebuilt.claims.owner
-    assert live.claims.contenders == rebuilt.claims.contenders
+    assert live.claims.shared_sources == rebuilt.claims.shared_sources
     assert +live.sources_per_mark == +rebuilt.sources_per_mark
     assert live.claims.services == rebuilt.claims.services
 

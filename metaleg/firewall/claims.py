@@ -145,7 +145,7 @@ class SourceClaims:
         state: NodeDesiredState,
         services: dict[ServiceKey, ServiceEgress],
         owner: dict[Family, dict[str, ServiceKey]],
-        contenders: dict[Family, dict[str, tuple[ServiceKey, ...]]],
+        shared_sources: dict[Family, dict[str, tuple[ServiceKey, ...]]],
         ordered: bool,
     ) -> None:
         self.state = state
@@ -153,8 +153,9 @@ class SourceClaims:
         self.services = services
         self.owner = owner
         """Per family, source -> the Service that owns it (the first claimant)."""
-        self.contenders = contenders
-        """Sources claimed by several Services: all of them, sorted (rare)."""
+        self.shared_sources = shared_sources
+        """Per family, each source that several Services claim -> all of them, sorted (rare;
+        the first owns it)."""
         self.ordered = ordered
         self.exclude_networks: dict[Family, tuple[IPNetwork, ...]] = {
             Family.IPV4: conntrack.collapse_cidrs(state.exclude_dst_ipv4, Family.IPV4),
@@ -170,7 +171,7 @@ class SourceClaims:
         """
         services: dict[ServiceKey, ServiceEgress] = {}
         owners: dict[Family, dict[str, ServiceKey]] = {f: {} for f in Family}
-        contenders: dict[Family, dict[str, tuple[ServiceKey, ...]]] = {f: {} for f in Family}
+        shared_sources: dict[Family, dict[str, tuple[ServiceKey, ...]]] = {f: {} for f in Family}
         owned: list[OwnedClaims] = []
         ordered = True
         previous: ServiceKey | None = None
@@ -186,23 +187,23 @@ class SourceClaims:
                     owner.update(dict.fromkeys(claims, key))
                     owned.append((family, claims))
                     continue
-                family_contenders, mine = contenders[family], {}
+                family_shared, mine = shared_sources[family], {}
                 for source, treatment in claims.items():
                     first = owner.get(source)
                     if first is None:
                         owner[source] = key
                         mine[source] = treatment
                     else:
-                        family_contenders[source] = (
-                            *family_contenders.get(source, (first,)),
+                        family_shared[source] = (
+                            *family_shared.get(source, (first,)),
                             key,
                         )
                 owned.append((family, mine))
-        for family_contenders in contenders.values():
-            for source, keys in family_contenders.items():
-                family_contenders[source] = tuple(sorted(keys))
+        for family_shared in shared_sources.values():
+            for source, keys in family_shared.items():
+                family_shared[source] = tuple(sorted(keys))
         conntrack.walked_whole_state()  # every entry of the state was looked up above
-        return cls(state, services, owners, contenders, ordered), owned
+        return cls(state, services, owners, shared_sources, ordered), owned
 
     def step(self, new: NodeDesiredState) -> ClaimStep | None:
         """The step from the applied state to ``new``, or None when it needs the full way
@@ -238,10 +239,10 @@ class SourceClaims:
                 for source in new_claims[key].get(family, ()):
                     claimers.setdefault(source, []).append(key)
             touched.update(claimers)
-            owner, contenders = self.owner[family], self.contenders[family]
+            owner, shared_sources = self.owner[family], self.shared_sources[family]
             for source in touched:
                 first = owner.get(source)
-                keys = contenders.get(source) or ((first,) if first is not None else ())
+                keys = shared_sources.get(source) or ((first,) if first is not None else ())
                 before = claim(keys[0], family, source, False) if keys else None
                 claimants = tuple(
                     sorted([*(k for k in keys if k not in new_claims), *claimers.get(source, ())])
@@ -251,12 +252,12 @@ class SourceClaims:
         moved = [c for c in changes if c.before != c.after]
         flush = FlushPlan(
             {f: {c.source for c in moved if c.family == f} for f in Family},
-            self._view(moved, before=True),
-            self._view(moved, before=False),
+            self._treatment_view(moved, before=True),
+            self._treatment_view(moved, before=False),
         )
         return ClaimStep(new, services, changes, flush)
 
-    def _view(self, changes: list[SourceChange], before: bool) -> EgressView:
+    def _treatment_view(self, changes: list[SourceChange], before: bool) -> EgressView:
         treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
         for change in changes:
             treatment = change.before if before else change.after
@@ -268,15 +269,15 @@ class SourceClaims:
         """Take ``step`` as applied."""
         for change in step.sources:
             family, source, claimants = change.family, change.source, change.claimants
-            owner, contenders = self.owner[family], self.contenders[family]
+            owner, shared_sources = self.owner[family], self.shared_sources[family]
             if not claimants:
                 owner.pop(source, None)
             else:
                 owner[source] = claimants[0]
             if len(claimants) > 1:
-                contenders[source] = claimants
+                shared_sources[source] = claimants
             else:
-                contenders.pop(source, None)
+                shared_sources.pop(source, None)
         for key, before, service in step.services:
             if before is not None:
                 conntrack.forget_entries(before, self.fwmask)
