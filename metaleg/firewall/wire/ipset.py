@@ -28,6 +28,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaleg.firewall.wire.ipset_ports import (
+    parse_port_member,
+    port_member,
+    port_runs,
+    protocol_name,
+    protocol_number,
+)
 from metaleg.firewall.wire.nfnetlink import (
     ATTR,
     HEADER,
@@ -74,14 +81,23 @@ ATTR_REVISION_MIN = 10
 # inside IPSET_ATTR_DATA
 ATTR_IP = 1
 ATTR_CIDR = 3
+ATTR_PORT = 4
+ATTR_PORT_TO = 5
+ATTR_PROTO = 7
 ATTR_CADT_FLAGS = 8
 ATTR_CADT_LINENO = 9
+ATTR_MAXELEM = 19
+ATTR_BYTES = 24
+ATTR_PACKETS = 25
 ATTR_SKBMARK = 27
 ATTR_IPADDR_IPV4 = 1
 ATTR_IPADDR_IPV6 = 2
 
 FLAG_LIST_SETNAME = 1 << 1
+FLAG_WITH_COUNTERS = 1 << 3  # IPSET_ATTR_CADT_FLAGS of a set created with "counters"
 FLAG_WITH_SKBINFO = 1 << 6  # IPSET_ATTR_CADT_FLAGS of a set created with "skbinfo"
+HASH_IP_PORT = "hash:ip,port"
+"""Members ``<address>,<protocol>:<first>[-<last>]`` (see :mod:`metaleg.firewall.wire.ipset_ports`)."""
 SKBINFO_SUFFIX = " skbinfo"
 """A set kind ending in this is created with the skbinfo extension (``hash:ip skbinfo``)."""
 SKBMARK = " skbmark "
@@ -170,7 +186,18 @@ _IPV6_NBO = ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER
 
 def member_data(family: int, net: bool, member: str, lineno: int) -> bytes:
     """One ``IPSET_ATTR_DATA`` element: address (``hash:net``: with its prefix length;
-    ``<address> skbmark <value>/<mask>``: with its skbmark)."""
+    ``<address> skbmark <value>/<mask>``: with its skbmark; ``<address>,<protocol>:<first>[-<last>]``
+    of a ``hash:ip,port`` set: with its protocol and ports, a range expanded by the kernel)."""
+    if "," in member:
+        address, protocol, first, last = parse_port_member(member)
+        body = address_payload(family, address) + _attr(
+            ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack(">H", first)
+        )
+        if last != first:
+            body += _attr(ATTR_PORT_TO | NLA_F_NET_BYTEORDER, struct.pack(">H", last))
+        body += _u8(ATTR_PROTO, protocol_number(protocol))
+        body += _attr(ATTR_CADT_LINENO, _U32.pack(lineno))
+        return _nested(ATTR_DATA, body)
     if SKBMARK in member:
         address, _, mark = member.partition(SKBMARK)
         packed_mark = _SKBMARKS.get(mark)
@@ -301,15 +328,31 @@ class IpsetSocket:
 
     # -- requests --------------------------------------------------------
 
-    def create(self, name: str, kind: str, family: int, *, exclusive: bool = False) -> Request:
+    def create(
+        self,
+        name: str,
+        kind: str,
+        family: int,
+        *,
+        exclusive: bool = False,
+        counters: bool = False,
+        maxelem: int | None = None,
+    ) -> Request:
         """A CREATE request (an existing identical set is fine unless ``exclusive``).
 
-        ``kind`` is a type name, with ``" skbinfo"`` appended for the extension.
+        ``kind`` is a type name, with ``" skbinfo"`` appended for the extension;
+        ``counters``: with the counters extension (packets and bytes per member);
+        ``maxelem``: the most members the set may hold (the kernel's default: 65536).
         """
-        data = b""
+        flags = 0
         if kind.endswith(SKBINFO_SUFFIX):
             kind = kind[: -len(SKBINFO_SUFFIX)]
-            data = _attr(ATTR_CADT_FLAGS | NLA_F_NET_BYTEORDER, _BE32.pack(FLAG_WITH_SKBINFO))
+            flags |= FLAG_WITH_SKBINFO
+        if counters:
+            flags |= FLAG_WITH_COUNTERS
+        data = _attr(ATTR_CADT_FLAGS | NLA_F_NET_BYTEORDER, _BE32.pack(flags)) if flags else b""
+        if maxelem is not None:
+            data += _attr(ATTR_MAXELEM | NLA_F_NET_BYTEORDER, _BE32.pack(maxelem))
         attributes = (
             _u8(ATTR_PROTOCOL, self._protocol)
             + _string(ATTR_SETNAME, name)
@@ -407,6 +450,10 @@ class IpsetSocket:
         sets: dict[str, ListedSet] = {}
         for payload in self._list(_u8(ATTR_PROTOCOL, self._protocol)):
             _decode_listing(payload, wanted, sets)
+        for entry in sets.values():
+            if entry.kind == HASH_IP_PORT:
+                # The kernel lists every port of a range: back to runs, as they are written.
+                entry.members = set(port_runs(entry.members))
         return sets
 
     def names(self) -> list[str]:
@@ -444,6 +491,7 @@ class ListedSet:
     kind: str = ""
     family: int = 0
     skbinfo: bool = False
+    counters: bool = False
     members: set[str] = field(default_factory=set)
 
 
@@ -517,7 +565,9 @@ def _decode_listing(
     if header:
         for attribute, value in parse_attributes(header):
             if attribute == ATTR_CADT_FLAGS and len(value) >= 4:
-                entry.skbinfo = bool(_BE32.unpack_from(value)[0] & FLAG_WITH_SKBINFO)
+                flags = _BE32.unpack_from(value)[0]
+                entry.skbinfo = bool(flags & FLAG_WITH_SKBINFO)
+                entry.counters = bool(flags & FLAG_WITH_COUNTERS)
     adt = attributes.get(ATTR_ADT)
     if not adt:
         return
@@ -531,6 +581,7 @@ def _decode_listing(
         family = 0
         cidr = -1
         skbmark: tuple[int, int] | None = None
+        port: tuple[int, int] | None = None
         for attribute, value in parse_attributes(element):
             if attribute == ATTR_IP:
                 for inner, packed in parse_attributes(value):
@@ -542,6 +593,10 @@ def _decode_listing(
                 cidr = value[0]
             elif attribute == ATTR_SKBMARK and len(value) >= 8:
                 skbmark = struct.unpack_from(">II", value)
+            elif attribute == ATTR_PORT and len(value) >= 2:
+                port = (struct.unpack_from(">H", value)[0], port[1] if port else 0)
+            elif attribute == ATTR_PROTO and value:
+                port = (port[0] if port else 0, value[0])
         if not family:
             continue
         text = ntop(family, address) if family == socket.AF_INET else address_text(family, address)
@@ -551,6 +606,8 @@ def _decode_listing(
             text = f"{text}/{cidr}"
         if skbmark is not None:
             text = skbmark_member(text, *skbmark)
+        if port is not None:
+            text = port_member(text, protocol_name(port[1]), port[0], port[0])
         members.add(text)
 
 
