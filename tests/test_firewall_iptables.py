@@ -156,6 +156,7 @@ def stray(set_name: str, family: int = 4) -> str:
     """The DROP of stray replies to a Service's sources, as iptables-save prints it."""
     return (
         f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {set_name} dst "
+        "! --update-counters "
         f"-m set ! --match-set METALEG-EXCLUDE-DST-{family} src -j DROP"
     )
 
@@ -304,7 +305,8 @@ def test_render_without_excludes_or_sources_creates_no_sets() -> None:
     six = rejected_set_name(Family.IPV6)
     assert rules_by_chain(desired, Family.IPV6)["filter"]["METALEG-REJECT"] == [
         # Without exclusions, every stray is dropped.
-        f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {six} dst -j DROP",
+        f"-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set {six} dst "
+        "! --update-counters -j DROP",
         f"-m set --match-set {six} src -j REJECT --reject-with icmp6-port-unreachable",
     ]
 
@@ -355,13 +357,13 @@ TRANSIT6 = ("fd00:244:2::/64",)
 GUARDED = node_state(MAIL, RELAY, WEB, LOST, transit4=TRANSIT4, transit6=TRANSIT6)
 GUARD_V4 = [
     "-m mark ! --mark 0x0/0xf00000 -j RETURN",
-    "-m set --match-set METALEG-SNATTED-4 src -j RETURN",
+    "-m set --match-set METALEG-SNATTED-4 src ! --update-counters -j RETURN",
     "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-4 src "
     "-j REJECT --reject-with icmp-port-unreachable",
 ]
 GUARD_V6 = [
     "-m mark ! --mark 0x0/0xf00000 -j RETURN",
-    "-m set --match-set METALEG-SNATTED-6 src -j RETURN",
+    "-m set --match-set METALEG-SNATTED-6 src ! --update-counters -j RETURN",
     "-m conntrack --ctstate NEW -m set --match-set METALEG-TRANSIT-6 src "
     "-j REJECT --reject-with icmp6-port-unreachable",
 ]
@@ -789,8 +791,8 @@ def dump_sets() -> dict[str, tuple[str, str, set[str], str]]:
             # ipset prints host entries of hash:net sets without /32 (/128).
             kind = sets[words[1]][0]
             member = str(ipaddress.ip_network(words[2])) if kind == "hash:net" else words[2]
-            if words[3:4] == ["skbmark"]:
-                member = f"{member} skbmark {words[4]}"
+            if "skbmark" in words:  # after "packets N bytes N" in a counted set
+                member = f"{member} skbmark {words[words.index('skbmark') + 1]}"
             sets[words[1]][2].add(member)
     return sets
 

@@ -8,6 +8,7 @@ import itertools
 import random
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,10 +30,12 @@ from tests.test_nft_incremental import MASK, assert_same_plan, random_states, ra
 def apply_plan(sets: dict[str, SetSpec], plan: SetPlan) -> dict[str, SetSpec]:
     """What the kernel's sets become when ``plan`` runs (members only: how ipset acts)."""
     result = {name: set(spec.members) for name, spec in sets.items()}
-    kinds = {name: (spec.kind, spec.family) for name, spec in sets.items()}
+    kinds = {
+        name: msgspec.structs.replace(spec, members=frozenset()) for name, spec in sets.items()
+    }
     for spec in (*plan.recreate, *plan.create):
         result[spec.name] = set()
-        kinds[spec.name] = (spec.kind, spec.family)
+        kinds[spec.name] = spec
     for spec, members in plan.add:
         if spec.kind == "hash:ip skbinfo":  # adding an address again replaces its mark
             addresses = {member.partition(" ")[0] for member in members}
@@ -45,7 +48,7 @@ def apply_plan(sets: dict[str, SetSpec], plan: SetPlan) -> dict[str, SetSpec]:
     for name in plan.destroy:
         del result[name]
     return {
-        name: SetSpec(name, kinds[name][0], kinds[name][1], frozenset(members))
+        name: msgspec.structs.replace(kinds[name], members=frozenset(members))
         for name, members in result.items()
     }
 

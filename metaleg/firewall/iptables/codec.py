@@ -138,6 +138,12 @@ class RuleCodec:
         self._target_offset_at = entry_type.target_offset.offset
         self._next_offset_at = entry_type.next_offset.offset
         self._header = bytearray(ctypes.string_at(ctypes.addressof(blank.entry), self._entry_size))
+        # A goto (-g) is the standard target with a flag in the entry's ipt_ip / ip6t_ip6.
+        ip_type = entry_type._fields_[0][1]
+        self._flags_at = ip_type.flags.offset
+        self._goto_flag = next(
+            getattr(ip_type, name) for name in dir(ip_type) if name.endswith("_F_GOTO")
+        )
         self._matches: dict[Match, bytes] = {}
         self._targets: dict[tuple[str, tuple[Option, ...]], bytes] = {}
         self._rules: dict[Rule, tuple[tuple[tuple[str, int], ...], bytes, RawKey]] = {}
@@ -181,6 +187,8 @@ class RuleCodec:
         target = self._target(spec)
         matches_size = sum(len(part) for part in parts)
         header = bytearray(self._header)
+        if spec.goto:
+            header[self._flags_at] |= self._goto_flag
         target_offset = self._entry_size + matches_size
         _U16.pack_into(header, self._target_offset_at, target_offset)
         _U16.pack_into(header, self._next_offset_at, target_offset + len(target))

@@ -45,7 +45,13 @@ from metaleg.firewall.iptables.protocol import (
     SyncRequest,
     TableResult,
 )
-from metaleg.firewall.iptables.rules import CHAIN_PREFIX, VERDICTS, Rule, TableSpec
+from metaleg.firewall.iptables.rules import (
+    CHAIN_PREFIX,
+    OPTIONAL_CHAINS,
+    VERDICTS,
+    Rule,
+    TableSpec,
+)
 
 _SKIP_CHAIN = ("nat", "POSTROUTING")
 """Where the mark skip rule lives (the only RETURN among metaleg's head rules)."""
@@ -203,14 +209,19 @@ class XtablesServer:
         exact = True
         existing = [chain.name for chain in table.chains]
         builtin = [name for name in existing if table.builtin_chain(name)]
-        for chain_name, rules in spec.chains.items():
-            context = f"table {spec.name} chain {chain_name}"
+        # Every chain first: a rule may jump to one of the others (libiptc resolves a
+        # jump when the rule is inserted).
+        for chain_name in spec.chains:
             if chain_name not in existing:
                 try:
                     table.create_chain(chain_name)
                 except Exception as error:
-                    raise XtablesError(f"{context}: cannot create: {plain_error(error)}") from error
+                    raise XtablesError(
+                        f"table {spec.name} chain {chain_name}: cannot create: {plain_error(error)}"
+                    ) from error
                 changed = True
+        for chain_name, rules in spec.chains.items():
+            context = f"table {spec.name} chain {chain_name}"
             chain_changed, chain_exact = self._sync_chain(table, context, chain_name, rules, mode)
             changed |= chain_changed
             exact &= chain_exact
@@ -240,7 +251,13 @@ class XtablesServer:
             self._delete_chains(table, spec.name, stale, foreign)
             changed = True
         elif stale:
-            exact = False
+            # Chains of this version that come and go with the state: gone for good once
+            # the final (exact) rules no longer jump to them. Others wait for a re-sync.
+            dropped = [name for name in stale if name in OPTIONAL_CHAINS and mode is Mode.EXACT]
+            if dropped:
+                self._delete_chains(table, spec.name, dropped, [])
+                changed = True
+            exact = len(dropped) == len(stale)
         return changed, exact
 
     def _sync_chain(

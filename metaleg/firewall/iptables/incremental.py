@@ -16,7 +16,8 @@ from typing import NamedTuple
 import msgspec
 
 from metaleg.firewall.claims import ServiceChange, ServiceKey, step_services
-from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_IP_MARK, SetPlan, SetSpec, plan_sets
+from metaleg.firewall.iptables.ipsets import SetPlan, SetSpec, plan_sets
+from metaleg.firewall.iptables.policy import PolicyStep
 from metaleg.firewall.iptables.render import (
     FAMILIES,
     SHARED_SETS,
@@ -24,7 +25,10 @@ from metaleg.firewall.iptables.render import (
     RenderedService,
     Rendering,
     has_own_rules,
+    mark_set,
+    policy_parts,
     render_service,
+    shared_set,
     transit_guard_sets,
 )
 from metaleg.firewall.iptables.rules import Rule, TableSpec, mark_set_name
@@ -70,6 +74,8 @@ class PendingStep(msgspec.Struct, frozen=True):
     """The new transit guard sets, or None when the guard is unchanged."""
     unbinds: bool
     """Whether a stale binding rule goes (see ``IptablesBackend._execute``, step 1)."""
+    policies: PolicyStep
+    """The destination policies' step (:meth:`~metaleg.firewall.iptables.policy.PolicyIndex.step`)."""
     snat_keys: list[ServiceKey] | None = None
     """The new :attr:`AppliedRendering.snat_keys`, or None when no rule changes."""
 
@@ -96,8 +102,22 @@ class AppliedRendering(Rendering):
         marks, has_marks, marks_come_or_go = self._step_marks(walk, before_sets, after_sets)
         shared, present, shared_come_or_go = self._step_shared(walk, before_sets, after_sets)
         transit_sets, guard_comes_or_goes = self._step_transit(new, before_sets, after_sets)
+        policies = self.policies.step(
+            (
+                (key, policy_parts(self.parts.get(key)), policy_parts(walk.new_parts[key]))
+                for key, _, _ in changes
+            ),
+            before_sets,
+            after_sets,
+        )
         tables = snat_keys = None
-        if walk.rules_changed or marks_come_or_go or shared_come_or_go or guard_comes_or_goes:
+        if (
+            walk.rules_changed
+            or marks_come_or_go
+            or shared_come_or_go
+            or guard_comes_or_goes
+            or policies.layout_changed
+        ):
             snat_keys = self._snat_keys_after(walk)
             in_order: list[RenderedService] = []
             for key in snat_keys:
@@ -109,6 +129,7 @@ class AppliedRendering(Rendering):
                 has_marks,
                 present,
                 transit_sets if transit_sets is not None else self.transit_sets,
+                policies.layouts(self.policies),
             )
         return PendingStep(
             state=new,
@@ -119,6 +140,7 @@ class AppliedRendering(Rendering):
             shared=shared,
             transit_sets=transit_sets,
             unbinds=walk.unbinds,
+            policies=policies,
             snat_keys=snat_keys,
         )
 
@@ -214,9 +236,9 @@ class AppliedRendering(Rendering):
             come_or_go |= had != has_marks[family]
             name = mark_set_name(family)
             if had:
-                before_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(lost))
+                before_sets[name] = mark_set(family, frozenset(lost))
             if has_marks[family]:
-                after_sets[name] = SetSpec(name, HASH_IP_MARK, family, frozenset(gained))
+                after_sets[name] = mark_set(family, frozenset(gained))
         return marks, has_marks, come_or_go
 
     def _step_shared(
@@ -249,11 +271,11 @@ class AppliedRendering(Rendering):
             had = bool(claims)
             if len(claims) + len(gained) - len(lost) > 0:
                 present.add(name)
-                after_sets[name] = SetSpec(name, HASH_IP, family, frozenset(gained))
+                after_sets[name] = shared_set(name, family, frozenset(gained))
             else:
                 present.discard(name)
             if had:
-                before_sets[name] = SetSpec(name, HASH_IP, family, frozenset(lost))
+                before_sets[name] = shared_set(name, family, frozenset(lost))
             come_or_go |= had != (name in present)
         return shared, present, come_or_go
 
@@ -339,6 +361,7 @@ class AppliedRendering(Rendering):
             self.tables = step.tables
         if step.snat_keys is not None:
             self.snat_keys = step.snat_keys
+        self.policies.commit(step.policies)
         self.state = step.state
 
 

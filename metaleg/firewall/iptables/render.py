@@ -50,6 +50,21 @@ commit (libiptc reads and writes the whole table) costs less, and the SNATed set
 is the guard's exception, whose members change between table commits
 (``IptablesBackend._execute``).
 
+Destination policies (:mod:`metaleg.firewall.iptables.policy`) add, in a family
+with policed sources, right after each exclusion RETURN, a rule per destination
+class and one for ports through which the traffic a policy does not cover leaves
+the chain (RETURN in ``METALEG-RT-MARK`` and ``METALEG-SNAT``, ``-g
+METALEG-UNCOVERED`` in ``METALEG-REJECT``), and the stray reply DROPs jump to
+``METALEG-STRAY`` instead.
+
+Counters: the shared SNAT, REJECT and mark sets have the ``counters`` extension,
+and only one rule's lookup counts each: the reply leak DROP's (every forwarded
+packet of a SNAT source that reaches it: its traffic to covered, not excluded
+destinations), the REJECT's, and the mark rule's (``--map-set``); every other
+lookup of these sets says ``! --update-counters``. Their members' counters summed
+per Service are :meth:`IptablesBackend.read_counts
+<metaleg.firewall.iptables.backend.IptablesBackend.read_counts>`.
+
 :class:`Rendering` renders a :class:`~metaleg.model.NodeDesiredState` per
 Service (pure data, unit-testable) and writes the complete
 :class:`DesiredFirewall`; :mod:`metaleg.firewall.iptables.incremental` moves
@@ -68,18 +83,31 @@ import msgspec
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import ServiceKey
 from metaleg.firewall.iptables.ipsets import HASH_IP, HASH_IP_MARK, HASH_NET, SetSpec
+from metaleg.firewall.iptables.policy import (
+    UNPOLICED,
+    ClaimPolicy,
+    FamilyPart,
+    PolicyIndex,
+    PolicyLayout,
+    claim_policy,
+)
 from metaleg.firewall.iptables.rules import (
     MARK_CHAIN,
     REJECT_CHAIN,
     SNAT_CHAIN,
+    STRAY_CHAIN,
+    UNCOVERED_CHAIN,
     Rule,
     TableSpec,
+    drop_rule,
     exclude_rule,
     exclude_set_name,
     jump_rule,
     mark_map_rule,
     mark_set_name,
     mark_skip_rule,
+    port_set_name,
+    port_source_set_name,
     reject_rule,
     rejected_set_name,
     reply_leak_rule,
@@ -91,6 +119,7 @@ from metaleg.firewall.iptables.rules import (
     stray_reply_rule,
     transit_reject_rule,
     transit_set_name,
+    uncovered_rule,
 )
 from metaleg.firewall.wire.ipset import skbmark_member
 from metaleg.model import Action, Family, NodeDesiredState, ServiceEgress
@@ -158,6 +187,29 @@ class RenderedFamily(NamedTuple):
     """The canonical source addresses."""
     marks: tuple[tuple[str, str], ...]
     """MARK: each source's member of the mark set, (address, member), by address."""
+    policy: ClaimPolicy = UNPOLICED
+    """The Service's destination policy in the family."""
+
+
+def policy_parts(parts: RenderedService | None) -> dict[Family, FamilyPart]:
+    """A Service's sources and policy per family, as :class:`PolicyIndex` takes them."""
+    if parts is None:
+        return {}
+    return {
+        family: (part.sources, part.policy)
+        for family, part in zip(FAMILIES, parts, strict=True)
+        if part is not None
+    }
+
+
+def shared_set(name: str, family: Family, members: frozenset[str]) -> SetSpec:
+    """A shared SNAT or REJECT set (counted: its members' counters are per-Service counts)."""
+    return SetSpec(name, HASH_IP, family, members, counters=True)
+
+
+def mark_set(family: Family, members: frozenset[str]) -> SetSpec:
+    """The mark set of a family (counted, as :func:`shared_set`)."""
+    return SetSpec(mark_set_name(family), HASH_IP_MARK, family, members, counters=True)
 
 
 RenderedService = tuple[RenderedFamily | None, RenderedFamily | None]
@@ -246,11 +298,15 @@ class Rendering:
             family: exclude_networks(_exclude_cidrs(state, family), family) for family in FAMILIES
         }
         self.transit_sets = transit_guard_sets(state)
+        self.policies = PolicyIndex.build(
+            (key, policy_parts(parts)) for key, parts in self.parts.items()
+        )
         self.tables = self.build_tables(
             [self.parts[key] for key in self.snat_keys],
             {f: bool(self.marked[f]) for f in FAMILIES},
             {name for name, claims in self.shared.items() if claims},
             self.transit_sets,
+            self.policies.layouts(),
         )
 
     def desired(self) -> DesiredFirewall:
@@ -266,15 +322,15 @@ class Rendering:
                     sets[part.source_set.name] = part.source_set
         for (family, _), name in SHARED_SETS.items():
             if self.shared[name]:
-                sets[name] = SetSpec(name, HASH_IP, family, frozenset(self.shared[name]))
+                sets[name] = shared_set(name, family, frozenset(self.shared[name]))
         for family in FAMILIES:
             if self.marked[family]:
-                name = mark_set_name(family)
-                members = frozenset(self.marked[family].values())
-                sets[name] = SetSpec(name, HASH_IP_MARK, family, members)
+                spec = mark_set(family, frozenset(self.marked[family].values()))
+                sets[spec.name] = spec
             transit = self.transit_sets[family]
             if transit is not None:
                 sets[transit.name] = transit
+        sets.update(self.policies.desired_sets())
         return DesiredFirewall(sets=sets, tables=self.tables)
 
     def build_tables(
@@ -283,43 +339,55 @@ class Rendering:
         has_marks: dict[Family, bool],
         shared: set[str],
         transit_sets: dict[Family, SetSpec | None],
+        policies: dict[Family, PolicyLayout],
     ) -> dict[Family, dict[str, TableSpec]]:
         """The tables of both families from the SNAT Services' rules (``in_order``: their
-        parts, in Service order), and the rules over the sets that are not empty
-        (``has_marks``, ``shared``)."""
+        parts, in Service order), the rules over the sets that are not empty
+        (``has_marks``, ``shared``) and the destination policies' rules (``policies``)."""
         fwmask = self.fwmask
         tables: dict[Family, dict[str, TableSpec]] = {}
         for index, family in enumerate(FAMILIES):
             excluded = bool(self.excluded[family])
             head = (exclude_rule(family),) if excluded else ()
+            layout = policies[family]
+            policed = layout.policed
             snatted, rejected = snatted_set_name(family), rejected_set_name(family)
-            snat_rules: list[Rule] = list(head)
+            snat_rules: list[Rule] = []
             stale_bindings: list[Rule] = []
             for parts in in_order:
                 part = parts[index]
                 if part is not None and part.rules:  # SNAT
                     snat_rules.append(part.rules[0])
                     stale_bindings.append(part.rules[1])
+            if snat_rules:
+                snat_rules[:0] = policy_rules(family, layout, "RETURN")
+            snat_rules[:0] = head
             strays: list[Rule] = []
-            reject_rules: list[Rule] = list(head)
+            reject_rules: list[Rule] = [*head, *policy_rules(family, layout, UNCOVERED_CHAIN)]
             guard_returns: list[Rule] = []
             if rejected in shared:
-                strays.append(stray_reply_rule(rejected, family, excluded))
+                strays.append(stray_reply_rule(rejected, family, excluded, policed))
                 reject_rules.append(reject_rule(rejected, family))
             reject_rules += stale_bindings
             if snatted in shared:
-                strays.append(stray_reply_rule(snatted, family, excluded))
+                strays.append(stray_reply_rule(snatted, family, excluded, policed))
                 reject_rules.append(reply_leak_rule(snatted))
                 guard_returns.append(source_return_rule(snatted))
             mark_rules: list[Rule] = list(head)
             if has_marks[family]:
+                mark_rules += policy_rules(family, layout, "RETURN")
                 mark_rules.append(mark_map_rule(family))
-                strays.append(stray_reply_rule(mark_set_name(family), family, excluded))
+                strays.append(stray_reply_rule(mark_set_name(family), family, excluded, policed))
+            transit_reject: tuple[Rule, ...] = ()
             if transit_sets[family] is not None:
-                reject_rules += (
-                    mark_skip_rule(fwmask),
-                    *guard_returns,
-                    transit_reject_rule(family),
+                transit_reject = (transit_reject_rule(family),)
+                reject_rules += (mark_skip_rule(fwmask), *guard_returns, *transit_reject)
+            filter_chains = {REJECT_CHAIN: (*strays, *reject_rules)}
+            if policed:
+                filter_chains[UNCOVERED_CHAIN] = transit_reject
+                filter_chains[STRAY_CHAIN] = (
+                    *policy_rules(family, layout, "RETURN", reply=True),
+                    drop_rule(),
                 )
             tables[family] = {
                 "mangle": TableSpec(
@@ -334,11 +402,33 @@ class Rendering:
                 ),
                 "filter": TableSpec(
                     name="filter",
-                    chains={REJECT_CHAIN: (*strays, *reject_rules)},
+                    chains=filter_chains,
                     heads={"FORWARD": (jump_rule(REJECT_CHAIN),)},
                 ),
             }
         return tables
+
+
+def policy_rules(
+    family: Family, layout: PolicyLayout, into: str, *, reply: bool = False
+) -> list[Rule]:
+    """The rules through which traffic that ``layout``'s policies do not cover goes ``into``
+    (RETURN, or the uncovered chain); ``reply``: for packets *to* the sources."""
+    rules = [
+        uncovered_rule(sources, networks, "dst", into=into, reply=reply)
+        for sources, networks in layout.class_sets(family)
+    ]
+    if layout.ports:
+        rules.append(
+            uncovered_rule(
+                port_source_set_name(family),
+                port_set_name(family),
+                "src,dst",
+                into=into,
+                reply=reply,
+            )
+        )
+    return rules
 
 
 def has_own_rules(parts: RenderedService | None) -> bool:
@@ -382,20 +472,21 @@ def _render_family(service: ServiceEgress, family: Family, fwmask: int) -> Rende
         if not entry.source_ips:
             continue  # nothing to match: no rule and no (empty) set
         sources = _source_members(context, family, entry.source_ips)
+        policy = claim_policy(context, family, entry.destinations, service.destination_ports)
         if entry.action is Action.SNAT:
             snat_ip = _snat_address(context, family, entry.snat_ip)
             set_name = source_set_name(family, service.namespace, service.name)
             rules = (snat_rule(set_name, snat_ip), stale_binding_rule(set_name, snat_ip, fwmask))
             source_set = SetSpec(set_name, HASH_IP, family, sources)
-            result = RenderedFamily(Action.SNAT, source_set, rules, sources, ())
+            result = RenderedFamily(Action.SNAT, source_set, rules, sources, (), policy)
         elif entry.action is Action.MARK:
             fwmark = _fwmark(context, entry.fwmark, fwmask)
             marks = tuple(
                 (address, skbmark_member(address, fwmark, fwmask)) for address in sorted(sources)
             )
-            result = RenderedFamily(Action.MARK, None, (), sources, marks)
+            result = RenderedFamily(Action.MARK, None, (), sources, marks, policy)
         else:  # Action.REJECT, and anything unknown: fail closed
-            result = RenderedFamily(Action.REJECT, None, (), sources, ())
+            result = RenderedFamily(Action.REJECT, None, (), sources, (), policy)
     return result
 
 

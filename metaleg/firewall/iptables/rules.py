@@ -25,6 +25,15 @@ VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 MARK_CHAIN = "METALEG-RT-MARK"
 SNAT_CHAIN = "METALEG-SNAT"
 REJECT_CHAIN = "METALEG-REJECT"
+UNCOVERED_CHAIN = "METALEG-UNCOVERED"
+"""filter: where traffic a destination policy does not cover goes (``-g``) from
+``METALEG-REJECT``: only the transit guard's REJECT, as for an unlabelled pod."""
+STRAY_CHAIN = "METALEG-STRAY"
+"""filter: the stray reply DROP of a family with destination policies, after RETURNs for
+the peers a policy does not cover."""
+OPTIONAL_CHAINS = frozenset({UNCOVERED_CHAIN, STRAY_CHAIN})
+"""Chains that exist only while the state needs them (a family with destination policies):
+the helper deletes them when the final rules of a change no longer name them."""
 
 _REJECT_WITH = {Family.IPV4: "icmp-port-unreachable", Family.IPV6: "icmp6-port-unreachable"}
 
@@ -55,17 +64,19 @@ class Rule(msgspec.Struct, frozen=True, array_like=True):
     """One iptables rule without addresses or interfaces: matches and a target.
 
     ``target`` is an extension (``MARK``, ``SNAT``, ``REJECT``), a verdict
-    (``RETURN``) or the name of a chain to jump to. ``str(rule)`` is the rule in
+    (``RETURN``) or the name of a chain to jump to (``goto``: ``-g``, the chain's end
+    returns from the calling chain too). ``str(rule)`` is the rule in
     ``iptables-save`` syntax (without ``-A <chain>``).
     """
 
     target: str
     matches: tuple[Match, ...] = ()
     target_options: tuple[Option, ...] = ()
+    goto: bool = False
 
     def __str__(self) -> str:
         parts = [str(match) for match in self.matches]
-        parts.append(f"-j {self.target}")
+        parts.append(f"-g {self.target}" if self.goto else f"-j {self.target}")
         parts.extend(str(option) for option in self.target_options)
         return " ".join(parts)
 
@@ -118,8 +129,18 @@ def source_set_name(family: Family, namespace: str, name: str) -> str:
     return f"METALEG-SRC-{int(family)}-{digest[:12]}"
 
 
-def _set_match(set_name: str, direction: str) -> Match:
-    return Match("set", (Option("match-set", (set_name, direction)),))
+def _set_match(set_name: str, direction: str, *, invert: bool = False) -> Match:
+    return Match("set", (Option("match-set", (set_name, direction), invert=invert),))
+
+
+NO_COUNTING = Option("update-counters", invert=True)
+"""``! --update-counters``: this lookup leaves the set members' counters alone. The shared
+SNAT, REJECT and mark sets count only the lookups of the rules that treat their members'
+traffic (:func:`reply_leak_rule`, :func:`reject_rule`, :func:`mark_map_rule`)."""
+
+
+def _uncounted_set_match(set_name: str, direction: str) -> Match:
+    return Match("set", (Option("match-set", (set_name, direction)), NO_COUNTING))
 
 
 def exclude_rule(family: Family) -> Rule:
@@ -165,8 +186,10 @@ def reject_rule(set_name: str, family: Family) -> Rule:
 
 
 def source_return_rule(set_name: str) -> Rule:
-    """``-m set --match-set <src> src -j RETURN``: a transit guard exception (SNATed here)."""
-    return Rule("RETURN", (_set_match(set_name, "src"),))
+    """``-m set --match-set <src> src ! --update-counters -j RETURN``: a transit guard
+    exception (SNATed here; the SNATed set's counters count its traffic once, in
+    :func:`reply_leak_rule`)."""
+    return Rule("RETURN", (_uncounted_set_match(set_name, "src"),))
 
 
 def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
@@ -208,9 +231,11 @@ def stale_binding_rule(set_name: str, snat_ip: str, fwmask: int) -> Rule:
     )
 
 
-def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
-    """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst [-m set !
-    --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of ``METALEG-REJECT``.
+def stray_reply_rule(set_name: str, family: Family, excluded: bool, policed: bool = False) -> Rule:
+    """``-m conntrack --ctstate NEW -m conntrack ! --ctstate DNAT -m set --match-set <src> dst !
+    --update-counters [-m set ! --match-set METALEG-EXCLUDE-DST-<f> src] -j DROP``, at the head of
+    ``METALEG-REJECT``; ``policed`` (the family has destination policies): ``-j METALEG-STRAY``
+    instead, which RETURNs for the peers a policy does not cover and drops the rest.
 
     A *stray reply*: right after a gateway move the old gateway still translates a
     peer's answers back to the pod IP and forwards them to the pod's node; if that node
@@ -225,13 +250,11 @@ def stray_reply_rule(set_name: str, family: Family, excluded: bool) -> Rule:
         Match("conntrack", (Option("ctstate", ("NEW",)),)),
         # ctstate's virtual state DNAT: the original destination is not the reply source.
         Match("conntrack", (Option("ctstate", ("DNAT",), invert=True),)),
-        _set_match(set_name, "dst"),
+        _uncounted_set_match(set_name, "dst"),
     ]
     if excluded:
-        matches.append(
-            Match("set", (Option("match-set", (exclude_set_name(family), "src"), invert=True),))
-        )
-    return Rule("DROP", tuple(matches))
+        matches.append(_set_match(exclude_set_name(family), "src", invert=True))
+    return Rule(STRAY_CHAIN if policed else "DROP", tuple(matches))
 
 
 def reply_leak_rule(set_name: str) -> Rule:
@@ -271,3 +294,61 @@ def is_stale_binding(rule: Rule) -> bool:
     return rule.target == "DROP" and any(
         option.name == "ctrepldst" for match in rule.matches for option in match.options
     )
+
+
+# -- destination policies (see metaleg.firewall.iptables.policy) ----------------------
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def policy_set_names(family: Family, networks: tuple[str, ...]) -> tuple[str, str]:
+    """The sets of one destination policy class (its canonical networks): ``hash:ip``
+    ``METALEG-DSTSRC-<f>-<12 hex>`` (the sources it polices) and ``hash:net``
+    ``METALEG-DSTNET-<f>-<12 hex>`` (the networks)."""
+    digest = _digest(f"{int(family)}/{','.join(networks)}")
+    return f"METALEG-DSTSRC-{int(family)}-{digest}", f"METALEG-DSTNET-{int(family)}-{digest}"
+
+
+def port_source_set_name(family: Family) -> str:
+    """The ``hash:ip`` set of the sources a port policy polices."""
+    return f"METALEG-PORTSRC-{int(family)}"
+
+
+def port_set_name(family: Family) -> str:
+    """The ``hash:ip,port`` set of every policed source's protocols and ports."""
+    return f"METALEG-PORTS-{int(family)}"
+
+
+def uncovered_rule(
+    policed_set: str, covered_set: str, covered_direction: str, *, into: str, reply: bool = False
+) -> Rule:
+    """``-m set --match-set <policed> src -m set ! --match-set <covered> <direction> -j|-g
+    <into>``: traffic of a policed source that its policy does not cover leaves metaleg's chain
+    (``into`` RETURN, or ``-g`` :data:`UNCOVERED_CHAIN`).
+
+    ``covered_direction`` is ``dst`` for a destination class's networks, ``src,dst`` for the
+    ports set (source address, destination port). ``reply``: the same for a packet *to* the
+    source (its source is the peer): every direction swapped (``dst`` and ``src``,
+    ``dst,src``), for :data:`STRAY_CHAIN`.
+    """
+    policed_direction = "src"
+    if reply:
+        swap = {"src": "dst", "dst": "src"}
+        policed_direction = "dst"
+        covered_direction = ",".join(swap[part] for part in covered_direction.split(","))
+    goto = into.startswith(CHAIN_PREFIX)
+    return Rule(
+        into,
+        (
+            _set_match(policed_set, policed_direction),
+            _set_match(covered_set, covered_direction, invert=True),
+        ),
+        goto=goto,
+    )
+
+
+def drop_rule() -> Rule:
+    """``-j DROP``: the end of :data:`STRAY_CHAIN`."""
+    return Rule("DROP")
