@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from metaleg.config import Config
-from metaleg.ipc import Applied, Hello, Snapshot, bind_supervisor, decode, encode
+from metaleg.ipc import Applied, EgressCounts, Hello, Snapshot, bind_supervisor, decode, encode
 from metaleg.model import (
     Action,
     Family,
@@ -118,6 +118,8 @@ class RunningWorker:
         self.context: zmq.Context[Any] = zmq.Context()
         self.socket = bind_supervisor(self.context, run_dir)
         self.reports: list[Applied] = []
+        self.counts: EgressCounts | None = None
+        """The last egress counts the worker sent (it reads them every few seconds)."""
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         code = f"from tests.test_drift import serve; serve({process!r}, {backend!r}, {run_dir!r})"
         self.child = subprocess.Popen(
@@ -127,14 +129,21 @@ class RunningWorker:
         )
 
     def receive(self, timeout: float) -> Any:
-        if not self.socket.poll(int(timeout * 1000)):
-            return None
-        identity, frame = self.socket.recv_multipart()
-        assert identity == self.process.encode()
-        message = decode(frame)
-        if isinstance(message, Applied):
-            self.reports.append(message)
-        return message
+        """The worker's next message within ``timeout`` seconds (None: none), but for its
+        periodic egress counts, which are kept in :attr:`counts`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.socket.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                return None
+            identity, frame = self.socket.recv_multipart()
+            assert identity == self.process.encode()
+            message = decode(frame)
+            if isinstance(message, EgressCounts):
+                self.counts = message
+                continue
+            if isinstance(message, Applied):
+                self.reports.append(message)
+            return message
 
     def start(self, state: NodeDesiredState, timeout: float = 30.0) -> None:
         """Answer the worker's Hello with ``state`` and wait until it has applied it."""

@@ -207,9 +207,9 @@ def test_bad_entries_are_refused_naming_the_service(entry: FamilyEgress, message
 def test_rule_count_does_not_grow_with_services() -> None:
     small = full_script(content_of(dual_stack_state()), MASK, "icmpx admin-prohibited")
     big = full_script(content_of(big_state(300)), MASK, "icmpx admin-prohibited")
-    # 30 static rules + one per gateway mark and family (2 resp. 5 slots).
-    assert small.count("\nadd rule ") == 30 + 2 * 2
-    assert big.count("\nadd rule ") == 30 + 2 * 5
+    # 53 static rules + one per gateway mark and family (2 resp. 5 slots).
+    assert small.count("\nadd rule ") == 53 + 2 * 2
+    assert big.count("\nadd rule ") == 53 + 2 * 5
     assert "vmap" not in big and "jump fwmark" in big
     assert big.startswith(
         "add table inet metaleg\ndelete table inet metaleg\nadd table inet metaleg\n"
@@ -246,6 +246,13 @@ def test_diff_changes_only_elements_and_slot_sets() -> None:
     assert "delete element inet metaleg reject6 { fd00:1::12 }" in lines
     # Nothing is deleted from the sets that go: the sets are.
     assert not any(line.startswith("delete element inet metaleg mark4_") for line in lines)
+    # The counted sources: gone ones deleted, new ones added (10.244.1.10 stays, its
+    # Service and action too).
+    assert (
+        "delete element inet metaleg count4 { 10.244.1.11, 10.244.1.12, 10.244.1.20, "
+        "10.244.1.21 }" in lines
+    )
+    assert "add element inet metaleg count4 { 10.244.1.30 }" in lines
     rules = [line.split(" comment ")[0] for line in lines[-7:-4]]
     assert rules == [
         "flush chain inet metaleg fwmark",
@@ -306,19 +313,35 @@ def test_transit_guard_renders_static_rules_and_canonical_elements() -> None:
         line.split(" comment ")[0].removeprefix("add rule inet metaleg forward ")
         for line in forward
     ] == [
-        *(
-            f"ct state new ct status ! dnat {ip} daddr @{name}{n} {ip} saddr != @exclude{n} drop"
-            for ip, n in (("ip", 4), ("ip6", 6))
-            for name in ("snat", "mark", "reject")
-        ),
+        "ct state new ct status ! dnat jump stray_reply",
         "ip daddr @exclude4 return",
         "ip6 daddr @exclude6 return",
-        "ip saddr @reject4 reject with icmpx admin-prohibited",
-        "ip6 saddr @reject6 reject with icmpx admin-prohibited",
         "ct state new ip saddr @transit4 meta mark & 0x00f00000 == 0 "
         "ip saddr != @snat4 reject with icmpx admin-prohibited",
         "ct state new ip6 saddr @transit6 meta mark & 0x00f00000 == 0 "
         "ip6 saddr != @snat6 reject with icmpx admin-prohibited",
+        *(
+            rule
+            for ip, n in (("ip", 4), ("ip6", 6))
+            for rule in (
+                f"{ip} saddr @policed_dst{n} {ip} saddr . {ip} daddr != @dst{n} return",
+                f"{ip} saddr @policed_port{n} {ip} saddr . meta l4proto . th dport "
+                f"!= @port{n} return",
+            )
+        ),
+        "ip saddr @count4",
+        "ip6 saddr @count6",
+        "ip saddr @reject4 reject with icmpx admin-prohibited",
+        "ip6 saddr @reject6 reject with icmpx admin-prohibited",
+    ]
+    stray = [line for line in lines if line.startswith("add rule inet metaleg stray_reply ")]
+    assert [
+        line.split(" comment ")[0].removeprefix("add rule inet metaleg stray_reply ")
+        for line in stray
+    ][4:] == [
+        f"{ip} daddr @{name}{n} {ip} saddr != @exclude{n} drop"
+        for ip, n in (("ip", 4), ("ip6", 6))
+        for name in ("snat", "mark", "reject")
     ]
     # The rules do not depend on the guard's elements (nor on the Services).
     empty = full_script(TableContent(), MASK, "icmpx admin-prohibited").splitlines()
@@ -456,7 +479,7 @@ def test_content_parsed_from_the_layout_before_slot_sets() -> None:
         service("mark", egress(Family.IPV4, Action.MARK, "10.244.1.11", fwmark=SLOT1))
     )
     problems = differences(table, content_of(state), MASK, "icmpx admin-prohibited", {})
-    assert "map mark4 is SetSpec(kind='map', type='ipv4_addr', map='verdict', flags=()), " in (
+    assert "map mark4 is SetSpec(kind='map', type='ipv4_addr', map='verdict', flags=()" in (
         " ".join(problems)
     )
     assert "unexpected chain fwmark_00100000" in problems
@@ -556,9 +579,15 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         "egress": ("filter", "postrouting", 110),
         "forward": ("filter", "forward", -10),
         "fwmark": (None, None, None),
+        "stray_reply": (None, None, None),
     }
     assert set(objects(document, "set")) == {
-        *(f"{name}{n}" for name in ("exclude", "reject", "transit") for n in (4, 6)),
+        *(
+            f"{name}{n}"
+            for name in ("exclude", "reject", "transit", "policed_dst", "dst", "policed_port")
+            for n in (4, 6)
+        ),
+        *(f"{name}{n}" for name in ("port", "count") for n in (4, 6)),
         *(f"mark{n}_{slot:08x}" for n in (4, 6) for slot in (SLOT1, SLOT2)),
     }
     assert sorted(elements(document, "snat4")) == [
@@ -606,10 +635,12 @@ def test_dual_stack_apply_lists_as_designed(ns: str) -> None:
         Family.IPV6: {"fd00:2::/63"},
     }
     assert "vmap" not in text
-    assert len(rules_of(document, "prerouting")) == 4
+    assert len(rules_of(document, "prerouting")) == 8
     assert len(rules_of(document, "fwmark")) == 4
-    assert len(rules_of(document, "postrouting")) == 6
-    assert len(rules_of(document, "forward")) == 12
+    assert len(rules_of(document, "postrouting")) == 10
+    assert len(rules_of(document, "forward")) == 13
+    assert len(rules_of(document, "stray_reply")) == 10
+    assert len(rules_of(document, "egress")) == 12
     assert all(r.get("comment", "").startswith("metaleg:") for r in rules_of(document, "forward"))
 
 
@@ -648,6 +679,7 @@ def test_incremental_change_keeps_the_table(ns: str) -> None:
         "forward",
         "egress",
         "fwmark",
+        "stray_reply",
     }
     assert {n for n in objects(document, "set") if n.startswith("mark")} == {
         "mark4_00300000",
@@ -993,7 +1025,7 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     document = listing(ns)
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
-    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 30 + 2 * 5
+    assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 53 + 2 * 5
     # Generous bounds (CI machines vary); the report quotes the measured figures.
     assert figures["full"] < 5
     assert figures["incremental"] < 1

@@ -17,7 +17,13 @@ from metaleg.firewall import claims as source_claims
 from metaleg.firewall import conntrack
 from metaleg.firewall.conntrack import FlushPlan, TreatmentError
 from metaleg.firewall.nftables.backend import NftablesBackend
-from metaleg.firewall.nftables.content import TableContent, exclude_prefixes, transit_prefixes
+from metaleg.firewall.nftables.content import (
+    CountKey,
+    TableContent,
+    canonical_policy,
+    exclude_prefixes,
+    transit_prefixes,
+)
 from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable
 from metaleg.firewall.nftables.scripts import diff_script
@@ -59,9 +65,21 @@ def reference_content(state: NodeDesiredState) -> TableContent:
         exclude=exclude_prefixes(state),
         transit={f: prefixes for f, prefixes in transit_prefixes(state).items()},
     )
+    # The Service that owns each source: the first in the state's order that names it.
+    owners: dict[Family, dict[str, tuple[str, str]]] = {f: {} for f in Family}
+    for service in state.services:
+        for entry in service.families:
+            for raw in entry.source_ips:
+                source = conntrack.canonical_ip(raw, entry.family)
+                assert source is not None  # validated by source_treatments
+                owners[entry.family].setdefault(source, (service.namespace, service.name))
     for family, table in treatments.items():
         reject: set[str] = set()
         for source, treatment in table.items():
+            namespace, name = owners[family][source]
+            content.count[family][source] = CountKey(namespace, name, family, treatment.action)
+            if treatment.policy != conntrack.EVERY_DESTINATION:
+                content.policy[family][source] = canonical_policy(treatment.policy, family)
             if treatment.action == Action.SNAT:
                 assert treatment.snat_ip is not None  # validated by source_treatments
                 content.snat[family][source] = treatment.snat_ip
@@ -200,6 +218,7 @@ def step(live: AppliedTable, old: NodeDesiredState, new: NodeDesiredState) -> Ap
     assert_same_plan(change.flush, FlushPlan.between(before.view, reference.view))
     live.commit(change)
     assert live.content == reference
+    assert live.content.count == reference.count  # not part of the comparison above
     assert live.content.view == reference.view
     assert_same_index(live, new)
     return live

@@ -26,15 +26,17 @@ from __future__ import annotations
 import logging
 import time
 
-from metaleg.backend import BackendError
+from metaleg.backend import BackendError, EgressCount
 from metaleg.firewall.conntrack import EgressView, FlushPlan
 from metaleg.firewall.nftables.content import TableContent
+from metaleg.firewall.nftables.counters import CountLedger, read_counted_sources
 from metaleg.firewall.nftables.drift import NftDriftWatch
 from metaleg.firewall.nftables.incremental import AppliedTable
 from metaleg.firewall.nftables.kernel import ActualTable, differences, read_table
 from metaleg.firewall.nftables.layout import QUALIFIED_TABLE, REJECT_WITH, TABLE
 from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.firewall.nftables.scripts import diff_script, full_script
+from metaleg.firewall.wire.nfnetlink import NetfilterSocket
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
 from metaleg.model import NodeDesiredState
 
@@ -74,6 +76,9 @@ class NftablesBackend:
         self.transactions = 0
         """nft transactions committed by this backend (for metrics and tests)."""
         self._drift: NftDriftWatch | None = None
+        self._counter_socket: NetfilterSocket | None = None
+        """The netlink socket counters are read over (opened on first use, like ``nft``)."""
+        self._ledger = CountLedger()
 
     def drift_detector(self) -> NftDriftWatch:
         """Watches the kernel's nftables notifications for others' changes to our table."""
@@ -222,10 +227,28 @@ class NftablesBackend:
             # rules are gone; let them re-enter through the node's own rules.
             self._outdate(FlushPlan.between(old.view, EgressView(exclude=old.view.exclude)))
 
+    def read_counts(self) -> list[EgressCount]:
+        """Per Service, family and action, the packets and bytes the kernel counted for the
+        applied table's sources (see :mod:`.counters`): one netlink dump per family;
+        none before the first application. Raises ``OSError`` when the kernel cannot be
+        asked."""
+        if self._applied is None:
+            return []
+        if self._counter_socket is None:
+            self._counter_socket = NetfilterSocket()
+        counted = self._applied.content.count
+        readings = {
+            family: read_counted_sources(self._counter_socket, family) for family in counted
+        }
+        return self._ledger.update(readings, counted)
+
     def close(self) -> None:
         if self._nft is not None:
             self._nft.close()
             self._nft = None
+        if self._counter_socket is not None:
+            self._counter_socket.close()
+            self._counter_socket = None
 
     # --- internals ---
 

@@ -1,8 +1,9 @@
 """What the table's sets and maps hold (:class:`TableContent`), in canonical form.
 
 Canonical so that what we write and what the kernel lists compare equal: interval
-sets hold merged, non-overlapping prefixes (:func:`canonical_cidrs`); marks are
-written as 8 hex digits (:func:`mark_literal`).
+sets hold merged, non-overlapping prefixes (:func:`canonical_cidrs`), a source's
+destination policy its merged prefixes and port ranges (:func:`canonical_policy`);
+marks are written as 8 hex digits (:func:`mark_literal`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import ipaddress
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from metaleg.backend import BackendError
 from metaleg.firewall import conntrack
-from metaleg.firewall.conntrack import EgressView, Treatment
+from metaleg.firewall.conntrack import EVERY_DESTINATION, DestinationPolicy, EgressView, Treatment
 from metaleg.firewall.nftables.layout import SUFFIX, slot_set_name, slot_sets
-from metaleg.model import Action, Family, NodeDesiredState
+from metaleg.model import Action, Family, NodeDesiredState, PortRange
 
 
 def canonical_cidrs(cidrs: Iterable[str], family: Family) -> frozenset[str]:
@@ -90,6 +91,56 @@ def transit_prefixes(state: NodeDesiredState) -> dict[Family, frozenset[str]]:
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def canonical_policy(policy: DestinationPolicy, family: Family) -> DestinationPolicy:
+    """``policy`` as the table holds it for a source of ``family``: its CIDRs merged into
+    non-overlapping prefixes (the interval set ``dst<f>`` refuses overlapping elements),
+    sorted by address; its port ranges merged per protocol, sorted."""
+    if policy == EVERY_DESTINATION:
+        return policy
+    prefixes = sorted(
+        canonical_cidrs(policy.cidrs, family),
+        key=lambda cidr: int(ipaddress.ip_network(cidr).network_address),
+    )
+    return DestinationPolicy(tuple(prefixes), merge_port_ranges(policy.ports))
+
+
+def merge_port_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """Overlapping and adjacent ranges of one protocol merged, sorted by protocol and port."""
+    merged: list[PortRange] = []
+    for port_range in sorted(ranges, key=lambda r: (r.protocol.value, r.first, r.last)):
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.protocol == port_range.protocol
+            and port_range.first <= last.last + 1
+        ):
+            merged[-1] = PortRange(last.protocol, last.first, max(last.last, port_range.last))
+            continue
+        merged.append(port_range)
+    return tuple(merged)
+
+
+@functools.lru_cache(maxsize=4096)
+def port_element(port_range: PortRange) -> str:
+    """A port range as the protocol and port part of a ``port<f>`` element
+    (``tcp . 25``, ``udp . 8000-8100``)."""
+    if port_range.first == port_range.last:
+        return f"{port_range.protocol.value} . {port_range.first}"
+    return f"{port_range.protocol.value} . {port_range.first}-{port_range.last}"
+
+
+def policy_elements(
+    source: str, policy: DestinationPolicy
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The elements of ``dst<f>`` and of ``port<f>`` for ``source`` under its (canonical)
+    ``policy``: ``<source> . <prefix>`` and ``<source> . <protocol> . <ports>``."""
+    return (
+        tuple(f"{source} . {cidr}" for cidr in policy.cidrs),
+        tuple(f"{source} . {port_element(ports)}" for ports in policy.ports),
+    )
+
+
 def _empty_sets() -> dict[Family, AbstractSet[str]]:
     return {f: frozenset() for f in Family}
 
@@ -100,6 +151,24 @@ def _empty_maps() -> dict[Family, dict[str, str]]:
 
 def _empty_marks() -> dict[Family, dict[str, int]]:
     return {f: {} for f in Family}
+
+
+def _empty_policies() -> dict[Family, dict[str, DestinationPolicy]]:
+    return {f: {} for f in Family}
+
+
+def _empty_counts() -> dict[Family, dict[str, CountKey]]:
+    return {f: {} for f in Family}
+
+
+class CountKey(NamedTuple):
+    """What a treated source's packets are counted as: its Service, family and action (the
+    labels of :class:`~metaleg.backend.EgressCount`)."""
+
+    namespace: str
+    name: str
+    family: Family
+    action: Action
 
 
 @dataclass(frozen=True)
@@ -114,6 +183,15 @@ class TableContent:
     reject: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     transit: dict[Family, AbstractSet[str]] = field(default_factory=_empty_sets)
     """The transit guard's sources, canonical prefixes (like ``exclude``)."""
+    policy: dict[Family, dict[str, DestinationPolicy]] = field(default_factory=_empty_policies)
+    """source -> its Service's destination policy (:func:`canonical_policy`), for the
+    sources of Services that have one: the sets ``policed_dst<f>``, ``dst<f>``,
+    ``policed_port<f>`` and ``port<f>``."""
+    count: dict[Family, dict[str, CountKey]] = field(default_factory=_empty_counts, compare=False)
+    """source -> what its packets count as: every treated source is an element of the set
+    ``count<f>`` (its counter), re-added (from 0) when its key changes. The kernel holds
+    the elements only, so a table read back has no keys, and contents compare without
+    them (the elements themselves are compared through :meth:`element_sets`)."""
 
     def fwmarks(self) -> frozenset[int]:
         """The gateway slots in use (each has a set per family and rules in ``fwmark``)."""
@@ -149,6 +227,17 @@ class TableContent:
             result[f"exclude{s}"] = self.exclude[family]
             result[f"reject{s}"] = self.reject[family]
             result[f"transit{s}"] = self.transit[family]
+            policies = self.policy[family]
+            result[f"policed_dst{s}"] = {a for a, p in policies.items() if p.cidrs}
+            result[f"policed_port{s}"] = {a for a, p in policies.items() if p.ports}
+            destinations: set[str] = set()
+            ports: set[str] = set()
+            for source, policy in policies.items():
+                dst, port = policy_elements(source, policy)
+                destinations.update(dst)
+                ports.update(port)
+            result[f"dst{s}"], result[f"port{s}"] = destinations, ports
+            result[f"count{s}"] = self.count[family].keys()
         slots: dict[str, set[str]] = {name: set() for name in slot_sets(self.fwmarks())}
         for family in Family:
             for source, fwmark in self.mark[family].items():
@@ -164,6 +253,18 @@ class TableContent:
             result[f"mark{s}"] = {k: mark_literal(v) for k, v in self.mark[family].items()}
         return result
 
+    def rekeyed_counts(self, new: TableContent) -> dict[str, set[str]]:
+        """The elements of ``count<f>`` that stay from this content to ``new`` but count as
+        another Service or action there (deleted and added again, so that they start
+        from 0)."""
+        result: dict[str, set[str]] = {}
+        for family in Family:
+            was, now = self.count[family], new.count[family]
+            result[f"count{SUFFIX[family]}"] = {
+                source for source in was.keys() & now.keys() if was[source] != now[source]
+            }
+        return result
+
     def counts(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
         for family in Family:
@@ -173,6 +274,7 @@ class TableContent:
             sizes[f"transit{s}"] = len(self.transit[family])
             sizes[f"snat{s}"] = len(self.snat[family])
             sizes[f"mark{s}"] = len(self.mark[family])
+            sizes[f"policy{s}"] = len(self.policy[family])
         return sizes
 
 

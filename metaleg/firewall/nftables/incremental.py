@@ -14,17 +14,27 @@ the same at any N (no verdict map, see :mod:`.layout`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from metaleg.backend import BackendError
 from metaleg.firewall.claims import ClaimStep, SourceChange, SourceClaims
-from metaleg.firewall.conntrack import FlushPlan, Treatment, TreatmentError
+from metaleg.firewall.conntrack import (
+    EVERY_DESTINATION,
+    DestinationPolicy,
+    FlushPlan,
+    Treatment,
+    TreatmentError,
+    equal_but_for_policy,
+)
 from metaleg.firewall.nftables.content import (
+    CountKey,
     TableContent,
+    canonical_policy,
     exclude_prefixes,
     mark_literal,
+    policy_elements,
     transit_prefixes,
 )
 from metaleg.firewall.nftables.layout import SUFFIX, set_order, slot_set_name
@@ -80,20 +90,27 @@ class AppliedTable:
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
         mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
         reject: dict[Family, set[str]] = {f: set() for f in Family}
-        for family, claims in owned:
-            treatments = set(claims.values())
-            if len(treatments) == 1:  # the rule: one entry per family
-                self._add_sources_alike(family, claims, treatments.pop(), snat, mark, reject)
-            else:
-                self._add_sources(family, claims.items(), snat, mark, reject)
-        del owned
         self.content = TableContent(
             exclude=exclude_prefixes(state),
             snat=snat,
             mark=mark,
-            reject=dict(reject),
             transit={f: set(members) for f, members in transit_prefixes(state).items()},
         )
+        for family, claims in owned:
+            if not claims:
+                continue
+            owner = self.claims.owner[family][next(iter(claims))]
+            treatments = set(claims.values())
+            if len(treatments) == 1:  # the rule: one entry per family
+                treatment = treatments.pop()
+                self._add_sources_alike(family, claims, treatment, snat, mark, reject)
+                self._police_and_count_alike(family, owner, claims, treatment)
+            else:
+                self._add_sources(family, claims.items(), snat, mark, reject)
+                for source, treatment in claims.items():
+                    self._police_and_count_alike(family, owner, (source,), treatment)
+        del owned
+        self.content.reject.update(reject)
 
     @property
     def state(self) -> NodeDesiredState:
@@ -125,6 +142,22 @@ class AppliedTable:
             self.sources_per_mark[treatment.fwmark] += len(added)
         else:
             reject[family].update(sources)
+
+    def _police_and_count_alike(
+        self,
+        family: Family,
+        owner: tuple[str, str],
+        sources: Collection[str],
+        treatment: Treatment,
+    ) -> None:
+        """Enter ``sources`` (owned by Service ``owner``, all with ``treatment``) into the
+        destination policy's sets and the counted sources."""
+        content = self.content
+        policy = canonical_policy(treatment.policy, family)
+        if policy != EVERY_DESTINATION:
+            content.policy[family].update(dict.fromkeys(sources, policy))
+        key = CountKey(owner[0], owner[1], family, treatment.action)
+        content.count[family].update(dict.fromkeys(sources, key))
 
     def _add_sources(
         self,
@@ -172,6 +205,7 @@ class AppliedTable:
         full contents before and after (elements sorted alike), and the marks whose slots
         it creates."""
         deletions, additions, mark_delta = _element_changes(changes)
+        self._policy_and_count_changes(changes, deletions, additions)
         if transit is not None:
             for family in Family:
                 s, have = SUFFIX[family], self.content.transit[family]
@@ -191,13 +225,53 @@ class AppliedTable:
         commands += last
         return ("\n".join(commands) + "\n" if commands else ""), new_marks
 
+    def _policy_and_count_changes(
+        self,
+        changes: list[SourceChange],
+        deletions: dict[str, list[str]],
+        additions: dict[str, list[str]],
+    ) -> None:
+        """Add the element changes of the destination policy's sets and of the counted
+        sources to ``deletions`` and ``additions``. What a source had is read from the
+        applied content, what it gets from its claim after the change."""
+        content = self.content
+        for change in changes:
+            family, source = change.family, change.source
+            s = SUFFIX[family]
+            was = content.policy[family].get(source, EVERY_DESTINATION)
+            now = _policy_after(change)
+            if was != now:
+                _policy_element_changes(source, s, was, now, deletions, additions)
+            counted, key = content.count[family].get(source), _count_key_after(change)
+            if counted != key:
+                # Deleted and added again: the element's counter starts from 0 for its new key.
+                if counted is not None:
+                    deletions.setdefault(f"count{s}", []).append(source)
+                if key is not None:
+                    additions.setdefault(f"count{s}", []).append(source)
+
+    def _commit_policy_and_count(self, change: SourceChange) -> None:
+        """Take the destination policy and the count key of ``change``'s source as applied."""
+        family, source = change.family, change.source
+        policies, counted = self.content.policy[family], self.content.count[family]
+        policy, key = _policy_after(change), _count_key_after(change)
+        if policy != EVERY_DESTINATION:
+            policies[source] = policy
+        else:
+            policies.pop(source, None)
+        if key is not None:
+            counted[source] = key
+        else:
+            counted.pop(source, None)
+
     def commit(self, step: PendingStep) -> None:
         """Take ``step`` as applied (the kernel committed its script)."""
         content = self.content
         for source_change in step.sources:
+            self._commit_policy_and_count(source_change)
             family, source = source_change.family, source_change.source
             before, after = source_change.before, source_change.after
-            if before == after:
+            if equal_but_for_policy(before, after):
                 continue
             if before is not None:
                 if before.action == Action.SNAT:
@@ -227,6 +301,43 @@ class AppliedTable:
         content.__dict__.pop("view", None)  # the cached conntrack view is outdated
 
 
+def _policy_after(change: SourceChange) -> DestinationPolicy:
+    """The canonical destination policy of ``change``'s source after the change."""
+    after = change.after
+    return canonical_policy(after.policy, change.family) if after else EVERY_DESTINATION
+
+
+def _count_key_after(change: SourceChange) -> CountKey | None:
+    """What ``change``'s source counts as after the change (None: not treated): its owner's
+    (the first claimant's) Service, the family and the action."""
+    if change.after is None or not change.claimants:
+        return None
+    namespace, name = change.claimants[0]
+    return CountKey(namespace, name, change.family, change.after.action)
+
+
+def _policy_element_changes(
+    source: str,
+    suffix: str,
+    was: DestinationPolicy,
+    now: DestinationPolicy,
+    deletions: dict[str, list[str]],
+    additions: dict[str, list[str]],
+) -> None:
+    """The element changes of the destination policy's sets for ``source`` (of the family
+    of ``suffix``), whose canonical policy goes from ``was`` to ``now``."""
+    was_dst, was_port = policy_elements(source, was)
+    now_dst, now_port = policy_elements(source, now)
+    for kind, before, after in (("dst", was_dst, now_dst), ("port", was_port, now_port)):
+        name = f"{kind}{suffix}"
+        if before != after:
+            deletions.setdefault(name, []).extend(set(before) - set(after))
+            additions.setdefault(name, []).extend(set(after) - set(before))
+        if bool(before) != bool(after):
+            changed = (additions if after else deletions).setdefault(f"policed_{name}", [])
+            changed.append(source)
+
+
 def _mutable_set(sets: dict[Family, AbstractSet[str]], family: Family) -> set[str]:
     members = sets[family]
     if not isinstance(members, set):
@@ -244,7 +355,7 @@ def _element_changes(
     mark_delta: Counter[int] = Counter()
     for change in changes:
         before, after = change.before, change.after
-        if before == after:
+        if equal_but_for_policy(before, after):
             continue
         family = change.family
         s = SUFFIX[family]

@@ -6,7 +6,10 @@ table; add table ...``), so packets see either the old or the new table, never
 an empty one. :func:`diff_script` changes only elements and, when the gateway
 slots in use change, adds the new slots' sets, flushes and rewrites ``fwmark``
 (at most two rules per slot; no rule handles needed) and deletes the gone
-slots' sets. Only ``table inet metaleg`` is ever touched.
+slots' sets. A source whose packets count as another Service or action than
+before is deleted from ``count<f>`` and added again in the same transaction, so
+that its element's counter starts from 0. Only ``table inet metaleg`` is ever
+touched.
 """
 
 from __future__ import annotations
@@ -106,12 +109,14 @@ def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
     commands = before
     old_sets, new_sets = old.element_sets(), new.element_sets()
     old_maps, new_maps = old.element_maps(), new.element_maps()
+    rekeyed = old.rekeyed_counts(new)
     for name in set_order(old_marks & new_marks):
         if name in new_maps:
             was, now = old_maps[name], new_maps[name]
             commands += element_deletions(name, (k for k, v in was.items() if now.get(k) != v))
         else:
-            commands += element_deletions(name, old_sets[name] - new_sets[name])
+            gone = old_sets[name] - new_sets[name]
+            commands += element_deletions(name, gone | rekeyed.get(name, set()))
     for name in set_order(new_marks):
         if name in new_maps:
             was, now = old_maps[name], new_maps[name]
@@ -119,6 +124,7 @@ def diff_script(old: TableContent, new: TableContent, fwmask: int) -> str:
                 name, (f"{k} : {v}" for k, v in now.items() if was.get(k) != v)
             )
         else:
-            commands += element_additions(name, new_sets[name] - old_sets.get(name, frozenset()))
+            added = new_sets[name] - old_sets.get(name, frozenset())
+            commands += element_additions(name, added | rekeyed.get(name, set()))
     commands += after
     return "\n".join(commands) + "\n" if commands else ""
