@@ -20,6 +20,13 @@ own counters. Cases: the default bound (1000: every line written at
 
 Goal (issue 15): < 10 % of a core at 1000 new connections per second. Results:
 a table on stdout and ``bench/results/audit.json``.
+
+Second part, the firewall's apply latency beside the audit process (goal: p99 within
+10 %): in the same namespace, under the same stream of new connections, an nftables
+backend holding N Services (``--n``, default 1000) applies one-Service changes
+(``bench.apply_scale``'s sequence) — once without the audit process and once with
+it, alternately (``--latency-rounds`` pairs, so drifting machine load falls on both
+sides); the p99 of each side and their ratio are printed.
 """
 
 from __future__ import annotations
@@ -32,7 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import exit_on_sigterm, machine, require_root, table, write_results
+from bench.common import (
+    exit_on_sigterm,
+    fmt_ratio,
+    machine,
+    ms,
+    require_root,
+    summary,
+    table,
+    write_results,
+)
 from tests.lab.traffic import wait_until
 from tests.test_audit_netns import POD4, audit_lines, audit_process, gateway_namespaces, metric
 
@@ -143,21 +159,90 @@ def run_case(gw: str, peer: str, rate: int, connections: int, seconds: float) ->
     }
 
 
+def _generator(gw: str, connections: int, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            gw,
+            sys.executable,
+            "-c",
+            GENERATOR,
+            POD4,
+            PEER,
+            str(connections),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _apply_samples(gw: str, n: int, reps: int, budget: float) -> list[float]:
+    """One-Service apply durations of an nftables backend holding ``n`` Services in ``gw``."""
+    from bench.apply_scale import measure_firewall
+    from tests.netns import run_in_netns
+
+    result = run_in_netns(
+        gw, measure_firewall, "nftables", n, 10, reps, budget, False, timeout=budget * 4 + 300
+    )
+    return [sample for change in ("add-ip", "move", "move-here") for sample in result[change]]
+
+
+def apply_latency(gw: str, n: int, connections: int, rounds: int, reps: int) -> dict[str, Any]:
+    """p50/p99 of the firewall's one-Service applies under ``connections`` new connections
+    per second, without and with the audit process listening (``rounds`` pairs)."""
+    budget = 20.0
+    samples: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(rounds):
+        for side in ("without", "with"):
+            generator = _generator(gw, connections, budget * 3 + 60)
+            try:
+                if side == "with":
+                    with audit_process(gw) as (supervisor, _, _):
+                        supervisor.wait_applied(1)
+                        samples[side] += _apply_samples(gw, n, reps, budget)
+                else:
+                    samples[side] += _apply_samples(gw, n, reps, budget)
+            finally:
+                generator.terminate()
+                generator.wait(10)
+    without, with_audit = summary(samples["without"]), summary(samples["with"])
+    return {
+        "n": n,
+        "connections_per_second": connections,
+        "samples": {side: len(values) for side, values in samples.items()},
+        "without_audit": without,
+        "with_audit": with_audit,
+        "p99_ratio": with_audit["p99"] / without["p99"] if without["p99"] else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=1000, help="new connections per s")
     parser.add_argument("--seconds", type=float, default=20.0, help="per case")
     parser.add_argument("--rates", default="1000,100", help="AUDIT_LOG_RATE of each case")
     parser.add_argument("--quick", action="store_true", help="5 s per case")
+    parser.add_argument("--n", type=int, default=1000, help="Services of the apply-latency part")
+    parser.add_argument("--latency-rounds", type=int, default=2, help="0: skip that part")
+    parser.add_argument("--reps", type=int, default=60, help="changes of each kind per round")
     arguments = parser.parse_args()
     require_root()
     exit_on_sigterm()
     seconds = 5.0 if arguments.quick else arguments.seconds
     info = machine()
     results = []
+    latency: dict[str, Any] | None = None
     with gateway_namespaces() as (gw, peer):
         for rate in (int(r) for r in arguments.rates.split(",")):
             results.append(run_case(gw, peer, rate, arguments.connections, seconds))
+        if arguments.latency_rounds:
+            n = 100 if arguments.quick else arguments.n
+            latency = apply_latency(
+                gw, n, arguments.connections, arguments.latency_rounds, arguments.reps
+            )
     print(
         table(
             (
@@ -187,8 +272,36 @@ def main() -> None:
             ],
         )
     )
+    if latency is not None:
+        print(
+            f"\nfirewall one-Service apply at N={latency['n']}, "
+            f"{latency['connections_per_second']} new connections/s:"
+        )
+        print(
+            table(
+                ("audit process", "samples", "p50 ms", "p99 ms"),
+                [
+                    (
+                        side,
+                        latency["samples"][key],
+                        ms(latency[f"{key}_audit"]["p50"]),
+                        ms(latency[f"{key}_audit"]["p99"]),
+                    )
+                    for side, key in (("off", "without"), ("on", "with"))
+                ],
+            )
+        )
+        print(f"p99 with / without: {fmt_ratio(latency['p99_ratio'])} (goal: <= 1.10)")
     name = "audit-quick" if arguments.quick else "audit"
-    path = write_results(name, {"goal": "CPU < 10 % of a core at 1000/s", "cases": results}, info)
+    path = write_results(
+        name,
+        {
+            "goal": "CPU < 10 % of a core at 1000/s; apply p99 within 10 %",
+            "cases": results,
+            "apply_latency": latency,
+        },
+        info,
+    )
     print(f"\nwritten to {path}")
 
 
