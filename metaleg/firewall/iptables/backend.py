@@ -17,7 +17,8 @@ import contextlib
 
 import msgspec
 
-from metaleg.backend import BackendError
+from metaleg.backend import BackendError, EgressCount
+from metaleg.firewall.iptables.counters import CountOwners, egress_counts
 from metaleg.firewall.iptables.drift import IptablesDriftCheck
 from metaleg.firewall.iptables.helper_client import TOOL, XtablesHelper
 from metaleg.firewall.iptables.incremental import AppliedRendering
@@ -70,6 +71,8 @@ class IptablesBackend:
         self._sets_uncertain = True
         self.last_changes: tuple[str, ...] = ()
         self._drift: IptablesDriftCheck | None = None
+        self._count_owners: CountOwners | None = None
+        """Whose counts each counted set member holds, for the applied state it was built for."""
 
     def helper_pids(self) -> dict[Family, int | None]:
         """The process ids of the running helper processes (for health checks and tests)."""
@@ -132,6 +135,19 @@ class IptablesBackend:
         self._execute(step.plan, tables, collect_garbage=False, before=unbind_from)
         applied.commit(step)
         self._applied = applied
+
+    def read_counts(self) -> list[EgressCount]:
+        """Per Service, family and action, the packets and bytes of its treated traffic, from
+        the shared sets' member counters (:mod:`metaleg.firewall.iptables.counters`)."""
+        applied = self._applied
+        if applied is None:
+            raise BackendError(
+                "egress counters: what the kernel holds is not known (the last change failed)"
+            )
+        owners = self._count_owners
+        if owners is None or owners.state is not applied.state:
+            owners = self._count_owners = CountOwners(applied)
+        return egress_counts(owners, self._ipsets.read_counters)
 
     def resync(self, state: NodeDesiredState) -> None:
         """Compare with the kernel, repair every difference and delete stale metaleg objects."""

@@ -7,9 +7,10 @@ counters (:meth:`metaleg.firewall.iptables.backend.IptablesBackend.read_counts`)
 a few sets of tens of thousands of members, every few seconds, so the listing
 is decoded without a generic attribute walk per member. The kernel lists each
 member as ``DATA { IP { IPADDR }, BYTES, PACKETS[, SKBMARK] }``, all members of a
-set alike; the first member's layout is learnt by a generic walk and every
-member is then unpacked in one ``struct.iter_unpack`` over the message, its
-attribute headers checked against the first one's. A message that does not fit
+set alike; the first member's layout is learnt by a generic walk, every member's
+attribute headers are checked against the first one's byte by byte over the whole
+message (one strided slice per header byte), and the members are then unpacked in
+one ``struct.iter_unpack`` that skips the headers. A message that does not fit
 (another layout, padding) is decoded member by member.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterator
 
 from metaleg.firewall.wire.ipset import (
     ATTR_ADT,
@@ -37,11 +37,13 @@ from metaleg.firewall.wire.ipset import (
 from metaleg.firewall.wire.nfnetlink import ATTR, NFGEN, parse_attributes
 
 MemberCount = tuple[bytes, int, int]
-"""(packed address, packets, bytes) of one member."""
+"""(packed address, bytes, packets) of one member: the kernel's order of the attributes,
+so that the members of a message are unpacked as they are."""
 
-_Layout = tuple[struct.Struct, tuple[int, ...], tuple[bytes, ...], int, int, int]
-"""How to unpack one member: its struct, the indexes of its header chunks, their expected
-bytes, and the indexes of address, packets and bytes in the unpacked tuple."""
+_Layout = tuple[struct.Struct, tuple[tuple[int, int], ...], int, int, int]
+"""How to unpack one member: its struct (address, bytes and packets; headers skipped), its
+header bytes as (offset, value), and the indexes of address, bytes and packets in the
+unpacked tuple."""
 
 
 class IpsetCounterReader(IpsetSocket):
@@ -73,24 +75,22 @@ class IpsetCounterReader(IpsetSocket):
             raise
         return counts
 
-    def _members(self, adt: bytes) -> Iterator[MemberCount]:
+    def _members(self, adt: bytes) -> list[MemberCount]:
+        """The members of one message's ``ADT`` attribute."""
         if len(adt) < ATTR.size:
-            return
+            return []
         size = ATTR.unpack_from(adt)[0]
         first = adt[:size]
         layout = self._layout(first)
         if layout is not None and size and len(adt) % size == 0:
-            packer, header_indexes, headers, address, packets, bytes_ = layout
-            unpacked = list(packer.iter_unpack(adt))
-            if all(tuple(values[i] for i in header_indexes) == headers for values in unpacked):
-                for values in unpacked:
-                    yield values[address], values[packets], values[bytes_]
-                return
-        for kind, element in parse_attributes(adt):
-            if kind == ATTR_DATA:
-                count = _member(element)
-                if count is not None:
-                    yield count
+            packer, headers, address, bytes_, packets = layout
+            count = len(adt) // size
+            if all(adt[offset::size] == bytes((value,)) * count for offset, value in headers):
+                if (address, bytes_, packets) == (0, 1, 2):
+                    return list(packer.iter_unpack(adt))
+                return [(v[address], v[bytes_], v[packets]) for v in packer.iter_unpack(adt)]
+        members = (_member(element) for kind, element in parse_attributes(adt) if kind == ATTR_DATA)
+        return [member for member in members if member is not None]
 
     def _layout(self, element: bytes) -> _Layout | None:
         """The layout of a member like ``element`` (cached by its attribute headers)."""
@@ -152,35 +152,22 @@ def _fields(element: bytes) -> list[Field] | None:
 
 
 def _compile(element: bytes, fields: list[Field]) -> _Layout:
-    codes = {"h": "s", "a": "s", "x": "x", "p": "Q", "b": "Q"}
     parts: list[str] = []
-    header_indexes: list[int] = []
-    headers: list[bytes] = []
-    index = 0
+    headers: list[tuple[int, int]] = []
     places: dict[str, int] = {}
     for start, end, kind in fields:
-        width = end - start
         if kind in ("p", "b"):
             parts.append("Q")
+        elif kind == "a":
+            parts.append(f"{end - start}s")
         else:
-            parts.append(f"{width}{codes[kind]}")
-        if kind == "x":
+            parts.append(f"{end - start}x")
+            if kind == "h":
+                headers.extend((offset, element[offset]) for offset in range(start, end))
             continue
-        if kind == "h":
-            header_indexes.append(index)
-            headers.append(element[start:end])
-        else:
-            places[kind] = index
-        index += 1
+        places[kind] = len(places)
     packer = struct.Struct(">" + "".join(parts))
-    return (
-        packer,
-        tuple(header_indexes),
-        tuple(headers),
-        places["a"],
-        places["p"],
-        places["b"],
-    )
+    return packer, tuple(headers), places["a"], places["b"], places["p"]
 
 
 def _member(element: bytes) -> MemberCount | None:
@@ -196,4 +183,4 @@ def _member(element: bytes) -> MemberCount | None:
             packets = struct.unpack_from(">Q", value)[0]
         elif attribute == ATTR_BYTES and len(value) >= 8:
             octets = struct.unpack_from(">Q", value)[0]
-    return (address, packets, octets) if address else None
+    return (address, octets, packets) if address else None

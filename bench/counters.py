@@ -1,0 +1,165 @@
+"""What reading the per-Service egress counters costs (issue 15: <= 50 ms at N = 1000).
+
+Run::
+
+    .venv/bin/python -m bench.counters                        # every backend, N = 100 and 1000
+    .venv/bin/python -m bench.counters --backends iptables --n 1000 --reads 50
+
+Per backend (a function ``measure_<backend>`` each, listed in :data:`BACKENDS`): in a
+fresh network namespace the real backend applies :func:`bench.common.scale_state`
+(``n`` Services of 10 dual-stack pods, SNAT, MARK and REJECT ones), every counted
+object is given traffic's worth of counts, and ``read_counts()`` is timed ``--reads``
+times in a row (what the firewall worker does every 10 s: the state unchanged) and
+``--reads`` times right after a change of one Service (a pod added: whatever the
+backend derives from the state is derived again). Results: a table on stdout and
+``bench/results/counters.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from bench.common import (
+    default_service,
+    exit_on_sigterm,
+    machine,
+    ms,
+    replace_service,
+    require_root,
+    scale_state,
+    summary,
+    table,
+    write_results,
+)
+from metaleg.firewall.iptables.backend import IptablesBackend
+from metaleg.firewall.iptables.counters import COUNTED_SETS
+from tests.netns import namespace, run_in_netns
+
+IPS = 10
+"""Pods per Service (dual-stack: 20 sources)."""
+TIMEOUT = 900.0
+
+
+def _timed_reads(
+    read: Callable[[], list[Any]], change: Callable[[int], None], reads: int
+) -> dict[str, Any]:
+    """``reads`` readings of an unchanged state, then ``reads`` readings each right after
+    ``change(i)``; the seconds of each, and the counts of the last reading."""
+    steady: list[float] = []
+    counts: list[Any] = []
+    for _ in range(reads):
+        started = time.perf_counter()
+        counts = read()
+        steady.append(time.perf_counter() - started)
+    changed: list[float] = []
+    for index in range(reads):
+        change(index)
+        started = time.perf_counter()
+        read()
+        changed.append(time.perf_counter() - started)
+    return {"steady": steady, "after_change": changed, "counts": len(counts)}
+
+
+def measure_iptables(n: int, reads: int) -> dict[str, Any]:
+    """The iptables backend: six set listings (SNATed, marked and rejected sources of both
+    families, with member counters) summed per Service."""
+    backend = IptablesBackend()
+    state = scale_state(n, IPS)
+    try:
+        backend.apply(state)
+        # Counts to add up: the members' counters as traffic would have left them.
+        lines = []
+        for name in COUNTED_SETS.values():
+            listing = subprocess.run(["ipset", "save", name], capture_output=True, text=True)
+            for line in listing.stdout.splitlines():
+                words = line.split()
+                if words[:1] == ["add"]:
+                    mark = words[words.index("skbmark") :] if "skbmark" in words else []
+                    counters = ["packets", "12345", "bytes", "1234567"]
+                    lines.append(" ".join(["add", words[1], words[2], *counters, *mark]))
+        restore = "\n".join(lines) + "\n"
+        subprocess.run(["ipset", "-exist", "restore"], input=restore, text=True, check=True)
+
+        def change(index: int) -> None:
+            nonlocal state
+            service = default_service(index % n, IPS)
+            grown = service.families[0]
+            extra = (*grown.source_ips, f"100.127.{index // 250}.{index % 250}")
+            families = (msgspec.structs.replace(grown, source_ips=extra), *service.families[1:])
+            state = replace_service(state, msgspec.structs.replace(service, families=families))
+            backend.apply(state)
+
+        result = _timed_reads(backend.read_counts, change, reads)
+        counted = backend.read_counts()
+        result["treated"] = sorted({str(count.action) for count in counted if count.packets})
+        result["actions"] = sorted({str(count.action) for count in counted})
+        result["all_counted"] = all(count.packets >= 12345 for count in counted)
+        return result
+    finally:
+        backend.close()
+
+
+BACKENDS: dict[str, Callable[[int, int], dict[str, Any]]] = {"iptables": measure_iptables}
+"""The backends measured, by name (each function runs inside a fresh namespace)."""
+
+
+def run(sizes: list[int], backends: list[str], reads: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"sizes": sizes, "ips_per_service": IPS, "reads": reads, "runs": {}}
+    for n in sizes:
+        entry = results["runs"][str(n)] = {}
+        for backend in backends:
+            print(f"N={n}: {backend} ...", file=sys.stderr, flush=True)
+            with namespace("mlbc") as name:
+                measured = run_in_netns(name, BACKENDS[backend], n, reads, timeout=TIMEOUT)
+            entry[backend] = {
+                "steady": summary(measured.pop("steady")),
+                "after_change": summary(measured.pop("after_change")),
+                **measured,
+            }
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = []
+    for n, entry in results["runs"].items():
+        for backend, data in entry.items():
+            rows.append(
+                (
+                    n,
+                    backend,
+                    data["counts"],
+                    ms(data["steady"]["p50"]),
+                    ms(data["steady"]["p99"]),
+                    ms(data["after_change"]["p50"]),
+                    ms(data["after_change"]["p99"]),
+                )
+            )
+    headers = ("N", "backend", "counts", "read p50", "read p99", "changed p50", "changed p99")
+    return table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", choices=sorted(BACKENDS), default=sorted(BACKENDS))
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--reads", type=int, default=30)
+    args = parser.parse_args(argv)
+    require_root()
+    exit_on_sigterm()
+    info = machine()
+    results = run(args.n, args.backends, args.reads)
+    print(report(results))
+    path = write_results("counters", results, info)
+    print(f"results: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
