@@ -199,7 +199,9 @@ class TableContent:
 
     @functools.cached_property
     def view(self) -> EgressView:
-        """The conntrack scoping view of this content (computed once per content)."""
+        """The conntrack scoping view of this content (computed once per content), the
+        sources' destination policies included (canonical: a change that leaves a
+        policy's canonical form as it was outdates no flow)."""
         treatments: dict[Family, dict[str, Treatment]] = {f: {} for f in Family}
         # One Treatment per distinct LB IP / mark, not per source: this runs for
         # every snapshot and must not cost per-source object creation.
@@ -213,6 +215,16 @@ class TableContent:
             marks = {m: Treatment(Action.MARK, fwmark=m) for m in set(self.mark[family].values())}
             table.update((source, marks[m]) for source, m in self.mark[family].items())
             table.update((source, rejected) for source in self.reject[family])
+            # The policed sources' treatments carry their policy (a Treatment per
+            # distinct treatment and policy, as above).
+            with_policy: dict[tuple[Treatment, DestinationPolicy], Treatment] = {}
+            for source, policy in self.policy[family].items():
+                plain = table.get(source)
+                if plain is not None:
+                    key = (plain, policy)
+                    if key not in with_policy:
+                        with_policy[key] = plain._replace(policy=policy)
+                    table[source] = with_policy[key]
         return EgressView(
             treatments,
             {family: conntrack.collapse_cidrs(self.exclude[family], family) for family in Family},
