@@ -28,10 +28,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaleg.firewall.wire.ipset_members import (
+    ATTR_DATA as ATTR_DATA,
+)
+from metaleg.firewall.wire.ipset_members import (
+    ATTR_IP,
+    ATTR_IPADDR_IPV4,
+    ATTR_IPADDR_IPV6,
+    ATTR_PORT,
+    ATTR_PROTO,
+    MemberDecoder,
+)
 from metaleg.firewall.wire.ipset_ports import (
     parse_port_member,
-    port_member,
-    port_runs,
+    port_runs_of,
     protocol_name,
     protocol_number,
 )
@@ -74,24 +84,17 @@ ATTR_SETNAME2 = 3
 ATTR_REVISION = 4
 ATTR_FAMILY = 5
 ATTR_FLAGS = 6
-ATTR_DATA = 7
 ATTR_ADT = 8
 ATTR_LINENO = 9
 ATTR_REVISION_MIN = 10
-# inside IPSET_ATTR_DATA
-ATTR_IP = 1
+# inside IPSET_ATTR_DATA (ATTR_DATA, ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_BYTES, ATTR_PACKETS and
+# ATTR_IPADDR_IPV4/6 are ipset_members')
 ATTR_CIDR = 3
-ATTR_PORT = 4
 ATTR_PORT_TO = 5
-ATTR_PROTO = 7
 ATTR_CADT_FLAGS = 8
 ATTR_CADT_LINENO = 9
 ATTR_MAXELEM = 19
-ATTR_BYTES = 24
-ATTR_PACKETS = 25
 ATTR_SKBMARK = 27
-ATTR_IPADDR_IPV4 = 1
-ATTR_IPADDR_IPV6 = 2
 
 FLAG_LIST_SETNAME = 1 << 1
 FLAG_WITH_COUNTERS = 1 << 3  # IPSET_ATTR_CADT_FLAGS of a set created with "counters"
@@ -451,9 +454,19 @@ class IpsetSocket:
         for payload in self._list(_u8(ATTR_PROTOCOL, self._protocol)):
             _decode_listing(payload, wanted, sets)
         for entry in sets.values():
-            if entry.kind == HASH_IP_PORT:
+            if entry.ports:
                 # The kernel lists every port of a range: back to runs, as they are written.
-                entry.members = set(port_runs(entry.members))
+                grouped: dict[tuple[bytes, int], list[int]] = {}
+                for address, port, proto in entry.ports:
+                    grouped.setdefault((address, proto), []).append(port)
+                address_family = entry.family or socket.AF_INET
+                entry.members |= port_runs_of(
+                    {
+                        (address_text(address_family, address), protocol_name(proto)): ports
+                        for (address, proto), ports in grouped.items()
+                    }
+                )
+                entry.ports = []
         return sets
 
     def names(self) -> list[str]:
@@ -493,6 +506,8 @@ class ListedSet:
     skbinfo: bool = False
     counters: bool = False
     members: set[str] = field(default_factory=set)
+    ports: list[tuple[bytes, int, int]] = field(default_factory=list)
+    """A ``hash:ip,port`` set's elements while it is listed: (packed address, port, protocol)."""
 
 
 def _encodable(family: int, net: bool, member: str) -> bool:
@@ -571,6 +586,10 @@ def _decode_listing(
     adt = attributes.get(ATTR_ADT)
     if not adt:
         return
+    if entry.kind == HASH_IP_PORT:
+        # Possibly millions (a port range is an element per port): decoded in one pass.
+        entry.ports.extend(_PORT_ELEMENTS.decode(adt))
+        return
     members = entry.members
     net = entry.kind == "hash:net"
     ntop = socket.inet_ntop
@@ -581,7 +600,6 @@ def _decode_listing(
         family = 0
         cidr = -1
         skbmark: tuple[int, int] | None = None
-        port: tuple[int, int] | None = None
         for attribute, value in parse_attributes(element):
             if attribute == ATTR_IP:
                 for inner, packed in parse_attributes(value):
@@ -593,10 +611,6 @@ def _decode_listing(
                 cidr = value[0]
             elif attribute == ATTR_SKBMARK and len(value) >= 8:
                 skbmark = struct.unpack_from(">II", value)
-            elif attribute == ATTR_PORT and len(value) >= 2:
-                port = (struct.unpack_from(">H", value)[0], port[1] if port else 0)
-            elif attribute == ATTR_PROTO and value:
-                port = (port[0] if port else 0, value[0])
         if not family:
             continue
         text = ntop(family, address) if family == socket.AF_INET else address_text(family, address)
@@ -606,9 +620,10 @@ def _decode_listing(
             text = f"{text}/{cidr}"
         if skbmark is not None:
             text = skbmark_member(text, *skbmark)
-        if port is not None:
-            text = port_member(text, protocol_name(port[1]), port[0], port[0])
         members.add(text)
+
+
+_PORT_ELEMENTS = MemberDecoder(("address", "port", "proto"))
 
 
 def skbmark_member(address: str, value: int, mask: int) -> str:

@@ -14,7 +14,7 @@ such sets without expanding them (a ``tcp/1024-65535`` policy is one run, not
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 """The protocols a destination port policy names, by IP protocol number."""
@@ -91,6 +91,21 @@ def port_runs(members: Iterable[str]) -> frozenset[str]:
         for (address, protocol), runs in _by_key(members).items()
         for first, last in merge_runs(runs)
     )
+
+
+def port_runs_of(ports: Mapping[PortKey, list[int]]) -> set[str]:
+    """The canonical members (runs) of single ports, given per (address, protocol)."""
+    members: set[str] = set()
+    for (address, protocol), numbers in ports.items():
+        numbers.sort()
+        first = last = numbers[0]
+        for number in numbers[1:]:
+            if number > last + 1:
+                members.add(port_member(address, protocol, first, last))
+                first = number
+            last = number
+        members.add(port_member(address, protocol, first, last))
+    return members
 
 
 def subtract_runs(runs: list[Run], taken: list[Run]) -> list[Run]:
