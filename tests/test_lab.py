@@ -192,7 +192,7 @@ def test_everything_is_removed_after_the_with_block(tmp_path: Path) -> None:
         assert lab.recorder is not None and lab.recorder.pid is not None
         pids = [lab.recorder.pid, stray.pid, stream.process.pid]  # type: ignore[union-attr]
         names = lab.netns_names()
-        assert len(names) == 7 + 2  # switch, router, internet, api, 3 nodes; 2 pods
+        assert len(names) == 8 + 2  # switch, router, internet, mirror, api, 3 nodes; 2 pods
         workdir = lab.workdir
         assert lab.setup_seconds is not None and lab.setup_seconds < 10
     assert not set(names) & set(list_namespaces())

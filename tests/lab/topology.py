@@ -13,6 +13,10 @@ Topology (every namespace is named ``<prefix>-<role>``, ``prefix = mll<pid>x<n>`
                          | eth0
                          | wan 203.0.113.1 / 2001:db8:2::1
                       router   (forwards; no route to the pod CIDRs)
+                         | wan2 192.0.2.1 / 2001:db8:3::1
+                         | eth0
+                      mirror 192.0.2.10 / 2001:db8:3::10   (a second internet host, no recorder
+                                                           unless a test starts one)
                          | lan 198.51.100.1 / 2001:db8:1::1
       switch (bridge br0): LAN 198.51.100.0/24, 2001:db8:1::/64
          |                 |                 |                 |
@@ -83,6 +87,12 @@ ROUTER_WAN4 = "203.0.113.1"
 ROUTER_WAN6 = "2001:db8:2::1"
 INTERNET4 = "203.0.113.10"
 INTERNET6 = "2001:db8:2::10"
+#: A second internet host (another destination: a package mirror, say), behind its own
+#: router interface.
+ROUTER_WAN2_4 = "192.0.2.1"
+ROUTER_WAN2_6 = "2001:db8:3::1"
+MIRROR4 = "192.0.2.10"
+MIRROR6 = "2001:db8:3::10"
 API4 = "198.51.100.5"
 API6 = "2001:db8:1::5"
 #: The MetalLB LoadBalancer IPs the tests use (on the LAN, owned by no one).
@@ -103,6 +113,7 @@ POD_BRIDGE = "kube-bridge"
 POD_IF = "eth0"
 ROUTER_LAN_IF = "lan"
 ROUTER_WAN_IF = "wan"
+ROUTER_WAN2_IF = "wan2"
 SWITCH_BRIDGE = "br0"
 
 
@@ -117,7 +128,8 @@ def _mac_for_ipv4(address: str) -> str:
 
 @dataclass(frozen=True)
 class Host:
-    """A non-node namespace of the lab: ``switch``, ``router``, ``internet`` or ``api``."""
+    """A non-node namespace of the lab: ``switch``, ``router``, ``internet``, ``mirror`` or
+    ``api``."""
 
     role: str
     netns: str
@@ -347,8 +359,8 @@ class Lab:
         ready_timeout: bound for the wait until everything is reachable.
 
     Attributes (after start): ``prefix``, ``workdir``, ``nodes`` (name -> :class:`Node`),
-    ``pods`` (name -> :class:`Pod`), ``switch``, ``router``, ``internet``, ``api``
-    (:class:`Host`), ``recorder`` (:class:`Recorder` on the internet host),
+    ``pods`` (name -> :class:`Pod`), ``switch``, ``router``, ``internet``, ``mirror``,
+    ``api`` (:class:`Host`), ``recorder`` (:class:`Recorder` on the internet host),
     ``setup_seconds``.
     """
 
@@ -388,6 +400,7 @@ class Lab:
         self.internet = Host(
             "internet", ns("internet"), INTERNET4, INTERNET6, _mac_for_ipv4(INTERNET4), "eth0"
         )
+        self.mirror = Host("mirror", ns("mirror"), MIRROR4, MIRROR6, _mac_for_ipv4(MIRROR4), "eth0")
         self.api = Host("api", ns("api"), API4, API6, _mac_for_ipv4(API4), "eth0")
         self.nodes: dict[str, Node] = {}
         for index, name in enumerate(NODE_NAMES, start=1):
@@ -483,6 +496,7 @@ class Lab:
             self.switch.netns,
             self.router.netns,
             self.internet.netns,
+            self.mirror.netns,
             self.api.netns,
             *(node.netns for node in self.nodes.values()),
         ]
@@ -525,6 +539,7 @@ class Lab:
             # The router must forward packets with pod sources it cannot route back to.
             self.router.netns: [*forwarding, *rp_off],
             self.internet.netns: rp_off,
+            self.mirror.netns: rp_off,
             self.api.netns: rp_off,
         }
         for node in self.nodes.values():
@@ -540,6 +555,9 @@ class Lab:
             f"type veth peer name router netns {sw}",
             f"link add {ROUTER_WAN_IF} netns {self.router.netns} address {_mac_for_ipv4(ROUTER_WAN4)} "
             f"type veth peer name eth0 netns {self.internet.netns} address {self.internet.mac}",
+            f"link add {ROUTER_WAN2_IF} netns {self.router.netns} "
+            f"address {_mac_for_ipv4(ROUTER_WAN2_4)} "
+            f"type veth peer name eth0 netns {self.mirror.netns} address {self.mirror.mac}",
             f"link add eth0 netns {self.api.netns} address {self.api.mac} "
             f"type veth peer name api netns {sw}",
         ]
@@ -567,8 +585,11 @@ class Lab:
             f"addr add {ROUTER_LAN6}/64 dev {ROUTER_LAN_IF} nodad",
             f"addr add {ROUTER_WAN4}/24 dev {ROUTER_WAN_IF}",
             f"addr add {ROUTER_WAN6}/64 dev {ROUTER_WAN_IF} nodad",
+            f"addr add {ROUTER_WAN2_4}/24 dev {ROUTER_WAN2_IF}",
+            f"addr add {ROUTER_WAN2_6}/64 dev {ROUTER_WAN2_IF} nodad",
             f"link set {ROUTER_LAN_IF} up",
             f"link set {ROUTER_WAN_IF} up",
+            f"link set {ROUTER_WAN2_IF} up",
         ]
         scripts[self.internet.netns] = [
             f"addr add {INTERNET4}/24 dev eth0",
@@ -576,6 +597,13 @@ class Lab:
             "link set eth0 up",
             f"route add default via {ROUTER_WAN4}",
             f"route add ::/0 via {ROUTER_WAN6}",
+        ]
+        scripts[self.mirror.netns] = [
+            f"addr add {MIRROR4}/24 dev eth0",
+            f"addr add {MIRROR6}/64 dev eth0 nodad",
+            "link set eth0 up",
+            f"route add default via {ROUTER_WAN2_4}",
+            f"route add ::/0 via {ROUTER_WAN2_6}",
         ]
         scripts[self.api.netns] = [
             f"addr add {API4}/24 dev eth0",
@@ -629,6 +657,7 @@ class Lab:
         checks: list[tuple[str, str]] = []
         for node in self.nodes.values():
             checks += [(node.netns, INTERNET4), (node.netns, INTERNET6)]
+            checks += [(node.netns, MIRROR4), (node.netns, MIRROR6)]
             checks += [
                 (node.netns, other.ipv6) for other in self.nodes.values() if other is not node
             ]
@@ -685,7 +714,8 @@ class Lab:
         name); any other string is taken as a namespace name."""
         if isinstance(target, Pod | Node | Host):
             return target.netns
-        roles = {h.role: h.netns for h in (self.switch, self.router, self.internet, self.api)}
+        hosts = (self.switch, self.router, self.internet, self.mirror, self.api)
+        roles = {h.role: h.netns for h in hosts}
         if target in roles:
             return roles[target]
         if target in self.nodes:
