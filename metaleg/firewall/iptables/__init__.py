@@ -6,6 +6,9 @@ What is where, from the desired state down to the kernel:
   the chain and set names and a constructor per rule metaleg writes;
 * :mod:`.render`: a desired state -> every set and table (the kernel layout is
   described there);
+* :mod:`.policy`: destination policies: which sources are policed, their classes and
+  ports, the policy sets and what a change does to them;
+* :mod:`.counters`: the per-Service counters, from the counted sets' members;
 * :mod:`.incremental`: the step between two states, from the Services that differ
   (sets' members only unless a rule changes);
 * :mod:`.backend`: :class:`~.backend.IptablesBackend`, which carries a change out
