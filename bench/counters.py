@@ -13,6 +13,11 @@ times in a row (what the firewall worker does every 10 s: the state unchanged) a
 ``--reads`` times right after a change of one Service (a pod added: whatever the
 backend derives from the state is derived again). Results: a table on stdout and
 ``bench/results/counters.json``.
+
+For nftables it also times what its design avoids: a one-element transaction in the
+same table without, then with one named counter object per Service and family (the
+objref-map design): libnftables fetches every object of every table for each
+element command.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ from bench.common import (
 )
 from metaleg.firewall.iptables.backend import IptablesBackend
 from metaleg.firewall.iptables.counters import COUNTED_SETS
+from metaleg.firewall.nftables.backend import NftablesBackend
+from metaleg.firewall.nftables.layout import QUALIFIED_TABLE, SUFFIX
+from metaleg.firewall.nftables.libnftables import Nft
+from metaleg.model import Family
 from tests.netns import namespace, run_in_netns
 
 IPS = 10
@@ -106,7 +115,77 @@ def measure_iptables(n: int, reads: int) -> dict[str, Any]:
         backend.close()
 
 
-BACKENDS: dict[str, Callable[[int, int], dict[str, Any]]] = {"iptables": measure_iptables}
+def measure_nftables(n: int, reads: int) -> dict[str, Any]:
+    """The nftables backend: two set dumps over netlink (``count4``, ``count6``: a counter
+    per treated source) summed per Service; and the named-object alternative's cost."""
+    backend = NftablesBackend()
+    state = scale_state(n, IPS)
+    try:
+        backend.apply(state)
+        applied = backend._applied
+        assert applied is not None
+        # Counts to add up: every source's element re-added with traffic's worth of counts.
+        for family in Family:
+            name, sources = f"count{SUFFIX[family]}", sorted(applied.content.count[family])
+            counted = ", ".join(f"{s} counter packets 12345 bytes 1234567" for s in sources)
+            backend.nft.run(
+                f"delete element {QUALIFIED_TABLE} {name} {{ {', '.join(sources)} }}\n"
+                f"add element {QUALIFIED_TABLE} {name} {{ {counted} }}\n"
+            )
+
+        def change(index: int) -> None:
+            nonlocal state
+            service = default_service(index % n, IPS)
+            grown = service.families[0]
+            extra = (*grown.source_ips, f"100.127.{index // 250}.{index % 250}")
+            families = (msgspec.structs.replace(grown, source_ips=extra), *service.families[1:])
+            state = replace_service(state, msgspec.structs.replace(service, families=families))
+            backend.apply(state)
+
+        result = _timed_reads(backend.read_counts, change, reads)
+        counted_now = backend.read_counts()
+        result["actions"] = sorted({str(count.action) for count in counted_now})
+        result["all_counted"] = all(count.packets >= 12345 * IPS for count in counted_now)
+        series = len(counted_now)
+        result.update(_element_transactions(backend, series))
+        return result
+    finally:
+        backend.close()
+
+
+def _element_transactions(backend: NftablesBackend, objects: int) -> dict[str, Any]:
+    """The best of 7 one-element transactions (a source added to and deleted from
+    ``reject4``, a fresh libnftables context each, as the backend's), without and with
+    ``objects`` named counter objects in the table (one per Service and family)."""
+    script = (
+        f"add element {QUALIFIED_TABLE} reject4 {{ 100.127.255.254 }}\n"
+        f"delete element {QUALIFIED_TABLE} reject4 {{ 100.127.255.254 }}\n"
+    )
+
+    def best() -> float:
+        seconds = float("inf")
+        for _ in range(7):
+            with Nft() as nft:
+                started = time.perf_counter()
+                nft.run(script)
+                seconds = min(seconds, time.perf_counter() - started)
+        return seconds
+
+    without = best()
+    backend.nft.run("".join(f"add counter {QUALIFIED_TABLE} c{i}\n" for i in range(objects)))
+    with_objects = best()
+    backend.nft.run("".join(f"delete counter {QUALIFIED_TABLE} c{i}\n" for i in range(objects)))
+    return {
+        "element_transaction": without,
+        "element_transaction_with_objects": with_objects,
+        "objects": objects,
+    }
+
+
+BACKENDS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "iptables": measure_iptables,
+    "nftables": measure_nftables,
+}
 """The backends measured, by name (each function runs inside a fresh namespace)."""
 
 
@@ -142,7 +221,19 @@ def report(results: dict[str, Any]) -> str:
                 )
             )
     headers = ("N", "backend", "counts", "read p50", "read p99", "changed p50", "changed p99")
-    return table(headers, rows)
+    text = table(headers, rows)
+    objects = [
+        (n, data["objects"], ms(data["element_transaction"]),
+         ms(data["element_transaction_with_objects"]))
+        for n, entry in results["runs"].items()
+        for backend, data in entry.items()
+        if "objects" in data
+    ]  # fmt: skip
+    if objects:
+        headers = ("N", "named objects", "1-element nft tx", "same, with the objects")
+        text += "\n\nnftables, the named counter objects' design (not used):\n"
+        text += table(headers, objects)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import pytest
 from metaleg.backend import EgressCount
 from metaleg.firewall.nftables.backend import NftablesBackend
 from metaleg.firewall.nftables.content import CountKey
-from metaleg.firewall.nftables.counters import CountLedger
+from metaleg.firewall.nftables.counters import CountLedger, Readings, packed
 from metaleg.model import Action, Family, NodeDesiredState
 from tests.netns import run_in_netns
 from tests.test_firewall_nftables import packet_state, topology  # noqa: F401 (a fixture)
@@ -31,6 +31,14 @@ B4 = CountKey("ns", "b", Family.IPV4, Action.MARK)
 A4_REJECT = CountKey("ns", "a", Family.IPV4, Action.REJECT)
 
 
+def raw(readings: dict[Family, dict[str, tuple[int, int]]]) -> dict[Family, Readings]:
+    """Readings by source text as the kernel gives them (by packed address)."""
+    return {
+        family: {packed(source, family): counts for source, counts in found.items()}
+        for family, found in readings.items()
+    }
+
+
 def totals(counts: list[EgressCount]) -> dict[CountKey, tuple[int, int]]:
     return {CountKey(c.namespace, c.name, c.family, c.action): (c.packets, c.bytes) for c in counts}
 
@@ -42,30 +50,42 @@ def test_the_ledger_sums_sources_per_key_and_never_goes_back() -> None:
     ledger = CountLedger()
     counted = {Family.IPV4: {"10.0.0.1": A4, "10.0.0.2": A4, "10.0.0.3": B4}}
     readings = {Family.IPV4: {"10.0.0.1": (10, 1000), "10.0.0.2": (5, 500), "10.0.0.3": (1, 60)}}
-    assert totals(ledger.update(readings, counted)) == {A4: (15, 1500), B4: (1, 60)}
+    assert totals(ledger.update(raw(readings), counted)) == {A4: (15, 1500), B4: (1, 60)}
     # 10.0.0.2 leaves (its element goes): what it had counted stays in A's total.
     del counted[Family.IPV4]["10.0.0.2"]
+    ledger.restarted({Family.IPV4: {"10.0.0.2"}})
     readings = {Family.IPV4: {"10.0.0.1": (12, 1200), "10.0.0.3": (2, 120)}}
-    assert totals(ledger.update(readings, counted)) == {A4: (17, 1700), B4: (2, 120)}
-    # 10.0.0.1 moves to B (its element is added again, from 0): A keeps its 12.
+    assert totals(ledger.update(raw(readings), counted)) == {A4: (17, 1700), B4: (2, 120)}
+    # 10.0.0.1 moves to B (its element is added again, from 0): A keeps its 12, but A
+    # has no source any more: its series ends.
     counted[Family.IPV4]["10.0.0.1"] = B4
+    ledger.restarted({Family.IPV4: {"10.0.0.1"}})
     readings = {Family.IPV4: {"10.0.0.1": (3, 300), "10.0.0.3": (2, 120)}}
-    assert totals(ledger.update(readings, counted)) == {B4: (5, 420)}
-    # A has no source any more: its series ended (dropped), and comes back from 0.
+    assert totals(ledger.update(raw(readings), counted)) == {B4: (5, 420)}
+    # A comes back: from 0.
     counted[Family.IPV4]["10.0.0.9"] = A4
     readings[Family.IPV4]["10.0.0.9"] = (1, 100)
-    assert totals(ledger.update(readings, counted))[A4] == (1, 100)
+    assert totals(ledger.update(raw(readings), counted)) == {A4: (1, 100), B4: (5, 420)}
     # The table recreated (a repair): every counter back to 0, the totals stay.
+    ledger.restarted_all()
     readings = {Family.IPV4: dict.fromkeys(counted[Family.IPV4], (0, 0))}
-    assert totals(ledger.update(readings, counted)) == {A4: (1, 100), B4: (5, 420)}
-    # An element the kernel lacks (deleted by someone) counts nothing, its key is listed.
+    assert totals(ledger.update(raw(readings), counted)) == {A4: (1, 100), B4: (5, 420)}
+    readings[Family.IPV4]["10.0.0.3"] = (4, 400)
+    assert totals(ledger.update(raw(readings), counted)) == {A4: (1, 100), B4: (9, 820)}
+    # A counter that goes back unannounced (its element deleted by someone else): the
+    # total stays where it was, and grows from there.
+    readings[Family.IPV4]["10.0.0.3"] = (1, 100)
+    assert totals(ledger.update(raw(readings), counted))[B4] == (9, 820)
+    readings[Family.IPV4]["10.0.0.3"] = (2, 200)
+    assert totals(ledger.update(raw(readings), counted))[B4] == (10, 920)
+    # An element the kernel lacks counts nothing; its key is listed.
     counted[Family.IPV4]["10.0.0.4"] = A4_REJECT
-    assert totals(ledger.update(readings, counted))[A4_REJECT] == (0, 0)
+    assert totals(ledger.update(raw(readings), counted))[A4_REJECT] == (0, 0)
 
 
 def test_the_ledger_ignores_elements_that_are_not_counted_sources() -> None:
     ledger = CountLedger()
-    counts = ledger.update({Family.IPV6: {"fd00::1": (7, 700)}}, {Family.IPV6: {}})
+    counts = ledger.update(raw({Family.IPV6: {"fd00::1": (7, 700)}}), {Family.IPV6: {}})
     assert counts == []
 
 

@@ -38,7 +38,7 @@ from metaleg.firewall.nftables.libnftables import Nft, NftError
 from metaleg.firewall.nftables.scripts import diff_script, full_script
 from metaleg.firewall.wire.nfnetlink import NetfilterSocket
 from metaleg.lifecycle import ForkedCheckError, check_in_child, release_memory
-from metaleg.model import NodeDesiredState
+from metaleg.model import Family, NodeDesiredState
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class NftablesBackend:
             if fresh.content.fwmarks() - applied.content.fwmarks():
                 self._record_baseline(merge=True)
         self._applied = fresh
+        self._ledger.restarted(applied.restarted_counts)
+        self._ledger.restarted(applied.content.restarted_counts(fresh.content))
         self._outdate(FlushPlan.between(applied.content.view, fresh.content.view))
 
     def _run_incremental(self, script: str, state: NodeDesiredState) -> bool:
@@ -236,11 +238,13 @@ class NftablesBackend:
             return []
         if self._counter_socket is None:
             self._counter_socket = NetfilterSocket()
+        self._ledger.restarted(self._applied.restarted_counts)
+        self._applied.restarted_counts = {family: set() for family in Family}
         counted = self._applied.content.count
         readings = {
             family: read_counted_sources(self._counter_socket, family) for family in counted
         }
-        return self._ledger.update(readings, counted)
+        return self._ledger.update(readings, counted, self._applied.count_version)
 
     def close(self) -> None:
         if self._nft is not None:
@@ -281,6 +285,7 @@ class NftablesBackend:
     def _recreate(self, applied: AppliedTable, old: TableContent | None, reason: str) -> None:
         desired = applied.content
         self._run(full_script(desired, applied.fwmask, self.reject_with))
+        self._ledger.restarted_all()  # every element of count<f> is new
         log.info(
             "nftables table recreated",
             extra={

@@ -268,7 +268,7 @@ class TableContent:
     def rekeyed_counts(self, new: TableContent) -> dict[str, set[str]]:
         """The elements of ``count<f>`` that stay from this content to ``new`` but count as
         another Service or action there (deleted and added again, so that they start
-        from 0)."""
+        from 0), by set name."""
         result: dict[str, set[str]] = {}
         for family in Family:
             was, now = self.count[family], new.count[family]
@@ -276,6 +276,18 @@ class TableContent:
                 source for source in was.keys() & now.keys() if was[source] != now[source]
             }
         return result
+
+    def restarted_counts(self, new: TableContent) -> dict[Family, set[str]]:
+        """The sources whose element of ``count<f>`` goes from this content to ``new``, or
+        is added again there (from 0): what they had counted is no more in the kernel."""
+        return {
+            family: {
+                source
+                for source, key in self.count[family].items()
+                if new.count[family].get(source) != key
+            }
+            for family in Family
+        }
 
     def counts(self) -> dict[str, int]:
         sizes: dict[str, int] = {}

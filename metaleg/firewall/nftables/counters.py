@@ -26,10 +26,13 @@ the key's total; only what it counted since the previous reading is lost.
 from __future__ import annotations
 
 import errno
+import functools
+import operator
 import socket
 import struct
-import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 from metaleg.backend import EgressCount
 from metaleg.firewall.nftables.content import CountKey
@@ -62,8 +65,6 @@ NFTA_COUNTER_PACKETS = 2
 _ADDRESS_FAMILY = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 _KEY_LENGTH = {Family.IPV4: 4, Family.IPV6: 16}
 _U64 = struct.Struct("!Q")
-_COUNTS = struct.Struct("!Q4xQ")
-"""Bytes, the packets attribute's header, packets: the end of an element's counter."""
 _COUNTER_HEADER = (
     ATTR.pack(44, NFTA_SET_ELEM_EXPR)
     + ATTR.pack(12, NFTA_EXPR_NAME)
@@ -71,16 +72,42 @@ _COUNTER_HEADER = (
     + ATTR.pack(28, NFTA_EXPR_DATA)
     + ATTR.pack(12, NFTA_COUNTER_BYTES)
 )
-"""How the kernel lays out an element's counter after its key (checked, then read at
-fixed offsets; anything else is parsed attribute by attribute)."""
+"""How the kernel lays out an element's counter after its key, up to the bytes."""
+_PACKETS_HEADER = ATTR.pack(12, NFTA_COUNTER_PACKETS)
+NFTA_LIST_ELEM = 1
+_RECORD_PREFIX = {
+    family: ATTR.pack(12 + length + 44, NFTA_LIST_ELEM)
+    + ATTR.pack(8 + length, NFTA_SET_ELEM_KEY)
+    + ATTR.pack(4 + length, NFTA_DATA_VALUE)
+    for family, length in _KEY_LENGTH.items()
+}
+"""An element's attribute headers up to its key (the key's length: the family's)."""
+_RAW = operator.itemgetter(0)
+_COUNTS = operator.itemgetter(2, 1)
+"""(packets, bytes) of an unpacked record (key, bytes, packets)."""
+_RECORD = {family: struct.Struct(f"!12x{length}s24xQ4xQ") for family, length in _KEY_LENGTH.items()}
+"""One element as the kernel lays it out: headers, key, the counter's headers, bytes, the
+packets attribute's header, packets (big-endian); the headers are skipped here, and
+checked by counting them in the run of records."""
 
 
 class CountReadError(OSError):
     """The kernel refused the dump of a count set (the errno, as an OSError)."""
 
 
-Readings = dict[str, tuple[int, int]]
-"""source -> (packets, bytes) as its element's counter holds them."""
+Readings = dict[bytes, tuple[int, int]]
+"""source (its address, packed) -> (packets, bytes) as its element's counter holds them."""
+
+
+def packed(source: str, family: Family) -> bytes:
+    """A source's address as a reading's key (``inet_pton``)."""
+    return socket.inet_pton(_ADDRESS_FAMILY[family], source)
+
+
+def source_texts(readings: Readings, family: Family) -> set[str]:
+    """The sources of a reading in canonical text (``inet_ntop``)."""
+    ntop = functools.partial(socket.inet_ntop, _ADDRESS_FAMILY[family])
+    return set(map(ntop, readings))
 
 
 def read_counted_sources(sock: NetfilterSocket, family: Family) -> Readings:
@@ -107,41 +134,33 @@ def read_counted_sources(sock: NetfilterSocket, family: Family) -> Readings:
 
 
 def _decode_elements(payload: bytes, family: Family, readings: Readings) -> None:
-    """Add the elements of one ``NEWSETELEM`` message (after its nfgenmsg) to ``readings``."""
-    unpack = ATTR.unpack_from
-    key_length = _KEY_LENGTH[family]
-    address_family = _ADDRESS_FAMILY[family]
-    expected_length = 12 + key_length + 44
-    header_at = 12 + key_length
-    header_end = header_at + len(_COUNTER_HEADER)
-    intern, ntop = sys.intern, socket.inet_ntop
-    offset, end = 4, len(payload)
-    while offset + 4 <= end:
-        length, kind = unpack(payload, offset)
-        if length < 4:
-            return
-        if kind & NLA_TYPE_MASK == NFTA_SET_ELEM_LIST_ELEMENTS:
-            element, elements_end = offset + 4, min(offset + length, end)
-            while element + 4 <= elements_end:
-                element_length = unpack(payload, element)[0]
-                if element_length < 4:
-                    break
-                if (
-                    element_length == expected_length
-                    and payload[element + header_at : element + header_end] == _COUNTER_HEADER
-                ):
-                    raw = payload[element + 12 : element + header_at]
-                    bytes_, packets = _COUNTS.unpack_from(payload, element + header_end)
-                else:
-                    decoded = _element_counts(payload, element + 4, element + element_length)
-                    if decoded is None:
-                        element += (element_length + 3) & ~3
-                        continue
-                    raw, packets, bytes_ = decoded
-                if len(raw) == key_length:
-                    readings[intern(ntop(address_family, raw))] = (packets, bytes_)
-                element += (element_length + 3) & ~3
-        offset += (length + 3) & ~3
+    """Add the elements of one ``NEWSETELEM`` message (after its nfgenmsg) to ``readings``.
+
+    The kernel lays every element of a set with counters out alike; a run of such
+    records is unpacked at once (``struct.iter_unpack``), checked, and anything else
+    parsed attribute by attribute.
+    """
+    record, prefix = _RECORD[family], _RECORD_PREFIX[family]
+    view = memoryview(payload)
+    for kind, start, end in _attributes(payload, 4, len(payload)):
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        elements, rest = divmod(end - start, record.size)
+        # Records of the kernel's layout (each holds its headers once: counted in C),
+        # unpacked at once: no attribute-by-attribute walk over thousands of elements.
+        if (
+            not rest
+            and payload.count(prefix, start, end) == elements
+            and payload.count(_COUNTER_HEADER, start, end) == elements
+        ):
+            records = list(record.iter_unpack(view[start:end]))
+            readings.update(zip(map(_RAW, records), map(_COUNTS, records), strict=True))
+            continue
+        key_length = _KEY_LENGTH[family]
+        for _, element_start, element_end in _attributes(payload, start, end):
+            decoded = _element_counts(payload, element_start, element_end)
+            if decoded is not None and len(decoded[0]) == key_length:
+                readings[decoded[0]] = decoded[1:]
 
 
 def _element_counts(payload: bytes, start: int, end: int) -> tuple[bytes, int, int] | None:
@@ -191,64 +210,115 @@ class CountLedger:
     """Per-key totals from successive readings of the per-source counters, never going
     back while this process lives (the caller reports them as Prometheus counters).
 
-    Keeps, per source that counted anything, its key and counts at the last reading;
-    a source that left its key, or whose counter went back (its element was added
-    again), has what it had counted then added to its old key's retired counts. A
-    key no source counts as any more ends: its retired counts are dropped (a
-    Service gone ends its series; should the key come back, it starts from 0).
+    Keeps the last reading (source -> counts) and the key each source counted as
+    then. The backend tells it which sources' elements went or were added again
+    (:meth:`restarted`: a source removed or moved to another key; :meth:`restarted_all`:
+    the table recreated): what they had counted at the last reading is added to
+    their old key's retired counts, and only what they counted since is lost. A
+    total that would still go back (an element deleted by someone else) stays where
+    it was. A key no source counts as any more ends: its retired counts are dropped
+    (a Service gone ends its series; should the key come back, it starts from 0).
+
+    The sums: the sources of each key, grouped again only when the counted sources
+    change (``version``), are looked up in a reading with one ``itemgetter`` per key.
     """
 
     def __init__(self) -> None:
-        self._last: dict[Family, dict[str, tuple[CountKey, int, int]]] = {f: {} for f in Family}
+        self._readings: dict[Family, Readings] = {f: {} for f in Family}
+        self._keys: dict[Family, dict[bytes, CountKey]] = {f: {} for f in Family}
+        """Per family, each counted source (packed) -> its key, as of the last reading."""
+        self._restarted: dict[Family, set[bytes]] = {f: set() for f in Family}
         self._retired: dict[CountKey, tuple[int, int]] = {}
+        self._reported: dict[CountKey, tuple[int, int]] = {}
+        self._version: object = None
+        self._groups: dict[Family, list[tuple[CountKey, Callable[[Readings], Any]]]] = {}
+
+    def restarted(self, sources: Mapping[Family, AbstractSet[str]]) -> None:
+        """The elements of ``sources`` went, or were added again from 0, since the last
+        reading."""
+        for family, restarted in sources.items():
+            self._restarted[family].update(packed(source, family) for source in restarted)
+
+    def restarted_all(self) -> None:
+        """Every element was added again from 0 since the last reading."""
+        for family in Family:
+            self._restarted[family] = set(self._readings[family])
 
     def update(
         self,
         readings: Mapping[Family, Readings],
         counted: Mapping[Family, Mapping[str, CountKey]],
+        version: object = None,
     ) -> list[EgressCount]:
         """The totals per key of the sources ``counted`` (source -> key, per family) after
         ``readings`` (what their elements hold now), sorted; every key counted is
-        listed, with 0 when nothing was counted yet."""
-        totals: dict[CountKey, list[int]] = {}
+        listed, with 0 when nothing was counted yet; IPv4 first, then IPv6, each
+        sorted by key. ``version`` changes whenever ``counted`` does (None: assume it
+        did)."""
         retired = self._retired
         for family in Family:
-            keys = counted.get(family, {})
-            for counted_key in set(keys.values()):
-                totals[counted_key] = list(retired.get(counted_key, (0, 0)))
-            last, kept = self._last[family], {}
-            for source, (packets, bytes_) in readings.get(family, {}).items():
-                key = keys.get(source)
-                if key is None:
-                    continue  # not (or no longer) ours: if it had counted, it is retired below
-                previous = last.pop(source, None)
-                if previous is not None and (
-                    previous[0] != key or packets < previous[1] or bytes_ < previous[2]
-                ):
-                    self._retire(previous, totals)
-                total = totals[key]
-                total[0] += packets
-                total[1] += bytes_
-                if packets or bytes_:
-                    kept[source] = (key, packets, bytes_)
-            for previous in last.values():
-                self._retire(previous, totals)
-            self._last[family] = kept
-        for key in [key for key in retired if key not in totals]:
+            last, last_keys = self._readings[family], self._keys[family]
+            for source in self._restarted[family]:
+                had, key = last.get(source), last_keys.get(source)
+                if had is not None and key is not None:
+                    old = retired.get(key, (0, 0))
+                    retired[key] = (old[0] + had[0], old[1] + had[1])
+            self._restarted[family] = set()
+        if version is None or version != self._version:
+            self._group(counted)
+            self._version = version
+        counts: list[EgressCount] = []
+        reported_now: dict[CountKey, tuple[int, int]] = {}
+        for family in Family:
+            now = readings.get(family) or {}
+            for key, lookup in self._groups[family]:
+                try:
+                    found = lookup(now)
+                except KeyError:  # an element the kernel lacks: the others' counts
+                    sources = self._sources_of(family, key)
+                    found = tuple(now[s] for s in sources if s in now)
+                base = retired.get(key, _ZERO)
+                packets, bytes_ = map(sum, zip(base, *found, strict=True))
+                reported = self._reported.get(key)
+                if reported is not None and (packets < reported[0] or bytes_ < reported[1]):
+                    # Gone back without a restart we were told of: stay where we were.
+                    lost = (max(0, reported[0] - packets), max(0, reported[1] - bytes_))
+                    retired[key] = (base[0] + lost[0], base[1] + lost[1])
+                    packets, bytes_ = packets + lost[0], bytes_ + lost[1]
+                reported_now[key] = (packets, bytes_)
+                counts.append(
+                    EgressCount(key.namespace, key.name, key.family, key.action, packets, bytes_)
+                )
+            self._readings[family] = now  # the caller's reading: kept, not copied
+        self._reported = reported_now
+        for key in [key for key in retired if key not in reported_now]:
             del retired[key]
-        return sorted(
-            EgressCount(key.namespace, key.name, key.family, key.action, total[0], total[1])
-            for key, total in totals.items()
-        )
+        return counts  # in order: IPv4 then IPv6, each sorted by key
 
-    def _retire(
-        self, previous: tuple[CountKey, int, int], totals: dict[CountKey, list[int]]
-    ) -> None:
-        """Keep what a source had counted (at the last reading) in its old key's total."""
-        key, packets, bytes_ = previous
-        old = self._retired.get(key, (0, 0))
-        self._retired[key] = (old[0] + packets, old[1] + bytes_)
-        total = totals.get(key)
-        if total is not None:
-            total[0] += packets
-            total[1] += bytes_
+    def _group(self, counted: Mapping[Family, Mapping[str, CountKey]]) -> None:
+        """Group the counted sources by key again (and remember each source's key)."""
+        for family in Family:
+            pton = functools.partial(socket.inet_pton, _ADDRESS_FAMILY[family])
+            family_counted = counted.get(family, {})
+            keys = dict(zip(map(pton, family_counted), family_counted.values(), strict=True))
+            by_key: dict[CountKey, list[bytes]] = {}
+            for source, key in keys.items():
+                by_key.setdefault(key, []).append(source)
+            self._groups[family] = [
+                (key, _tuple_getter(sources)) for key, sources in sorted(by_key.items())
+            ]
+            self._keys[family] = keys
+
+    def _sources_of(self, family: Family, key: CountKey) -> list[bytes]:
+        return [source for source, k in self._keys[family].items() if k == key]
+
+
+_ZERO = (0, 0)
+
+
+def _tuple_getter(sources: list[bytes]) -> Callable[[Readings], Any]:
+    """A function of a reading giving the counts of ``sources``, as a tuple."""
+    getter = operator.itemgetter(*sources)
+    if len(sources) == 1:
+        return lambda reading: (getter(reading),)
+    return getter

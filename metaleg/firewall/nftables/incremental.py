@@ -13,6 +13,7 @@ the same at any N (no verdict map, see :mod:`.layout`).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
@@ -69,6 +70,9 @@ class PendingStep:
         return self.claim_step.flush
 
 
+_COUNT_VERSIONS = itertools.count(1)
+
+
 class AppliedTable:
     """What the backend last committed, indexed so that a change costs what it changes.
 
@@ -90,6 +94,11 @@ class AppliedTable:
         snat: dict[Family, dict[str, str]] = {f: {} for f in Family}
         mark: dict[Family, dict[str, int]] = {f: {} for f in Family}
         reject: dict[Family, set[str]] = {f: set() for f in Family}
+        self.restarted_counts: dict[Family, set[str]] = {f: set() for f in Family}
+        """Sources whose element of ``count<f>`` a committed step deleted (and maybe added
+        again, from 0) since the owner last took them (:mod:`.counters`)."""
+        self.count_version = next(_COUNT_VERSIONS)
+        """Changes whenever the counted sources or their keys do (unique across tables)."""
         self.content = TableContent(
             exclude=exclude_prefixes(state),
             snat=snat,
@@ -259,6 +268,11 @@ class AppliedTable:
             policies[source] = policy
         else:
             policies.pop(source, None)
+        if counted.get(source) == key:
+            return
+        self.count_version = next(_COUNT_VERSIONS)
+        if source in counted:
+            self.restarted_counts[family].add(source)
         if key is not None:
             counted[source] = key
         else:

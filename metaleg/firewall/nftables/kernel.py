@@ -26,7 +26,7 @@ from metaleg.firewall.nftables.content import (
     port_element,
     ranges_to_cidrs,
 )
-from metaleg.firewall.nftables.counters import read_counted_sources
+from metaleg.firewall.nftables.counters import read_counted_sources, source_texts
 from metaleg.firewall.nftables.layout import (
     FAMILY_OF_SUFFIX,
     QUALIFIED_TABLE,
@@ -359,7 +359,8 @@ def read_table(nft: Nft) -> ActualTable | None:
         for name, spec in table.sets.items():
             if name[:-1] == "count" and name in STATIC_SETS:
                 family = FAMILY_OF_SUFFIX[name[-1]]
-                table.elements[name] = list(read_counted_sources(sock, family))
+                counted = read_counted_sources(sock, family)
+                table.elements[name] = sorted(source_texts(counted, family))
             elif name in STATIC_SETS or SLOT_SET_NAME.match(name):
                 listed = nft.json(f"list {spec.kind} {QUALIFIED_TABLE} {name}")
                 table.elements[name] = ActualTable.parse(listed).elements.get(name, [])
