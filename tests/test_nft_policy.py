@@ -29,7 +29,13 @@ from metaleg.model import (
     ServiceEgress,
 )
 from tests.netns import namespace, run_in_netns, sh
-from tests.packet_harness import WHO_AM_I_SERVER, add_addresses, script_in, udp_probe
+from tests.packet_harness import (
+    WHO_AM_I_SERVER,
+    add_addresses,
+    script_in,
+    udp_probe,
+    udp_send,
+)
 from tests.test_firewall_nftables import (  # noqa: F401 (topology: a fixture)
     MASK,
     _backend_apply,
@@ -43,6 +49,7 @@ from tests.test_firewall_nftables import (  # noqa: F401 (topology: a fixture)
     topology,
 )
 from tests.test_nft_incremental import _apply_sequence, _valid, random_walk, step
+from tests.waiting import wait_until
 
 TCP25 = PortRange(Protocol.TCP, 25, 25)
 UDP_WHO_AM_I = PortRange(Protocol.UDP, 9999, 9999)
@@ -346,3 +353,42 @@ def test_excluded_destinations_win_over_the_policy(policy_topology: dict[str, st
     # The node table lists each source's merged destinations.
     text = sh("nft", "list", "set", "inet", "metaleg", "dst4", netns=node)
     assert "10.244.1.10 . 10.99.0.2" in text and "10.244.1.10 . 203.0.113.2" in text
+
+
+def _peer_sends(peer: str, source: str, destination: str, port: int) -> None:
+    """One datagram from the peer's ``source`` to ``destination``:``port`` (a new flow)."""
+    run_in_netns(peer, udp_send, source, port, destination, port, timeout=10)
+
+
+@pytest.mark.netns
+def test_stray_reply_check_spares_peers_the_policy_leaves_to_the_node(
+    policy_topology: dict[str, str],
+) -> None:
+    """A new connection from the internet to a pod IP is dropped when it could be a stray
+    reply of a treated flow; a peer the pod's policy does not cover is no such reply."""
+    peer, node = policy_topology["peer"], policy_topology["node"]
+    run_in_netns(node, _backend_apply, POLICED)
+    pod_ip = "10.244.1.10"
+
+    def entries(source: str) -> str:
+        return sh("conntrack", "-L", "-s", source, "-d", pod_ip, netns=node, check=False)
+
+    _peer_sends(peer, OTHER4, pod_ip, 40200)  # not covered: the node's business
+    wait_until(
+        lambda: entries(OTHER4),
+        timeout=5,
+        interval=0.05,
+        message="the uncovered peer's flow to the pod",
+        accept=lambda listed: "dport=40200" in listed,
+    )
+    _peer_sends(peer, LISTED4, pod_ip, 40201)  # covered: could be a stray reply
+    # The uncovered peer's second datagram, right behind it, shows it went through.
+    _peer_sends(peer, OTHER4, pod_ip, 40202)
+    wait_until(
+        lambda: entries(OTHER4),
+        timeout=5,
+        interval=0.05,
+        message="the uncovered peer's second flow",
+        accept=lambda listed: "dport=40202" in listed,
+    )
+    assert "dport=40201" not in entries(LISTED4)
