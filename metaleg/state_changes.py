@@ -12,6 +12,7 @@ a complete state. The messages themselves and their sockets are
 from __future__ import annotations
 
 import bisect
+import enum
 import itertools
 import operator
 import secrets
@@ -22,6 +23,8 @@ from metaleg.ipc import (
     Publish,
     PublishChange,
     ResendRequest,
+    Snapshot,
+    StateChange,
     StateDelta,
     decode,
     encode,
@@ -268,3 +271,65 @@ class ChangePublisher:
             raise MessageError(f"unexpected {type(message).__name__} message for the watcher")
         self.reset()
         return True
+
+
+class Folded(enum.Enum):
+    """What :meth:`FollowedState.fold` did with a change."""
+
+    TAKEN = "taken"
+    """The change was folded onto the state held: a new newest state."""
+    HELD = "held"
+    """Nothing to do: the state held already includes it, or no state is held yet (the
+    first complete one is on its way)."""
+    AWAITED = "awaited"
+    """Dropped while a complete state is on its way (it includes the change)."""
+
+
+class FollowedState:
+    """The desired state a receiver of the supervisor's messages holds (the data-plane
+    workers, the audit process): the newest complete :class:`~metaleg.ipc.Snapshot`,
+    with the changes that follow it folded on.
+
+    A change is folded only onto its own base generation; one that does not follow
+    the state held raises :class:`ChangeError` and sets :attr:`awaiting_snapshot`: the
+    receiver then asks for the complete state (``Hello``) and drops changes until it
+    arrives."""
+
+    def __init__(self) -> None:
+        self.latest: Snapshot | None = None
+        """The newest state received (complete, or folded from changes) and its generation."""
+        self.awaiting_snapshot = False
+        """A change did not follow ``latest``: a complete state was asked for."""
+
+    @property
+    def wants_snapshot(self) -> bool:
+        """No state yet, or a change was missed: ask for the complete state."""
+        return self.latest is None or self.awaiting_snapshot
+
+    def take_snapshot(self, snapshot: Snapshot) -> bool:
+        """Hold a complete state; True when it is another generation than the one held."""
+        self.awaiting_snapshot = False
+        if self.latest is not None and snapshot.generation == self.latest.generation:
+            return False
+        self.latest = snapshot
+        return True
+
+    def fold(self, change: StateChange) -> Folded:
+        """Fold ``change`` onto the state held (see :class:`Folded`); raises
+        :class:`ChangeError` when it does not follow it."""
+        latest = self.latest
+        if latest is None or change.generation <= latest.generation:
+            return Folded.HELD
+        if self.awaiting_snapshot:
+            return Folded.AWAITED
+        try:
+            if change.base_generation != latest.generation:
+                raise ChangeError(
+                    f"it follows generation {change.base_generation}, not {latest.generation}"
+                )
+            state = apply_change(latest.state, change.delta)
+        except ChangeError:
+            self.awaiting_snapshot = True
+            raise
+        self.latest = Snapshot(change.generation, state)
+        return Folded.TAKEN

@@ -66,7 +66,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import HeapTrimmer, SignalWakeup
 from metaleg.metrics import APPLY_DURATION, DRIFT_REPAIRS, ERRORS, IPC_DROPPED
-from metaleg.state_changes import ChangeError, apply_change
+from metaleg.state_changes import ChangeError, Folded, FollowedState
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,7 @@ class DataplaneWorker:
         self.config = config
         self._decode = decode_routes_only if routes_only else StateDecoder().decode
         self.trimmer = HeapTrimmer()
-        self.latest: Snapshot | None = None
-        """The newest state received (complete, or folded from changes) and its generation."""
-        self.awaiting_snapshot = False
-        """A change did not follow ``latest``: a complete snapshot was asked for (Hello)."""
+        self.followed = FollowedState()
         self.applied_generation = 0
         self.resynced_once = False
         self.dropped_messages = 0
@@ -166,7 +163,7 @@ class DataplaneWorker:
             while True:
                 now = time.monotonic()
                 # Hello until a complete state arrives: at start, and after a missed change.
-                wants_snapshot = self.latest is None or self.awaiting_snapshot
+                wants_snapshot = self.followed.wants_snapshot
                 if wants_snapshot and now >= self.next_hello:
                     socket.send(
                         encode(
@@ -292,46 +289,41 @@ class DataplaneWorker:
                 self._drop("dropped a message", error=str(error))
                 continue
             if isinstance(message, Snapshot):
-                self.awaiting_snapshot = False
-                if self.latest is None or message.generation != self.latest.generation:
-                    self._take(message)
+                if self.followed.take_snapshot(message):
+                    self._took_new_state()
             elif isinstance(message, StateChange):
                 self._fold(message)
             else:
                 self._drop("dropped an unexpected %s message", type(message).__name__)
 
-    def _take(self, latest: Snapshot) -> None:
-        self.latest = latest
+    @property
+    def latest(self) -> Snapshot | None:
+        """The newest state received (complete, or folded from changes) and its generation."""
+        return self.followed.latest
+
+    def _took_new_state(self) -> None:
         self.next_attempt = 0.0
         self.retry_delay = RETRY_INITIAL
 
     def _fold(self, change: StateChange) -> None:
         """Fold a change onto the state held, or ask for a complete one (Hello) when it does
         not follow it; never apply a change to another state than its base."""
-        latest = self.latest
-        if latest is None or change.generation <= latest.generation:
-            return  # before the first snapshot (Hello is on its way), or already in it
-        if not self.awaiting_snapshot:
-            try:
-                if change.base_generation != latest.generation:
-                    raise ChangeError(
-                        f"it follows generation {change.base_generation}, not {latest.generation}"
-                    )
-                state = apply_change(latest.state, change.delta)
-            except ChangeError as error:
-                self.awaiting_snapshot = True
-                self.next_hello = 0.0  # at once
-                self._drop(
-                    "dropped change to generation %d; asking for the complete state",
-                    change.generation,
-                    error=str(error),
-                )
-                return
-            self._take(Snapshot(change.generation, state))
+        try:
+            folded = self.followed.fold(change)
+        except ChangeError as error:
+            self.next_hello = 0.0  # at once
+            self._drop(
+                "dropped change to generation %d; asking for the complete state",
+                change.generation,
+                error=str(error),
+            )
             return
-        # Changes that arrive while the complete state is on its way: it includes them.
-        self.dropped_messages += 1
-        IPC_DROPPED.labels(self.process).inc()
+        if folded == Folded.TAKEN:
+            self._took_new_state()
+        elif folded == Folded.AWAITED:
+            # Changes that arrive while the complete state is on its way: it includes them.
+            self.dropped_messages += 1
+            IPC_DROPPED.labels(self.process).inc()
 
     def _wants_apply(self) -> bool:
         return self.latest is not None and (

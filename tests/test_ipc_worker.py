@@ -48,7 +48,14 @@ from metaleg.model import (
     Role,
     ServiceEgress,
 )
-from metaleg.state_changes import ChangeError, ChangePublisher, apply_change, diff_states
+from metaleg.state_changes import (
+    ChangeError,
+    ChangePublisher,
+    Folded,
+    FollowedState,
+    apply_change,
+    diff_states,
+)
 from tests.test_nft_incremental import random_walk
 from tests.waiting import wait_until
 
@@ -191,6 +198,26 @@ def test_apply_change_refuses_a_change_that_does_not_fit() -> None:
         with pytest.raises(ChangeError, match=fragment):
             apply_change(held, delta)
     assert apply_change(held, StateDelta()) is held
+
+
+def test_a_followed_state_folds_only_changes_onto_their_base() -> None:
+    """What the workers and the audit process share: the state held, changes folded on,
+    a missed change turned into a request for the complete state."""
+    first, second, third = state("10.244.1.10"), state("10.244.1.11"), state("10.244.1.12")
+    followed = FollowedState()
+    assert followed.wants_snapshot
+    change = StateChange(2, 1, diff_states(first, second))
+    assert followed.fold(change) == Folded.HELD  # no state yet: the snapshot will include it
+    assert followed.take_snapshot(Snapshot(1, first)) and not followed.wants_snapshot
+    assert not followed.take_snapshot(Snapshot(1, first))  # the same generation again
+    assert followed.fold(change) == Folded.TAKEN
+    assert followed.latest == Snapshot(2, second)
+    assert followed.fold(change) == Folded.HELD  # already in it
+    with pytest.raises(ChangeError, match="follows generation 7, not 2"):
+        followed.fold(StateChange(8, 7, diff_states(second, third)))
+    assert followed.wants_snapshot and followed.latest == Snapshot(2, second)
+    assert followed.fold(StateChange(3, 2, diff_states(second, third))) == Folded.AWAITED
+    assert followed.take_snapshot(Snapshot(3, third)) and not followed.wants_snapshot
 
 
 def test_the_change_publisher_sends_a_complete_state_first_then_changes() -> None:

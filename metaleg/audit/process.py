@@ -46,7 +46,7 @@ from metaleg.ipc import (
 )
 from metaleg.lifecycle import SignalWakeup
 from metaleg.metrics import AUDIT_EVENTS_LOST, AUDIT_LINES, AUDIT_LINES_DROPPED, IPC_DROPPED
-from metaleg.state_changes import ChangeError, apply_change
+from metaleg.state_changes import ChangeError, Folded, FollowedState
 
 log = logging.getLogger(__name__)
 lines = logging.getLogger("metaleg.audit.lines")
@@ -74,8 +74,7 @@ class AuditProcess:
         self.listening = False
         self.index = SnatIndex()
         self.decoder = StateDecoder()
-        self.latest: Snapshot | None = None
-        self.awaiting_snapshot = False
+        self.followed = FollowedState()
         self.next_hello = 0.0
         self.next_check = 0.0
         self.problem = ""
@@ -111,7 +110,7 @@ class AuditProcess:
                     self.next_check = now + CHECK_INTERVAL
                     if self._check(poller):
                         self._report(socket)
-                wants_snapshot = self.latest is None or self.awaiting_snapshot
+                wants_snapshot = self.followed.wants_snapshot
                 if wants_snapshot and now >= self.next_hello:
                     hello = Hello(PROCESS, os.getpid(), self._generation(), BACKEND)
                     socket.send(encode(hello))
@@ -143,7 +142,8 @@ class AuditProcess:
             context.term()
 
     def _generation(self) -> int:
-        return self.latest.generation if self.latest is not None else 0
+        latest = self.followed.latest
+        return latest.generation if latest is not None else 0
 
     # --- the kernel ------------------------------------------------------------------------
 
@@ -247,49 +247,36 @@ class AuditProcess:
                 self._drop("dropped a message", error=str(error))
                 continue
             if isinstance(message, Snapshot):
-                self.awaiting_snapshot = False
-                if self.latest is None or message.generation != self.latest.generation:
-                    self.latest = message
-                    changed = True
+                changed |= self.followed.take_snapshot(message)
             elif isinstance(message, StateChange):
                 changed |= self._fold(message)
             else:
                 self._drop(f"dropped an unexpected {type(message).__name__} message")
-        if changed:
-            assert self.latest is not None
-            self.index.update(self.latest.state)
+        latest = self.followed.latest
+        if changed and latest is not None:
+            self.index.update(latest.state)
             log.debug(
                 "took the desired state: %d SNAT sources",
                 len(self.index),
-                extra={"generation": self.latest.generation},
+                extra={"generation": latest.generation},
             )
             self._report(socket)
 
     def _fold(self, change: StateChange) -> bool:
         """Fold a change onto the state held; True when it was taken. One that does not
         follow it is dropped and the complete state asked for."""
-        latest = self.latest
-        if latest is None or change.generation <= latest.generation:
-            return False
-        if self.awaiting_snapshot:
-            IPC_DROPPED.labels(PROCESS).inc()  # the complete state on its way includes it
-            return False
         try:
-            if change.base_generation != latest.generation:
-                raise ChangeError(
-                    f"it follows generation {change.base_generation}, not {latest.generation}"
-                )
-            state = apply_change(latest.state, change.delta)
+            folded = self.followed.fold(change)
         except ChangeError as error:
-            self.awaiting_snapshot = True
             self.next_hello = 0.0
             self._drop(
                 f"dropped change to generation {change.generation}; asking for the complete state",
                 error=str(error),
             )
             return False
-        self.latest = Snapshot(change.generation, state)
-        return True
+        if folded == Folded.AWAITED:
+            IPC_DROPPED.labels(PROCESS).inc()  # the complete state on its way includes it
+        return folded == Folded.TAKEN
 
     def _report(self, socket: zmq.Socket[Any]) -> None:
         """Tell the supervisor the generation held and the current problem (once each)."""
