@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import stat
 from collections.abc import Callable, Mapping
 from typing import Literal, TypeVar
@@ -80,6 +81,16 @@ class BindAddress(msgspec.Struct, frozen=True):
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def listen_candidates(self) -> list[tuple[str, socket.AddressFamily]]:
+        """Where a server listens for this address, in the order to try: "" and "::" are
+        every address, IPv6 (taking IPv4 too) first, then IPv4 alone for a node without
+        IPv6."""
+        if self.host in ("", "::"):
+            return [("::", socket.AF_INET6), ("0.0.0.0", socket.AF_INET)]
+        if ":" in self.host:
+            return [(self.host, socket.AF_INET6)]
+        return [(self.host, socket.AF_INET)]
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -37,13 +37,7 @@ class _DualStackServer(ThreadingHTTPServer):
 
 
 def _server(bind: BindAddress, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    host = bind.host
-    if host in ("", "::"):
-        candidates = [("::", socket.AF_INET6), ("0.0.0.0", socket.AF_INET)]
-    elif ":" in host:
-        candidates = [(host, socket.AF_INET6)]
-    else:
-        candidates = [(host, socket.AF_INET)]
+    candidates = bind.listen_candidates()
     last_error: OSError | None = None
     for address, family in candidates:
         server_class: type[ThreadingHTTPServer] = type(

@@ -163,13 +163,7 @@ def _holder_pid(name: str) -> int:
 def _check_port(variable: str, address: BindAddress) -> None:
     """Refuse an address another process listens on (tried as the HTTP servers bind it,
     :mod:`metaleg.supervisor.http`)."""
-    host = address.host
-    if host in ("", "::"):
-        candidates = [("::", socket.AF_INET6), ("0.0.0.0", socket.AF_INET)]
-    elif ":" in host:
-        candidates = [(host, socket.AF_INET6)]
-    else:
-        candidates = [(host, socket.AF_INET)]
+    candidates = address.listen_candidates()
     in_use = False
     for candidate, family in candidates:
         trial = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
