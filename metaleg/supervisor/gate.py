@@ -132,6 +132,9 @@ class SourceIndex:
         self._services: dict[str, ServiceEgress] = {}
         self._sources: dict[str, _Indexed] = {}
         self._routes: dict[int, tuple[GatewayRoute, int]] = {}
+        self._routes_gone: dict[int, int] = {}
+        """Firewall mark -> the generation its route went away in (a source marked with it
+        is treated differently since: no route to its gateway)."""
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -161,6 +164,7 @@ class SourceIndex:
         self._services.clear()
         self._sources.clear()
         self._routes.clear()
+        self._routes_gone.clear()
         for service in state.services:
             self._add(service, generation, {})
         self._take_routes(state.routes, generation)
@@ -187,6 +191,9 @@ class SourceIndex:
                 route,
                 old[1] if old is not None and old[0] == route else generation,
             )
+            self._routes_gone.pop(route.fwmark, None)
+        for fwmark in self._routes.keys() - taken.keys():
+            self._routes_gone[fwmark] = generation
         self._routes = taken
 
     def find(self, ip: str) -> Source | None:
@@ -198,7 +205,8 @@ class SourceIndex:
             return Source(indexed.service, indexed.entry, indexed.since)
         found = self._routes.get(indexed.entry.fwmark)
         if found is None:
-            return Source(indexed.service, indexed.entry, indexed.since)
+            gone = self._routes_gone.get(indexed.entry.fwmark, 0)
+            return Source(indexed.service, indexed.entry, max(indexed.since, gone))
         route, route_since = found
         address = (
             route.next_hop_ipv4 if indexed.entry.family == Family.IPV4 else route.next_hop_ipv6
