@@ -215,3 +215,22 @@ def test_events_appear_on_the_service(egress: EgressLab) -> None:
         message="EgressRejected Event",
     )
     egress.cluster.gateway("mail", "relay", "node-b")
+    # An invalid destination annotation is a Warning naming the annotation and the element.
+    annotation = "metaleg.de/destinationCIDRs"
+    patch = {"metadata": {"annotations": {annotation: "192.0.2.0/24, relay.example"}}}
+    core.patch_namespaced_service("relay", "mail", patch)
+    try:
+        wait_until(
+            lambda: any(
+                r == "EgressProblem"
+                and f"metadata.annotations[{annotation}]" in m
+                and "'relay.example' is not a CIDR" in m
+                for r, m in events()
+            ),
+            timeout=15,
+            message="EgressProblem Event for the annotation",
+        )
+    finally:
+        core.patch_namespaced_service(
+            "relay", "mail", {"metadata": {"annotations": {annotation: None}}}
+        )

@@ -80,7 +80,10 @@ class Watcher:
         for problem in sorted(problems - self.reported_problems):
             log.warning("cluster object problem: %s", problem)
         if self.events is not None:
-            for found in result.problems:
+            # The computation's problems and those found parsing a Service (a bad ingress
+            # IP, an invalid destination annotation): the Service's owner sees them there.
+            found_in_objects = [p for ps in feeds.object_problems.values() for p in ps]
+            for found in [*found_in_objects, *result.problems]:
                 if str(found) not in self.reported_problems:
                     event = describe_problem(self.config.node_name, found)
                     if event is not None:
