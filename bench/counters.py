@@ -14,6 +14,11 @@ times in a row (what the firewall worker does every 10 s: the state unchanged) a
 backend derives from the state is derived again). Results: a table on stdout and
 ``bench/results/counters.json``.
 
+The scrape (``scrape`` rows): the supervisor's ``/metrics`` answer at N Services, with
+every Service's packet and byte counters per family and action beside the state
+gauges (``SupervisorCollector`` and the multiprocess files, rendered by
+prometheus-client as the HTTP handler does), timed ``--reads`` times.
+
 For nftables it also times what its design avoids: a one-element transaction in the
 same table without, then with one named counter object per Service and family (the
 objref-map design): libnftables fetches every object of every table for each
@@ -43,6 +48,7 @@ from bench.common import (
     table,
     write_results,
 )
+from metaleg.backend import EgressCount
 from metaleg.firewall.iptables.backend import IptablesBackend
 from metaleg.firewall.iptables.counters import COUNTED_SETS
 from metaleg.firewall.nftables.backend import NftablesBackend
@@ -189,8 +195,60 @@ BACKENDS: dict[str, Callable[[int, int], dict[str, Any]]] = {
 """The backends measured, by name (each function runs inside a fresh namespace)."""
 
 
+class _ScrapedSupervisor:
+    """The supervisor's records as the metrics collector reads them, for N Services."""
+
+    def __init__(self, n: int) -> None:
+        from metaleg.supervisor.egress_counters import EgressCounterTotals
+
+        self.state = scale_state(n, IPS)
+        totals = EgressCounterTotals()
+        totals.update(
+            EgressCount(service.namespace, service.name, entry.family, entry.action, 1000, 90000)
+            for service in self.state.services
+            for entry in service.families
+        )
+        self.totals = totals.totals()
+
+    def process_views(self) -> list[Any]:
+        return []
+
+    def current_state(self) -> tuple[int, Any]:
+        return 7, self.state
+
+    def applied_generations(self) -> dict[str, int]:
+        return {"firewall": 7, "routing": 7}
+
+    def firewall_backend_name(self) -> str:
+        return "nftables"
+
+    def egress_counter_totals(self) -> dict[Any, tuple[int, int]]:
+        return self.totals
+
+
+def measure_scrape(n: int, scrapes: int) -> dict[str, Any]:
+    """Time the supervisor's ``/metrics`` answer at ``n`` Services."""
+    import tempfile
+
+    from prometheus_client import generate_latest
+
+    from metaleg.supervisor.metrics import build_registry
+
+    view = _ScrapedSupervisor(n)
+    with tempfile.TemporaryDirectory(prefix="mlbscrape") as directory:
+        registry = build_registry(view, directory)
+        samples = []
+        size = 0
+        for _ in range(scrapes):
+            started = time.perf_counter()
+            size = len(generate_latest(registry))
+            samples.append(time.perf_counter() - started)
+    return {"series": 2 * len(view.totals), "bytes": size, "scrape": summary(samples)}
+
+
 def run(sizes: list[int], backends: list[str], reads: int) -> dict[str, Any]:
     results: dict[str, Any] = {"sizes": sizes, "ips_per_service": IPS, "reads": reads, "runs": {}}
+    results["scrape"] = {str(n): measure_scrape(n, reads) for n in sizes}
     for n in sizes:
         entry = results["runs"][str(n)] = {}
         for backend in backends:
@@ -220,6 +278,18 @@ def report(results: dict[str, Any]) -> str:
                     ms(data["after_change"]["p99"]),
                 )
             )
+    for n, data in results.get("scrape", {}).items():
+        rows.append(
+            (
+                n,
+                "scrape",
+                data["series"],
+                ms(data["scrape"]["p50"]),
+                ms(data["scrape"]["p99"]),
+                "",
+                "",
+            )
+        )
     headers = ("N", "backend", "counts", "read p50", "read p99", "changed p50", "changed p99")
     text = table(headers, rows)
     objects = [
