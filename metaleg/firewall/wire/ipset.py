@@ -1,4 +1,4 @@
-"""Batched ipset requests over a pyroute2 netlink socket, encoded and decoded with ``struct``.
+"""Batched ipset requests over a netlink socket, encoded and decoded with ``struct``.
 
 pyroute2's :class:`~pyroute2.IPSet` sends one request per set and per member and
 decodes every reply through its generic NLA machinery (~250 us of Python per
@@ -253,7 +253,7 @@ class Request:
 
 
 class IpsetSocket:
-    """A pyroute2 ``NETLINK_NETFILTER`` socket sending batches of ipset requests.
+    """A ``NETLINK_NETFILTER`` socket sending batches of ipset requests.
 
     Opens on first use. After an error in the exchange itself (not an error the
     kernel reports for a request) it closes, so the next call starts clean.
