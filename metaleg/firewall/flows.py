@@ -35,7 +35,7 @@ rules that work). So the call succeeds; the failure is logged, counted
 pending plan (merged with the next ones, :meth:`FlushPlan.merged`) and tried
 again after every later call; :meth:`OutdatedFlowDeleter.failure` says so, and
 the worker shows it in the status and calls ``apply`` again, with back-off, until
-it is gone. Deleted entries are counted in ``metaleg_conntrack_flushed_total``.
+it is gone. Deleted entries are counted in ``metaleg_conntrack_entries_deleted_total``.
 """
 
 from __future__ import annotations
