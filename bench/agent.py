@@ -398,14 +398,14 @@ class AgentBench:
         raise TimeoutError(f"agent not ready after {timeout:.0f}s: {report}\n{self.log_tail()}")
 
     def pids(self) -> dict[str, int]:
-        """supervisor, watcher, firewall, routing and any children of the workers (e.g. the
-        xtables helpers, as ``firewall/<pid>``)."""
+        """supervisor, watcher, firewall, routing, audit and any children of the workers
+        (e.g. the xtables helpers, as ``firewall/<pid>``)."""
         assert self.process is not None
         result = {"supervisor": self.process.pid}
         children = process_tree()
         for pid in children.get(self.process.pid, []):
             argv = _cmdline(pid)
-            for worker in ("watcher", "firewall", "routing"):
+            for worker in ("watcher", "firewall", "routing", "audit"):
                 if f"metaleg.{worker}" in argv:
                     result[worker] = pid
                     for grandchild in descendants(pid, children):

@@ -10,7 +10,7 @@ For each firewall backend (``--backends``) the real agent runs in a network
 namespace with the API emulator holding N labelled Services (see
 :mod:`bench.agent`). Per process — supervisor, watcher, firewall (with its
 children, the iptables backend's xtables helpers, listed separately) and
-routing — RSS (``VmRSS``, /proc/<pid>/status) and PSS (/proc/<pid>/smaps_rollup;
+routing and the SNAT audit process (AUDIT_LOG=on, the default) — RSS (``VmRSS``, /proc/<pid>/status) and PSS (/proc/<pid>/smaps_rollup;
 shared pages divided among the processes sharing them, so PSS adds up) are read:
 
 * at each N of ``--sizes`` (a fresh agent per N, ready and settled for 5 s);
@@ -54,7 +54,7 @@ from bench.common import (
 )
 from metaleg.config import Config, parse_go_duration
 
-MAIN = ("supervisor", "watcher", "firewall", "routing")
+MAIN = ("supervisor", "watcher", "firewall", "routing", "audit")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024.0
 
