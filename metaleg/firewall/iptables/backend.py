@@ -146,6 +146,8 @@ class IptablesBackend:
             )
         owners = self._count_owners
         if owners is None or owners.state is not applied.state:
+            # The old index goes before the new one is built: one index less at the peak.
+            owners = self._count_owners = None
             owners = self._count_owners = CountOwners(applied)
         return egress_counts(owners, self._ipsets.read_counters)
 
