@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -50,7 +49,13 @@ from bench.common import (
     write_results,
 )
 from tests.lab.traffic import wait_until
-from tests.test_audit_netns import POD4, audit_lines, audit_process, gateway_namespaces, metric
+from tests.test_audit_netns import (
+    POD4,
+    StandInSupervisor,
+    audit_lines,
+    audit_process,
+    gateway_namespaces,
+)
 
 PEER = "198.51.100.2"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -83,11 +88,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def counters(directory: Path) -> dict[str, float]:
+def counters(supervisor: StandInSupervisor) -> dict[str, float]:
+    """The audit process's own counts, as it last reported them to its supervisor."""
+    supervisor.pump()
+    counts = supervisor.counts
     return {
-        "written": metric(directory, "metaleg_audit_lines"),
-        "dropped": metric(directory, "metaleg_audit_lines_dropped"),
-        "lost": metric(directory, "metaleg_audit_events_lost"),
+        "written": counts.lines,
+        "dropped": counts.lines_dropped,
+        "lost": counts.events_lost,
     }
 
 
@@ -104,7 +112,6 @@ def run_case(gw: str, peer: str, rate: int, connections: int, seconds: float) ->
     subprocess.run(["ip", "netns", "exec", gw, "conntrack", "-F"], capture_output=True, check=False)
     with audit_process(gw, audit_log_rate=rate) as (supervisor, log_path, process):
         supervisor.wait_applied(1)
-        metrics_dir = log_path.parent / "metrics"
         idle_from = cpu_seconds(process.pid)
         time.sleep(2.0)  # idle CPU, measured over a fixed window
         idle = (cpu_seconds(process.pid) - idle_from) / 2.0
@@ -132,13 +139,13 @@ def run_case(gw: str, peer: str, rate: int, connections: int, seconds: float) ->
         sent = int(generator.stdout.strip())
 
         def settled() -> dict[str, float] | None:
-            found = counters(metrics_dir)
+            found = counters(supervisor)
             return found if found["written"] + found["dropped"] + found["lost"] >= sent else None
 
         try:
             found = wait_until(settled, timeout=30, interval=0.2, message="all events counted")
         except TimeoutError:
-            found = counters(metrics_dir)  # events the kernel never sent: shown as missing
+            found = counters(supervisor)  # events the kernel never sent: shown as missing
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(process.pid) - cpu_from
         lines = len(audit_lines(log_path))

@@ -27,7 +27,16 @@ import zmq
 
 from metaleg.audit.listener import EventListener, conntrack_events_setting
 from metaleg.config import Config
-from metaleg.ipc import Applied, Hello, Snapshot, StateChange, StateDelta, decode, encode
+from metaleg.ipc import (
+    Applied,
+    AuditCounts,
+    Hello,
+    Snapshot,
+    StateChange,
+    StateDelta,
+    decode,
+    encode,
+)
 from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from metaleg.model import Action, Family, FamilyEgress, NodeDesiredState, Role, ServiceEgress
 from tests.lab.agents import PACKAGE_ROOT
@@ -106,6 +115,8 @@ class StandInSupervisor:
         self.state = state
         self.generation = 1
         self.applied: list[Applied] = []
+        self.counts = AuditCounts(0, 0, 0, 0)
+        """The audit process's last reported counts (what the supervisor exports)."""
 
     def pump(self, timeout: float = 0.1) -> None:
         while self.socket.poll(int(timeout * 1000)):
@@ -117,6 +128,8 @@ class StandInSupervisor:
                 )
             elif isinstance(message, Applied):
                 self.applied.append(message)
+            elif isinstance(message, AuditCounts):
+                self.counts = message
             timeout = 0.0
 
     def change(self, delta: StateDelta, state: NodeDesiredState) -> None:
@@ -285,34 +298,16 @@ def test_lines_over_the_rate_are_dropped_and_counted(
     ):
         supervisor.wait_applied(1)
         run_in_netns(gw, lambda: [connect(socket.AF_INET, "udp", POD4, PEER4) for _ in range(12)])
-        metrics_dir = log_path.parent / "metrics"
 
-        def counted() -> tuple[float, float] | None:
-            written, dropped = (
-                metric(metrics_dir, "metaleg_audit_lines"),
-                metric(metrics_dir, "metaleg_audit_lines_dropped"),
-            )
+        def counted() -> tuple[int, int] | None:
+            supervisor.pump()
+            written, dropped = supervisor.counts.lines, supervisor.counts.lines_dropped
             return (written, dropped) if written + dropped >= 12 else None
 
         written, dropped = wait_until(counted, timeout=20, message="12 lines counted")
         assert written + dropped == 12 and 3 <= written < 12
         assert len(audit_lines(log_path)) == written
         assert "AUDIT_LOG_RATE=3 lines per second reached" in log_path.read_text()
-
-
-def metric(directory: Path, name: str) -> float:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(directory))
-    return sum(
-        sample.value
-        for family in registry.collect()
-        if family.name == name
-        for sample in family.samples
-        if sample.name == f"{name}_total"
-    )
 
 
 @pytest.mark.netns

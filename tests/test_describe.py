@@ -18,7 +18,7 @@ from metaleg.model import (
     ServiceEgress,
     describe_egress,
 )
-from metaleg.supervisor.supervisor import _service_statuses
+from metaleg.supervisor.status import service_statuses
 from metaleg.watcher.events import ServiceEvent, describe_change
 from metaleg.watcher.main import Watcher
 from metaleg.watcher.tracker import TrackerResult
@@ -121,7 +121,7 @@ def test_events_carry_the_brief_description() -> None:
 
 def test_status_detail_is_the_full_description() -> None:
     state = NodeDesiredState("node-a", 0xF00000, (), (), services=(FORWARDER, NOTHING))
-    statuses = _service_statuses(state)
+    statuses = service_statuses(state)
     assert [s.detail for s in statuses] == [
         describe_egress(FORWARDER),
         "no endpoints on this node",

@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 
 from metaleg.backend import EgressCount, EgressCounting
 from metaleg.config import Config
-from metaleg.ipc import EgressCounts, Hello, Snapshot, encode
+from metaleg.ipc import AuditCounts, EgressCounts, Hello, Snapshot, encode
 from metaleg.model import Action, Family, NodeDesiredState
 from metaleg.supervisor.egress_counters import EgressCounterTotals
 from metaleg.supervisor.metrics import egress_counter_families
 from tests.test_ipc_worker import Hub, state
 from tests.test_supervisor import Peer, _status, hub  # noqa: F401  (hub is a fixture)
+from tests.waiting import wait_until
 
 RELAY = ("mail", "relay", Family.IPV4, Action.SNAT)
 
@@ -207,3 +208,42 @@ def test_status_shows_each_services_totals_per_action(
     finally:
         watcher.close()
         firewall.close()
+
+
+def _audit_metric(metrics_dir: str, name: str) -> float:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    return sum(
+        sample.value
+        for family in registry.collect()
+        if family.name == name
+        for sample in family.samples
+        if sample.name == f"{name}_total" and sample.labels.get("process") == "audit"
+    )
+
+
+@pytest.mark.parametrize("hub", [{"audit_log": True}], indirect=True)
+def test_the_supervisor_exports_what_the_audit_process_counted(
+    hub: tuple[str, str, zmq.Context[Any]],  # noqa: F811
+) -> None:
+    """The audit process loads no prometheus-client: it reports its counts, and the
+    supervisor's counters grow by what they grew, across a restart of the audit process."""
+    run_dir, metrics_dir, context = hub
+    audit = Peer(context, run_dir, "audit")
+    try:
+        audit.send(AuditCounts(5, 2, 1, 0))
+        audit.send(AuditCounts(7, 2, 1, 1))
+        audit.send(AuditCounts(3, 0, 0, 0))  # restarted: counting from 0 again
+        wait_until(
+            lambda: _audit_metric(metrics_dir, "metaleg_audit_lines") == 10,
+            timeout=10,
+            message="audit lines counted by the supervisor",
+        )
+        assert _audit_metric(metrics_dir, "metaleg_audit_lines_dropped") == 2
+        assert _audit_metric(metrics_dir, "metaleg_audit_events_lost") == 1
+        assert _audit_metric(metrics_dir, "metaleg_ipc_messages_dropped") == 1
+    finally:
+        audit.close()

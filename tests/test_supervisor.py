@@ -230,11 +230,15 @@ def _run_hub(run_dir: str, options: dict[str, Any] | None = None) -> None:
             )
             worker.started_at = time.monotonic()
 
-    for name, value in (options or {}).items():
+    options = dict(options or {})
+    # The audit process (AUDIT_LOG) is left out unless asked for ({"audit_log": True}): the
+    # peers speak for the three workers.
+    audit_log = bool(options.pop("audit_log", False))
+    for name, value in options.items():
         setattr(HubOnly, name, value)
     setup_logging("supervisor", "info", "text")
-    # The audit process (AUDIT_LOG) is left out: these peers speak for the three workers.
-    raise SystemExit(HubOnly(Config(node_name="node-a", run_dir=run_dir, audit_log=False)).run())
+    config = Config(node_name="node-a", run_dir=run_dir, audit_log=audit_log)
+    raise SystemExit(HubOnly(config).run())
 
 
 class Peer:

@@ -15,7 +15,9 @@ Events are read when the socket is readable, matched to a Service
 (:mod:`.records`) and written within ``AUDIT_LOG_RATE`` (:mod:`.ratelimit`) to
 the logger ``metaleg.audit.lines`` at level info, whatever ``LOG_LEVEL``
 (``AUDIT_LOG=off`` is the switch). Lines over the bound and events the kernel
-dropped are counted and reported once per burst. Nothing here raises out of
+dropped are counted and reported once per burst. The counts go to the supervisor
+(:class:`~metaleg.ipc.AuditCounts`), which exports them: this process loads no
+prometheus-client (its imports cost ~6 MiB per process). Nothing here raises out of
 the loop for a kernel problem: it is reported and retried every
 :data:`CHECK_INTERVAL` seconds.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -36,6 +39,7 @@ from metaleg.audit.records import SnatIndex, match
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    AuditCounts,
     Hello,
     MessageError,
     Snapshot,
@@ -45,7 +49,6 @@ from metaleg.ipc import (
     encode,
 )
 from metaleg.lifecycle import SignalWakeup
-from metaleg.metrics import AUDIT_EVENTS_LOST, AUDIT_LINES, AUDIT_LINES_DROPPED, IPC_DROPPED
 from metaleg.state_changes import ChangeError, Folded, FollowedState
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,27 @@ BACKEND = "conntrack-events"
 HELLO_INTERVAL = 2.0
 CHECK_INTERVAL = 30.0
 """Seconds between looks at ``nf_conntrack_events`` and attempts to reopen a failed socket."""
+COUNTS_INTERVAL = 1.0
+"""Changed counts go to the supervisor at most this often (seconds)."""
 TICK = 1.0
 """The loop wakes at least this often (burst reports)."""
 COALESCE = 0.02
 """After reading events, the socket is left alone this long, so that a steady stream is read
 in batches (at 1000 connections a second: ~20 events per wake-up instead of one); the kernel
 queues them meanwhile (well within the socket's buffer)."""
+
+
+@dataclass
+class Counts:
+    """The audit process's counts since it started (see :class:`metaleg.ipc.AuditCounts`)."""
+
+    lines: int = 0
+    lines_dropped: int = 0
+    events_lost: int = 0
+    messages_dropped: int = 0
+
+    def message(self) -> AuditCounts:
+        return AuditCounts(self.lines, self.lines_dropped, self.events_lost, self.messages_dropped)
 
 
 class AuditProcess:
@@ -85,6 +103,10 @@ class AuditProcess:
         self.dropped = Bursts()
         self.lost = Bursts()
         self.written = 0
+        self.counts = Counts()
+        """What the supervisor exports as metrics (:class:`metaleg.ipc.AuditCounts`)."""
+        self.sent_counts: AuditCounts | None = None
+        self.next_counts = 0.0
         self.resume_reading = 0.0
         """While the socket is left alone after a read (see :data:`COALESCE`): when to resume."""
 
@@ -135,11 +157,27 @@ class AuditProcess:
                     # Events came: let the next ones queue up for a while, read them at once.
                     poller.unregister(self.listener.fileno())
                     self.resume_reading = time.monotonic() + COALESCE
-                self._burst_reports(time.monotonic())
+                now = time.monotonic()
+                self._burst_reports(now)
+                self._send_counts(socket, now)
         finally:
             self.listener.close()
             socket.close(0)
             context.term()
+
+    def _send_counts(self, socket: zmq.Socket[Any], now: float) -> None:
+        """Send the counts when they changed, at most every :data:`COUNTS_INTERVAL`."""
+        if now < self.next_counts:
+            return
+        counts = self.counts.message()
+        if counts == self.sent_counts:
+            return
+        try:
+            socket.send(encode(counts), zmq.NOBLOCK)
+        except zmq.Again:
+            return  # the supervisor is away; sent again once it reads
+        self.sent_counts = counts
+        self.next_counts = now + COUNTS_INTERVAL
 
     def _generation(self) -> int:
         latest = self.followed.latest
@@ -188,7 +226,7 @@ class AuditProcess:
             return False
         now = time.monotonic()
         if batch.lost:
-            AUDIT_EVENTS_LOST.labels(PROCESS).inc(batch.lost)
+            self.counts.events_lost += batch.lost
             if self.lost.add(batch.lost, now):
                 log.warning(
                     "the kernel dropped %d conntrack events (socket buffer full): their "
@@ -207,9 +245,9 @@ class AuditProcess:
                 dropped += 1
         if written:
             self.written += written
-            AUDIT_LINES.labels(PROCESS).inc(written)
+            self.counts.lines += written
         if dropped:
-            AUDIT_LINES_DROPPED.labels(PROCESS).inc(dropped)
+            self.counts.lines_dropped += dropped
             if self.dropped.add(dropped, now):
                 log.warning(
                     "AUDIT_LOG_RATE=%d lines per second reached: further lines are dropped and "
@@ -275,7 +313,7 @@ class AuditProcess:
             )
             return False
         if folded == Folded.AWAITED:
-            IPC_DROPPED.labels(PROCESS).inc()  # the complete state on its way includes it
+            self.counts.messages_dropped += 1  # the complete state on its way includes it
         return folded == Folded.TAKEN
 
     def _report(self, socket: zmq.Socket[Any]) -> None:
@@ -290,5 +328,5 @@ class AuditProcess:
             self.reported = None  # the supervisor is away; the next state reports again
 
     def _drop(self, text: str, error: str = "") -> None:
-        IPC_DROPPED.labels(PROCESS).inc()
+        self.counts.messages_dropped += 1
         log.warning(text, extra={"error": error} if error else None)

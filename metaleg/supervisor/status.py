@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import msgspec
 
+from metaleg.model import NodeDesiredState, describe_egress
+
 CRASH_LOOP_WINDOW = 300.0
 """Crashes within this many seconds count towards a crash loop..."""
 CRASH_LOOP_CRASHES = 3
@@ -209,3 +211,37 @@ def render_table(report: StatusReport) -> str:
         lines += ["", f"{len(report.problems)} problem(s) in cluster objects:"]
         lines += [f"  - {problem}" for problem in report.problems[:20]]
     return "\n".join(lines)
+
+
+def service_statuses(
+    state: NodeDesiredState | None,
+    counters: dict[tuple[str, str], dict[str, tuple[int, int]]] | None = None,
+) -> list[ServiceStatus]:
+    """Each labelled Service as status shows it: this node's role and what it does, in the
+    words of :func:`metaleg.model.describe_egress`, with its egress counters (``counters``:
+    (namespace, name) -> action -> (packets, bytes))."""
+    if state is None:
+        return []
+    statuses = []
+    for service in state.services:
+        statuses.append(
+            ServiceStatus(
+                namespace=service.namespace,
+                name=service.name,
+                lb_ips=service.lb_ips,
+                gateway_node=service.gateway_node,
+                role=str(service.role),
+                source_ips=sum(len(entry.source_ips) for entry in service.families),
+                detail=describe_egress(service),
+                **_counter_fields((counters or {}).get((service.namespace, service.name), {})),
+            )
+        )
+    return statuses
+
+
+def _counter_fields(actions: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """A Service's status fields for its egress counters (action label -> count)."""
+    return {
+        "egress_packets": {action: packets for action, (packets, _) in sorted(actions.items())},
+        "egress_bytes": {action: size for action, (_, size) in sorted(actions.items())},
+    }

@@ -32,6 +32,7 @@ from prometheus_client import multiprocess
 from metaleg.config import Config
 from metaleg.ipc import (
     Applied,
+    AuditCounts,
     EgressCounts,
     Hello,
     MessageError,
@@ -50,8 +51,13 @@ from metaleg.ipc import (
     prepare_run_dir,
 )
 from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
-from metaleg.metrics import IPC_DROPPED
-from metaleg.model import NodeDesiredState, describe_egress
+from metaleg.metrics import (
+    AUDIT_EVENTS_LOST,
+    AUDIT_LINES,
+    AUDIT_LINES_DROPPED,
+    IPC_DROPPED,
+)
+from metaleg.model import NodeDesiredState
 from metaleg.state_changes import ChangeError, apply_change, diff_states
 from metaleg.supervisor import http
 from metaleg.supervisor.egress_counters import CounterKey, EgressCounterTotals
@@ -61,9 +67,9 @@ from metaleg.supervisor.status import (
     CRASH_LOOP_CRASHES,
     CRASH_LOOP_WINDOW,
     ProcessStatus,
-    ServiceStatus,
     StatusReport,
     evaluate,
+    service_statuses,
 )
 
 log = logging.getLogger(__name__)
@@ -173,6 +179,8 @@ class Supervisor:
         self.problems: tuple[str, ...] = ()
         self.watcher_status = WatcherStatus(synced=False)
         self.egress_totals = EgressCounterTotals()
+        self.audit_counts = AuditCounts(0, 0, 0, 0)
+        """The audit process's last reported counts (it exports none itself)."""
         self.stopping = False
         self.started_at = time.monotonic()
         self.loop_tick = time.monotonic()
@@ -416,8 +424,24 @@ class Supervisor:
                 worker.working = True
         elif isinstance(message, EgressCounts) and sender == "firewall":
             self.egress_totals.update(message.counts)
+        elif isinstance(message, AuditCounts) and sender == "audit":
+            self._count_audit(message)
         else:
             self._drop("dropped an unexpected %s from %s", type(message).__name__, sender)
+
+    def _count_audit(self, counts: AuditCounts) -> None:
+        """Add what the audit process counted since its last report to the metrics."""
+        before, self.audit_counts = self.audit_counts, counts
+        for counter, was, now in (
+            (AUDIT_LINES, before.lines, counts.lines),
+            (AUDIT_LINES_DROPPED, before.lines_dropped, counts.lines_dropped),
+            (AUDIT_EVENTS_LOST, before.events_lost, counts.events_lost),
+            (IPC_DROPPED, before.messages_dropped, counts.messages_dropped),
+        ):
+            # Smaller than before: the audit process restarted and counts from 0 again.
+            grown = now if now < was else now - was
+            if grown > 0:
+                counter.labels("audit").inc(grown)
 
     def _take_change(self, message: PublishChange) -> None:
         if self.snapshot is None or message.base_sequence != self.watcher_sequence:
@@ -501,7 +525,7 @@ class Supervisor:
             watcher_error=self.watcher_status.error,
             processes=tuple(processes),
             services=tuple(
-                _service_statuses(
+                service_statuses(
                     self.snapshot.state if self.snapshot else None,
                     self.egress_totals.per_service(),
                 )
@@ -646,29 +670,6 @@ class Supervisor:
             context.term()
 
 
-def _service_statuses(
-    state: NodeDesiredState | None,
-    counters: dict[tuple[str, str], dict[str, tuple[int, int]]] | None = None,
-) -> list[ServiceStatus]:
-    if state is None:
-        return []
-    statuses = []
-    for service in state.services:
-        statuses.append(
-            ServiceStatus(
-                namespace=service.namespace,
-                name=service.name,
-                lb_ips=service.lb_ips,
-                gateway_node=service.gateway_node,
-                role=str(service.role),
-                source_ips=sum(len(entry.source_ips) for entry in service.families),
-                detail=describe_egress(service),
-                **_counter_fields((counters or {}).get((service.namespace, service.name), {})),
-            )
-        )
-    return statuses
-
-
 def prepare_metrics_directory(run_dir: str) -> str:
     """A fresh directory for prometheus-client's multiprocess files; returns its path.
 
@@ -680,11 +681,3 @@ def prepare_metrics_directory(run_dir: str) -> str:
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
-
-
-def _counter_fields(actions: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
-    """A Service's status fields for its egress counters (action label -> count)."""
-    return {
-        "egress_packets": {action: packets for action, (packets, _) in sorted(actions.items())},
-        "egress_bytes": {action: size for action, (_, size) in sorted(actions.items())},
-    }
