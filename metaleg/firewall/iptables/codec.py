@@ -237,16 +237,8 @@ class RuleCodec:
         part = self._targets.get(cache_key)
         if part is None:
             try:
-                rule = self._rule_class()
-                if _is_standard(spec.target):
-                    # Jumps and verdicts as the standard target named after them
-                    # (python-iptables' name lookup would scan and create tables).
-                    target = rule.create_target("")
-                    target.standard_target = spec.target
-                else:
-                    target = rule.create_target(spec.target)
-                    for option in spec.target_options:
-                        target.set_parameter(option.name, option_values(option))
+                target = create_target(self._rule_class(), spec)
+                if not _is_standard(spec.target):
                     target._final_check()
                 part = ctypes.string_at(ctypes.addressof(target.target), target.size)
             except Exception as error:
@@ -315,6 +307,20 @@ class RuleCodec:
 
 _SET_TARGETS = frozenset({"SET"})
 """Targets whose data holds set indexes (never cached)."""
+
+
+def create_target(rule: Any, spec: Rule) -> Any:
+    """``spec``'s target on the python-iptables ``rule``: jumps and verdicts as the standard
+    target named after them (python-iptables' name lookup would scan and create tables),
+    other targets with their options set."""
+    if _is_standard(spec.target):
+        target = rule.create_target("")
+        target.standard_target = spec.target
+        return target
+    target = rule.create_target(spec.target)
+    for option in spec.target_options:
+        target.set_parameter(option.name, option_values(option))
+    return target
 
 
 def _is_standard(target: str) -> bool:

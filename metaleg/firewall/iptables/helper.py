@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from metaleg.firewall.iptables.chain_diff import opcodes
-from metaleg.firewall.iptables.codec import PartError, RuleCodec, option_values
+from metaleg.firewall.iptables.codec import PartError, RuleCodec, create_target, option_values
 from metaleg.firewall.iptables.protocol import (
     Mode,
     ReceivedRequest,
@@ -48,7 +48,6 @@ from metaleg.firewall.iptables.protocol import (
 from metaleg.firewall.iptables.rules import (
     CHAIN_PREFIX,
     OPTIONAL_CHAINS,
-    VERDICTS,
     Rule,
     TableSpec,
 )
@@ -516,15 +515,7 @@ class XtablesServer:
                 match = rule.create_match(match_spec.name)
                 for option in match_spec.options:
                     match.set_parameter(option.name, option_values(option))
-            if spec.target in VERDICTS or spec.target.startswith(CHAIN_PREFIX):
-                # Build jumps as the standard target named after the chain: the
-                # name lookup of python-iptables would scan (and create) tables.
-                target = rule.create_target("")
-                target.standard_target = spec.target
-            else:
-                target = rule.create_target(spec.target)
-                for option in spec.target_options:
-                    target.set_parameter(option.name, option_values(option))
+            create_target(rule, spec)
             rule.final_check()
         except Exception as error:
             raise XtablesError(f"{context}: invalid rule '{spec}': {plain_error(error)}") from error
