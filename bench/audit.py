@@ -118,19 +118,7 @@ def run_case(gw: str, peer: str, rate: int, connections: int, seconds: float) ->
         cpu_from = cpu_seconds(process.pid)
         started = time.monotonic()
         generator = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                gw,
-                sys.executable,
-                "-c",
-                GENERATOR,
-                POD4,
-                PEER,
-                str(connections),
-                str(seconds),
-            ],
+            _generator_command(gw, connections, seconds),
             capture_output=True,
             text=True,
             check=True,
@@ -166,21 +154,26 @@ def run_case(gw: str, peer: str, rate: int, connections: int, seconds: float) ->
     }
 
 
+def _generator_command(gw: str, connections: int, seconds: float) -> list[str]:
+    """The generator in ``gw``: ``connections`` new UDP connections per second for ``seconds``."""
+    return [
+        "ip",
+        "netns",
+        "exec",
+        gw,
+        sys.executable,
+        "-c",
+        GENERATOR,
+        POD4,
+        PEER,
+        str(connections),
+        str(seconds),
+    ]
+
+
 def _generator(gw: str, connections: int, seconds: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            gw,
-            sys.executable,
-            "-c",
-            GENERATOR,
-            POD4,
-            PEER,
-            str(connections),
-            str(seconds),
-        ],
+        _generator_command(gw, connections, seconds),
         stdout=subprocess.PIPE,
         text=True,
     )
