@@ -999,10 +999,12 @@ def _measure() -> dict[str, float]:
         backend.resync(big)
         full = time.monotonic() - started
         full_nft = backend.last_duration
+        full_chars = backend.last_script_chars
         started = time.monotonic()
         backend.apply(shifted)
         incremental = time.monotonic() - started
         incremental_nft = backend.last_duration
+        incremental_chars = backend.last_script_chars
         started = time.monotonic()
         backend.resync(shifted)
         compare = time.monotonic() - started
@@ -1013,6 +1015,8 @@ def _measure() -> dict[str, float]:
             "incremental": incremental,
             "incremental_nft": incremental_nft,
             "resync_compare": compare,
+            "full_chars": full_chars,
+            "incremental_chars": incremental_chars,
         }
     finally:
         backend.close()
@@ -1026,10 +1030,10 @@ def test_scale_1000_services_of_10_ips_dual_stack(ns: str) -> None:
     assert len(elements(document, "snat4")) == 3340
     assert len(elements(document, "mark6")) == 3330
     assert sum(len(rules_of(document, c)) for c in objects(document, "chain")) == 53 + 2 * 5
-    # Generous bounds (CI machines vary); the report quotes the measured figures.
-    assert figures["full"] < 5
-    assert figures["incremental"] < 1
-    assert figures["incremental_nft"] < 0.1
+    # Times are printed, not asserted (bench.apply_scale measures them); what is asserted is that
+    # one replaced IP costs a transaction of a few commands, not one of the table's size.
+    assert figures["full_chars"] > 100_000
+    assert figures["incremental_chars"] < 1000
 
 
 # --- packets ----------------------------------------------------------------------------

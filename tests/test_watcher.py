@@ -304,7 +304,11 @@ def test_bursts_are_coalesced(
         lambda s: relay(s) is not None and len(relay(s).families[0].source_ips) == 40, timeout=20
     )
     assert relay(state).families[0].source_ips[-1] == "10.244.1.49"
-    assert len(watcher.published) - before <= 5
+    # Handled one by one, the 40 updates would be 40 publications (each changes the state).
+    # How many arrive together depends on how the informer thread's reads of the buffered
+    # stream interleave with the main thread, i.e. on the machine's load: 1-3 here, 6 once
+    # on a loaded CI machine. The bound asks for coalescing, not for a figure.
+    assert len(watcher.published) - before <= 20
 
 
 def test_invalid_objects_are_reported_not_fatal(

@@ -73,6 +73,8 @@ class NftablesBackend:
         """The conntrack entries the current (or last) call outdated."""
         self.last_duration = 0.0
         """Seconds the last nft transaction took (for metrics and tests)."""
+        self.last_script_chars = 0
+        """Length of the last nft transaction's script (what a change costs, for tests)."""
         self.transactions = 0
         """nft transactions committed by this backend (for metrics and tests)."""
         self._drift: NftDriftWatch | None = None
@@ -259,6 +261,7 @@ class NftablesBackend:
     def _run(self, script: str) -> None:
         """Run ``script`` as one transaction (raises :class:`BackendError`)."""
         started = time.monotonic()
+        self.last_script_chars = len(script)
         try:
             self.nft.run(script)
         except NftError as error:
