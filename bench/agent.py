@@ -61,6 +61,7 @@ from metaleg.supervisor.status import StatusReport
 from tests import cluster_objects as objects
 from tests.kubeapi import KubeApiServer, write_kubeconfig
 from tests.netns import namespace
+from tests.processes import agent_processes
 
 METALLB = "metallb-system"
 SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
@@ -398,18 +399,15 @@ class AgentBench:
         raise TimeoutError(f"agent not ready after {timeout:.0f}s: {report}\n{self.log_tail()}")
 
     def pids(self) -> dict[str, int]:
-        """supervisor, watcher, firewall, routing, audit and any children of the workers
-        (e.g. the xtables helpers, as ``firewall/<pid>``)."""
+        """supervisor, its fork server (``forkserver``), watcher, firewall, routing, audit
+        and any children of the workers (e.g. the xtables helpers, as ``firewall/<pid>``)."""
         assert self.process is not None
-        result = {"supervisor": self.process.pid}
+        result = {"supervisor": self.process.pid, **agent_processes(self.process.pid)}
         children = process_tree()
-        for pid in children.get(self.process.pid, []):
-            argv = _cmdline(pid)
-            for worker in ("watcher", "firewall", "routing", "audit"):
-                if f"metaleg.{worker}" in argv:
-                    result[worker] = pid
-                    for grandchild in descendants(pid, children):
-                        result[f"{worker}/{_short(_cmdline(grandchild))}-{grandchild}"] = grandchild
+        for worker in ("watcher", "firewall", "routing", "audit"):
+            if worker in result:
+                for grandchild in descendants(result[worker], children):
+                    result[f"{worker}/{_short(_cmdline(grandchild))}-{grandchild}"] = grandchild
         return result
 
     def log_lines(self, since_start: bool = False) -> list[LogLine]:

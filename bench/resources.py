@@ -54,7 +54,7 @@ from bench.common import (
 )
 from metaleg.config import Config, parse_go_duration
 
-MAIN = ("supervisor", "watcher", "firewall", "routing", "audit")
+MAIN = ("supervisor", "forkserver", "watcher", "firewall", "routing", "audit")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024.0
 

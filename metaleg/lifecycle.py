@@ -19,6 +19,7 @@ from types import FrameType
 from metaleg.config import Config
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
@@ -35,6 +36,15 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     if os.getppid() == 1:
         # The parent died before prctl took effect.
         os.kill(os.getpid(), signum)
+
+
+def set_process_name(name: str) -> None:
+    """Name this process as ``ps -o comm``, ``top`` and ``/proc/<pid>/comm`` show it (the
+    kernel keeps 15 bytes): workers forked by :mod:`metaleg.forkserver` share its command
+    line, this tells them apart."""
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class SignalWakeup:

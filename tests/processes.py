@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (not gone, not a zombie waiting to be reaped)."""
@@ -10,3 +12,47 @@ def process_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def process_name(pid: int) -> str:
+    """``/proc/<pid>/comm`` ('' when gone): the fork server names each worker it forks
+    ``metaleg-<worker>`` (15 bytes kept: ``metaleg-firewal``)."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            found.append(int(entry))
+    return found
+
+
+def agent_processes(supervisor_pid: int) -> dict[str, int]:
+    """The processes of a running ``metaleg-supervisor run``, by name: ``forkserver`` (the
+    supervisor's child) and the workers forked from it (``watcher``, ``firewall``,
+    ``routing``, ``audit``), told apart by their process names. Dead ones (zombies
+    not yet reaped) are left out."""
+    found: dict[str, int] = {}
+    workers = {f"metaleg-{name}"[:15]: name for name in ("watcher", "firewall", "routing", "audit")}
+    for child in children_of(supervisor_pid):
+        if process_name(child) != "metaleg-fork" or not process_alive(child):
+            continue
+        found["forkserver"] = child
+        for worker in children_of(child):
+            name = workers.get(process_name(worker))
+            if name is not None and process_alive(worker):
+                found[name] = worker
+    return found

@@ -7,6 +7,7 @@ The metrics that exist are derived from the code: the metric objects of
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,9 @@ class FakeSupervisor:
 
     def firewall_backend_name(self) -> str:
         return "nftables"
+
+    def forkserver_pid(self) -> int | None:
+        return os.getpid()  # any process: its resources are added to the supervisor's
 
     def egress_counter_totals(self) -> dict[CounterKey, tuple[int, int]]:
         return {("mail", "relay", Family.IPV4, Action.REJECT): (12, 720)}

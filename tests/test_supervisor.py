@@ -221,7 +221,8 @@ def _run_hub(run_dir: str, options: dict[str, Any] | None = None) -> None:
     attributes of the supervisor to change (``bus_send_hwm``, ``lag_resend_after``)."""
     from metaleg.config import Config
     from metaleg.logs import setup_logging
-    from metaleg.supervisor.supervisor import Supervisor, Worker
+    from metaleg.supervisor.supervisor import Supervisor
+    from metaleg.supervisor.workers import Worker
 
     class HubOnly(Supervisor):
         def _start(self, worker: Worker) -> None:

@@ -49,6 +49,10 @@ class SupervisorView(Protocol):
 
     def egress_counter_totals(self) -> dict[CounterKey, tuple[int, int]]: ...
 
+    def forkserver_pid(self) -> int | None:
+        """The fork server the workers come from (counted as the supervisor's)."""
+        ...
+
 
 def process_tree() -> dict[int, list[int]]:
     """Every process's children, from ``/proc`` (parent pid -> child pids)."""
@@ -109,17 +113,22 @@ class SupervisorCollector(Collector):
         )
         cpu = CounterMetricFamily(
             "metaleg_process_cpu_seconds",
-            "CPU time of the process and its helper children.",
+            "CPU time of the process and its helper children (the supervisor's: the fork server).",
             labels=["process"],
         )
         memory = GaugeMetricFamily(
             "metaleg_process_resident_memory_bytes",
-            "Resident memory of the process and its helper children.",
+            "Resident memory of the process and its helper children (the supervisor's: the fork server).",
             labels=["process"],
         )
         processes = self.view.process_views()
         up.add_metric(["supervisor"], 1)
         own_cpu, own_rss = process_resources(os.getpid(), include_children=False)
+        forkserver = self.view.forkserver_pid()
+        if forkserver is not None:
+            server_cpu, server_rss = process_resources(forkserver, include_children=False)
+            own_cpu += server_cpu
+            own_rss += server_rss
         cpu.add_metric(["supervisor"], own_cpu)
         memory.add_metric(["supervisor"], own_rss)
         for process in processes:

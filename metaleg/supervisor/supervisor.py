@@ -13,16 +13,13 @@ it), as the original did.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -30,6 +27,7 @@ import zmq
 from prometheus_client import multiprocess
 
 from metaleg.config import Config
+from metaleg.forkserver import ForkServer, ForkServerError
 from metaleg.ipc import (
     Applied,
     AuditCounts,
@@ -64,32 +62,23 @@ from metaleg.supervisor.egress_counters import CounterKey, EgressCounterTotals
 from metaleg.supervisor.gate import new_gate
 from metaleg.supervisor.metrics import build_registry
 from metaleg.supervisor.status import (
-    CRASH_LOOP_CRASHES,
-    CRASH_LOOP_WINDOW,
     ProcessStatus,
     StatusReport,
     evaluate,
     service_statuses,
 )
+from metaleg.supervisor.workers import (
+    DATAPLANE_WORKERS,
+    RESTART_INITIAL,
+    RESTART_MAX,
+    RESTART_RESET_AFTER,
+    STATE_WORKERS,
+    WORKERS,
+    Worker,
+)
 
 log = logging.getLogger(__name__)
 
-WORKERS = {
-    "watcher": "metaleg.watcher",
-    "firewall": "metaleg.firewall",
-    "routing": "metaleg.routing",
-    "audit": "metaleg.audit",
-}
-DATAPLANE_WORKERS = ("firewall", "routing")
-STATE_WORKERS = (*DATAPLANE_WORKERS, "audit")
-"""The workers that hold the desired state (Hello, Snapshot, StateChange, Applied). The audit
-process (``AUDIT_LOG=on``) gets it like the others but gates neither readiness nor health."""
-RESTART_INITIAL = 0.5
-"""The first restart comes within a second of the crash..."""
-RESTART_MAX = 30.0
-"""...later ones back off exponentially up to this..."""
-RESTART_RESET_AFTER = 60.0
-"""...until a worker has stayed up this long."""
 STOP_GRACE = 10.0
 LOOP_TICK = 1.0
 """The loop wakes at least this often, so /healthz can tell a stuck loop from an idle one."""
@@ -103,58 +92,6 @@ sent gets the complete state again (a frame lost on the way, e.g. across a recon
 
 class AlreadyRunning(RuntimeError):
     """Another supervisor answers on this run directory's control socket."""
-
-
-@dataclass
-class Worker:
-    """A supervised worker process and what it reported."""
-
-    name: str
-    module: str
-    process: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restarts: int = 0
-    restart_delay: float = RESTART_INITIAL
-    next_start: float = 0.0
-    applied_generation: int = 0
-    last_error: str = ""
-    backend: str = ""
-    crashes: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10))
-    working: bool = False
-    """It reported success since its last start (applied a snapshot, or published a state)."""
-    drift_repairs: int = 0
-    """Drift repairs this data-plane worker reported (every process of it)."""
-    last_drift: str = ""
-    last_drift_at: float = 0.0
-    """time.monotonic() when the last drift repair was reported."""
-    unfinished: str = ""
-    """What the data-plane worker's last application left to retry (``Applied.unfinished``)."""
-    sent_generation: int = 0
-    """The generation this data-plane worker holds once it has read what it was sent, so
-    that a change from it is enough; 0: unknown, the next one is a complete snapshot."""
-    owes_snapshot: bool = False
-    """A frame for this data-plane worker could not be queued (its queue was full, or it
-    was not connected): the complete current state goes to it as soon as it can take it."""
-    reported_generation: int = 0
-    """The generation its last ``Applied`` said it holds (applied or failed)."""
-    last_sent_at: float = 0.0
-    """time.monotonic() of the last frame queued for it."""
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def crash_looping(self, now: float) -> bool:
-        """Crashed often lately and has not done its job since: restarting the pod may help.
-
-        A worker that was killed a few times but came back and works is not crash-looping.
-        """
-        recent = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW]
-        return len(recent) >= CRASH_LOOP_CRASHES and not (self.running and self.working)
 
 
 class Supervisor:
@@ -188,23 +125,40 @@ class Supervisor:
         self.metrics_dir = os.path.join(config.run_dir, METRICS_DIRECTORY)
         self.gate = new_gate(config, self.applied_generations)
         """The start-up gate ``/egress?ip=`` (None: no probe server): fed every generation."""
+        environment = dict(os.environ)
+        environment[CONFIG_ENVIRONMENT] = msgspec.json.encode(config).decode()
+        self.forkserver = ForkServer(environment)
+        """Where the workers are forked from (:mod:`metaleg.forkserver`)."""
 
     # --- processes ---------------------------------------------------------------------------
 
     def _start(self, worker: Worker) -> None:
-        environment = dict(os.environ)
-        environment[CONFIG_ENVIRONMENT] = msgspec.json.encode(self.config).decode()
-        worker.process = subprocess.Popen([sys.executable, "-m", worker.module], env=environment)
+        if self.forkserver.lost:
+            self.forkserver.reap_lost(STOP_GRACE)
+        try:
+            worker.process = self.forkserver.start(worker.name, worker.module)
+        except ForkServerError as error:
+            worker.last_error = str(error)
+            worker.next_start = time.monotonic() + worker.restart_delay
+            log.error(
+                "cannot start %s; trying again in %.1fs",
+                worker.name,
+                worker.restart_delay,
+                extra={"error": str(error)},
+            )
+            worker.restart_delay = min(worker.restart_delay * 2, RESTART_MAX)
+            return
         worker.started_at = time.monotonic()
         worker.working = False
         log.info("started %s", worker.name, extra={"pid": worker.process.pid})
 
     def _reap(self) -> None:
+        self.forkserver.receive()
         now = time.monotonic()
         for worker in self.workers.values():
-            if worker.process is None or worker.process.poll() is None:
+            code = worker.process.poll() if worker.process is not None else None
+            if worker.process is None or code is None:
                 continue
-            code = worker.process.returncode
             exit_text = f"signal {-code}" if code < 0 else f"exit status {code}"
             with contextlib.suppress(OSError):
                 multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
@@ -548,6 +502,10 @@ class Supervisor:
     def process_views(self) -> list[Any]:
         return list(self.workers.values())
 
+    def forkserver_pid(self) -> int | None:
+        process = self.forkserver.process
+        return process.pid if process is not None else None
+
     def current_state(self) -> tuple[int, NodeDesiredState | None]:
         snapshot = self.snapshot
         return (snapshot.generation, snapshot.state) if snapshot else (0, None)
@@ -634,9 +592,18 @@ class Supervisor:
             "supervisor started",
             extra={"node": self.config.node_name, "backend": self.config.firewall_backend},
         )
+        forkserver_fd = -1
         try:
             self._restart_due()
             while True:
+                # Workers' exits arrive from the fork server, whose channel changes when
+                # it is restarted.
+                if self.forkserver.fileno() != forkserver_fd:
+                    if forkserver_fd != -1:
+                        poller.unregister(forkserver_fd)
+                    forkserver_fd = self.forkserver.fileno()
+                    if forkserver_fd != -1:
+                        poller.register(forkserver_fd, zmq.POLLIN)
                 self.loop_tick = time.monotonic()
                 pending = [w.next_start for w in self.workers.values() if w.process is None]
                 timeout = LOOP_TICK
@@ -662,6 +629,7 @@ class Supervisor:
                 if worker.running:
                     assert worker.process is not None
                     worker.process.kill()
+            self.forkserver.close()
             for server in servers:
                 server.shutdown()
                 server.server_close()

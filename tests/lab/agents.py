@@ -24,6 +24,7 @@ from tests.kube import ClusterDriver
 from tests.kubeapi import KubeApiServer, write_kubeconfig
 from tests.lab.topology import Lab, Pod
 from tests.lab.traffic import ProbeResult
+from tests.processes import agent_processes
 from tests.waiting import wait_until
 
 API_PORT = 6443
@@ -46,22 +47,8 @@ class Agent:
     env: dict[str, str] = field(default_factory=dict)
 
     def worker_pid(self, worker: str) -> int | None:
-        """The pid of the supervisor's child running ``python -m metaleg.<worker>``."""
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat_file:
-                    parent = int(stat_file.read().rsplit(")", 1)[1].split()[1])
-                if parent != self.process.pid:
-                    continue
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline_file:
-                    argv = cmdline_file.read().split(b"\0")
-            except (OSError, ValueError, IndexError):
-                continue
-            if f"metaleg.{worker}".encode() in argv:
-                return int(entry)
-        return None
+        """The pid of the agent's ``worker`` process (forked by its fork server)."""
+        return agent_processes(self.process.pid).get(worker)
 
     def log(self, tail: int = 6000) -> str:
         try:
