@@ -1,7 +1,7 @@
 """The start-up gate in the lab: real agents, real HTTP between the nodes, the real kernel.
 
-One lab (kube-router nft mode, the nftables backend ``auto`` picks there) with agents
-on node-a (a forwarder) and node-b (the gateway): ``/egress?ip=`` answers 503 while no
+One lab per backend (nftables beside kube-router's nft mode, iptables beside legacy
+iptables) with agents on node-a (a forwarder) and node-b (the gateway): ``/egress?ip=`` answers 503 while no
 gateway is known (the pods are rejected), 200 for programmed pods on the gateway and on
 the forwarder (which asks node-b over its health port), 404 for a pod of an unlabelled
 Service; and ``metaleg-supervisor wait-egress`` in a new pod's namespace, started before
@@ -60,14 +60,21 @@ def wait_gate(
         ) from None
 
 
-@pytest.fixture(scope="module")
-def egress() -> Iterator[EgressLab]:
-    with Lab(masquerade="nft") as lab, EgressLab(lab) as egress:
+@pytest.fixture(
+    scope="module",
+    params=[("nftables", "nft"), ("iptables", "legacy")],
+    ids=["nftables", "iptables"],
+)
+def egress(request: pytest.FixtureRequest) -> Iterator[EgressLab]:
+    # The gate reads only what the workers report applied; both backends all the same,
+    # since "applied" must mean the kernel has it with either.
+    backend, masquerade = request.param
+    with Lab(masquerade=masquerade) as lab, EgressLab(lab) as egress:
         for node in AGENTS:
             egress.add_pod(node, f"relay-{node[-1]}", {"app": SERVICE})
         egress.add_pod("node-a", "plain-a", {"app": "plain"})
         for node in AGENTS:
-            egress.start_agent(node)
+            egress.start_agent(node, FIREWALL_BACKEND=backend)
         for node in AGENTS:
             egress.wait_ready(node)
         cluster = egress.cluster
