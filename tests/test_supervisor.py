@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -46,7 +47,7 @@ from metaleg.model import (
 from metaleg.state_changes import ChangePublisher
 from tests.lab.agents import SUPERVISOR, Agent
 from tests.netns import namespace, run_in_netns, sh
-from tests.processes import process_alive
+from tests.processes import agent_processes, process_alive
 from tests.waiting import wait_until
 
 
@@ -88,11 +89,13 @@ def node_namespace() -> Iterator[str]:
         yield name
 
 
-@pytest.mark.netns
-def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> None:
+@contextlib.contextmanager
+def running_agent(node_namespace: str) -> Iterator[tuple[Agent, dict[str, str]]]:
+    """A real ``metaleg-supervisor run`` in ``node_namespace`` with an API server that is
+    not there (the watcher retries), killed in teardown if still running."""
     with tempfile.TemporaryDirectory(prefix="mlsv") as run_dir:
         kubeconfig = os.path.join(run_dir, "kubeconfig")
-        with open(kubeconfig, "w") as file:  # an API server that is not there: the watcher retries
+        with open(kubeconfig, "w") as file:
             file.write(
                 '{"apiVersion":"v1","kind":"Config","clusters":[{"name":"c","cluster":{"server":"http://127.0.0.1:9"}}],'
                 '"users":[{"name":"u","user":{}}],"contexts":[{"name":"x","context":{"cluster":"c","user":"u"}}],"current-context":"x"}'
@@ -114,34 +117,77 @@ def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> N
             )
         agent = Agent("node-a", env["METALEG_RUN_DIR"], log_path, process)
         try:
-            pids = wait_until(lambda: _all_pids(agent), timeout=15, message="three workers")
-            assert oct(os.stat(env["METALEG_RUN_DIR"]).st_mode & 0o777) == "0o700"
-            os.kill(pids["routing"], signal.SIGKILL)
-            new = wait_until(
-                lambda: (p := agent.worker_pid("routing")) not in (None, pids["routing"]) and p,
-                timeout=10,
-                message="routing restarted",
-            )
-            assert new != pids["routing"]
-            # The whole log: without an API server the watcher's retries fill the tail.
-            whole = 1 << 22
-            assert "routing died (signal 9); restarting in 0.5s" in agent.log(tail=whole)
-            # A second crash soon after backs off longer.
-            os.kill(new, signal.SIGKILL)
-            wait_until(
-                lambda: "restarting in 1.0s" in agent.log(tail=whole),
-                timeout=10,
-                message="back-off",
-            )
-            survivors = _all_pids(agent) or pids
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(15) == 0
-            for pid in survivors.values():
-                assert not process_alive(pid), f"worker {pid} outlived the supervisor"
+            yield agent, env
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.netns
+def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> None:
+    with running_agent(node_namespace) as (agent, env):
+        process = agent.process
+        pids = wait_until(lambda: _all_pids(agent), timeout=15, message="three workers")
+        assert oct(os.stat(env["METALEG_RUN_DIR"]).st_mode & 0o777) == "0o700"
+        os.kill(pids["routing"], signal.SIGKILL)
+        new = wait_until(
+            lambda: (p := agent.worker_pid("routing")) not in (None, pids["routing"]) and p,
+            timeout=10,
+            message="routing restarted",
+        )
+        assert new != pids["routing"]
+        # The whole log: without an API server the watcher's retries fill the tail.
+        whole = 1 << 22
+        assert "routing died (signal 9); restarting in 0.5s" in agent.log(tail=whole)
+        # A second crash soon after backs off longer.
+        os.kill(new, signal.SIGKILL)
+        wait_until(
+            lambda: "restarting in 1.0s" in agent.log(tail=whole),
+            timeout=10,
+            message="back-off",
+        )
+        survivors = _all_pids(agent) or pids
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        for pid in survivors.values():
+            assert not process_alive(pid), f"worker {pid} outlived the supervisor"
+
+
+@pytest.mark.netns
+def test_a_killed_fork_server_costs_a_restart_of_every_worker(node_namespace: str) -> None:
+    with running_agent(node_namespace) as (agent, _):
+        pids = wait_until(lambda: _all_pids(agent), timeout=15, message="three workers")
+        server = agent_processes(agent.process.pid)["forkserver"]
+        os.kill(server, signal.SIGKILL)
+
+        def all_new() -> dict[str, int] | None:
+            now = agent_processes(agent.process.pid)
+            fresh = {w: now.get(w) for w in pids}
+            if now.get("forkserver") in (None, server) or set(fresh.values()) & {
+                None,
+                *pids.values(),
+            }:
+                return None
+            return now
+
+        now = wait_until(all_new, timeout=20, message="a new fork server and new workers")
+        for worker, pid in pids.items():
+            assert not process_alive(pid), f"the old {worker} still runs beside the new one"
+        assert "fork server lost" in agent.log(tail=1 << 22)
+        assert agent.process.poll() is None
+        assert now["routing"] != pids["routing"]
+
+
+@pytest.mark.netns
+def test_workers_end_with_a_killed_supervisor(node_namespace: str) -> None:
+    with running_agent(node_namespace) as (agent, _):
+        wait_until(lambda: _all_pids(agent), timeout=15, message="three workers")
+        processes = agent_processes(agent.process.pid)
+        agent.process.kill()  # no chance to stop anything: the parent-death signals do it
+        agent.process.wait()
+        for name, pid in processes.items():
+            wait_until(lambda pid=pid: not process_alive(pid), timeout=15, message=f"{name} gone")
 
 
 def _all_pids(agent: Agent) -> dict[str, int] | None:
