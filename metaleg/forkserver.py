@@ -203,7 +203,12 @@ def main(argv: Sequence[str] = sys.argv) -> None:
 
 
 class ForkedProcess:
-    """A worker forked by the server: the part of ``subprocess.Popen`` the supervisor uses."""
+    """A worker forked by the server: the part of ``subprocess.Popen`` the supervisor uses.
+
+    ``returncode`` is set when :meth:`ForkServer.receive` reads the server's report (the
+    supervisor's loop calls it when the channel is readable): :meth:`poll` reads no
+    socket, so that the HTTP threads (probes, metrics) may call it.
+    """
 
     def __init__(self, server: ForkServer, name: str, pid: int) -> None:
         self.server = server
@@ -212,22 +217,23 @@ class ForkedProcess:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.server.receive()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        """Read the server's reports until this process ended (the supervisor's thread only)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
+        self.server.receive()
+        while self.returncode is None:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise subprocess.TimeoutExpired(self.name, timeout or 0.0)
             self.server.wait_readable(0.1 if remaining is None else min(remaining, 0.1))
+            self.server.receive()
         assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
+        if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
@@ -238,8 +244,13 @@ class ForkedProcess:
 class ForkServer:
     """The supervisor's handle on the fork server process (started on first use)."""
 
-    def __init__(self, environment: dict[str, str], python: str = sys.executable) -> None:
+    def __init__(
+        self, environment: dict[str, str], stop_grace: float, python: str = sys.executable
+    ) -> None:
+        """``environment``: the server's and so every worker's; ``stop_grace``: how long the
+        workers of a lost server may take to exit on SIGTERM (:meth:`reap_lost`)."""
         self.environment = environment
+        self.stop_grace = stop_grace
         self.python = python
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: socket.socket | None = None
@@ -255,10 +266,17 @@ class ForkServer:
     def start(self, name: str, module: str) -> ForkedProcess:
         """Fork a child that runs ``module`` as ``python -m`` would (raises
         :class:`ForkServerError`)."""
+        self.receive()  # a server that ended is noticed here, not by a failed request
+        if self.lost:
+            self.reap_lost(self.stop_grace)
         if self.channel is None:
             self._launch()
         assert self.channel is not None
-        self.channel.send(_encoder.encode(Start(name, module)))
+        try:
+            self.channel.send(_encoder.encode(Start(name, module)))
+        except OSError as error:
+            self._lose(f"cannot send it a request: {error}")
+            raise ForkServerError(f"cannot start {name}: the fork server is gone") from error
         deadline = time.monotonic() + REPLY_TIMEOUT
         while True:
             reply = self._next(deadline, f"starting {name}")

@@ -28,7 +28,7 @@ def server(tmp_path: Path) -> Iterator[ForkServer]:
         "FORKSERVER_TEST_DIR": str(tmp_path),
         "METALEG_TEST_MARK": "from-the-supervisor",
     }
-    forkserver = ForkServer(environment)
+    forkserver = ForkServer(environment, stop_grace=10)
     try:
         yield forkserver
     finally:
@@ -84,7 +84,12 @@ def test_a_dead_server_counts_its_workers_dead_and_stops_them(
     assert server.process is not None
     old_server = server.process.pid
     os.kill(old_server, signal.SIGKILL)
-    wait_until(lambda: first.poll() is not None, timeout=10, message="the loss noticed")
+
+    def noticed() -> bool:
+        server.receive()  # what the supervisor's loop does when the channel is readable
+        return first.poll() is not None
+
+    wait_until(noticed, timeout=10, message="the loss noticed")
     assert first.returncode == -signal.SIGKILL
     assert server.lost == [first]
     server.reap_lost(timeout=10)
@@ -112,7 +117,7 @@ def test_the_server_and_its_workers_end_with_the_supervisor(
 
 def test_a_server_that_cannot_start_is_a_clear_error() -> None:
     # A "python" that exits at once: the server ends before it says it is ready.
-    server = ForkServer({"PATH": "/usr/bin:/bin"}, python="/bin/false")
+    server = ForkServer({"PATH": "/usr/bin:/bin"}, stop_grace=10, python="/bin/false")
     try:
         with pytest.raises(ForkServerError, match="ended before the fork server's start"):
             server.start("sleep", CHILD)
@@ -127,3 +132,19 @@ def test_a_malformed_request_is_dropped_and_the_server_goes_on(server: ForkServe
     server.channel.send(b"\xc1 not msgpack")
     assert first.wait(10) == 3
     assert server.start("exit3", CHILD).wait(10) == 3
+
+
+def test_a_server_that_died_between_starts_is_replaced_by_the_next_start(
+    server: ForkServer, tmp_path: Path
+) -> None:
+    first = server.start("sleep", CHILD)
+    _report(tmp_path, first)
+    assert server.process is not None
+    old_server = server.process
+    old_server.kill()
+    old_server.wait()
+    second = server.start("sleep", CHILD)  # no ForkServerError: the loss is found first
+    assert first.returncode == -signal.SIGKILL
+    assert not process_alive(first.pid)
+    assert server.process is not None and server.process is not old_server
+    assert _report(tmp_path, second)["ppid"] == server.process.pid

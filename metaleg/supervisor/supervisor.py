@@ -127,14 +127,12 @@ class Supervisor:
         """The start-up gate ``/egress?ip=`` (None: no probe server): fed every generation."""
         environment = dict(os.environ)
         environment[CONFIG_ENVIRONMENT] = msgspec.json.encode(config).decode()
-        self.forkserver = ForkServer(environment)
+        self.forkserver = ForkServer(environment, STOP_GRACE)
         """Where the workers are forked from (:mod:`metaleg.forkserver`)."""
 
     # --- processes ---------------------------------------------------------------------------
 
     def _start(self, worker: Worker) -> None:
-        if self.forkserver.lost:
-            self.forkserver.reap_lost(STOP_GRACE)
         try:
             worker.process = self.forkserver.start(worker.name, worker.module)
         except ForkServerError as error:
