@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from metaleg.supervisor.metrics import process_tree
 
 
 def process_alive(pid: int) -> bool:
@@ -26,18 +26,7 @@ def process_name(pid: int) -> str:
 
 def children_of(pid: int) -> list[int]:
     """The pids whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == pid:
-            found.append(int(entry))
-    return found
+    return process_tree().get(pid, [])
 
 
 def agent_processes(supervisor_pid: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.lab import LB_IP4, LB_IP6, Lab, Pod
-from tests.lab.agents import SUPERVISOR, EgressLab, http_get
+from tests.lab.agents import BACKEND_IDS, BACKEND_LABS, SUPERVISOR, EgressLab, http_get
 from tests.lab.topology import INTERNET4, UDP_PORT
 from tests.lab.traffic import CLIENT_SCRIPT, PYTHON, new_token
 from tests.waiting import wait_until
@@ -62,8 +62,8 @@ def wait_gate(
 
 @pytest.fixture(
     scope="module",
-    params=[("nftables", "nft"), ("iptables", "legacy")],
-    ids=["nftables", "iptables"],
+    params=BACKEND_LABS,
+    ids=BACKEND_IDS,
 )
 def egress(request: pytest.FixtureRequest) -> Iterator[EgressLab]:
     # The gate reads only what the workers report applied; both backends all the same,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab import INTERNET4, INTERNET6, LB_IP4, LB_IP6, MIRROR4, MIRROR6, Lab, Pod
-from tests.lab.agents import EgressLab
+from tests.lab.agents import BACKEND_IDS, BACKEND_LABS, EgressLab
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
@@ -29,8 +29,8 @@ GATEWAY, FORWARDER = "node-b", "node-a"
 
 @pytest.fixture(
     scope="module",
-    params=[("nftables", "nft"), ("iptables", "legacy")],
-    ids=["nftables", "iptables"],
+    params=BACKEND_LABS,
+    ids=BACKEND_IDS,
 )
 def egress(request: pytest.FixtureRequest) -> Iterator[EgressLab]:
     backend, masquerade = request.param

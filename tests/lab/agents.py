@@ -34,6 +34,11 @@ API_PORT = 6443
 #: puts the working directory ahead of PYTHONPATH).
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(metaleg.__file__)))
 SUPERVISOR = os.path.join(os.path.dirname(sys.executable), "metaleg-supervisor")
+#: Each firewall backend with the node firewall the lab puts beside it (``Lab(masquerade=)``):
+#: nftables beside kube-router's nft mode, iptables beside legacy iptables. For
+#: ``pytest.fixture(params=BACKEND_LABS, ids=BACKEND_IDS)``.
+BACKEND_LABS = (("nftables", "nft"), ("iptables", "legacy"))
+BACKEND_IDS = ("nftables", "iptables")
 
 
 @dataclass
