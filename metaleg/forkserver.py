@@ -49,9 +49,9 @@ from collections.abc import Sequence
 
 import msgspec
 
-from metaleg.lifecycle import die_with_parent, map_large_blocks, set_process_name
+from metaleg.lifecycle import set_process_name, start_worker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("metaleg.forkserver")  # not __name__: the server runs as __main__
 
 PRELOADED = (
     "msgspec",
@@ -132,14 +132,16 @@ def serve(channel: socket.socket) -> Start | None:
     wakeup_writer.setblocking(False)
     signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    channel.send(_encoder.encode(Ready(os.getpid())))
+    if not _send(channel, Ready(os.getpid())):
+        return None
     while True:
         readable, _, _ = select.select([channel, wakeup_reader], [], [])
         if wakeup_reader in readable:
             with contextlib.suppress(BlockingIOError):
                 while wakeup_reader.recv(4096):
                     pass
-        _report_exits(channel)
+        if not _report_exits(channel):
+            return None
         if channel not in readable:
             continue
         data = channel.recv(_MAX_MESSAGE)
@@ -148,14 +150,15 @@ def serve(channel: socket.socket) -> Start | None:
         try:
             request = _decoder.decode(data)
         except msgspec.DecodeError as error:
-            sys.stderr.write(f"metaleg fork server: dropped a malformed request: {error}\n")
+            log.warning("dropped a malformed request", extra={"error": str(error)})
             continue
         if not isinstance(request, Start):
             continue
         try:
             pid = os.fork()
         except OSError as error:
-            channel.send(_encoder.encode(StartFailed(request.name, f"fork: {error}")))
+            if not _send(channel, StartFailed(request.name, f"fork: {error}")):
+                return None
             continue
         if pid == 0:
             signal.set_wakeup_fd(-1)
@@ -165,24 +168,38 @@ def serve(channel: socket.socket) -> Start | None:
             wakeup_writer.close()
             channel.close()
             return request
-        channel.send(_encoder.encode(Started(request.name, pid)))
+        if not _send(channel, Started(request.name, pid)):
+            return None
 
 
-def _report_exits(channel: socket.socket) -> None:
+def _send(channel: socket.socket, message: Message) -> bool:
+    """Send ``message``; False when the supervisor is gone (the server then ends, and its
+    children with it)."""
+    try:
+        channel.send(_encoder.encode(message))
+    except OSError:
+        return False
+    return True
+
+
+def _report_exits(channel: socket.socket) -> bool:
+    """Reap the children that ended and report them; False when the supervisor is gone."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return True
         if pid == 0:
-            return
-        channel.send(_encoder.encode(Exited(pid, os.waitstatus_to_exitcode(status))))
+            return True
+        if not _send(channel, Exited(pid, os.waitstatus_to_exitcode(status))):
+            return False
 
 
 def main(argv: Sequence[str] = sys.argv) -> None:
     """``python -m metaleg.forkserver <fd>``: preload, then serve on the inherited socket."""
-    map_large_blocks()  # inherited by every child, before anything is in the heap
-    die_with_parent()
+    # What every worker does first (mmap threshold, config, logging, parent-death signal),
+    # done before the imports so that the children inherit it.
+    start_worker("forkserver")
     set_process_name("metaleg-fork")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the supervisor's to handle
     channel = socket.socket(fileno=int(argv[1]))

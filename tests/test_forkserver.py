@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from metaleg.config import Config
 from metaleg.forkserver import ForkedProcess, ForkServer, ForkServerError
+from metaleg.lifecycle import CONFIG_ENVIRONMENT
 from tests.processes import process_alive, process_name
 from tests.waiting import wait_until
 
@@ -27,6 +30,7 @@ def server(tmp_path: Path) -> Iterator[ForkServer]:
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         "FORKSERVER_TEST_DIR": str(tmp_path),
         "METALEG_TEST_MARK": "from-the-supervisor",
+        CONFIG_ENVIRONMENT: msgspec.json.encode(Config(node_name="node-a")).decode(),
     }
     forkserver = ForkServer(environment, stop_grace=10)
     try:
