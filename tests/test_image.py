@@ -119,10 +119,12 @@ def test_install_script_installs_a_working_agent(wheels: Path, tmp_path: Path) -
     for command in ("run", "cleanup"):
         assert re.search(rf"^\s+{command}\s", helped.stdout, re.MULTILINE), helped.stdout
 
-    # the dependencies and the native libraries they load, and metaleg from the prefix
+    # the dependencies and the native libraries they load, what the fork server preloads,
+    # and metaleg from the prefix
     probe = (
         f"{IMPORTS}\n"
-        "import ctypes, metaleg.supervisor.cli\n"
+        "import ctypes, importlib, metaleg.supervisor.cli, metaleg.forkserver\n"
+        "for module in metaleg.forkserver.PRELOADED: importlib.import_module(module)\n"
         'ctypes.CDLL("libnftables.so.1")\n'
         "print(metaleg.supervisor.cli.__file__)\n"
     )
