@@ -49,7 +49,12 @@ from collections.abc import Sequence
 
 import msgspec
 
-from metaleg.lifecycle import set_process_name, start_worker
+from metaleg.lifecycle import (
+    PARENT_ENVIRONMENT,
+    die_with_parent,
+    set_process_name,
+    start_worker,
+)
 
 log = logging.getLogger("metaleg.forkserver")  # not __name__: the server runs as __main__
 
@@ -132,7 +137,8 @@ def serve(channel: socket.socket) -> Start | None:
     wakeup_writer.setblocking(False)
     signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    if not _send(channel, Ready(os.getpid())):
+    server = os.getpid()
+    if not _send(channel, Ready(server)):
         return None
     while True:
         readable, _, _ = select.select([channel, wakeup_reader], [], [])
@@ -161,6 +167,9 @@ def serve(channel: socket.socket) -> Start | None:
                 return None
             continue
         if pid == 0:
+            # First of all: end with the server, even if it died a moment ago.
+            die_with_parent(server)
+            os.environ[PARENT_ENVIRONMENT] = str(server)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -13,28 +13,35 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from types import FrameType
 
 from metaleg.config import Config
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
 
 
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
+def die_with_parent(parent: int | None, signum: int = signal.SIGTERM) -> None:
     """Ask the kernel to send ``signum`` to this process when its parent dies.
 
     A worker must not outlive its supervisor (a new supervisor starts new
     workers); SIGTERM lets it exit cleanly, leaving kernel state in place.
+
+    ``parent`` is the pid the caller was started by, known before it started: if
+    the parent pid is another one now, the parent died before ``prctl`` took
+    effect (the child was adopted), and the signal is sent at once. Comparing
+    with 1 instead would be wrong twice: the supervisor *is* pid 1 in its
+    container, and orphans go to the nearest subreaper (:func:`become_subreaper`),
+    not always to pid 1. None: not known, no such check.
     """
     libc = _libc()
     if libc is None:
         raise OSError("cannot load the C library for prctl(PR_SET_PDEATHSIG)")
     if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() == 1:
-        # The parent died before prctl took effect.
+    if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signum)
 
 
@@ -45,6 +52,44 @@ def set_process_name(name: str) -> None:
     libc = _libc()
     if libc is not None:
         libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def become_subreaper() -> bool:
+    """Adopt this process's orphaned descendants (``prctl(PR_SET_CHILD_SUBREAPER)``).
+
+    The supervisor's workers are its fork server's children, and the firewall's
+    xtables helpers the firewall's: when their parent dies they are orphans. As
+    the container's PID 1 the supervisor gets them anyway; as a subreaper it gets
+    them everywhere (tests, a host install), so that they stay in its tree and
+    :func:`reap_orphans` can collect them. Returns whether it took effect.
+    """
+    libc = _libc()
+    return libc is not None and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_orphans(keep: Container[int]) -> list[int]:
+    """Collect this process's children that have ended and that nobody waits for: adopted
+    orphans (:func:`become_subreaper`). ``keep``: children that their own handle waits for
+    (a ``subprocess.Popen``'s). Returns the pids collected.
+
+    Without it each adopted orphan that ends stays a zombie (an entry in the process
+    table) until the supervisor exits."""
+    me = os.getpid()
+    reaped: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in keep:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" or int(fields[1]) != me:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(int(entry), os.WNOHANG)[0]:
+                reaped.append(int(entry))
+    return reaped
 
 
 class SignalWakeup:
@@ -190,6 +235,7 @@ def check_in_child(check: Callable[[], bool], *, timeout: float) -> bool:
     seconds (it is killed).
     """
     reader, writer = os.pipe()
+    parent = os.getpid()
     try:
         with warnings.catch_warnings():
             # Python >= 3.12 warns about forking a process with threads (ZeroMQ's I/O
@@ -201,7 +247,7 @@ def check_in_child(check: Callable[[], bool], *, timeout: float) -> bool:
         os.close(writer)
         raise ForkedCheckError(f"cannot fork: {error}") from error
     if pid == 0:  # pragma: no cover - the child's coverage is not collected
-        _run_check(check, reader, writer)
+        _run_check(check, reader, writer, parent)
     os.close(writer)
     try:
         return _await_check(pid, reader, timeout)
@@ -209,7 +255,7 @@ def check_in_child(check: Callable[[], bool], *, timeout: float) -> bool:
         os.close(reader)
 
 
-def _run_check(check: Callable[[], bool], reader: int, writer: int) -> None:
+def _run_check(check: Callable[[], bool], reader: int, writer: int, parent: int) -> None:
     """The child's side of :func:`check_in_child`: answer through the exit status."""
     status = _CHECK_FAILED
     try:
@@ -219,7 +265,7 @@ def _run_check(check: Callable[[], bool], reader: int, writer: int) -> None:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
-        die_with_parent(signal.SIGKILL)
+        die_with_parent(parent, signal.SIGKILL)
         # No collection of the parent's garbage here: finalizers of unreachable objects
         # (sockets of another thread, say) must not run in a copy of the process, and
         # the child lives for one check.
@@ -278,6 +324,9 @@ def _await_check(pid: int, reader: int, timeout: float) -> bool:
 
 CONFIG_ENVIRONMENT = "METALEG_WORKER_CONFIG"
 """The environment variable through which the supervisor hands a worker its validated Config."""
+PARENT_ENVIRONMENT = "METALEG_PARENT_PID"
+"""The pid of the process that started this one (the supervisor for the fork server, the
+fork server for a worker), for :func:`die_with_parent`'s check."""
 
 
 def start_worker(process: str) -> Config:
@@ -305,5 +354,6 @@ def start_worker(process: str) -> Config:
         sys.stderr.write(f"metaleg {process}: invalid {CONFIG_ENVIRONMENT}: {error}\n")
         raise SystemExit(2) from None
     setup_logging(process, config.log_level, config.log_format, config.log_level_libraries)
-    die_with_parent()
+    parent = os.environ.get(PARENT_ENVIRONMENT, "")
+    die_with_parent(int(parent) if parent.isdigit() else None)
     return config

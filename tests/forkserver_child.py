@@ -2,19 +2,22 @@
 
 What it does depends on the name it was started under (``/proc/self/comm`` is
 ``metaleg-<name>``): ``exit3`` exits with status 3, ``crash`` raises, ``sleep`` writes
-what it sees to ``$FORKSERVER_TEST_DIR/<pid>.json`` and sleeps until a signal.
+what it sees to ``$FORKSERVER_TEST_DIR/<pid>.json`` (the parent-death signal the
+fork server set for it, among others) and sleeps until a signal.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
 import sys
 import time
 
-from metaleg.lifecycle import die_with_parent
+from metaleg.lifecycle import PARENT_ENVIRONMENT, _libc
 
+_PR_GET_PDEATHSIG = 2
 PRELOADED_AT_START = "metaleg.worker" in sys.modules and "zmq" in sys.modules
 
 
@@ -25,8 +28,11 @@ def main() -> None:
         raise SystemExit(3)
     if name == "crash":
         raise RuntimeError("a worker that crashes")
-    die_with_parent()
+    signal_number = ctypes.c_int()
+    _libc().prctl(_PR_GET_PDEATHSIG, ctypes.byref(signal_number), 0, 0, 0)  # type: ignore[union-attr]
     report = {
+        "parent_death_signal": signal_number.value,
+        "parent_environment": os.environ.get(PARENT_ENVIRONMENT),
         "pid": os.getpid(),
         "ppid": os.getppid(),
         "name": name,

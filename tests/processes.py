@@ -5,6 +5,15 @@ from __future__ import annotations
 from metaleg.supervisor.metrics import process_tree
 
 
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/<pid>/stat`` (``R``, ``S``, ``Z``...; '' when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (not gone, not a zombie waiting to be reaped)."""
     try:

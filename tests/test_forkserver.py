@@ -62,6 +62,9 @@ def test_a_worker_is_forked_with_the_common_modules_loaded(
     assert report["preloaded"] is True  # metaleg.worker and zmq were there before it ran
     assert report["frozen"] > 1000  # the server froze its objects out of the collector's way
     assert report["config"] == "from-the-supervisor"  # the environment the server got
+    # It ends with the server, which told it its pid for the check that it is still there.
+    assert report["parent_death_signal"] == signal.SIGTERM
+    assert report["parent_environment"] == str(server.process.pid)
     assert process_name(child.pid) == "metaleg-sleep"
     assert process_name(server.process.pid) == "metaleg-fork"
     assert child.poll() is None

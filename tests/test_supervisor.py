@@ -47,7 +47,7 @@ from metaleg.model import (
 from metaleg.state_changes import ChangePublisher
 from tests.lab.agents import SUPERVISOR, Agent
 from tests.netns import namespace, run_in_netns, sh
-from tests.processes import agent_processes, process_alive
+from tests.processes import agent_processes, children_of, process_alive, process_state
 from tests.waiting import wait_until
 
 
@@ -90,9 +90,14 @@ def node_namespace() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_agent(node_namespace: str) -> Iterator[tuple[Agent, dict[str, str]]]:
+def running_agent(
+    node_namespace: str, *, as_pid_1: bool = False
+) -> Iterator[tuple[Agent, dict[str, str]]]:
     """A real ``metaleg-supervisor run`` in ``node_namespace`` with an API server that is
-    not there (the watcher retries), killed in teardown if still running."""
+    not there (the watcher retries), killed in teardown if still running.
+
+    ``as_pid_1``: as in its container, the supervisor is pid 1 of a PID namespace of its
+    own (``agent.process`` is then ``unshare``, which SIGTERMs it if it is killed)."""
     with tempfile.TemporaryDirectory(prefix="mlsv") as run_dir:
         kubeconfig = os.path.join(run_dir, "kubeconfig")
         with open(kubeconfig, "w") as file:
@@ -108,9 +113,12 @@ def running_agent(node_namespace: str) -> Iterator[tuple[Agent, dict[str, str]]]
             "METALEG_RUN_DIR": os.path.join(run_dir, "run"),
             "LOG_FORMAT": "text",
         }
+        pid_namespace = (
+            ["unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM"] if as_pid_1 else []
+        )
         with open(log_path, "w") as log_file:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", node_namespace, SUPERVISOR, "run"],
+                [*pid_namespace, "ip", "netns", "exec", node_namespace, SUPERVISOR, "run"],
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -155,6 +163,39 @@ def test_workers_are_restarted_and_all_stop_on_sigterm(node_namespace: str) -> N
 
 
 @pytest.mark.netns
+def test_the_workers_run_under_a_supervisor_that_is_pid_1(node_namespace: str) -> None:
+    # The DaemonSet's container: the supervisor is pid 1. A worker that took "my parent
+    # is pid 1" for "my parent died" killed itself at every start (crash loop).
+    with running_agent(node_namespace, as_pid_1=True) as (agent, env):
+        context: zmq.Context[Any] = zmq.Context()
+
+        def settled() -> dict[str, Any] | None:
+            try:
+                report = _status(context, env["METALEG_RUN_DIR"])
+            except (TimeoutError, zmq.ZMQError):
+                return None
+            processes = {p["name"]: p for p in report["processes"]}
+            restarted = {n: p["last_error"] for n, p in processes.items() if p["restarts"]}
+            assert not restarted, f"workers restarted: {restarted}\n{agent.log()}"
+            up = all(
+                p["state"] == "running" and p["uptime_seconds"] >= 3 for p in processes.values()
+            )
+            return processes if up else None
+
+        try:
+            processes = wait_until(settled, timeout=30, message="workers up for 3 s")
+        finally:
+            context.term()
+        assert processes["supervisor"]["pid"] == 1
+        # unshare ignores SIGTERM while it waits: the supervisor (its child, pid 1 inside)
+        # gets it, as from the kubelet, stops its workers and exits; unshare with it.
+        (supervisor,) = children_of(agent.process.pid)
+        os.kill(supervisor, signal.SIGTERM)
+        assert agent.process.wait(20) == 0
+        assert "stopping workers; kernel state stays in place" in agent.log(tail=1 << 22)
+
+
+@pytest.mark.netns
 def test_a_killed_fork_server_costs_a_restart_of_every_worker(node_namespace: str) -> None:
     with running_agent(node_namespace) as (agent, _):
         pids = wait_until(lambda: _all_pids(agent), timeout=15, message="three workers")
@@ -175,6 +216,13 @@ def test_a_killed_fork_server_costs_a_restart_of_every_worker(node_namespace: st
         for worker, pid in pids.items():
             assert not process_alive(pid), f"the old {worker} still runs beside the new one"
         assert "fork server lost" in agent.log(tail=1 << 22)
+        # The old workers were orphans adopted by the supervisor (a subreaper): collected,
+        # not left as zombies.
+        wait_until(
+            lambda: not [c for c in children_of(agent.process.pid) if process_state(c) == "Z"],
+            timeout=10,
+            message="no zombie children of the supervisor",
+        )
         assert agent.process.poll() is None
         assert now["routing"] != pids["routing"]
 

@@ -48,7 +48,14 @@ from metaleg.ipc import (
     encode,
     prepare_run_dir,
 )
-from metaleg.lifecycle import CONFIG_ENVIRONMENT, HeapTrimmer, SignalWakeup
+from metaleg.lifecycle import (
+    CONFIG_ENVIRONMENT,
+    PARENT_ENVIRONMENT,
+    HeapTrimmer,
+    SignalWakeup,
+    become_subreaper,
+    reap_orphans,
+)
 from metaleg.metrics import (
     AUDIT_EVENTS_LOST,
     AUDIT_LINES,
@@ -127,6 +134,7 @@ class Supervisor:
         """The start-up gate ``/egress?ip=`` (None: no probe server): fed every generation."""
         environment = dict(os.environ)
         environment[CONFIG_ENVIRONMENT] = msgspec.json.encode(config).decode()
+        environment[PARENT_ENVIRONMENT] = str(os.getpid())
         self.forkserver = ForkServer(environment, STOP_GRACE)
         """Where the workers are forked from (:mod:`metaleg.forkserver`)."""
 
@@ -137,6 +145,7 @@ class Supervisor:
             worker.process = self.forkserver.start(worker.name, worker.module)
         except ForkServerError as error:
             worker.last_error = str(error)
+            worker.crashes.append(time.monotonic())  # failing to start is crash-looping too
             worker.next_start = time.monotonic() + worker.restart_delay
             log.error(
                 "cannot start %s; trying again in %.1fs",
@@ -573,6 +582,7 @@ class Supervisor:
 
     def run(self) -> int:
         prepare_run_dir(self.config.run_dir)
+        become_subreaper()
         context: zmq.Context[Any] = zmq.Context()
         self._check_not_running(context)
         self.socket = bind_supervisor(context, self.config.run_dir, self.bus_send_hwm)
@@ -614,6 +624,10 @@ class Supervisor:
                         log.info("stopping workers; kernel state stays in place")
                         self._stop_all()
                         return 0
+                    if signal.SIGCHLD in received:
+                        server = self.forkserver_pid()
+                        for pid in reap_orphans(keep={server} if server else set()):
+                            log.debug("collected an orphaned process", extra={"pid": pid})
                 self._reap()
                 if self.socket in events:
                     self._receive_all()
