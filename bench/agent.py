@@ -55,8 +55,9 @@ from bench.common import (
     wire_next_hops,
 )
 from metaleg.firewall.iptables.rules import mark_set_name, rejected_set_name, source_set_name
+from metaleg.lifecycle import process_tree
 from metaleg.model import Family
-from metaleg.supervisor.metrics import descendants, process_tree
+from metaleg.supervisor.metrics import descendants
 from metaleg.supervisor.status import StatusReport
 from tests import cluster_objects as objects
 from tests.kubeapi import KubeApiServer, write_kubeconfig

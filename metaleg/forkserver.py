@@ -52,6 +52,7 @@ import msgspec
 from metaleg.lifecycle import (
     PARENT_ENVIRONMENT,
     die_with_parent,
+    process_running,
     set_process_name,
     start_worker,
 )
@@ -421,18 +422,9 @@ class ForkServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signum)
             deadline = time.monotonic() + timeout
-            while any(_alive(c.pid) for c in self.lost) and time.monotonic() < deadline:
+            while any(process_running(c.pid) for c in self.lost) and time.monotonic() < deadline:
                 time.sleep(0.01)
         self.lost.clear()
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (a reparented child waits for init)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 if __name__ == "__main__":

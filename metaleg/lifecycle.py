@@ -67,6 +67,32 @@ def become_subreaper() -> bool:
     return libc is not None and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter (``R``, ``S``, ``Z``...) and parent pid from
+    ``/proc/<pid>/stat``; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not ended (a zombie waiting to be collected has)."""
+    stat = process_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def process_tree() -> dict[int, list[int]]:
+    """Every process's children, from ``/proc`` (parent pid -> child pids)."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := process_stat(int(entry))) is not None:
+            tree.setdefault(stat[1], []).append(int(entry))
+    return tree
+
+
 def reap_orphans(keep: Container[int]) -> list[int]:
     """Collect this process's children that have ended and that nobody waits for: adopted
     orphans (:func:`become_subreaper`). ``keep``: children that their own handle waits for
@@ -74,21 +100,13 @@ def reap_orphans(keep: Container[int]) -> list[int]:
 
     Without it each adopted orphan that ends stays a zombie (an entry in the process
     table) until the supervisor exits."""
-    me = os.getpid()
     reaped: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in keep:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                fields = file.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" or int(fields[1]) != me:
+    for child in process_tree().get(os.getpid(), []):
+        if child in keep or process_running(child):
             continue
         with contextlib.suppress(ChildProcessError):
-            if os.waitpid(int(entry), os.WNOHANG)[0]:
-                reaped.append(int(entry))
+            if os.waitpid(child, os.WNOHANG)[0]:
+                reaped.append(child)
     return reaped
 
 

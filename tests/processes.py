@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from metaleg.supervisor.metrics import process_tree
+from metaleg.lifecycle import process_running, process_stat, process_tree
 
 
 def process_state(pid: int) -> str:
     """The state letter of ``/proc/<pid>/stat`` (``R``, ``S``, ``Z``...; '' when gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return ""
+    stat = process_stat(pid)
+    return stat[0] if stat is not None else ""
 
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
+    return process_running(pid)
 
 
 def process_name(pid: int) -> str:

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from metaleg.lifecycle import process_tree
 from metaleg.model import NodeDesiredState
 from metaleg.supervisor.egress_counters import ACTION_LABELS, CounterKey
 
@@ -52,21 +53,6 @@ class SupervisorView(Protocol):
     def forkserver_pid(self) -> int | None:
         """The fork server the workers come from (counted as the supervisor's)."""
         ...
-
-
-def process_tree() -> dict[int, list[int]]:
-    """Every process's children, from ``/proc`` (parent pid -> child pids)."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(parent, []).append(int(entry))
-    return tree
 
 
 def descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
