@@ -54,7 +54,7 @@ from metaleg.firewall.iptables.counters import COUNTED_SETS
 from metaleg.firewall.nftables.backend import NftablesBackend
 from metaleg.firewall.nftables.layout import QUALIFIED_TABLE, SUFFIX
 from metaleg.firewall.nftables.libnftables import Nft
-from metaleg.model import Family
+from metaleg.model import Family, NodeDesiredState
 from tests.netns import namespace, run_in_netns
 
 IPS = 10
@@ -82,6 +82,16 @@ def _timed_reads(
     return {"steady": steady, "after_change": changed, "counts": len(counts)}
 
 
+def with_one_more_source(state: NodeDesiredState, n: int, index: int) -> NodeDesiredState:
+    """``state`` with Service ``index % n`` back at its default sources plus one more IPv4
+    source (a different one for each ``index``): a one-Service change."""
+    service = default_service(index % n, IPS)
+    grown = service.families[0]
+    extra = (*grown.source_ips, f"100.127.{index // 250}.{index % 250}")
+    families = (msgspec.structs.replace(grown, source_ips=extra), *service.families[1:])
+    return replace_service(state, msgspec.structs.replace(service, families=families))
+
+
 def measure_iptables(n: int, reads: int) -> dict[str, Any]:
     """The iptables backend: six set listings (SNATed, marked and rejected sources of both
     families, with member counters) summed per Service."""
@@ -104,11 +114,7 @@ def measure_iptables(n: int, reads: int) -> dict[str, Any]:
 
         def change(index: int) -> None:
             nonlocal state
-            service = default_service(index % n, IPS)
-            grown = service.families[0]
-            extra = (*grown.source_ips, f"100.127.{index // 250}.{index % 250}")
-            families = (msgspec.structs.replace(grown, source_ips=extra), *service.families[1:])
-            state = replace_service(state, msgspec.structs.replace(service, families=families))
+            state = with_one_more_source(state, n, index)
             backend.apply(state)
 
         result = _timed_reads(backend.read_counts, change, reads)
@@ -141,11 +147,7 @@ def measure_nftables(n: int, reads: int) -> dict[str, Any]:
 
         def change(index: int) -> None:
             nonlocal state
-            service = default_service(index % n, IPS)
-            grown = service.families[0]
-            extra = (*grown.source_ips, f"100.127.{index // 250}.{index % 250}")
-            families = (msgspec.structs.replace(grown, source_ips=extra), *service.families[1:])
-            state = replace_service(state, msgspec.structs.replace(service, families=families))
+            state = with_one_more_source(state, n, index)
             backend.apply(state)
 
         result = _timed_reads(backend.read_counts, change, reads)
@@ -218,6 +220,9 @@ class _ScrapedSupervisor:
 
     def applied_generations(self) -> dict[str, int]:
         return {"firewall": 7, "routing": 7}
+
+    def forkserver_pid(self) -> int | None:
+        return None  # no fork server: the scrape reads the supervisor's own /proc only
 
     def firewall_backend_name(self) -> str:
         return "nftables"
