@@ -13,7 +13,6 @@ from metaleg.backend import BackendError, EgressCount, EgressCounting
 from metaleg.firewall.iptables.backend import IptablesBackend
 from metaleg.model import Action, Family, NodeDesiredState
 from tests.netns import namespace, run_in_netns
-from tests.packet_harness import WHO_AM_I_SERVER, script_in
 from tests.test_firewall_iptables import node_state
 from tests.test_iptables_policy import (
     LISTED,
@@ -24,8 +23,8 @@ from tests.test_iptables_policy import (
     POD4,
     POD6,
     Topology,
+    dual_stack_topology,
     dual_state,
-    wire_dual_stack,
 )
 
 SENDER = """
@@ -78,11 +77,8 @@ def apply_send_read(
 
 @pytest.fixture
 def topology() -> Iterator[Topology]:
-    with namespace("mlcn") as node, namespace("mlcp") as pod, namespace("mlch") as hosts:
-        wire_dual_stack(node, pod, hosts)
-        addresses = (LISTED4, OTHER4, LISTED6, OTHER6)
-        with script_in(hosts, WHO_AM_I_SERVER, *addresses, ready_line=True):
-            yield Topology(node, pod, hosts)
+    with dual_stack_topology("mlc") as topology:
+        yield topology
 
 
 TRAFFIC = [(LISTED4, 20), (OTHER4, 7), (LISTED6, 15), (OTHER6, 5)]

@@ -9,6 +9,7 @@ straight to the host), the node's IP (its masquerade: the normal path) or a refu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import subprocess
@@ -561,13 +562,25 @@ class Topology(NamedTuple):
 SOURCE_PORTS = itertools.count(20000)
 
 
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    with namespace("mlpn") as node, namespace("mlpp") as pod, namespace("mlph") as hosts:
+@contextlib.contextmanager
+def dual_stack_topology(prefix: str) -> Iterator[Topology]:
+    """Node, pod and hosts namespaces (``<prefix>n``, ``<prefix>p``, ``<prefix>h``) wired by
+    :func:`wire_dual_stack`, the hosts answering who-am-I on every address."""
+    with (
+        namespace(f"{prefix}n") as node,
+        namespace(f"{prefix}p") as pod,
+        namespace(f"{prefix}h") as hosts,
+    ):
         wire_dual_stack(node, pod, hosts)
         addresses = (LISTED4, OTHER4, LISTED6, OTHER6)
         with script_in(hosts, WHO_AM_I_SERVER, *addresses, ready_line=True):
             yield Topology(node, pod, hosts)
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    with dual_stack_topology("mlp") as topology:
+        yield topology
 
 
 LISTED = {Family.IPV4: (LISTED4,), Family.IPV6: (LISTED6,)}
